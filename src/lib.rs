@@ -1,0 +1,30 @@
+//! Run retried actions at most once per key, and hand every retry the first
+//! result.
+//!
+//! `tower-idempotency` is a Tower middleware for axum and hyper services that
+//! honours the `Idempotency-Key` header (Stripe-style, IETF
+//! draft-ietf-httpapi-idempotency-key-header), and the engine under it, which
+//! outbound code (webhook senders, third-party API calls) can use directly.
+//!
+//! * [`Idempotency`]: the engine and its handle (stats, queries,
+//!   maintenance). The whole protocol lives in one file, [`engine`].
+//! * [`store`]: the [`Store`](store::Store) trait, the embedded moka
+//!   [`MemoryStore`](store::MemoryStore) and, with feature `redis`, the shared
+//!   Redis store.
+//! * [`key`]: [`IdempotencyKey`], [`Fingerprint`] and key extractors.
+//! * [`record`]: what a completed action leaves behind.
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+pub mod engine;
+pub mod key;
+pub mod record;
+mod stats;
+pub mod store;
+
+pub use engine::{
+    Begin, Concurrent, Config, ConfigError, Idempotency, IdempotencyBuilder, IntoStore, KeyFilter,
+    Lease, LeaseExpiry,
+};
+pub use key::{Fingerprint, IdempotencyKey};
+pub use record::{Record, StoredResponse};
+pub use stats::{CacheInfo, StatsSnapshot};

@@ -1,0 +1,333 @@
+//! What a completed action leaves behind, and its versioned binary encoding.
+//!
+//! A [`Record`] is the result that every retry of a key is handed: a stored
+//! HTTP response for the layer, or an encoded value for the closure API. The
+//! embedded store keeps records as they are (behind an `Arc`); stores that
+//! cross a process boundary use [`Record::encode`] and [`Record::decode`].
+//!
+//! # Encoding, version 1
+//!
+//! ```text
+//! magic "TIR" | version u8 = 1 | kind u8 (1 response, 2 value)
+//! fingerprint [u8; 32] | created_at_ms u64
+//! kind 1: status u16 | header count u32 | (name len u16, name, value len u32, value)* | body len u64, body
+//! kind 2: value len u64, value
+//! ```
+//!
+//! All integers are big-endian. Decoding never panics: a short, foreign or
+//! newer value is a [`DecodeError`].
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+
+use crate::key::Fingerprint;
+
+const MAGIC: &[u8; 3] = b"TIR";
+/// The encoding version this crate writes and reads.
+pub const ENCODING_VERSION: u8 = 1;
+const KIND_RESPONSE: u8 = 1;
+const KIND_VALUE: u8 = 2;
+
+/// The stored result of one completed action.
+///
+/// # Example
+///
+/// ```
+/// use bytes::Bytes;
+/// use tower_idempotency::{Fingerprint, Record};
+///
+/// let record = Record::value(Fingerprint::of_bytes(b"params"), Bytes::from_static(b"42"));
+/// let decoded = Record::decode(&record.encode()).unwrap();
+/// assert_eq!(decoded, record);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// Fingerprint of the request that produced the result; a retry with
+    /// another fingerprint is a mismatch, not a replay.
+    pub fingerprint: Fingerprint,
+    /// When the result was recorded, in milliseconds since the Unix epoch.
+    pub created_at_ms: u64,
+    /// The result itself.
+    pub payload: Payload,
+}
+
+/// The result kept in a [`Record`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Payload {
+    /// An HTTP response, kept by the layer.
+    Response(StoredResponse),
+    /// An encoded value, kept by the closure API.
+    Value(Bytes),
+}
+
+/// An HTTP response as it is stored and replayed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredResponse {
+    /// The response status.
+    pub status: StatusCode,
+    /// The headers to replay (hop-by-hop headers and `Date` already removed).
+    pub headers: HeaderMap,
+    /// The whole response body.
+    pub body: Bytes,
+}
+
+impl StoredResponse {
+    /// Bytes this response occupies once stored: body, header names and values.
+    pub fn stored_size(&self) -> usize {
+        self.body.len()
+            + self
+                .headers
+                .iter()
+                .map(|(name, value)| name.as_str().len() + value.len())
+                .sum::<usize>()
+    }
+}
+
+impl Record {
+    /// A record of an HTTP response, stamped now.
+    pub fn response(fingerprint: Fingerprint, response: StoredResponse) -> Self {
+        Self {
+            fingerprint,
+            created_at_ms: now_ms(),
+            payload: Payload::Response(response),
+        }
+    }
+
+    /// A record of an encoded value, stamped now.
+    pub fn value(fingerprint: Fingerprint, value: Bytes) -> Self {
+        Self {
+            fingerprint,
+            created_at_ms: now_ms(),
+            payload: Payload::Value(value),
+        }
+    }
+
+    /// Bytes the payload occupies once stored (what a byte bound weighs).
+    pub fn stored_size(&self) -> usize {
+        match &self.payload {
+            Payload::Response(response) => response.stored_size(),
+            Payload::Value(value) => value.len(),
+        }
+    }
+
+    /// The stored response, if this record holds one.
+    pub fn as_response(&self) -> Option<&StoredResponse> {
+        match &self.payload {
+            Payload::Response(response) => Some(response),
+            Payload::Value(_) => None,
+        }
+    }
+
+    /// The encoded value, if this record holds one.
+    pub fn as_value(&self) -> Option<&Bytes> {
+        match &self.payload {
+            Payload::Value(value) => Some(value),
+            Payload::Response(_) => None,
+        }
+    }
+
+    /// Encodes the record in the current versioned binary format.
+    pub fn encode(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(64 + self.stored_size());
+        out.put_slice(MAGIC);
+        out.put_u8(ENCODING_VERSION);
+        match &self.payload {
+            Payload::Response(_) => out.put_u8(KIND_RESPONSE),
+            Payload::Value(_) => out.put_u8(KIND_VALUE),
+        }
+        out.put_slice(self.fingerprint.as_bytes());
+        out.put_u64(self.created_at_ms);
+        match &self.payload {
+            Payload::Response(response) => {
+                out.put_u16(response.status.as_u16());
+                out.put_u32(response.headers.len() as u32);
+                for (name, value) in &response.headers {
+                    out.put_u16(name.as_str().len() as u16);
+                    out.put_slice(name.as_str().as_bytes());
+                    out.put_u32(value.len() as u32);
+                    out.put_slice(value.as_bytes());
+                }
+                out.put_u64(response.body.len() as u64);
+                out.put_slice(&response.body);
+            }
+            Payload::Value(value) => {
+                out.put_u64(value.len() as u64);
+                out.put_slice(value);
+            }
+        }
+        out.freeze()
+    }
+
+    /// Decodes a record written by [`Record::encode`].
+    ///
+    /// # Errors
+    ///
+    /// A [`DecodeError`] for a value that is short, not a record, of an unknown
+    /// version or kind, or that holds an invalid status or header.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut buf = bytes;
+        if buf.len() < MAGIC.len() + 2 || &buf[..MAGIC.len()] != MAGIC {
+            return Err(DecodeError::NotARecord);
+        }
+        buf.advance(MAGIC.len());
+        let version = buf.get_u8();
+        if version != ENCODING_VERSION {
+            return Err(DecodeError::UnknownVersion(version));
+        }
+        let kind = buf.get_u8();
+        let fingerprint = Fingerprint::from_bytes(take::<32>(&mut buf)?);
+        let created_at_ms = u64::from_be_bytes(take::<8>(&mut buf)?);
+        let payload = match kind {
+            KIND_RESPONSE => {
+                let status = u16::from_be_bytes(take::<2>(&mut buf)?);
+                let status =
+                    StatusCode::from_u16(status).map_err(|_| DecodeError::InvalidStatus(status))?;
+                let count = u32::from_be_bytes(take::<4>(&mut buf)?) as usize;
+                // Each header takes at least 6 bytes; refuse counts the value cannot hold.
+                if count > buf.len() / 6 {
+                    return Err(DecodeError::Truncated);
+                }
+                let mut headers = HeaderMap::with_capacity(count);
+                for _ in 0..count {
+                    let name_len = u16::from_be_bytes(take::<2>(&mut buf)?) as usize;
+                    let name = take_slice(&mut buf, name_len)?;
+                    let name =
+                        HeaderName::from_bytes(name).map_err(|_| DecodeError::InvalidHeader)?;
+                    let value_len = u32::from_be_bytes(take::<4>(&mut buf)?) as usize;
+                    let value = take_slice(&mut buf, value_len)?;
+                    let value =
+                        HeaderValue::from_bytes(value).map_err(|_| DecodeError::InvalidHeader)?;
+                    headers.append(name, value);
+                }
+                let body_len = u64::from_be_bytes(take::<8>(&mut buf)?);
+                let body = take_slice(&mut buf, usize::try_from(body_len).unwrap_or(usize::MAX))?;
+                Payload::Response(StoredResponse {
+                    status,
+                    headers,
+                    body: Bytes::copy_from_slice(body),
+                })
+            }
+            KIND_VALUE => {
+                let len = u64::from_be_bytes(take::<8>(&mut buf)?);
+                let value = take_slice(&mut buf, usize::try_from(len).unwrap_or(usize::MAX))?;
+                Payload::Value(Bytes::copy_from_slice(value))
+            }
+            other => return Err(DecodeError::UnknownKind(other)),
+        };
+        if !buf.is_empty() {
+            return Err(DecodeError::TrailingBytes(buf.len()));
+        }
+        Ok(Self {
+            fingerprint,
+            created_at_ms,
+            payload,
+        })
+    }
+}
+
+/// A shared, immutable record: what stores hand out and frontends replay.
+pub type SharedRecord = Arc<Record>;
+
+fn take<const N: usize>(buf: &mut &[u8]) -> Result<[u8; N], DecodeError> {
+    let slice = take_slice(buf, N)?;
+    let mut out = [0u8; N];
+    out.copy_from_slice(slice);
+    Ok(out)
+}
+
+fn take_slice<'a>(buf: &mut &'a [u8], len: usize) -> Result<&'a [u8], DecodeError> {
+    if buf.len() < len {
+        return Err(DecodeError::Truncated);
+    }
+    let (head, tail) = buf.split_at(len);
+    *buf = tail;
+    Ok(head)
+}
+
+/// Milliseconds since the Unix epoch, by the system clock.
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Why a stored value could not be decoded as a [`Record`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The value does not start with the record magic: it was written by
+    /// something else.
+    #[error("stored value is not an idempotency record")]
+    NotARecord,
+    /// The value was written by a version of the encoding this build does not read.
+    #[error("stored record has encoding version {0}, this build reads version {ENCODING_VERSION}")]
+    UnknownVersion(u8),
+    /// The record kind byte is unknown.
+    #[error("stored record has unknown kind {0}")]
+    UnknownKind(u8),
+    /// The value ends before the record does.
+    #[error("stored record is truncated")]
+    Truncated,
+    /// The value has bytes after the record.
+    #[error("stored record has {0} trailing bytes")]
+    TrailingBytes(usize),
+    /// The stored status code is not a valid HTTP status.
+    #[error("stored record has invalid status {0}")]
+    InvalidStatus(u16),
+    /// A stored header name or value is not valid HTTP.
+    #[error("stored record has an invalid header")]
+    InvalidHeader,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Record {
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", HeaderValue::from_static("application/json"));
+        headers.append("x-multi", HeaderValue::from_static("a"));
+        headers.append("x-multi", HeaderValue::from_static("b"));
+        Record::response(
+            Fingerprint::of_bytes(b"fp"),
+            StoredResponse {
+                status: StatusCode::CREATED,
+                headers,
+                body: Bytes::from_static(b"{\"id\":1}"),
+            },
+        )
+    }
+
+    #[test]
+    fn response_round_trips() {
+        let record = sample();
+        assert_eq!(Record::decode(&record.encode()), Ok(record));
+    }
+
+    #[test]
+    fn unknown_version_is_a_typed_error() {
+        let mut bytes = sample().encode().to_vec();
+        bytes[3] = 9;
+        assert_eq!(Record::decode(&bytes), Err(DecodeError::UnknownVersion(9)));
+    }
+
+    #[test]
+    fn every_truncation_is_an_error_not_a_panic() {
+        let bytes = sample().encode();
+        for len in 0..bytes.len() {
+            assert!(
+                Record::decode(&bytes[..len]).is_err(),
+                "prefix of {len} bytes"
+            );
+        }
+    }
+
+    #[test]
+    fn foreign_value_is_not_a_record() {
+        assert_eq!(Record::decode(b"hello"), Err(DecodeError::NotARecord));
+    }
+}

@@ -1,0 +1,117 @@
+//! Counters of what the engine and its frontends did, and what the store holds.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use serde::Serialize;
+
+macro_rules! counters {
+    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+        /// Live atomic counters; read them with [`Idempotency::stats`](crate::Idempotency::stats).
+        #[derive(Debug, Default)]
+        pub(crate) struct Stats {
+            $(pub(crate) $name: AtomicU64,)*
+        }
+
+        impl Stats {
+            pub(crate) fn snapshot(&self) -> StatsSnapshot {
+                StatsSnapshot { $($name: self.$name.load(Relaxed),)* }
+            }
+
+            pub(crate) fn reset(&self) {
+                $(self.$name.store(0, Relaxed);)*
+            }
+        }
+
+        /// The counters at one moment.
+        ///
+        /// ```
+        /// let stats = tower_idempotency::StatsSnapshot::default();
+        /// assert_eq!(stats.duplicates_prevented(), 0);
+        /// assert_eq!(stats.hit_rate(), 0.0);
+        /// ```
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+        #[non_exhaustive]
+        pub struct StatsSnapshot {
+            $($(#[$doc])* pub $name: u64,)*
+        }
+    };
+}
+
+counters! {
+    /// Every request the layer saw, protected or not.
+    requests,
+    /// Actions run: leases acquired.
+    executed,
+    /// Stored results handed to a retry that came after completion.
+    replayed,
+    /// Results handed to a duplicate that waited for the first (`Concurrent::Wait`).
+    coalesced,
+    /// Duplicates refused because the first was still in flight (409).
+    conflicts,
+    /// Retries whose fingerprint differed from the first request's (422).
+    mismatches,
+    /// Requests refused for a missing or malformed key (400).
+    rejected_keys,
+    /// Requests refused for a body over the limit (413).
+    too_large,
+    /// Results returned but not stored (status policy, `no-store`, too large).
+    not_stored,
+    /// Store operations that failed (each answered by the fail mode).
+    store_errors,
+    /// Entries the store dropped because their TTL ran out.
+    expired,
+    /// Entries the store dropped to stay within its bounds.
+    evicted,
+}
+
+impl Stats {
+    pub(crate) fn incr(counter: &AtomicU64) {
+        counter.fetch_add(1, Relaxed);
+    }
+}
+
+impl StatsSnapshot {
+    /// Duplicates that did not run the action again: replayed + coalesced + conflicts.
+    pub fn duplicates_prevented(&self) -> u64 {
+        self.replayed + self.coalesced + self.conflicts
+    }
+
+    /// Percent of answered actions that were served from a result:
+    /// (replayed + coalesced) / (replayed + coalesced + executed) × 100; 0 when
+    /// nothing has been seen.
+    pub fn hit_rate(&self) -> f64 {
+        let hits = self.replayed + self.coalesced;
+        let total = hits + self.executed;
+        if total == 0 {
+            0.0
+        } else {
+            hits as f64 * 100.0 / total as f64
+        }
+    }
+}
+
+/// What the store holds now.
+///
+/// ```
+/// let info = tower_idempotency::CacheInfo { entries: 5, max_entries: Some(10), weighted_bytes: 0 };
+/// assert_eq!(info.utilization_percent(), 50.0);
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct CacheInfo {
+    /// Entries (in-flight markers and records) held now.
+    pub entries: u64,
+    /// The entry bound, when the store has one.
+    pub max_entries: Option<u64>,
+    /// Bytes held, as the store weighs them (0 when the store does not weigh).
+    pub weighted_bytes: u64,
+}
+
+impl CacheInfo {
+    /// `entries` as a percent of `max_entries` (0 when unbounded).
+    pub fn utilization_percent(&self) -> f64 {
+        match self.max_entries {
+            Some(max) if max > 0 => self.entries as f64 * 100.0 / max as f64,
+            _ => 0.0,
+        }
+    }
+}

@@ -1,0 +1,429 @@
+//! The embedded store, on a moka `future::Cache`.
+
+use std::future::ready;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use moka::future::Cache;
+use moka::notification::RemovalCause;
+use moka::ops::compute::{CompResult, Op};
+use moka::Expiry;
+
+use super::{
+    BeginOutcome, Entry, EntryKind, EntryState, LeaseToken, RemovalCounts, ScanEntry, Store,
+    StoreError,
+};
+use crate::engine::ConfigError;
+use crate::key::Fingerprint;
+use crate::record::{now_ms, SharedRecord};
+use crate::stats::CacheInfo;
+
+/// The default entry bound.
+pub const DEFAULT_MAX_ENTRIES: u64 = 10_000;
+
+/// The in-process store: a moka cache bounded by entry count and, optionally,
+/// by bytes, with a per-entry expiry (lease TTL for markers, record TTL for
+/// records).
+///
+/// Cheap to clone: clones share one cache. It coordinates the tasks of one
+/// process only; services that run on several machines need a shared store
+/// (`RedisStore`, feature `redis`).
+///
+/// # Bounds
+///
+/// Without a byte bound, the cache holds at most `max_entries` entries. With
+/// one, every entry weighs its stored bytes (key, headers, body), but never
+/// less than `max_bytes / max_entries`, and the total weight stays within
+/// `max_bytes`: so both bounds hold at once. Entries removed to stay within
+/// bounds count as `evicted`, those whose TTL ran out as `expired`.
+///
+/// # Example
+///
+/// ```
+/// use tower_idempotency::store::MemoryStore;
+///
+/// let store = MemoryStore::builder()
+///     .max_entries(50_000)
+///     .max_bytes(64 * 1024 * 1024)
+///     .build()
+///     .unwrap();
+/// # drop(store);
+/// ```
+#[derive(Clone)]
+pub struct MemoryStore {
+    cache: Cache<String, Slot>,
+    counters: Arc<RemovalCounters>,
+    max_entries: u64,
+    weighs_bytes: bool,
+}
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("entries", &self.cache.entry_count())
+            .field("max_entries", &self.max_entries)
+            .finish()
+    }
+}
+
+/// Builds a [`MemoryStore`].
+#[derive(Debug, Clone)]
+pub struct MemoryStoreBuilder {
+    max_entries: u64,
+    max_bytes: Option<u64>,
+}
+
+impl Default for MemoryStoreBuilder {
+    fn default() -> Self {
+        Self {
+            max_entries: DEFAULT_MAX_ENTRIES,
+            max_bytes: None,
+        }
+    }
+}
+
+impl MemoryStoreBuilder {
+    /// The most entries (markers and records) held at once. Default 10,000.
+    pub fn max_entries(mut self, max_entries: u64) -> Self {
+        self.max_entries = max_entries;
+        self
+    }
+
+    /// The most bytes of stored responses held at once. Default: no byte bound.
+    pub fn max_bytes(mut self, max_bytes: u64) -> Self {
+        self.max_bytes = Some(max_bytes);
+        self
+    }
+
+    /// Builds the store.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] for a zero entry or byte bound.
+    pub fn build(self) -> Result<MemoryStore, ConfigError> {
+        if self.max_entries == 0 {
+            return Err(ConfigError::new("max_entries must be at least 1"));
+        }
+        if self.max_bytes == Some(0) {
+            return Err(ConfigError::new("max_bytes must be at least 1"));
+        }
+        Ok(self.assemble())
+    }
+
+    /// Builds a store from bounds already checked to be non-zero.
+    fn assemble(self) -> MemoryStore {
+        let counters = Arc::new(RemovalCounters::default());
+        let listener_counters = counters.clone();
+        let builder = Cache::builder().expire_after(SlotExpiry).eviction_listener(
+            move |_key, _slot, cause| match cause {
+                RemovalCause::Expired => {
+                    listener_counters.expired.fetch_add(1, Relaxed);
+                }
+                RemovalCause::Size => {
+                    listener_counters.evicted.fetch_add(1, Relaxed);
+                }
+                RemovalCause::Explicit | RemovalCause::Replaced => {}
+            },
+        );
+        let cache = match self.max_bytes {
+            None => builder.max_capacity(self.max_entries).build(),
+            Some(max_bytes) => {
+                let floor = max_bytes.div_ceil(self.max_entries);
+                builder
+                    .max_capacity(max_bytes)
+                    .weigher(move |key: &String, slot: &Slot| {
+                        let weight = (key.len() + slot.stored_size()) as u64;
+                        u32::try_from(weight.max(floor)).unwrap_or(u32::MAX)
+                    })
+                    .build()
+            }
+        };
+        MemoryStore {
+            cache,
+            counters,
+            max_entries: self.max_entries,
+            weighs_bytes: self.max_bytes.is_some(),
+        }
+    }
+}
+
+impl MemoryStore {
+    /// A builder with the defaults: 10,000 entries, no byte bound.
+    pub fn builder() -> MemoryStoreBuilder {
+        MemoryStoreBuilder::default()
+    }
+
+    /// A store with the defaults.
+    pub fn new() -> Self {
+        MemoryStoreBuilder::default().assemble()
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[derive(Debug, Default)]
+struct RemovalCounters {
+    expired: AtomicU64,
+    evicted: AtomicU64,
+}
+
+#[derive(Clone)]
+struct Slot {
+    state: EntryState,
+    ttl: Duration,
+    expires_at: Instant,
+    created_at_ms: u64,
+}
+
+impl Slot {
+    fn new(state: EntryState, ttl: Duration, created_at_ms: u64) -> Self {
+        Self {
+            state,
+            ttl,
+            expires_at: Instant::now() + ttl,
+            created_at_ms,
+        }
+    }
+
+    fn stored_size(&self) -> usize {
+        match &self.state {
+            EntryState::InFlight { .. } => 0,
+            EntryState::Completed(record) => record.stored_size(),
+        }
+    }
+
+    fn is_live(&self, now: Instant) -> bool {
+        self.expires_at > now
+    }
+
+    fn held_by(&self, lease: LeaseToken, now: Instant) -> bool {
+        self.is_live(now)
+            && matches!(self.state, EntryState::InFlight { lease: held, .. } if held == lease)
+    }
+
+    fn to_entry(&self, now: Instant) -> Entry {
+        Entry {
+            state: self.state.clone(),
+            expires_in: self.expires_at.saturating_duration_since(now),
+        }
+    }
+}
+
+struct SlotExpiry;
+
+impl Expiry<String, Slot> for SlotExpiry {
+    fn expire_after_create(&self, _key: &String, slot: &Slot, _at: Instant) -> Option<Duration> {
+        Some(slot.ttl)
+    }
+
+    fn expire_after_update(
+        &self,
+        _key: &String,
+        slot: &Slot,
+        _at: Instant,
+        _remaining: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(slot.ttl)
+    }
+}
+
+impl Store for MemoryStore {
+    async fn begin(
+        &self,
+        key: &str,
+        fingerprint: Fingerprint,
+        lease: LeaseToken,
+        lease_ttl: Duration,
+    ) -> Result<BeginOutcome, StoreError> {
+        let now = Instant::now();
+        let result = self
+            .cache
+            .entry(key.to_owned())
+            .and_compute_with(|existing| {
+                ready(match existing {
+                    Some(entry) if entry.value().is_live(now) => Op::Nop,
+                    _ => Op::Put(Slot::new(
+                        EntryState::InFlight { fingerprint, lease },
+                        lease_ttl,
+                        now_ms(),
+                    )),
+                })
+            })
+            .await;
+        Ok(match result {
+            CompResult::Inserted(_) | CompResult::ReplacedWith(_) => BeginOutcome::Acquired,
+            CompResult::Unchanged(entry) => {
+                let slot = entry.into_value();
+                match slot.state {
+                    EntryState::Completed(record) => BeginOutcome::Completed(record),
+                    EntryState::InFlight { fingerprint, .. } => BeginOutcome::InFlight {
+                        fingerprint,
+                        expires_in: slot.expires_at.saturating_duration_since(now),
+                    },
+                }
+            }
+            // Put never yields these; answer as if the key were taken so no
+            // caller runs the action without a marker.
+            CompResult::StillNone(_) | CompResult::Removed(_) => BeginOutcome::InFlight {
+                fingerprint,
+                expires_in: lease_ttl,
+            },
+        })
+    }
+
+    async fn renew(
+        &self,
+        key: &str,
+        lease: LeaseToken,
+        lease_ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let now = Instant::now();
+        let result = self
+            .cache
+            .entry(key.to_owned())
+            .and_compute_with(|existing| {
+                ready(match existing {
+                    Some(entry) if entry.value().held_by(lease, now) => {
+                        let slot = entry.into_value();
+                        Op::Put(Slot::new(slot.state, lease_ttl, slot.created_at_ms))
+                    }
+                    _ => Op::Nop,
+                })
+            })
+            .await;
+        Ok(matches!(result, CompResult::ReplacedWith(_)))
+    }
+
+    async fn complete(
+        &self,
+        key: &str,
+        lease: LeaseToken,
+        record: SharedRecord,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let now = Instant::now();
+        let result = self
+            .cache
+            .entry(key.to_owned())
+            .and_compute_with(|existing| {
+                ready(match existing {
+                    Some(entry) if entry.value().held_by(lease, now) => {
+                        let created_at_ms = record.created_at_ms;
+                        Op::Put(Slot::new(EntryState::Completed(record), ttl, created_at_ms))
+                    }
+                    _ => Op::Nop,
+                })
+            })
+            .await;
+        Ok(matches!(result, CompResult::ReplacedWith(_)))
+    }
+
+    async fn release(&self, key: &str, lease: LeaseToken) -> Result<bool, StoreError> {
+        let now = Instant::now();
+        let result = self
+            .cache
+            .entry(key.to_owned())
+            .and_compute_with(|existing| {
+                ready(match existing {
+                    Some(entry) if entry.value().held_by(lease, now) => Op::Remove,
+                    _ => Op::Nop,
+                })
+            })
+            .await;
+        Ok(matches!(result, CompResult::Removed(_)))
+    }
+
+    async fn put(&self, key: &str, record: SharedRecord, ttl: Duration) -> Result<(), StoreError> {
+        let created_at_ms = record.created_at_ms;
+        self.cache
+            .insert(
+                key.to_owned(),
+                Slot::new(EntryState::Completed(record), ttl, created_at_ms),
+            )
+            .await;
+        Ok(())
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
+        let now = Instant::now();
+        Ok(self
+            .cache
+            .get(key)
+            .await
+            .filter(|slot| slot.is_live(now))
+            .map(|slot| slot.to_entry(now)))
+    }
+
+    async fn remove(&self, key: &str) -> Result<bool, StoreError> {
+        let now = Instant::now();
+        Ok(self
+            .cache
+            .remove(key)
+            .await
+            .is_some_and(|slot| slot.is_live(now)))
+    }
+
+    async fn clear(&self) -> Result<(), StoreError> {
+        self.cache.invalidate_all();
+        self.cache.run_pending_tasks().await;
+        Ok(())
+    }
+
+    async fn scan(&self) -> Result<Vec<ScanEntry>, StoreError> {
+        let now = Instant::now();
+        Ok(self
+            .cache
+            .iter()
+            .filter(|(_, slot)| slot.is_live(now))
+            .map(|(key, slot)| ScanEntry {
+                key: key.as_ref().clone(),
+                kind: match slot.state {
+                    EntryState::InFlight { .. } => EntryKind::InFlight,
+                    EntryState::Completed(_) => EntryKind::Completed,
+                },
+                expires_in: slot.expires_at.saturating_duration_since(now),
+                created_at_ms: slot.created_at_ms,
+            })
+            .collect())
+    }
+
+    async fn len(&self) -> Result<u64, StoreError> {
+        self.cache.run_pending_tasks().await;
+        Ok(self.cache.entry_count())
+    }
+
+    async fn info(&self) -> Result<CacheInfo, StoreError> {
+        self.cache.run_pending_tasks().await;
+        Ok(CacheInfo {
+            entries: self.cache.entry_count(),
+            max_entries: Some(self.max_entries),
+            // Without a byte bound every entry weighs 1: that is no byte count.
+            weighted_bytes: if self.weighs_bytes {
+                self.cache.weighted_size()
+            } else {
+                0
+            },
+        })
+    }
+
+    fn removal_counts(&self) -> RemovalCounts {
+        RemovalCounts {
+            expired: self.counters.expired.load(Relaxed),
+            evicted: self.counters.evicted.load(Relaxed),
+        }
+    }
+
+    async fn cleanup_expired(&self) -> Result<(), StoreError> {
+        self.cache.run_pending_tasks().await;
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}

@@ -1,0 +1,280 @@
+//! Stores: where in-flight markers and records live.
+//!
+//! A [`Store`] is a small set of single-key atomic operations. It knows
+//! nothing of HTTP or of the engine's policies; the engine
+//! ([`Idempotency`](crate::Idempotency)) is its only caller. Keys are the text
+//! form of an [`IdempotencyKey`](crate::IdempotencyKey).
+//!
+//! The contract every store keeps:
+//!
+//! * [`begin`](Store::begin) is atomic: of any number of concurrent callers
+//!   for one key, exactly one gets [`BeginOutcome::Acquired`]; the others see
+//!   the marker ([`BeginOutcome::InFlight`]) or the record.
+//! * [`complete`](Store::complete), [`renew`](Store::renew) and
+//!   [`release`](Store::release) act only when the marker still carries the
+//!   caller's [`LeaseToken`] (fencing): a lease that expired and was taken over
+//!   cannot overwrite or delete the newer holder's marker.
+//! * Markers expire after the lease TTL they were written with, records after
+//!   the record TTL; an expired entry is never returned.
+
+use std::future::Future;
+use std::time::Duration;
+
+use crate::key::Fingerprint;
+use crate::record::{DecodeError, SharedRecord};
+use crate::stats::CacheInfo;
+
+mod memory;
+
+pub use memory::{MemoryStore, MemoryStoreBuilder, DEFAULT_MAX_ENTRIES};
+
+/// An async store of in-flight markers and records, each under one key.
+///
+/// Methods return `impl Future + Send` so that stores are used without boxing;
+/// implement them with `async fn`.
+pub trait Store: Send + Sync + 'static {
+    /// Atomically: when `key` holds nothing, writes an in-flight marker with
+    /// `lease` and `fingerprint` that expires after `lease_ttl`, and answers
+    /// [`BeginOutcome::Acquired`]; otherwise answers what the key holds.
+    fn begin(
+        &self,
+        key: &str,
+        fingerprint: Fingerprint,
+        lease: LeaseToken,
+        lease_ttl: Duration,
+    ) -> impl Future<Output = Result<BeginOutcome, StoreError>> + Send;
+
+    /// Extends the marker's expiry to `lease_ttl` from now, if it still holds
+    /// `lease`. Answers whether it did.
+    fn renew(
+        &self,
+        key: &str,
+        lease: LeaseToken,
+        lease_ttl: Duration,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Replaces the marker by `record`, expiring after `ttl`, if the marker
+    /// still holds `lease`. Answers whether it did.
+    fn complete(
+        &self,
+        key: &str,
+        lease: LeaseToken,
+        record: SharedRecord,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Deletes the marker if it still holds `lease`. Answers whether it did.
+    fn release(
+        &self,
+        key: &str,
+        lease: LeaseToken,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Writes `record` under `key`, expiring after `ttl`, whatever the key held.
+    fn put(
+        &self,
+        key: &str,
+        record: SharedRecord,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// What `key` holds, if anything.
+    fn get(&self, key: &str) -> impl Future<Output = Result<Option<Entry>, StoreError>> + Send;
+
+    /// Deletes whatever `key` holds. Answers whether there was anything.
+    fn remove(&self, key: &str) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Deletes every entry of this store (and only this store's, for a shared
+    /// backend such as Redis under a prefix).
+    fn clear(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Every live entry, without its payload.
+    fn scan(&self) -> impl Future<Output = Result<Vec<ScanEntry>, StoreError>> + Send;
+
+    /// How many entries the store holds.
+    fn len(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Size and bounds of the store.
+    fn info(&self) -> impl Future<Output = Result<CacheInfo, StoreError>> + Send;
+
+    /// Entries the store itself dropped since it was made (TTL ran out, or to
+    /// stay within bounds). Stores that cannot tell answer zeros, the default.
+    fn removal_counts(&self) -> RemovalCounts {
+        RemovalCounts::default()
+    }
+
+    /// Drops expired entries now, where the store keeps them until a later
+    /// maintenance pass. The default does nothing.
+    fn cleanup_expired(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
+        async { Ok(()) }
+    }
+
+    /// Checks that the store answers (`/healthz`).
+    fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
+        async {
+            self.len().await?;
+            Ok(())
+        }
+    }
+}
+
+/// A random token that names one holder of one lease.
+///
+/// ```
+/// use tower_idempotency::store::LeaseToken;
+///
+/// let token = LeaseToken::random();
+/// assert_ne!(token, LeaseToken::random());
+/// assert_eq!(LeaseToken::parse(&token.to_string()), Some(token));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LeaseToken(u128);
+
+impl LeaseToken {
+    /// A fresh token (128 random bits).
+    pub fn random() -> Self {
+        Self(rand::random())
+    }
+
+    /// The token as a number, for stores that keep it.
+    pub const fn as_u128(self) -> u128 {
+        self.0
+    }
+
+    /// A token from the number a store kept.
+    pub const fn from_u128(value: u128) -> Self {
+        Self(value)
+    }
+
+    /// Parses the 32 hex characters written by `Display`.
+    pub fn parse(text: &str) -> Option<Self> {
+        if text.len() != 32 {
+            return None;
+        }
+        u128::from_str_radix(text, 16).ok().map(Self)
+    }
+}
+
+impl std::fmt::Display for LeaseToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+/// What [`Store::begin`] found.
+#[derive(Debug, Clone)]
+pub enum BeginOutcome {
+    /// The key was free; the caller's marker is written and the caller runs the action.
+    Acquired,
+    /// The action completed; here is its record.
+    Completed(SharedRecord),
+    /// Another caller holds the lease.
+    InFlight {
+        /// Fingerprint of the request that holds the lease.
+        fingerprint: Fingerprint,
+        /// Time left before the marker expires.
+        expires_in: Duration,
+    },
+}
+
+/// What a key holds.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// The marker or the record.
+    pub state: EntryState,
+    /// Time left before the entry expires.
+    pub expires_in: Duration,
+}
+
+/// The two things a key can hold.
+#[derive(Debug, Clone)]
+pub enum EntryState {
+    /// An action is running under a lease.
+    InFlight {
+        /// Fingerprint of the request that holds the lease.
+        fingerprint: Fingerprint,
+        /// The lease's token.
+        lease: LeaseToken,
+    },
+    /// The action completed.
+    Completed(SharedRecord),
+}
+
+/// One entry as [`Store::scan`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScanEntry {
+    /// The storage key.
+    pub key: String,
+    /// Marker or record.
+    pub kind: EntryKind,
+    /// Time left before the entry expires.
+    pub expires_in: Duration,
+    /// When the entry was written, in milliseconds since the Unix epoch.
+    pub created_at_ms: u64,
+}
+
+/// Serialized as `{"key", "state": "in_flight"|"completed", "expires_in_ms",
+/// "created_at_ms"}`, the form the proxy's `GET /keys` answers.
+impl serde::Serialize for ScanEntry {
+    fn serialize<Ser: serde::Serializer>(&self, serializer: Ser) -> Result<Ser::Ok, Ser::Error> {
+        use serde::ser::SerializeStruct;
+        let mut out = serializer.serialize_struct("ScanEntry", 4)?;
+        out.serialize_field("key", &self.key)?;
+        out.serialize_field("state", &self.kind)?;
+        out.serialize_field("expires_in_ms", &(self.expires_in.as_millis() as u64))?;
+        out.serialize_field("created_at_ms", &self.created_at_ms)?;
+        out.end()
+    }
+}
+
+/// Whether an entry is an in-flight marker or a completed record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EntryKind {
+    /// An in-flight marker.
+    InFlight,
+    /// A completed record.
+    Completed,
+}
+
+/// Entries a store dropped by itself, since it was made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RemovalCounts {
+    /// Dropped because their TTL ran out.
+    pub expired: u64,
+    /// Dropped to stay within the store's bounds.
+    pub evicted: u64,
+}
+
+/// A store operation that failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The backend could not be reached or did not answer.
+    #[error("store unavailable: {0}")]
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A stored value could not be decoded.
+    #[error("corrupt value under key {key:?}: {source}")]
+    Corrupt {
+        /// The key whose value is corrupt.
+        key: String,
+        /// What is wrong with it.
+        #[source]
+        source: DecodeError,
+    },
+    /// Any other backend failure.
+    #[error("store error: {0}")]
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl StoreError {
+    /// A backend that could not be reached, from any error.
+    pub fn unavailable(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::Unavailable(error.into())
+    }
+
+    /// Any other backend failure, from any error.
+    pub fn backend(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::Backend(error.into())
+    }
+}
