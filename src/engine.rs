@@ -69,9 +69,10 @@ pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(60);
 pub const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What a duplicate gets while the first request for its key is in flight.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Concurrent {
     /// Refuse it at once (HTTP 409 with `Retry-After`), as the IETF draft says.
+    #[default]
     Reject,
     /// Wait for the first to finish and replay its result. `timeout` is one
     /// budget for the whole wait, start-overs included; past it, a conflict.
@@ -87,12 +88,6 @@ impl Concurrent {
         Self::Wait {
             timeout: DEFAULT_WAIT_TIMEOUT,
         }
-    }
-}
-
-impl Default for Concurrent {
-    fn default() -> Self {
-        Self::Reject
     }
 }
 
@@ -375,7 +370,6 @@ enum FlightOutcome {
 }
 
 /// What [`Idempotency::begin`] decided for one call.
-#[derive(Debug)]
 pub enum Begin<S: Store> {
     /// The caller runs the action, then completes or drops the lease.
     Execute(Lease<S>),
@@ -394,6 +388,24 @@ pub enum Begin<S: Store> {
         /// When it is worth retrying.
         retry_after: Duration,
     },
+}
+
+impl<S: Store> std::fmt::Debug for Begin<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Execute(lease) => f.debug_tuple("Execute").field(lease).finish(),
+            Self::Replay { record, coalesced } => f
+                .debug_struct("Replay")
+                .field("record", record)
+                .field("coalesced", coalesced)
+                .finish(),
+            Self::Mismatch => f.write_str("Mismatch"),
+            Self::Conflict { retry_after } => f
+                .debug_struct("Conflict")
+                .field("retry_after", retry_after)
+                .finish(),
+        }
+    }
 }
 
 impl Idempotency<MemoryStore> {
@@ -439,6 +451,7 @@ impl<S: Store> Idempotency<S> {
         &self.inner.store
     }
 
+    #[allow(dead_code)] // the frontends count their own events here
     pub(crate) fn counters(&self) -> &Stats {
         &self.inner.stats
     }
@@ -774,7 +787,8 @@ impl<S: Store> Idempotency<S> {
         self.counted(self.inner.store.cleanup_expired().await)
     }
 
-    /// Removes the `n` oldest completed records (by creation time) and
+    /// Removes the `n` oldest completed records (by creation time in
+    /// milliseconds, ties broken by the nearest expiry) and
     /// answers how many it removed. In-flight markers are never evicted:
     /// that would let a duplicate run while the first is still running.
     /// Removed records count as `evicted`.
@@ -788,7 +802,7 @@ impl<S: Store> Idempotency<S> {
             .into_iter()
             .filter(|entry| entry.kind == EntryKind::Completed)
             .collect();
-        records.sort_by_key(|entry| entry.created_at_ms);
+        records.sort_by_key(|entry| (entry.created_at_ms, entry.expires_in));
         let mut removed = 0;
         for entry in records.into_iter().take(n) {
             if self.remove(&entry.key).await? {
