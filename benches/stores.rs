@@ -1,0 +1,167 @@
+//! The engine on each store: a miss (begin, then complete, on a new key), a
+//! replay (begin on a completed key) and, for reference, the fingerprint
+//! alone. One request = one iteration; throughput is in requests.
+//!
+//! `cargo bench --bench stores --all-features` adds the Redis groups when
+//! Redis answers on 127.0.0.1:6379 (or `$REDIS_URL`); otherwise it says so
+//! and skips them.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
+use http::{header, HeaderMap, HeaderValue, StatusCode};
+use tokio::runtime::Runtime;
+use tower_idempotency::store::Store;
+use tower_idempotency::{Begin, Concurrent, Fingerprint, Idempotency, Record, StoredResponse};
+
+/// The stored response: 1 KiB of body and a content type.
+fn response() -> StoredResponse {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    StoredResponse {
+        status: StatusCode::CREATED,
+        headers,
+        body: Bytes::from(vec![b'x'; 1024]),
+    }
+}
+
+fn runtime() -> Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// The three engine paths on one store, in `group`, under the name `store`.
+fn engine_paths<S: Store>(
+    group: &mut BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    rt: &Runtime,
+    store: &str,
+    engine: &Idempotency<S>,
+) {
+    let request_body = vec![b'r'; 1024];
+    let fingerprint = Fingerprint::of_bytes(&request_body);
+    let stored = response();
+
+    // Miss: a new key each call; the action "runs" and its record is stored.
+    let next = AtomicU64::new(0);
+    group.bench_function(format!("{store}/miss"), |b| {
+        b.to_async(rt).iter(|| async {
+            let key = format!("bench:miss:{}", next.fetch_add(1, Relaxed));
+            let Begin::Execute(lease) = engine
+                .begin(key, fingerprint, Concurrent::Reject)
+                .await
+                .expect("begin")
+            else {
+                panic!("a new key executes");
+            };
+            let stored = lease
+                .complete(Record::response(fingerprint, stored.clone()))
+                .await
+                .expect("complete");
+            assert!(stored);
+        });
+    });
+
+    // Replay: the same completed key every call.
+    rt.block_on(async {
+        let Begin::Execute(lease) = engine
+            .begin("bench:replay", fingerprint, Concurrent::Reject)
+            .await
+            .expect("begin")
+        else {
+            panic!("the replay key is new");
+        };
+        lease
+            .complete(Record::response(fingerprint, stored.clone()))
+            .await
+            .expect("complete");
+    });
+    group.bench_function(format!("{store}/replay"), |b| {
+        b.to_async(rt).iter(|| async {
+            match engine
+                .begin("bench:replay", fingerprint, Concurrent::Reject)
+                .await
+                .expect("begin")
+            {
+                Begin::Replay { record, .. } => record,
+                other => panic!("expected a replay, got {other:?}"),
+            }
+        });
+    });
+}
+
+fn memory(c: &mut Criterion) {
+    let rt = runtime();
+    let engine = Idempotency::new();
+    let mut group = c.benchmark_group("stores");
+    group.throughput(Throughput::Elements(1));
+    let body = vec![b'r'; 1024];
+    group.bench_function("fingerprint_1KiB", |b| {
+        b.iter(|| Fingerprint::of_bytes(std::hint::black_box(&body)));
+    });
+    engine_paths(&mut group, &rt, "memory", &engine);
+    group.finish();
+}
+
+#[cfg(feature = "redis")]
+fn redis(c: &mut Criterion) {
+    use tower_idempotency::store::RedisStore;
+
+    let rt = runtime();
+    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let prefix = format!("bench:{}:", std::process::id());
+    let store = rt.block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(2),
+            RedisStore::builder(url.clone())
+                .prefix(prefix)
+                .connection_timeout(Duration::from_secs(1))
+                .build(),
+        )
+        .await
+    });
+    let store = match store {
+        Ok(Ok(store)) => store,
+        Ok(Err(error)) => {
+            eprintln!("note: Redis at {url} does not answer ({error}): Redis groups skipped");
+            return;
+        }
+        Err(_) => {
+            eprintln!("note: Redis at {url} did not answer within 2 s: Redis groups skipped");
+            return;
+        }
+    };
+    let engine = Idempotency::builder()
+        .store(store)
+        .build()
+        .expect("engine on Redis");
+    let mut group = c.benchmark_group("stores");
+    group.throughput(Throughput::Elements(1));
+    engine_paths(&mut group, &rt, "redis", &engine);
+    group.finish();
+    // Leave nothing behind in a Redis that others use.
+    if let Err(error) = rt.block_on(engine.clear()) {
+        eprintln!("note: could not clear the bench keys: {error}");
+    }
+}
+
+#[cfg(not(feature = "redis"))]
+fn redis(_: &mut Criterion) {
+    eprintln!("note: built without feature `redis`: Redis groups skipped");
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+        .sample_size(30);
+    targets = memory, redis
+}
+criterion_main!(benches);
