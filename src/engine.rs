@@ -47,7 +47,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, Once, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -339,14 +339,14 @@ struct Inner<S> {
     /// Store removal counts at the last `reset_stats`.
     removals_baseline: [AtomicU64; 2],
     flights: Mutex<HashMap<String, Arc<Flight>>>,
-    heartbeat: Once,
+    heartbeat: Mutex<Option<AbortHandle>>,
     auto_cleanup: Mutex<Option<AbortHandle>>,
 }
 
 impl<S> Drop for Inner<S> {
     fn drop(&mut self) {
-        if let Ok(mut cleanup) = self.auto_cleanup.lock() {
-            if let Some(task) = cleanup.take() {
+        for task in [&self.heartbeat, &self.auto_cleanup] {
+            if let Some(task) = lock(task).take() {
                 task.abort();
             }
         }
@@ -435,7 +435,7 @@ impl<S: Store> Idempotency<S> {
                 stats: Stats::default(),
                 removals_baseline: [AtomicU64::new(0), AtomicU64::new(0)],
                 flights: Mutex::new(HashMap::new()),
-                heartbeat: Once::new(),
+                heartbeat: Mutex::new(None),
                 auto_cleanup: Mutex::new(None),
             }),
         }
@@ -629,17 +629,20 @@ impl<S: Store> Idempotency<S> {
         flight.outcome.send_replace(outcome);
     }
 
-    /// Starts, once per engine, the task that renews every held lease each
-    /// third of the lease TTL. It stops when the engine is dropped.
+    /// Makes sure the task that renews every held lease each third of the
+    /// lease TTL runs: one per engine, started on first use, started again if
+    /// the runtime it ran on has gone. It stops when the engine is dropped.
     fn start_heartbeat(&self) {
-        self.inner.heartbeat.call_once(|| {
-            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-                return;
-            };
-            let engine = Arc::downgrade(&self.inner);
-            let period = (self.inner.config.lease_ttl / 3).max(Duration::from_millis(1));
-            runtime.spawn(heartbeat(engine, period));
-        });
+        let mut task = lock(&self.inner.heartbeat);
+        if task.as_ref().is_some_and(|task| !task.is_finished()) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let engine = Arc::downgrade(&self.inner);
+        let period = (self.inner.config.lease_ttl / 3).max(Duration::from_millis(1));
+        *task = Some(runtime.spawn(heartbeat(engine, period)).abort_handle());
     }
 
     /// Writes `record` under `key` whatever the key held (for results known
