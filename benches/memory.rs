@@ -80,7 +80,10 @@ where
     let stored_per_entry = stored as f64 / n;
     println!("{label}: {ENTRIES} entries");
     println!("  stored response size      {stored_per_entry:>8.1} B/entry (body, header names and values)");
-    println!("  key length                {:>8.1} B/entry", keys as f64 / n);
+    println!(
+        "  key length                {:>8.1} B/entry",
+        keys as f64 / n
+    );
     println!("  heap held                 {per_entry:>8.1} B/entry");
     println!(
         "  heap above the response   {:>8.1} B/entry   (target <= 256)",
@@ -116,7 +119,8 @@ async fn engine_level() {
             let key = key(i);
             keys += key.len() as u64;
             let fingerprint = Fingerprint::of_bytes(&i.to_be_bytes());
-            let Ok(Begin::Execute(lease)) = engine.begin(key, fingerprint, Concurrent::Reject).await
+            let Ok(Begin::Execute(lease)) =
+                engine.begin(key, fingerprint, Concurrent::Reject).await
             else {
                 panic!("entry {i} is new");
             };
@@ -169,16 +173,19 @@ async fn breakdown() {
         .expire_after(PerEntry)
         .eviction_listener(|_, _, _| {})
         .build();
-    measure("breakdown: bare moka cache, same keys, u64 values", || async {
-        let mut keys = 0u64;
-        for i in 0..ENTRIES {
-            let key = key(i);
-            keys += key.len() as u64;
-            cache.insert(key, i as u64).await;
-        }
-        cache.run_pending_tasks().await;
-        (0, keys)
-    })
+    measure(
+        "breakdown: bare moka cache, same keys, u64 values",
+        || async {
+            let mut keys = 0u64;
+            for i in 0..ENTRIES {
+                let key = key(i);
+                keys += key.len() as u64;
+                cache.insert(key, i as u64).await;
+            }
+            cache.run_pending_tasks().await;
+            (0, keys)
+        },
+    )
     .await;
 }
 

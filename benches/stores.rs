@@ -106,6 +106,61 @@ fn memory(c: &mut Criterion) {
         b.iter(|| Fingerprint::of_bytes(std::hint::black_box(&body)));
     });
     engine_paths(&mut group, &rt, "memory", &engine);
+
+    // The store alone, without the engine: begin then complete a new key.
+    let store = tower_idempotency::store::MemoryStore::new();
+    let record = std::sync::Arc::new(Record::response(Fingerprint::of_bytes(&body), response()));
+    let next = AtomicU64::new(0);
+    group.bench_function("memory_store/begin_complete", |b| {
+        b.to_async(&rt).iter(|| async {
+            let key = format!("bench:store:{}", next.fetch_add(1, Relaxed));
+            let token = tower_idempotency::store::LeaseToken::random();
+            let fp = record.fingerprint;
+            store
+                .begin(&key, fp, token, Duration::from_secs(60))
+                .await
+                .expect("begin");
+            store
+                .complete(&key, token, record.clone(), Duration::from_secs(3600))
+                .await
+                .expect("complete")
+        });
+    });
+    group.bench_function("memory_store/begin_new_key", |b| {
+        b.to_async(&rt).iter(|| async {
+            let key = format!("bench:store:{}", next.fetch_add(1, Relaxed));
+            let token = tower_idempotency::store::LeaseToken::random();
+            store
+                .begin(&key, record.fingerprint, token, Duration::from_secs(60))
+                .await
+                .expect("begin")
+        });
+    });
+
+    // What moka itself costs for the same traffic: a cache of the same bound
+    // and a new key per call (so it churns at its bound, as the miss path
+    // does), by plain insert and by the atomic compute the store uses.
+    let cache: moka::future::Cache<String, u64> = moka::future::Cache::new(10_000);
+    let next = AtomicU64::new(0);
+    group.bench_function("moka/insert_new_key", |b| {
+        b.to_async(&rt).iter(|| async {
+            let n = next.fetch_add(1, Relaxed);
+            cache.insert(format!("bench:moka:{n}"), n).await;
+        });
+    });
+    group.bench_function("moka/compute_new_key", |b| {
+        b.to_async(&rt).iter(|| async {
+            let n = next.fetch_add(1, Relaxed);
+            cache
+                .entry(format!("bench:moka:{n}"))
+                .and_compute_with(|_| std::future::ready(moka::ops::compute::Op::Put(n)))
+                .await
+        });
+    });
+    group.bench_function("moka/get_hit", |b| {
+        b.to_async(&rt)
+            .iter(|| async { cache.get("bench:moka:1").await });
+    });
     group.finish();
 }
 
