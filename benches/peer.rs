@@ -150,7 +150,7 @@ impl Client {
     /// A new session every `KEYS_PER_SESSION` keys (untimed).
     async fn next_key(&mut self) {
         self.used += 1;
-        if self.logs_in && self.used % KEYS_PER_SESSION == 0 {
+        if self.logs_in && self.used.is_multiple_of(KEYS_PER_SESSION) {
             self.cookie = session_cookie(&self.router).await;
         }
     }

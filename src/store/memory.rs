@@ -1,14 +1,15 @@
 //! The embedded store, on a moka `future::Cache`.
 
-use std::future::ready;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::hash::BuildHasher;
+
 use moka::future::Cache;
 use moka::notification::RemovalCause;
-use moka::ops::compute::{CompResult, Op};
 use moka::Expiry;
+use tokio::sync::{Mutex, MutexGuard};
 
 use super::{
     BeginOutcome, Entry, EntryKind, EntryState, LeaseToken, RemovalCounts, ScanEntry, Store,
@@ -53,6 +54,10 @@ pub const DEFAULT_MAX_ENTRIES: u64 = 10_000;
 #[derive(Clone)]
 pub struct MemoryStore {
     cache: Cache<String, Slot>,
+    /// Serialises the read-then-write of one key's operations. Striped
+    /// locks and plain `get`/`insert` cost a third of moka's per-key
+    /// `and_compute_with`, which allocates a key lock and a waiter per call.
+    stripes: Arc<Stripes>,
     counters: Arc<RemovalCounters>,
     max_entries: u64,
     weighs_bytes: bool,
@@ -141,6 +146,7 @@ impl MemoryStoreBuilder {
         };
         MemoryStore {
             cache,
+            stripes: Arc::new(Stripes::new()),
             counters,
             max_entries: self.max_entries,
             weighs_bytes: self.max_bytes.is_some(),
@@ -163,6 +169,30 @@ impl MemoryStore {
 impl Default for MemoryStore {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// How many locks keys are spread over: enough that unrelated keys rarely
+/// wait for each other on a many-core machine.
+const STRIPES: usize = 64;
+
+struct Stripes {
+    hasher: std::hash::RandomState,
+    locks: Box<[Mutex<()>]>,
+}
+
+impl Stripes {
+    fn new() -> Self {
+        Self {
+            hasher: std::hash::RandomState::new(),
+            locks: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+        }
+    }
+
+    /// Holds `key`'s stripe: every change to `key` happens under it.
+    async fn lock(&self, key: &str) -> MutexGuard<'_, ()> {
+        let stripe = self.hasher.hash_one(key) as usize % STRIPES;
+        self.locks[stripe].lock().await
     }
 }
 
@@ -232,6 +262,13 @@ impl Expiry<String, Slot> for SlotExpiry {
     }
 }
 
+impl MemoryStore {
+    /// The live slot under `key`.
+    async fn live(&self, key: &str, now: Instant) -> Option<Slot> {
+        self.cache.get(key).await.filter(|slot| slot.is_live(now))
+    }
+}
+
 impl Store for MemoryStore {
     async fn begin(
         &self,
@@ -240,40 +277,31 @@ impl Store for MemoryStore {
         lease: LeaseToken,
         lease_ttl: Duration,
     ) -> Result<BeginOutcome, StoreError> {
-        let now = Instant::now();
-        let result = self
-            .cache
-            .entry(key.to_owned())
-            .and_compute_with(|existing| {
-                ready(match existing {
-                    Some(entry) if entry.value().is_live(now) => Op::Nop,
-                    _ => Op::Put(Slot::new(
-                        EntryState::InFlight { fingerprint, lease },
-                        lease_ttl,
-                        now_ms(),
-                    )),
-                })
-            })
-            .await;
-        Ok(match result {
-            CompResult::Inserted(_) | CompResult::ReplacedWith(_) => BeginOutcome::Acquired,
-            CompResult::Unchanged(entry) => {
-                let slot = entry.into_value();
-                match slot.state {
-                    EntryState::Completed(record) => BeginOutcome::Completed(record),
-                    EntryState::InFlight { fingerprint, .. } => BeginOutcome::InFlight {
-                        fingerprint,
-                        expires_in: slot.expires_at.saturating_duration_since(now),
-                    },
-                }
-            }
-            // Put never yields these; answer as if the key were taken so no
-            // caller runs the action without a marker.
-            CompResult::StillNone(_) | CompResult::Removed(_) => BeginOutcome::InFlight {
+        let found = |slot: Slot, now: Instant| match slot.state {
+            EntryState::Completed(record) => BeginOutcome::Completed(record),
+            EntryState::InFlight { fingerprint, .. } => BeginOutcome::InFlight {
                 fingerprint,
-                expires_in: lease_ttl,
+                expires_in: slot.expires_at.saturating_duration_since(now),
             },
-        })
+        };
+        // A key that holds something answers without the lock: a replay is
+        // one read.
+        let now = Instant::now();
+        if let Some(slot) = self.live(key, now).await {
+            return Ok(found(slot, now));
+        }
+        let _stripe = self.stripes.lock(key).await;
+        let now = Instant::now();
+        if let Some(slot) = self.live(key, now).await {
+            return Ok(found(slot, now));
+        }
+        let marker = Slot::new(
+            EntryState::InFlight { fingerprint, lease },
+            lease_ttl,
+            now_ms(),
+        );
+        self.cache.insert(key.to_owned(), marker).await;
+        Ok(BeginOutcome::Acquired)
     }
 
     async fn renew(
@@ -282,21 +310,16 @@ impl Store for MemoryStore {
         lease: LeaseToken,
         lease_ttl: Duration,
     ) -> Result<bool, StoreError> {
+        let _stripe = self.stripes.lock(key).await;
         let now = Instant::now();
-        let result = self
-            .cache
-            .entry(key.to_owned())
-            .and_compute_with(|existing| {
-                ready(match existing {
-                    Some(entry) if entry.value().held_by(lease, now) => {
-                        let slot = entry.into_value();
-                        Op::Put(Slot::new(slot.state, lease_ttl, slot.created_at_ms))
-                    }
-                    _ => Op::Nop,
-                })
-            })
-            .await;
-        Ok(matches!(result, CompResult::ReplacedWith(_)))
+        match self.live(key, now).await {
+            Some(slot) if slot.held_by(lease, now) => {
+                let renewed = Slot::new(slot.state, lease_ttl, slot.created_at_ms);
+                self.cache.insert(key.to_owned(), renewed).await;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
     }
 
     async fn complete(
@@ -306,40 +329,34 @@ impl Store for MemoryStore {
         record: SharedRecord,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
+        let _stripe = self.stripes.lock(key).await;
         let now = Instant::now();
-        let result = self
-            .cache
-            .entry(key.to_owned())
-            .and_compute_with(|existing| {
-                ready(match existing {
-                    Some(entry) if entry.value().held_by(lease, now) => {
-                        let created_at_ms = record.created_at_ms;
-                        Op::Put(Slot::new(EntryState::Completed(record), ttl, created_at_ms))
-                    }
-                    _ => Op::Nop,
-                })
-            })
-            .await;
-        Ok(matches!(result, CompResult::ReplacedWith(_)))
+        match self.live(key, now).await {
+            Some(slot) if slot.held_by(lease, now) => {
+                let created_at_ms = record.created_at_ms;
+                let slot = Slot::new(EntryState::Completed(record), ttl, created_at_ms);
+                self.cache.insert(key.to_owned(), slot).await;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
     }
 
     async fn release(&self, key: &str, lease: LeaseToken) -> Result<bool, StoreError> {
+        let _stripe = self.stripes.lock(key).await;
         let now = Instant::now();
-        let result = self
-            .cache
-            .entry(key.to_owned())
-            .and_compute_with(|existing| {
-                ready(match existing {
-                    Some(entry) if entry.value().held_by(lease, now) => Op::Remove,
-                    _ => Op::Nop,
-                })
-            })
-            .await;
-        Ok(matches!(result, CompResult::Removed(_)))
+        match self.live(key, now).await {
+            Some(slot) if slot.held_by(lease, now) => {
+                self.cache.invalidate(key).await;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
     }
 
     async fn put(&self, key: &str, record: SharedRecord, ttl: Duration) -> Result<(), StoreError> {
         let created_at_ms = record.created_at_ms;
+        let _stripe = self.stripes.lock(key).await;
         self.cache
             .insert(
                 key.to_owned(),
@@ -360,6 +377,7 @@ impl Store for MemoryStore {
     }
 
     async fn remove(&self, key: &str) -> Result<bool, StoreError> {
+        let _stripe = self.stripes.lock(key).await;
         let now = Instant::now();
         Ok(self
             .cache
