@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# Load test over loopback: examples/axum_server with and without the layer,
+# driven by wrk on a passthrough path (POST without a key) and a replay path
+# (POST with a fixed Idempotency-Key, answered from the store after the first
+# request). Prints requests/s and p99 latency for each, and their ratios.
+#
+#   bash benches/load.sh                 # 10 s per run, 2 threads, 64 connections
+#   DURATION=30s CONNECTIONS=128 bash benches/load.sh
+#
+# Stops the servers it started on exit. Needs wrk (Debian package `wrk`: the
+# script installs it with apt-get when it runs as root and wrk is missing).
+set -euo pipefail
+
+DURATION=${DURATION:-10s}
+THREADS=${THREADS:-2}
+CONNECTIONS=${CONNECTIONS:-64}
+LAYER_ADDR=${LAYER_ADDR:-127.0.0.1:3101}
+BARE_ADDR=${BARE_ADDR:-127.0.0.1:3102}
+
+cd "$(dirname "$0")/.."
+work=$(mktemp -d)
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do
+        kill "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+if ! command -v wrk >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "installing wrk with apt-get..."
+        apt-get update -qq >/dev/null && apt-get install -y -qq wrk >/dev/null
+    else
+        echo "wrk is not installed: apt-get install wrk (Debian/Ubuntu), then run again" >&2
+        exit 1
+    fi
+fi
+
+echo "building examples/axum_server (release)..."
+cargo build --release --quiet --example axum_server
+server=target/release/examples/axum_server
+
+# Starts the server with the given flags and waits until it accepts connections.
+start() {
+    local addr=$1
+    shift
+    "$server" --listen "$addr" "$@" >"$work/server-$addr.log" 2>&1 &
+    pids+=("$!")
+    local host=${addr%:*} port=${addr##*:}
+    for _ in $(seq 1 100); do
+        if (exec 3<>"/dev/tcp/$host/$port") 2>/dev/null; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    echo "the server on $addr did not start:" >&2
+    cat "$work/server-$addr.log" >&2
+    exit 1
+}
+start "$LAYER_ADDR"
+start "$BARE_ADDR" --no-idempotency
+
+body='{"item":"book","quantity":1}'
+cat >"$work/passthrough.lua" <<EOF
+wrk.method = "POST"
+wrk.body = '$body'
+wrk.headers["Content-Type"] = "application/json"
+EOF
+cat >"$work/replay.lua" <<EOF
+wrk.method = "POST"
+wrk.body = '$body'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Idempotency-Key"] = "load-replay-1"
+EOF
+
+# The first request with the key runs the handler; wrk then only replays.
+curl -sf -o /dev/null -X POST -H 'Content-Type: application/json' \
+    -H 'Idempotency-Key: load-replay-1' -d "$body" "http://$LAYER_ADDR/orders" ||
+    { echo "priming the replay key failed" >&2; exit 1; }
+
+# Prints "requests_per_second p99_ms" for one wrk run.
+run() {
+    local addr=$1 script=$2 out
+    out=$(wrk --latency -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" -s "$script" "http://$addr/orders")
+    echo "$out" >>"$work/wrk.log"
+    if echo "$out" | grep -q "Non-2xx"; then
+        echo "wrk saw non-2xx answers from $addr:" >&2
+        echo "$out" >&2
+        exit 1
+    fi
+    local rps p99
+    rps=$(echo "$out" | awk '/^Requests\/sec:/ {print $2}')
+    p99=$(echo "$out" | awk '$1 == "99%" {
+        v = $2
+        if (v ~ /us$/) { sub(/us$/, "", v); v = v / 1000 }
+        else if (v ~ /ms$/) { sub(/ms$/, "", v) }
+        else if (v ~ /s$/) { sub(/s$/, "", v); v = v * 1000 }
+        print v }')
+    echo "$rps $p99"
+}
+
+echo "wrk: $THREADS threads, $CONNECTIONS connections, $DURATION per run; body $body"
+read -r bare_pass_rps bare_pass_p99 < <(run "$BARE_ADDR" "$work/passthrough.lua")
+read -r layer_pass_rps layer_pass_p99 < <(run "$LAYER_ADDR" "$work/passthrough.lua")
+read -r bare_key_rps bare_key_p99 < <(run "$BARE_ADDR" "$work/replay.lua")
+read -r layer_replay_rps layer_replay_p99 < <(run "$LAYER_ADDR" "$work/replay.lua")
+
+for value in "$bare_pass_rps" "$layer_pass_rps" "$bare_key_rps" "$layer_replay_rps"; do
+    [ -n "$value" ] || { echo "a wrk run failed; its output is above" >&2; exit 1; }
+done
+
+executions=$(curl -sf "http://$LAYER_ADDR/stats" || echo '{}')
+
+printf '\n%-44s %14s %10s\n' "run" "requests/s" "p99 ms"
+printf '%-44s %14s %10s\n' "bare handler, POST without key" "$bare_pass_rps" "$bare_pass_p99"
+printf '%-44s %14s %10s\n' "layer, passthrough (POST without key)" "$layer_pass_rps" "$layer_pass_p99"
+printf '%-44s %14s %10s\n' "bare handler, POST with key (runs each time)" "$bare_key_rps" "$bare_key_p99"
+printf '%-44s %14s %10s\n' "layer, replay (POST with the same key)" "$layer_replay_rps" "$layer_replay_p99"
+echo
+awk -v a="$layer_pass_rps" -v b="$bare_pass_rps" -v la="$layer_pass_p99" -v lb="$bare_pass_p99" \
+    'BEGIN { printf "passthrough / bare:  throughput %.3f, p99 %.3f\n", a / b, la / lb }'
+awk -v a="$layer_replay_rps" -v b="$bare_key_rps" -v la="$layer_replay_p99" -v lb="$bare_key_p99" \
+    'BEGIN { printf "replay / bare:       throughput %.3f, p99 %.3f\n", a / b, la / lb }'
+echo
+echo "layer server /stats after the runs: $executions"
