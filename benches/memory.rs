@@ -1,29 +1,37 @@
-//! Memory per stored entry: stores 100,000 completed records in the memory
-//! store and reports the heap bytes they take beyond the stored responses'
+//! Memory per stored entry: stores 100,000 completed responses in the memory
+//! store and reports the heap bytes each takes beyond the stored response's
 //! own size (body, header names and values).
 //!
 //! Heap bytes are counted exactly by `stats_alloc` (a counting wrapper around
-//! the system allocator; sizes as requested, without malloc's own per-block
-//! overhead); the resident set size from `/proc/self/statm` is printed beside
-//! them as a cross-check that includes the allocator's overhead.
+//! the system allocator: sizes as requested, without malloc's own per-block
+//! overhead). The resident set size from `/proc/self/statm` is printed beside
+//! them as a cross-check that includes the allocator's overhead (meaningful
+//! for the first measurement only: later ones reuse memory freed before).
 //!
 //! `cargo bench --bench memory`
 
 use std::alloc::System;
+use std::convert::Infallible;
 use std::future::Future;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, StatusCode};
+use http_body_util::{BodyExt, Full};
 use stats_alloc::{Region, StatsAlloc, INSTRUMENTED_SYSTEM};
+use tower::{Layer, ServiceExt};
+use tower_idempotency::layer::RequestBody;
+use tower_idempotency::store::{Entry, EntryState};
 use tower_idempotency::{
-    Begin, Concurrent, Fingerprint, Idempotency, IdempotencyKey, Record, StoredResponse,
+    Begin, Concurrent, Fingerprint, Idempotency, IdempotencyKey, IdempotencyLayer, KeyFilter,
+    Record, StoredResponse,
 };
 
 #[global_allocator]
 static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
 
 const ENTRIES: usize = 100_000;
+/// Size of each response body.
 const BODY: usize = 256;
 
 /// Resident set size in bytes, when /proc tells it.
@@ -33,130 +41,183 @@ fn rss_bytes() -> Option<u64> {
     Some(pages * 4096)
 }
 
-/// A distinct response for entry `i`, as the layer would store it.
-fn response(i: usize) -> StoredResponse {
-    let mut headers = HeaderMap::new();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    let mut body = format!("{{\"id\":{i},\"padding\":\"").into_bytes();
+/// A distinct `BODY`-byte JSON body, allocated to size.
+fn json_body(id: &str) -> Bytes {
+    let mut body = format!("{{\"id\":\"{id}\",\"padding\":\"").into_bytes();
     body.resize(BODY - 2, b'x');
     body.extend_from_slice(b"\"}");
-    StoredResponse {
-        status: StatusCode::CREATED,
-        headers,
-        // Exactly BODY bytes, without the Vec's spare capacity.
-        body: Bytes::copy_from_slice(&body),
-    }
+    Bytes::copy_from_slice(&body)
 }
 
-/// A storage key of the layer's shape: a client's UUID, the method and path,
-/// and the 16-hex-character scope.
-fn key(i: usize) -> String {
-    IdempotencyKey::new(
-        format!("8e03978e-40d5-43e8-bc93-6894a57f{i:04x}"),
-        "POST /orders",
-        "3f8a1c9e0b7d2e64",
-    )
-    .to_string()
+/// A client's key: a UUID, distinct per entry.
+fn client_key(i: usize) -> String {
+    format!("8e03978e-40d5-43e8-bc93-{i:012x}")
 }
 
-/// Runs `fill` (which stores `ENTRIES` entries and answers the sum of their
-/// stored sizes and key lengths) and prints what it cost per entry.
-async fn measure<F, Fut>(label: &str, fill: F)
+/// Runs `fill` (which stores `ENTRIES` entries), then `sizes` (which answers
+/// the sum of their stored sizes and of their key lengths, read after the
+/// count so that reading them is not counted), and prints the cost per entry.
+async fn measure<F, Fut, G, Gut>(label: &str, fill: F, sizes: G)
 where
     F: FnOnce() -> Fut,
-    Fut: Future<Output = (u64, u64)>,
+    Fut: Future<Output = ()>,
+    G: FnOnce() -> Gut,
+    Gut: Future<Output = (u64, u64)>,
 {
     let rss_before = rss_bytes();
     let region = Region::new(GLOBAL);
-    let (stored, keys) = fill().await;
+    fill().await;
     let change = region.change();
     let rss_after = rss_bytes();
-    let heap = change.bytes_allocated as i64 - change.bytes_deallocated as i64;
+    let (stored, keys) = sizes().await;
     let n = ENTRIES as f64;
-    let per_entry = heap as f64 / n;
-    let stored_per_entry = stored as f64 / n;
+    let heap = (change.bytes_allocated as f64 - change.bytes_deallocated as f64) / n;
+    let response = stored as f64 / n;
     println!("{label}: {ENTRIES} entries");
-    println!("  stored response size      {stored_per_entry:>8.1} B/entry (body, header names and values)");
+    println!("  stored response (body, header names and values) {response:>8.1} B/entry");
     println!(
-        "  key length                {:>8.1} B/entry",
+        "  storage key                                      {:>8.1} B/entry",
         keys as f64 / n
     );
-    println!("  heap held                 {per_entry:>8.1} B/entry");
+    println!("  heap held                                        {heap:>8.1} B/entry");
     println!(
-        "  heap above the response   {:>8.1} B/entry   (target <= 256)",
-        per_entry - stored_per_entry
+        "  heap above the stored response                   {:>8.1} B/entry  (target <= 256)",
+        heap - response
     );
     if let (Some(before), Some(after)) = (rss_before, rss_after) {
         let rss = (after as f64 - before as f64) / n;
-        println!(
-            "  RSS growth                {rss:>8.1} B/entry   ({:.1} above the response)",
-            rss - stored_per_entry
-        );
+        println!("  RSS growth                                       {rss:>8.1} B/entry");
     }
 }
 
+/// Sums stored sizes and key lengths of every completed record of `engine`.
+async fn sizes_of<S: tower_idempotency::store::Store>(engine: &Idempotency<S>) -> (u64, u64) {
+    let (mut stored, mut keys) = (0, 0);
+    for entry in engine.keys(&KeyFilter::new()).await.expect("keys") {
+        if let Some(Entry {
+            state: EntryState::Completed(record),
+            ..
+        }) = engine.record(&entry.key).await.expect("record")
+        {
+            stored += record.stored_size() as u64;
+            keys += entry.key.len() as u64;
+        }
+    }
+    (stored, keys)
+}
+
+/// The handler behind the layer: a fresh JSON answer per call, as a
+/// serialising handler makes.
+async fn handler(
+    request: http::Request<RequestBody<Full<Bytes>>>,
+) -> Result<http::Response<Full<Bytes>>, Infallible> {
+    let id = request
+        .headers()
+        .get("idempotency-key")
+        .and_then(|key| key.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    Ok(http::Response::builder()
+        .status(StatusCode::CREATED)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(json_body(&id)))
+        .expect("response"))
+}
+
+/// Through the HTTP layer: 100,000 POSTs with distinct keys, each stored.
+async fn layer_level() {
+    let layer = IdempotencyLayer::builder()
+        .max_entries(2 * ENTRIES as u64)
+        .build()
+        .expect("layer");
+    let engine = layer.handle();
+    let service = layer.layer(tower::service_fn(handler));
+    let post = |key: String| {
+        http::Request::post("/orders")
+            .header(header::CONTENT_TYPE, "application/json")
+            .header("idempotency-key", key)
+            .body(Full::new(Bytes::from_static(
+                br#"{"item":"book","quantity":1}"#,
+            )))
+            .expect("request")
+    };
+    let call = |key: String| {
+        let service = service.clone();
+        async move {
+            let response = service.oneshot(post(key)).await.expect("call");
+            assert_eq!(response.status(), StatusCode::CREATED);
+            drop(response.into_body().collect().await.expect("body"));
+        }
+    };
+    // The engine's one-off allocations (heartbeat task, maps) are not per entry.
+    call("warm-up".into()).await;
+    engine.cleanup_expired().await.expect("cleanup");
+
+    measure(
+        "HTTP layer (defaults, max_entries 200,000) + MemoryStore",
+        || async {
+            for i in 0..ENTRIES {
+                call(client_key(i)).await;
+            }
+            engine.cleanup_expired().await.expect("cleanup");
+        },
+        || async {
+            let (stored, keys) = sizes_of(&engine).await;
+            let (warm, warm_key) = (stored / (ENTRIES as u64 + 1), keys / (ENTRIES as u64 + 1));
+            (stored - warm, keys - warm_key)
+        },
+    )
+    .await;
+}
+
+/// The engine alone, with a response of one header as the layer stores it.
 async fn engine_level() {
-    // Room for every entry, so nothing is evicted while measuring.
     let engine = Idempotency::builder()
         .max_entries(2 * ENTRIES as u64)
         .ttl(Duration::from_secs(3600))
         .build()
         .expect("engine");
-    // Let the engine set up what it sets up once (heartbeat task, maps).
     let warm = Fingerprint::of_bytes(b"warm");
     if let Ok(Begin::Execute(lease)) = engine.begin("warm", warm, Concurrent::Reject).await {
         let _ = lease.complete(Record::value(warm, Bytes::new())).await;
     }
-    let _ = engine.cleanup_expired().await;
+    engine.cleanup_expired().await.expect("cleanup");
 
-    measure("engine + MemoryStore", || async {
-        let mut stored = 0u64;
-        let mut keys = 0u64;
-        for i in 0..ENTRIES {
-            let key = key(i);
-            keys += key.len() as u64;
-            let fingerprint = Fingerprint::of_bytes(&i.to_be_bytes());
-            let Ok(Begin::Execute(lease)) =
-                engine.begin(key, fingerprint, Concurrent::Reject).await
-            else {
-                panic!("entry {i} is new");
-            };
-            let record = Record::response(fingerprint, response(i));
-            stored += record.stored_size() as u64;
-            assert!(lease.complete(record).await.expect("complete"));
-        }
-        // Apply moka's pending writes so the cache holds what it will hold.
-        engine.cleanup_expired().await.expect("cleanup");
-        let info = engine.cache_info().await.expect("cache info");
-        assert_eq!(info.entries, ENTRIES as u64 + 1, "every entry is held");
-        (stored, keys)
-    })
+    measure(
+        "engine + MemoryStore",
+        || async {
+            for i in 0..ENTRIES {
+                let key = IdempotencyKey::new(client_key(i), "POST /orders", "").to_string();
+                let fingerprint = Fingerprint::of_bytes(&i.to_be_bytes());
+                let Ok(Begin::Execute(lease)) =
+                    engine.begin(key, fingerprint, Concurrent::Reject).await
+                else {
+                    panic!("entry {i} is new");
+                };
+                let mut headers = HeaderMap::with_capacity(1);
+                headers.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                let response = StoredResponse {
+                    status: StatusCode::CREATED,
+                    headers,
+                    body: json_body(&i.to_string()),
+                };
+                let stored = lease.complete(Record::response(fingerprint, response));
+                assert!(stored.await.expect("complete"));
+            }
+            engine.cleanup_expired().await.expect("cleanup");
+        },
+        || sizes_of(&engine),
+    )
     .await;
-    drop(engine);
 }
 
-/// Where the bytes go: the same records and keys held in a plain `Vec`, and
-/// a bare moka cache of the same keys with per-entry expiry and tiny values.
-async fn breakdown() {
-    let mut held = Vec::with_capacity(ENTRIES);
-    measure("breakdown: keys and Arc<Record>s in a Vec", || async {
-        let mut stored = 0u64;
-        let mut keys = 0u64;
-        for i in 0..ENTRIES {
-            let key = key(i);
-            keys += key.len() as u64;
-            let record = Record::response(Fingerprint::of_bytes(&i.to_be_bytes()), response(i));
-            stored += record.stored_size() as u64;
-            held.push((key, std::sync::Arc::new(record)));
-        }
-        (stored, keys)
-    })
-    .await;
-    drop(held);
-
+/// The reference: a bare moka cache of the same size with the same keys, a
+/// per-entry expiry and 8-byte values, i.e. what any store on moka pays per
+/// entry before it holds anything.
+async fn moka_reference() {
     struct PerEntry;
     impl moka::Expiry<String, u64> for PerEntry {
         fn expire_after_create(
@@ -171,20 +232,17 @@ async fn breakdown() {
     let cache: moka::future::Cache<String, u64> = moka::future::Cache::builder()
         .max_capacity(2 * ENTRIES as u64)
         .expire_after(PerEntry)
-        .eviction_listener(|_, _, _| {})
         .build();
+    let key = |i: usize| IdempotencyKey::new(client_key(i), "POST /orders", "").to_string();
     measure(
-        "breakdown: bare moka cache, same keys, u64 values",
+        "reference: bare moka cache, same keys, u64 values, per-entry expiry",
         || async {
-            let mut keys = 0u64;
             for i in 0..ENTRIES {
-                let key = key(i);
-                keys += key.len() as u64;
-                cache.insert(key, i as u64).await;
+                cache.insert(key(i), i as u64).await;
             }
             cache.run_pending_tasks().await;
-            (0, keys)
         },
+        || async { (0, (0..ENTRIES).map(|i| key(i).len() as u64).sum()) },
     )
     .await;
 }
@@ -194,6 +252,7 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
+    rt.block_on(layer_level());
     rt.block_on(engine_level());
-    rt.block_on(breakdown());
+    rt.block_on(moka_reference());
 }
