@@ -28,3 +28,6 @@ pub use engine::{
 pub use key::{Fingerprint, IdempotencyKey};
 pub use record::{Record, StoredResponse};
 pub use stats::{CacheInfo, StatsSnapshot};
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use store::RedisStore;

@@ -24,8 +24,16 @@ use crate::key::Fingerprint;
 use crate::record::{DecodeError, SharedRecord};
 use crate::stats::CacheInfo;
 
+#[cfg(feature = "test-util")]
+#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
+pub mod conformance;
 mod memory;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod redis;
 
+#[cfg(feature = "redis")]
+pub use self::redis::{RedisStore, RedisStoreBuilder};
 pub use memory::{MemoryStore, MemoryStoreBuilder, DEFAULT_MAX_ENTRIES};
 
 /// An async store of in-flight markers and records, each under one key.
