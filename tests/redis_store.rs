@@ -1,0 +1,473 @@
+//! The Redis store against a real Redis: engines sharing one Redis behave as
+//! instances of one service. Redis answers on 127.0.0.1:6379 unless
+//! `REDIS_URL` says otherwise; each test works under its own random prefix.
+#![cfg(feature = "redis")]
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::Barrier;
+use tokio::time::timeout;
+use tower_idempotency::store::{EntryKind, EntryState, LeaseToken, Store, StoreError};
+use tower_idempotency::{
+    Begin, Concurrent, Fingerprint, Idempotency, IdempotencyKey, KeyFilter, Record, RedisStore,
+};
+
+mod support;
+
+use support::{redis_url, OwnRedis, LIMIT};
+
+async fn store(prefix: &str) -> RedisStore {
+    RedisStore::builder(redis_url())
+        .prefix(prefix)
+        .build()
+        .await
+        .expect("Redis answers on REDIS_URL or 127.0.0.1:6379")
+}
+
+fn prefix() -> String {
+    format!("test:redis:{:x}:", rand::random::<u64>())
+}
+
+fn engine(store: RedisStore, concurrent: Concurrent) -> Idempotency<RedisStore> {
+    Idempotency::builder()
+        .store(store)
+        .concurrent(concurrent)
+        .build()
+        .unwrap()
+}
+
+fn value(fp: Fingerprint, body: &'static str) -> Record {
+    Record::value(fp, Bytes::from_static(body.as_bytes()))
+}
+
+const DUPLICATES: usize = 200;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_instances_wait_run_the_action_once_and_share_its_result() {
+    let prefix = prefix();
+    let wait = Concurrent::Wait {
+        timeout: Duration::from_secs(20),
+    };
+    let instances = [
+        engine(store(&prefix).await, wait),
+        engine(store(&prefix).await, wait),
+    ];
+    let fp = Fingerprint::of_bytes(b"charge 42");
+    let runs = Arc::new(AtomicUsize::new(0));
+    let barrier = Arc::new(Barrier::new(DUPLICATES));
+    let tasks: Vec<_> = (0..DUPLICATES)
+        .map(|i| {
+            let engine = instances[i % 2].clone();
+            let (runs, barrier) = (runs.clone(), barrier.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                match engine.begin("sig:charge:acct-1", fp, wait).await.unwrap() {
+                    Begin::Execute(lease) => {
+                        let run = runs.fetch_add(1, Ordering::SeqCst);
+                        // Hold the lease a little so duplicates pile up on
+                        // both instances; the assertions do not depend on it.
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        let body = if run == 0 { "charged" } else { "charged again" };
+                        let record = value(fp, body);
+                        assert!(lease.complete(record.clone()).await.unwrap());
+                        Bytes::from_static(body.as_bytes())
+                    }
+                    Begin::Replay { record, .. } => record.as_value().unwrap().clone(),
+                    other => panic!("a duplicate got {other:?}"),
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        let body = timeout(LIMIT, task).await.unwrap().unwrap();
+        assert_eq!(body, "charged");
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    let [a, b] = [instances[0].stats(), instances[1].stats()];
+    assert_eq!(a.executed + b.executed, 1);
+    assert_eq!(
+        a.coalesced + a.replayed + b.coalesced + b.replayed,
+        DUPLICATES as u64 - 1
+    );
+    instances[0].clear().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_instances_reject_run_the_action_once_and_refuse_the_rest() {
+    let prefix = prefix();
+    let instances = [
+        engine(store(&prefix).await, Concurrent::Reject),
+        engine(store(&prefix).await, Concurrent::Reject),
+    ];
+    let fp = Fingerprint::of_bytes(b"ship order 7");
+    let barrier = Arc::new(Barrier::new(DUPLICATES));
+    let tasks: Vec<_> = (0..DUPLICATES)
+        .map(|i| {
+            let engine = instances[i % 2].clone();
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                barrier.wait().await;
+                engine
+                    .begin("sig:ship:order-7", fp, Concurrent::Reject)
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    // Every outcome is collected while the one lease is still held (it is
+    // one of the outcomes), so every duplicate saw the key in flight.
+    let mut leases = Vec::new();
+    let mut conflicts = 0;
+    for task in tasks {
+        match timeout(LIMIT, task).await.unwrap().unwrap() {
+            Begin::Execute(lease) => leases.push(lease),
+            Begin::Conflict { .. } => conflicts += 1,
+            other => panic!("a duplicate got {other:?}"),
+        }
+    }
+    assert_eq!(leases.len(), 1);
+    assert_eq!(conflicts, DUPLICATES - 1);
+    let lease = leases.pop().unwrap();
+    assert!(lease.complete(value(fp, "shipped")).await.unwrap());
+    for engine in &instances {
+        match engine
+            .begin("sig:ship:order-7", fp, Concurrent::Reject)
+            .await
+            .unwrap()
+        {
+            Begin::Replay { record, .. } => assert_eq!(record.as_value().unwrap(), "shipped"),
+            other => panic!("a retry after completion got {other:?}"),
+        }
+    }
+    instances[0].clear().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_lease_is_taken_over_and_cannot_overwrite_the_new_result() {
+    let prefix = prefix();
+    let store = store(&prefix).await;
+    let survivor = engine(store.clone(), Concurrent::Reject);
+    let fp = Fingerprint::of_bytes(b"send mail");
+    let key = "sig:mail:user-1";
+
+    // An instance took the lease and died: nobody renews its marker.
+    let dead = LeaseToken::random();
+    store
+        .begin(key, fp, dead, Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert!(matches!(
+        survivor.begin(key, fp, Concurrent::Reject).await.unwrap(),
+        Begin::Conflict { .. }
+    ));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+
+    let Begin::Execute(lease) = survivor.begin(key, fp, Concurrent::Reject).await.unwrap() else {
+        panic!("the expired lease was not taken over");
+    };
+    // The dead instance wakes up: its lease no longer counts.
+    let stale = Arc::new(value(fp, "stale"));
+    assert!(!store
+        .complete(key, dead, stale, Duration::from_secs(60))
+        .await
+        .unwrap());
+    assert!(!store.release(key, dead).await.unwrap());
+    assert!(lease.complete(value(fp, "fresh")).await.unwrap());
+    let entry = survivor.record(key).await.unwrap().unwrap();
+    let EntryState::Completed(record) = entry.state else {
+        panic!("no record after completion");
+    };
+    assert_eq!(record.as_value().unwrap(), "fresh");
+    survivor.clear().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_removed_by_another_instance_cannot_complete_over_the_new_one() {
+    let prefix = prefix();
+    let a = engine(store(&prefix).await, Concurrent::Reject);
+    let b = engine(store(&prefix).await, Concurrent::Reject);
+    let fp = Fingerprint::of_bytes(b"post");
+    let key = "sig:post:feed";
+    let Begin::Execute(first) = a.begin(key, fp, Concurrent::Reject).await.unwrap() else {
+        panic!("the first call runs");
+    };
+    // An operator drops the marker through instance B; a retry runs there.
+    assert!(b.remove(key).await.unwrap());
+    let Begin::Execute(second) = b.begin(key, fp, Concurrent::Reject).await.unwrap() else {
+        panic!("the retry runs once the marker is gone");
+    };
+    assert!(!first.complete(value(fp, "first")).await.unwrap());
+    assert!(second.complete(value(fp, "second")).await.unwrap());
+    match a.begin(key, fp, Concurrent::Reject).await.unwrap() {
+        Begin::Replay { record, .. } => assert_eq!(record.as_value().unwrap(), "second"),
+        other => panic!("got {other:?}"),
+    }
+    a.clear().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_unreachable_redis_is_a_prompt_unavailable_error() {
+    let url = format!("redis://127.0.0.1:{}", support::free_port());
+    let built = timeout(LIMIT, RedisStore::builder(&url).build())
+        .await
+        .unwrap();
+    assert!(
+        matches!(built, Err(StoreError::Unavailable(_))),
+        "{built:?}"
+    );
+
+    let store = RedisStore::builder(&url).build_lazy().unwrap();
+    let engine = engine(store, Concurrent::wait());
+    let fp = Fingerprint::of_bytes(b"x");
+    let begun = timeout(LIMIT, engine.begin("s:a:t", fp, Concurrent::wait()))
+        .await
+        .unwrap();
+    assert!(
+        matches!(begun, Err(StoreError::Unavailable(_))),
+        "{begun:?}"
+    );
+    let info = timeout(LIMIT, engine.cache_info()).await.unwrap();
+    assert!(matches!(info, Err(StoreError::Unavailable(_))), "{info:?}");
+    let pinged = timeout(LIMIT, engine.ping()).await.unwrap();
+    assert!(
+        matches!(pinged, Err(StoreError::Unavailable(_))),
+        "{pinged:?}"
+    );
+    assert_eq!(engine.stats().store_errors, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_store_recovers_when_redis_restarts() {
+    let mut redis = OwnRedis::start(support::free_port()).await;
+    let store = RedisStore::builder(redis.url())
+        .prefix(prefix())
+        .build()
+        .await
+        .unwrap();
+    let engine = engine(store, Concurrent::Reject);
+    let fp = Fingerprint::of_bytes(b"order");
+    let Begin::Execute(lease) = engine
+        .begin("s:a:before", fp, Concurrent::Reject)
+        .await
+        .unwrap()
+    else {
+        panic!("the first call runs");
+    };
+    assert!(lease.complete(value(fp, "before")).await.unwrap());
+
+    redis.kill().await;
+    for key in ["s:a:during", "s:a:during2"] {
+        let begun = timeout(LIMIT, engine.begin(key, fp, Concurrent::Reject))
+            .await
+            .unwrap();
+        assert!(
+            matches!(begun, Err(StoreError::Unavailable(_))),
+            "{begun:?}"
+        );
+    }
+    let record = timeout(LIMIT, engine.record("s:a:before")).await.unwrap();
+    assert!(
+        matches!(record, Err(StoreError::Unavailable(_))),
+        "{record:?}"
+    );
+
+    redis.restart().await;
+    support::until_ok(|| engine.ping()).await;
+    let Begin::Execute(lease) = engine
+        .begin("s:a:after", fp, Concurrent::Reject)
+        .await
+        .unwrap()
+    else {
+        panic!("the first call after the restart runs");
+    };
+    assert!(lease.complete(value(fp, "after")).await.unwrap());
+    match engine
+        .begin("s:a:after", fp, Concurrent::Reject)
+        .await
+        .unwrap()
+    {
+        Begin::Replay { record, .. } => assert_eq!(record.as_value().unwrap(), "after"),
+        other => panic!("got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_corrupt_value_is_a_typed_error() {
+    let store = store(&prefix()).await;
+    let engine = engine(store.clone(), Concurrent::Reject);
+    let mut connection = store.connection();
+    redis::cmd("SET")
+        .arg(store.redis_key("s:a:bad"))
+        .arg("TIR\x09not a record of this version")
+        .query_async::<()>(&mut connection)
+        .await
+        .unwrap();
+    let fp = Fingerprint::of_bytes(b"x");
+    let begun = engine.begin("s:a:bad", fp, Concurrent::Reject).await;
+    assert!(
+        matches!(&begun, Err(StoreError::Corrupt { key, .. }) if key == "s:a:bad"),
+        "{begun:?}"
+    );
+    let record = engine.record("s:a:bad").await;
+    assert!(
+        matches!(record, Err(StoreError::Corrupt { .. })),
+        "{record:?}"
+    );
+    assert!(engine.remove("s:a:bad").await.unwrap());
+    assert!(matches!(
+        engine
+            .begin("s:a:bad", fp, Concurrent::Reject)
+            .await
+            .unwrap(),
+        Begin::Execute(_)
+    ));
+    engine.clear().await.unwrap();
+}
+
+#[tokio::test]
+async fn handle_methods_work_on_redis_and_stay_within_the_prefix() {
+    let neighbour = engine(store(&prefix()).await, Concurrent::Reject);
+    let engine = engine(store(&prefix()).await, Concurrent::Reject);
+    let fp = Fingerprint::of_bytes(b"x");
+    let key = |signal, action, target| IdempotencyKey::new(signal, action, target).to_string();
+    let (short, long) = (Duration::from_secs(30), Duration::from_secs(3600));
+    engine
+        .put(&key("evt-1", "create_task", "trello"), value(fp, "1"), long)
+        .await
+        .unwrap();
+    engine
+        .put(&key("evt-1", "notify", "slack"), value(fp, "2"), short)
+        .await
+        .unwrap();
+    engine
+        .put(&key("evt-2", "create_task", "jira"), value(fp, "3"), long)
+        .await
+        .unwrap();
+    let Begin::Execute(_running) = engine
+        .begin(key("evt-3", "notify", "slack"), fp, Concurrent::Reject)
+        .await
+        .unwrap()
+    else {
+        panic!("the first call runs");
+    };
+    neighbour
+        .put(&key("evt-1", "create_task", "trello"), value(fp, "n"), long)
+        .await
+        .unwrap();
+
+    let names = |entries: Vec<tower_idempotency::store::ScanEntry>| {
+        let mut keys: Vec<String> = entries.into_iter().map(|e| e.key).collect();
+        keys.sort();
+        keys
+    };
+    assert_eq!(
+        names(engine.find_by_signal("evt-1").await.unwrap()),
+        [
+            key("evt-1", "create_task", "trello"),
+            key("evt-1", "notify", "slack")
+        ]
+    );
+    assert_eq!(
+        names(engine.find_by_action("create_task").await.unwrap()),
+        [
+            key("evt-1", "create_task", "trello"),
+            key("evt-2", "create_task", "jira")
+        ]
+    );
+    assert_eq!(
+        names(engine.find_by_target("slack").await.unwrap()),
+        [
+            key("evt-1", "notify", "slack"),
+            key("evt-3", "notify", "slack")
+        ]
+    );
+    let in_flight = engine
+        .keys(&KeyFilter::new().action("notify"))
+        .await
+        .unwrap();
+    assert!(in_flight
+        .iter()
+        .any(|e| e.key == key("evt-3", "notify", "slack") && e.kind == EntryKind::InFlight));
+    // The marker's lease TTL (60 s) and the short record are within 2 minutes.
+    assert_eq!(
+        names(
+            engine
+                .expiring_within(Duration::from_secs(120))
+                .await
+                .unwrap()
+        ),
+        [
+            key("evt-1", "notify", "slack"),
+            key("evt-3", "notify", "slack")
+        ]
+    );
+    let entry = engine
+        .record(&key("evt-2", "create_task", "jira"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(entry.state, EntryState::Completed(r) if r.as_value().unwrap() == "3"));
+
+    let info = engine.cache_info().await.unwrap();
+    assert_eq!((info.entries, info.max_entries), (4, None));
+    assert!(engine
+        .remove(&key("evt-2", "create_task", "jira"))
+        .await
+        .unwrap());
+    assert_eq!(engine.cache_info().await.unwrap().entries, 3);
+
+    engine.clear().await.unwrap();
+    assert_eq!(engine.cache_info().await.unwrap().entries, 0);
+    assert!(engine.keys(&KeyFilter::new()).await.unwrap().is_empty());
+    // Another prefix on the same Redis is untouched.
+    assert_eq!(neighbour.cache_info().await.unwrap().entries, 1);
+    neighbour.clear().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_local_tier_replays_without_a_round_trip_until_removed() {
+    let store = RedisStore::builder(redis_url())
+        .prefix(prefix())
+        .local_cache(100)
+        .build()
+        .await
+        .unwrap();
+    let engine = engine(store.clone(), Concurrent::Reject);
+    let fp = Fingerprint::of_bytes(b"x");
+    let Begin::Execute(lease) = engine
+        .begin("s:a:hot", fp, Concurrent::Reject)
+        .await
+        .unwrap()
+    else {
+        panic!("the first call runs");
+    };
+    assert!(lease.complete(value(fp, "hot")).await.unwrap());
+    // Delete the record behind the store's back: a replay that still works
+    // was served from the local tier, without asking Redis.
+    let mut connection = store.connection();
+    redis::cmd("DEL")
+        .arg(store.redis_key("s:a:hot"))
+        .query_async::<()>(&mut connection)
+        .await
+        .unwrap();
+    assert!(matches!(
+        engine
+            .begin("s:a:hot", fp, Concurrent::Reject)
+            .await
+            .unwrap(),
+        Begin::Replay { .. }
+    ));
+    // remove invalidates the local tier: the next call runs the action.
+    engine.remove("s:a:hot").await.unwrap();
+    assert!(matches!(
+        engine
+            .begin("s:a:hot", fp, Concurrent::Reject)
+            .await
+            .unwrap(),
+        Begin::Execute(_)
+    ));
+    engine.clear().await.unwrap();
+}
