@@ -11,37 +11,11 @@ use bytes::Bytes;
 use tokio::sync::Barrier;
 use tokio::time::timeout;
 use tower_idempotency::store::{EntryKind, EntryState, LeaseToken, Store, StoreError};
-use tower_idempotency::{
-    Begin, Concurrent, Fingerprint, Idempotency, IdempotencyKey, KeyFilter, Record, RedisStore,
-};
+use tower_idempotency::{Begin, Concurrent, Fingerprint, IdempotencyKey, KeyFilter, RedisStore};
 
 mod support;
 
-use support::{redis_url, OwnRedis, LIMIT};
-
-async fn store(prefix: &str) -> RedisStore {
-    RedisStore::builder(redis_url())
-        .prefix(prefix)
-        .build()
-        .await
-        .expect("Redis answers on REDIS_URL or 127.0.0.1:6379")
-}
-
-fn prefix() -> String {
-    format!("test:redis:{:x}:", rand::random::<u64>())
-}
-
-fn engine(store: RedisStore, concurrent: Concurrent) -> Idempotency<RedisStore> {
-    Idempotency::builder()
-        .store(store)
-        .concurrent(concurrent)
-        .build()
-        .unwrap()
-}
-
-fn value(fp: Fingerprint, body: &'static str) -> Record {
-    Record::value(fp, Bytes::from_static(body.as_bytes()))
-}
+use support::{engine, prefix, redis_url, store, value, LIMIT};
 
 const DUPLICATES: usize = 200;
 
@@ -206,92 +180,6 @@ async fn a_lease_removed_by_another_instance_cannot_complete_over_the_new_one() 
         other => panic!("got {other:?}"),
     }
     a.clear().await.unwrap();
-}
-
-#[tokio::test]
-async fn an_unreachable_redis_is_a_prompt_unavailable_error() {
-    let url = format!("redis://127.0.0.1:{}", support::free_port());
-    let built = timeout(LIMIT, RedisStore::builder(&url).build())
-        .await
-        .unwrap();
-    assert!(
-        matches!(built, Err(StoreError::Unavailable(_))),
-        "{built:?}"
-    );
-
-    let store = RedisStore::builder(&url).build_lazy().unwrap();
-    let engine = engine(store, Concurrent::wait());
-    let fp = Fingerprint::of_bytes(b"x");
-    let begun = timeout(LIMIT, engine.begin("s:a:t", fp, Concurrent::wait()))
-        .await
-        .unwrap();
-    assert!(
-        matches!(begun, Err(StoreError::Unavailable(_))),
-        "{begun:?}"
-    );
-    let info = timeout(LIMIT, engine.cache_info()).await.unwrap();
-    assert!(matches!(info, Err(StoreError::Unavailable(_))), "{info:?}");
-    let pinged = timeout(LIMIT, engine.ping()).await.unwrap();
-    assert!(
-        matches!(pinged, Err(StoreError::Unavailable(_))),
-        "{pinged:?}"
-    );
-    assert_eq!(engine.stats().store_errors, 2);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_same_store_recovers_when_redis_restarts() {
-    let mut redis = OwnRedis::start(support::free_port()).await;
-    let store = RedisStore::builder(redis.url())
-        .prefix(prefix())
-        .build()
-        .await
-        .unwrap();
-    let engine = engine(store, Concurrent::Reject);
-    let fp = Fingerprint::of_bytes(b"order");
-    let Begin::Execute(lease) = engine
-        .begin("s:a:before", fp, Concurrent::Reject)
-        .await
-        .unwrap()
-    else {
-        panic!("the first call runs");
-    };
-    assert!(lease.complete(value(fp, "before")).await.unwrap());
-
-    redis.kill().await;
-    for key in ["s:a:during", "s:a:during2"] {
-        let begun = timeout(LIMIT, engine.begin(key, fp, Concurrent::Reject))
-            .await
-            .unwrap();
-        assert!(
-            matches!(begun, Err(StoreError::Unavailable(_))),
-            "{begun:?}"
-        );
-    }
-    let record = timeout(LIMIT, engine.record("s:a:before")).await.unwrap();
-    assert!(
-        matches!(record, Err(StoreError::Unavailable(_))),
-        "{record:?}"
-    );
-
-    redis.restart().await;
-    support::until_ok(|| engine.ping()).await;
-    let Begin::Execute(lease) = engine
-        .begin("s:a:after", fp, Concurrent::Reject)
-        .await
-        .unwrap()
-    else {
-        panic!("the first call after the restart runs");
-    };
-    assert!(lease.complete(value(fp, "after")).await.unwrap());
-    match engine
-        .begin("s:a:after", fp, Concurrent::Reject)
-        .await
-        .unwrap()
-    {
-        Begin::Replay { record, .. } => assert_eq!(record.as_value().unwrap(), "after"),
-        other => panic!("got {other:?}"),
-    }
 }
 
 #[tokio::test]

@@ -6,7 +6,9 @@ use std::future::Future;
 use std::process::Stdio;
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::process::{Child, Command};
+use tower_idempotency::{Concurrent, Fingerprint, Idempotency, Record, RedisStore};
 
 /// The limit on any one wait on the network or on another task.
 pub(crate) const LIMIT: Duration = Duration::from_secs(20);
@@ -14,6 +16,34 @@ pub(crate) const LIMIT: Duration = Duration::from_secs(20);
 /// `REDIS_URL`, or the Redis on 127.0.0.1:6379.
 pub(crate) fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+/// A store on the shared Redis under `prefix`.
+pub(crate) async fn store(prefix: &str) -> RedisStore {
+    RedisStore::builder(redis_url())
+        .prefix(prefix)
+        .build()
+        .await
+        .expect("Redis answers on REDIS_URL or 127.0.0.1:6379")
+}
+
+/// A fresh random prefix, so tests do not see each other.
+pub(crate) fn prefix() -> String {
+    format!("test:redis:{:x}:", rand::random::<u64>())
+}
+
+/// An engine on `store` with `concurrent` as its policy.
+pub(crate) fn engine(store: RedisStore, concurrent: Concurrent) -> Idempotency<RedisStore> {
+    Idempotency::builder()
+        .store(store)
+        .concurrent(concurrent)
+        .build()
+        .unwrap()
+}
+
+/// A value record.
+pub(crate) fn value(fp: Fingerprint, body: &'static str) -> Record {
+    Record::value(fp, Bytes::from_static(body.as_bytes()))
 }
 
 /// A port nothing listens on (the OS picked it free a moment ago).
@@ -76,6 +106,20 @@ impl OwnRedis {
                 .await
         })
         .await;
+    }
+
+    /// Sends `signal` (`"-STOP"`, `"-CONT"`) to the server.
+    pub(crate) fn signal(&self, signal: &str) {
+        let pid = self
+            .child
+            .as_ref()
+            .and_then(Child::id)
+            .expect("the server runs");
+        let status = std::process::Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal} {pid} failed");
     }
 
     /// Kills the server (SIGKILL) and waits until it is gone.
