@@ -216,6 +216,90 @@ async fn a_corrupt_value_is_a_typed_error() {
 }
 
 #[tokio::test]
+async fn a_key_of_another_redis_type_is_corrupt_and_does_not_break_listing() {
+    let store = store(&prefix()).await;
+    let engine = engine(store.clone(), Concurrent::Reject);
+    let mut connection = store.connection();
+    redis::cmd("HSET")
+        .arg(store.redis_key("s:a:hash"))
+        .arg("field")
+        .arg("value")
+        .query_async::<()>(&mut connection)
+        .await
+        .unwrap();
+    let fp = Fingerprint::of_bytes(b"x");
+    engine
+        .put("s:a:fine", value(fp, "fine"), Duration::from_secs(60))
+        .await
+        .unwrap();
+
+    let begun = engine.begin("s:a:hash", fp, Concurrent::Reject).await;
+    assert!(
+        matches!(begun, Err(StoreError::Corrupt { .. })),
+        "{begun:?}"
+    );
+    let lease = LeaseToken::random();
+    let record = Arc::new(value(fp, "x"));
+    let ttl = Duration::from_secs(60);
+    assert!(!store
+        .complete("s:a:hash", lease, record, ttl)
+        .await
+        .unwrap());
+    assert!(!store.release("s:a:hash", lease).await.unwrap());
+    let listed: Vec<String> = engine
+        .keys(&KeyFilter::new())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|entry| entry.key)
+        .collect();
+    assert_eq!(listed, ["s:a:fine"]);
+    engine.clear().await.unwrap();
+    assert_eq!(store.len().await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn a_store_on_your_own_connection_manager_works() {
+    let client = redis::Client::open(redis_url()).unwrap();
+    let manager = timeout(LIMIT, redis::aio::ConnectionManager::new(client))
+        .await
+        .unwrap()
+        .unwrap();
+    let engine = engine(RedisStore::new(manager, prefix()), Concurrent::Reject);
+    let fp = Fingerprint::of_bytes(b"x");
+    let Begin::Execute(lease) = engine
+        .begin("s:a:own", fp, Concurrent::Reject)
+        .await
+        .unwrap()
+    else {
+        panic!("the first call runs");
+    };
+    assert!(lease.complete(value(fp, "own")).await.unwrap());
+    assert!(matches!(
+        engine
+            .begin("s:a:own", fp, Concurrent::Reject)
+            .await
+            .unwrap(),
+        Begin::Replay { .. }
+    ));
+    engine.clear().await.unwrap();
+}
+
+#[tokio::test]
+async fn invalid_settings_are_refused_at_build() {
+    let refused = [
+        RedisStore::builder("not a url").build_lazy(),
+        RedisStore::builder(redis_url()).local_cache(0).build_lazy(),
+        RedisStore::builder(redis_url())
+            .response_timeout(Duration::ZERO)
+            .build_lazy(),
+    ];
+    for built in refused {
+        assert!(matches!(built, Err(StoreError::Backend(_))), "{built:?}");
+    }
+}
+
+#[tokio::test]
 async fn handle_methods_work_on_redis_and_stay_within_the_prefix() {
     let neighbour = engine(store(&prefix()).await, Concurrent::Reject);
     let engine = engine(store(&prefix()).await, Concurrent::Reject);

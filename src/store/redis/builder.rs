@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-use super::{local::LocalTier, map_error, RedisStore};
+use super::convert::map_error;
+use super::{local::LocalTier, RedisStore};
 use crate::store::StoreError;
 
 /// The default key prefix.

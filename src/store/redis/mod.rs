@@ -12,6 +12,16 @@
 //!   cannot be reached every operation fails within the connection and
 //!   response timeouts with [`StoreError::Unavailable`], and the store
 //!   reconnects by itself when Redis returns.
+//! * `scan`, `len`, `info` and `clear` walk the keyspace with `SCAN MATCH
+//!   prefix*` (never `KEYS`, so Redis is never blocked), which costs time in
+//!   proportion to the whole database: they are for administration, not for
+//!   the request path. Values under the prefix that are not this crate's are
+//!   left out of `scan` (with a warning), and `info` has no entry bound.
+//! * Waiters on another instance learn of a completion by the engine's
+//!   polling of `begin`, with backoff, within their wait budget.
+//!
+//! The connection is to one Redis node (or a proxy). The scripts touch one key
+//! each, as Redis Cluster requires, but a Cluster client is not wired in.
 //!
 //! [`Record::encode`]: crate::Record::encode
 
@@ -20,17 +30,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
-use redis::{RedisError, RedisResult, Value};
+use redis::{RedisResult, Value};
 
 use self::codec::{Marker, Stored};
+use self::convert::{expires_in, map_error, px};
 use self::local::LocalTier;
 use super::{BeginOutcome, Entry, EntryState, LeaseToken, ScanEntry, Store, StoreError};
 use crate::key::Fingerprint;
-use crate::record::{now_ms, DecodeError, SharedRecord};
+use crate::record::{now_ms, SharedRecord};
 use crate::stats::CacheInfo;
 
 mod builder;
 mod codec;
+mod convert;
 mod local;
 mod scan;
 mod scripts;
@@ -199,52 +211,6 @@ impl RedisStore {
     }
 }
 
-/// Time left from a PTTL answer: -1 (no expiry, not written by this store)
-/// reads as never.
-fn expires_in(pttl: i64) -> Duration {
-    match u64::try_from(pttl) {
-        Ok(ms) => Duration::from_millis(ms),
-        Err(_) if pttl == -1 => Duration::MAX,
-        Err(_) => Duration::ZERO,
-    }
-}
-
-/// A TTL as Redis takes it: whole milliseconds, at least one, at most a
-/// century (Redis refuses expiries that overflow).
-fn px(ttl: Duration) -> Vec<u8> {
-    const CENTURY_MS: u128 = 100 * 365 * 24 * 60 * 60 * 1000;
-    ttl.as_millis()
-        .clamp(1, CENTURY_MS)
-        .to_string()
-        .into_bytes()
-}
-
-/// Connection failures, timeouts and a server that cannot serve now are
-/// `Unavailable` (the layer's fail mode applies); the rest is `Backend`.
-fn map_error(error: RedisError) -> StoreError {
-    use redis::{ErrorKind, ServerErrorKind};
-    let unavailable = error.is_io_error()
-        || error.is_timeout()
-        || error.is_connection_dropped()
-        || error.is_connection_refusal()
-        || error.is_unrecoverable_error()
-        || matches!(
-            error.kind(),
-            ErrorKind::Server(
-                ServerErrorKind::TryAgain
-                    | ServerErrorKind::MasterDown
-                    | ServerErrorKind::ClusterDown
-                    | ServerErrorKind::BusyLoading
-                    | ServerErrorKind::ReadOnly
-            )
-        );
-    if unavailable {
-        StoreError::unavailable(error)
-    } else {
-        StoreError::backend(error)
-    }
-}
-
 impl Store for RedisStore {
     async fn begin(
         &self,
@@ -407,13 +373,4 @@ impl Store for RedisStore {
     async fn ping(&self) -> Result<(), StoreError> {
         self.ping_redis().await
     }
-}
-
-/// Why a value under this store's prefix was skipped by `scan`.
-fn foreign(key: &str) {
-    tracing::warn!(
-        key,
-        error = %DecodeError::NotARecord,
-        "skipping a value that is not an idempotency entry"
-    );
 }

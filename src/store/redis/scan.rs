@@ -4,7 +4,9 @@
 use redis::{RedisResult, Value};
 
 use super::codec::{self, PEEK_LEN};
-use super::{expires_in, foreign, RedisStore};
+use super::convert::{expires_in, map_error};
+use super::RedisStore;
+use crate::record::DecodeError;
 use crate::store::{ScanEntry, StoreError};
 
 /// Keys asked for per `SCAN` call, and per pipeline of per-key commands.
@@ -78,7 +80,7 @@ impl RedisStore {
                 let (head, pttl) = match answer {
                     [Ok(Value::BulkString(head)), Ok(Value::Int(pttl))] => (head, *pttl),
                     [Err(error), _] | [_, Err(error)] if error.is_io_error() => {
-                        return Err(super::map_error(error.clone()));
+                        return Err(map_error(error.clone()));
                     }
                     _ => {
                         foreign(key);
@@ -103,6 +105,15 @@ impl RedisStore {
         }
         Ok(entries)
     }
+}
+
+/// Why a value under this store's prefix was skipped by `scan`.
+fn foreign(key: &str) {
+    tracing::warn!(
+        key,
+        error = %DecodeError::NotARecord,
+        "skipping a value that is not an idempotency entry"
+    );
 }
 
 /// `text` as a SCAN pattern that matches it literally.
