@@ -11,7 +11,9 @@ use bytes::Bytes;
 use tokio::sync::Barrier;
 use tokio::time::timeout;
 use tower_idempotency::store::{EntryKind, EntryState, LeaseToken, Store, StoreError};
-use tower_idempotency::{Begin, Concurrent, Fingerprint, IdempotencyKey, KeyFilter, RedisStore};
+use tower_idempotency::{
+    Begin, Concurrent, Fingerprint, Idempotency, IdempotencyKey, KeyFilter, RedisStore,
+};
 
 mod support;
 
@@ -117,6 +119,51 @@ async fn two_instances_reject_run_the_action_once_and_refuse_the_rest() {
         }
     }
     instances[0].clear().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_lease_is_renewed_in_redis_so_the_other_instance_never_takes_over() {
+    let prefix = prefix();
+    let lease_ttl = Duration::from_millis(300);
+    let instance = |store| {
+        Idempotency::builder()
+            .store(store)
+            .lease_ttl(lease_ttl)
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (
+        instance(store(&prefix).await),
+        instance(store(&prefix).await),
+    );
+    let fp = Fingerprint::of_bytes(b"slow report");
+    let Begin::Execute(lease) = a
+        .begin("s:report:q3", fp, Concurrent::Reject)
+        .await
+        .unwrap()
+    else {
+        panic!("the first call runs");
+    };
+    // A slow action: four lease TTLs later, A's heartbeat has kept the marker.
+    for _ in 0..4 {
+        tokio::time::sleep(lease_ttl).await;
+        let outcome = b
+            .begin("s:report:q3", fp, Concurrent::Reject)
+            .await
+            .unwrap();
+        assert!(
+            matches!(outcome, Begin::Conflict { .. }),
+            "taken over: {outcome:?}"
+        );
+    }
+    assert!(lease.complete(value(fp, "report")).await.unwrap());
+    assert!(matches!(
+        b.begin("s:report:q3", fp, Concurrent::Reject)
+            .await
+            .unwrap(),
+        Begin::Replay { .. }
+    ));
+    a.clear().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
