@@ -607,7 +607,12 @@ impl<S: Store> Idempotency<S> {
                     if now >= deadline {
                         return Ok(Led::Conflict);
                     }
-                    tokio::time::sleep_until(deadline.min(now + backoff)).await;
+                    // Until the next poll, or until the store announces that
+                    // the key changed (Redis pub/sub), whichever is first.
+                    self.inner
+                        .store
+                        .until_changed(key, deadline.min(now + backoff))
+                        .await;
                     backoff = (backoff * 2).min(Duration::from_millis(250));
                 }
             }

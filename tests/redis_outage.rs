@@ -3,10 +3,11 @@
 //! mode applies), and the same store works again once Redis is back.
 #![cfg(feature = "redis")]
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::timeout;
-use tower_idempotency::store::StoreError;
+use tower_idempotency::store::{LeaseToken, Store, StoreError};
 use tower_idempotency::{Begin, Concurrent, Fingerprint, RedisStore};
 
 mod support;
@@ -97,6 +98,28 @@ async fn the_same_store_recovers_when_redis_restarts() {
         Begin::Replay { record, .. } => assert_eq!(record.as_value().unwrap(), "after"),
         other => panic!("got {other:?}"),
     }
+
+    // Change notices flow again once the subscriber has reconnected.
+    let store = engine.store();
+    let mut attempt = 0;
+    until_ok(|| {
+        attempt += 1;
+        let key = format!("s:a:notice{attempt}");
+        async move {
+            let lease = LeaseToken::random();
+            store
+                .begin(&key, fp, lease, Duration::from_secs(60))
+                .await?;
+            let far = tokio::time::Instant::now() + Duration::from_secs(3600);
+            let record = Arc::new(value(fp, "n"));
+            let (woken, _) = tokio::join!(
+                timeout(Duration::from_secs(1), store.until_changed(&key, far)),
+                store.complete(&key, lease, record, Duration::from_secs(60)),
+            );
+            woken.map_err(|_| StoreError::backend("no notice yet"))
+        }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -167,6 +167,35 @@ async fn a_live_lease_is_renewed_in_redis_so_the_other_instance_never_takes_over
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_on_another_instance_is_woken_by_the_change_notice() {
+    let prefix = prefix();
+    let (a, b) = (store(&prefix).await, store(&prefix).await);
+    let fp = Fingerprint::of_bytes(b"x");
+    let ttl = Duration::from_secs(60);
+    // Deadlines an hour away: within LIMIT, only a notice ends these waits.
+    let far = || tokio::time::Instant::now() + Duration::from_secs(3600);
+
+    let lease = LeaseToken::random();
+    a.begin("s:a:done", fp, lease, ttl).await.unwrap();
+    let (woken, completed) = tokio::join!(
+        timeout(LIMIT, b.until_changed("s:a:done", far())),
+        a.complete("s:a:done", lease, Arc::new(value(fp, "done")), ttl),
+    );
+    assert!(completed.unwrap());
+    woken.expect("instance B was not told of the completion");
+
+    let lease = LeaseToken::random();
+    a.begin("s:a:dropped", fp, lease, ttl).await.unwrap();
+    let (woken, released) = tokio::join!(
+        timeout(LIMIT, b.until_changed("s:a:dropped", far())),
+        a.release("s:a:dropped", lease),
+    );
+    assert!(released.unwrap());
+    woken.expect("instance B was not told of the release");
+    a.clear().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_lease_is_taken_over_and_cannot_overwrite_the_new_result() {
     let prefix = prefix();
     let store = store(&prefix).await;

@@ -126,6 +126,20 @@ pub trait Store: Send + Sync + 'static {
             Ok(())
         }
     }
+
+    /// Resolves at `deadline`, or earlier when the store learns that `key`
+    /// was completed or released by another process. The engine waits on it
+    /// between polls of [`begin`](Store::begin) while another process holds
+    /// the key's lease. The default waits until `deadline` (plain polling);
+    /// a store that can announce changes (Redis pub/sub) wakes waiters early.
+    fn until_changed(
+        &self,
+        key: &str,
+        deadline: tokio::time::Instant,
+    ) -> impl Future<Output = ()> + Send {
+        let _ = key;
+        tokio::time::sleep_until(deadline)
+    }
 }
 
 /// A random token that names one holder of one lease.

@@ -5,8 +5,9 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::convert::map_error;
-use super::{local::LocalTier, RedisStore};
+use super::{local::LocalTier, notify::Notices, RedisStore};
 use crate::store::StoreError;
+use tokio::sync::oneshot;
 
 /// The default key prefix.
 pub const DEFAULT_PREFIX: &str = "idem:";
@@ -28,6 +29,7 @@ pub struct RedisStoreBuilder {
     connection_timeout: Duration,
     response_timeout: Duration,
     reconnect_retries: usize,
+    notifications: bool,
 }
 
 impl RedisStoreBuilder {
@@ -40,6 +42,7 @@ impl RedisStoreBuilder {
             connection_timeout: DEFAULT_CONNECTION_TIMEOUT,
             response_timeout: DEFAULT_RESPONSE_TIMEOUT,
             reconnect_retries: 1,
+            notifications: true,
         }
     }
 
@@ -89,6 +92,15 @@ impl RedisStoreBuilder {
         self
     }
 
+    /// Whether duplicates waiting on this instance are woken by Redis
+    /// pub/sub when another instance completes or releases their key
+    /// (default `true`; one more connection per store). Without it they learn
+    /// of it at their next poll of the key (within 250 ms).
+    pub fn notifications(mut self, enabled: bool) -> Self {
+        self.notifications = enabled;
+        self
+    }
+
     /// Connects to Redis and builds the store.
     ///
     /// # Errors
@@ -96,8 +108,13 @@ impl RedisStoreBuilder {
     /// [`StoreError::Backend`] for an invalid URL or setting,
     /// [`StoreError::Unavailable`] when Redis cannot be reached.
     pub async fn build(self) -> Result<RedisStore, StoreError> {
-        let store = self.build_lazy()?;
+        let (store, subscribed) = self.assemble()?;
         store.connect().await?;
+        if let Some(subscribed) = subscribed {
+            // Notices flow from here on; if the subscription is slow, they
+            // start later and waiters poll meanwhile.
+            let _ = tokio::time::timeout(store.inner.timeout, subscribed).await;
+        }
         Ok(store)
     }
 
@@ -110,6 +127,10 @@ impl RedisStoreBuilder {
     /// [`StoreError::Backend`] for an invalid URL or setting, or outside a
     /// Tokio runtime.
     pub fn build_lazy(self) -> Result<RedisStore, StoreError> {
+        self.assemble().map(|(store, _subscribed)| store)
+    }
+
+    fn assemble(self) -> Result<(RedisStore, Option<oneshot::Receiver<()>>), StoreError> {
         if self.local_cache == Some(0) {
             return Err(StoreError::backend("local_cache must be at least 1 entry"));
         }
@@ -128,15 +149,19 @@ impl RedisStoreBuilder {
             .set_number_of_retries(self.reconnect_retries)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_millis(500));
+        let timeout = self.connection_timeout + self.response_timeout;
+        let (notices, subscribed) = if self.notifications {
+            let channel = super::channel(&self.prefix);
+            let (notices, subscribed) = Notices::spawn(client.clone(), channel, timeout);
+            (Some(notices), Some(subscribed))
+        } else {
+            (None, None)
+        };
         let manager = ConnectionManager::new_lazy_with_config(client, config).map_err(map_error)?;
         let local = self
             .local_cache
             .map(|max_entries| LocalTier::new(max_entries, self.local_cache_ttl));
-        Ok(RedisStore::assemble(
-            manager,
-            self.prefix,
-            local,
-            self.connection_timeout + self.response_timeout,
-        ))
+        let store = RedisStore::assemble(manager, self.prefix, notices, local, timeout);
+        Ok((store, subscribed))
     }
 }

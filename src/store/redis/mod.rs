@@ -17,8 +17,12 @@
 //!   proportion to the whole database: they are for administration, not for
 //!   the request path. Values under the prefix that are not this crate's are
 //!   left out of `scan` (with a warning), and `info` has no entry bound.
-//! * Waiters on another instance learn of a completion by the engine's
-//!   polling of `begin`, with backoff, within their wait budget.
+//! * A duplicate waiting (`Concurrent::Wait`) on another instance is woken
+//!   when the lease holder completes or releases the key: the scripts
+//!   `PUBLISH` the key on `<prefix>changes`, and each store keeps a subscriber
+//!   (see [`RedisStoreBuilder::notifications`]). A notice that is lost (during
+//!   an outage, say) costs only latency: the engine also polls the key with
+//!   backoff, within the wait budget.
 //!
 //! The connection is to one Redis node (or a proxy). The scripts touch one key
 //! each, as Redis Cluster requires, but a Cluster client is not wired in.
@@ -35,6 +39,7 @@ use redis::{RedisResult, Value};
 use self::codec::{Marker, Stored};
 use self::convert::{expires_in, map_error, px};
 use self::local::LocalTier;
+use self::notify::Notices;
 use super::{BeginOutcome, Entry, EntryState, LeaseToken, ScanEntry, Store, StoreError};
 use crate::key::Fingerprint;
 use crate::record::{now_ms, SharedRecord};
@@ -44,6 +49,7 @@ mod builder;
 mod codec;
 mod convert;
 mod local;
+mod notify;
 mod scan;
 mod scripts;
 
@@ -84,6 +90,9 @@ pub struct RedisStore {
 struct Inner {
     connection: ConnectionManager,
     prefix: String,
+    /// Where `complete` and `release` announce the keys they changed.
+    channel: String,
+    notices: Option<Arc<Notices>>,
     local: Option<LocalTier>,
     /// The limit on one operation, whatever Redis does meanwhile.
     timeout: Duration,
@@ -93,6 +102,7 @@ impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStore")
             .field("prefix", &self.inner.prefix)
+            .field("notifications", &self.inner.notices.is_some())
             .field("local_cache", &self.inner.local.is_some())
             .field("timeout", &self.inner.timeout)
             .finish_non_exhaustive()
@@ -113,6 +123,7 @@ impl RedisStore {
             connection,
             prefix.into(),
             None,
+            None,
             DEFAULT_CONNECTION_TIMEOUT + DEFAULT_RESPONSE_TIMEOUT,
         )
     }
@@ -120,13 +131,16 @@ impl RedisStore {
     fn assemble(
         connection: ConnectionManager,
         prefix: String,
+        notices: Option<Arc<Notices>>,
         local: Option<LocalTier>,
         timeout: Duration,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 connection,
+                channel: channel(&prefix),
                 prefix,
+                notices,
                 local,
                 timeout,
             }),
@@ -272,7 +286,11 @@ impl Store for RedisStore {
         let prefix = codec::lease_prefix(lease);
         let encoded = record.encode();
         let answer = self
-            .script(&scripts::COMPLETE, key, &[&prefix, &encoded, &px(ttl)])
+            .script(
+                &scripts::COMPLETE,
+                key,
+                &[&prefix, &encoded, &px(ttl), self.inner.channel.as_bytes()],
+            )
             .await?;
         let completed = answer == Value::Int(1);
         if completed {
@@ -283,7 +301,10 @@ impl Store for RedisStore {
 
     async fn release(&self, key: &str, lease: LeaseToken) -> Result<bool, StoreError> {
         let prefix = codec::lease_prefix(lease);
-        let answer = self.script(&scripts::RELEASE, key, &[&prefix]).await?;
+        let channel = self.inner.channel.as_bytes();
+        let answer = self
+            .script(&scripts::RELEASE, key, &[&prefix, channel])
+            .await?;
         Ok(answer == Value::Int(1))
     }
 
@@ -373,4 +394,26 @@ impl Store for RedisStore {
     async fn ping(&self) -> Result<(), StoreError> {
         self.ping_redis().await
     }
+
+    fn until_changed(
+        &self,
+        key: &str,
+        deadline: tokio::time::Instant,
+    ) -> impl Future<Output = ()> + Send {
+        // Registered now, so that a notice that comes before the first poll
+        // still counts.
+        let notice =
+            (self.inner.notices.as_ref()).map(|n| n.changed(self.redis_key(key), deadline));
+        async move {
+            match notice {
+                Some(notice) => notice.await,
+                None => tokio::time::sleep_until(deadline).await,
+            }
+        }
+    }
+}
+
+/// The pub/sub channel on which stores under `prefix` announce changed keys.
+fn channel(prefix: &str) -> String {
+    format!("{prefix}changes")
 }

@@ -69,13 +69,15 @@ return 0
     ))
 });
 
-/// `ARGV[1]` lease prefix, `ARGV[2]` encoded record, `ARGV[3]` TTL in ms.
+/// `ARGV[1]` lease prefix, `ARGV[2]` encoded record, `ARGV[3]` TTL in ms,
+/// `ARGV[4]` the channel that announces the change to waiting instances.
 pub(super) static COMPLETE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         held!(),
         r"
 if held() then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  redis.call('PUBLISH', ARGV[4], KEYS[1])
   return 1
 end
 return 0
@@ -83,13 +85,14 @@ return 0
     ))
 });
 
-/// `ARGV[1]` lease prefix.
+/// `ARGV[1]` lease prefix, `ARGV[2]` the channel that announces the change.
 pub(super) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         held!(),
         r"
 if held() then
   redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', ARGV[2], KEYS[1])
   return 1
 end
 return 0
