@@ -116,8 +116,9 @@ impl RedisStore {
     }
 
     /// A store on a connection manager you configured yourself, under
-    /// `prefix`, without a local tier. Operations give up after the default
-    /// connection and response timeouts together (2 s).
+    /// `prefix`, without a local tier or change notices (waiters on other
+    /// instances poll). Operations give up after the default connection and
+    /// response timeouts together (2 s).
     pub fn new(connection: ConnectionManager, prefix: impl Into<String>) -> Self {
         Self::assemble(
             connection,
