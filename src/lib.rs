@@ -17,6 +17,8 @@
 
 pub mod engine;
 pub mod key;
+pub mod layer;
+pub mod problem;
 pub mod record;
 mod stats;
 pub mod store;
@@ -25,6 +27,10 @@ pub use engine::{
     Begin, Concurrent, Config, ConfigError, Idempotency, IdempotencyBuilder, IntoStore, KeyFilter,
     Lease, LeaseExpiry,
 };
-pub use key::{Fingerprint, IdempotencyKey};
+pub use key::{Fingerprint, FingerprintMode, HeaderKey, IdempotencyKey};
+pub use layer::{
+    Disconnect, FailMode, IdempotencyLayer, IdempotencyLayerBuilder, Idempotent, RequestBody,
+    ResponseBody, ResponseFuture,
+};
 pub use record::{Record, StoredResponse};
 pub use stats::{CacheInfo, StatsSnapshot};

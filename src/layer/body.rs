@@ -1,0 +1,185 @@
+//! The request body the service sees, and the response body the client gets.
+
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tokio::sync::mpsc;
+
+/// The error type of the bodies of this module.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+pin_project! {
+    /// The request body handed to the inner service: the client's body,
+    /// untouched, for requests the layer does not protect; the buffered bytes
+    /// for protected ones (the layer read them to fingerprint the request).
+    #[derive(Debug)]
+    pub struct RequestBody<B> {
+        #[pin]
+        kind: RequestKind<B>,
+    }
+}
+
+pin_project! {
+    #[project = RequestProj]
+    #[derive(Debug)]
+    enum RequestKind<B> {
+        Passthrough { #[pin] body: B },
+        Buffered { data: Option<Bytes> },
+    }
+}
+
+impl<B> RequestBody<B> {
+    pub(crate) fn passthrough(body: B) -> Self {
+        Self {
+            kind: RequestKind::Passthrough { body },
+        }
+    }
+
+    pub(crate) fn buffered(data: Bytes) -> Self {
+        Self {
+            kind: RequestKind::Buffered {
+                data: (!data.is_empty()).then_some(data),
+            },
+        }
+    }
+}
+
+impl<B> Body for RequestBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.project().kind.project() {
+            RequestProj::Passthrough { body } => body.poll_frame(cx).map_err(Into::into),
+            RequestProj::Buffered { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            RequestKind::Passthrough { body } => body.is_end_stream(),
+            RequestKind::Buffered { data } => data.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            RequestKind::Passthrough { body } => body.size_hint(),
+            RequestKind::Buffered { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+        }
+    }
+}
+
+pub(crate) type FrameResult = Result<Frame<Bytes>, BoxError>;
+
+pin_project! {
+    /// The response body the client gets: the inner body untouched (requests
+    /// the layer does not protect), the whole body of a replay or of the
+    /// layer's own problem responses, or the frames of a first response,
+    /// forwarded by the driver task as it records them.
+    #[derive(Debug)]
+    pub struct ResponseBody<B> {
+        #[pin]
+        kind: ResponseKind<B>,
+    }
+}
+
+pin_project! {
+    #[project = ResponseProj]
+    #[derive(Debug)]
+    enum ResponseKind<B> {
+        Passthrough { #[pin] body: B },
+        Full { data: Option<Bytes> },
+        Channel { frames: mpsc::Receiver<FrameResult>, hint: SizeHint },
+    }
+}
+
+impl<B> ResponseBody<B> {
+    pub(crate) fn passthrough(body: B) -> Self {
+        Self {
+            kind: ResponseKind::Passthrough { body },
+        }
+    }
+
+    pub(crate) fn full(data: Bytes) -> Self {
+        Self {
+            kind: ResponseKind::Full {
+                data: (!data.is_empty()).then_some(data),
+            },
+        }
+    }
+
+    pub(crate) fn channel(frames: mpsc::Receiver<FrameResult>, hint: SizeHint) -> Self {
+        Self {
+            kind: ResponseKind::Channel { frames, hint },
+        }
+    }
+}
+
+impl<B> Body for ResponseBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.project().kind.project() {
+            ResponseProj::Passthrough { body } => body.poll_frame(cx).map_err(Into::into),
+            ResponseProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            ResponseProj::Channel { frames, hint } => {
+                let frame = ready!(frames.poll_recv(cx));
+                if let Some(Ok(data)) = frame.as_ref().map(|f| f.as_ref().map(Frame::data_ref)) {
+                    let len = data.map_or(0, |d| d.remaining() as u64);
+                    *hint = shrink(hint, len);
+                }
+                Poll::Ready(frame)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            ResponseKind::Passthrough { body } => body.is_end_stream(),
+            ResponseKind::Full { data } => data.is_none(),
+            // The driver closes the channel once the record is stored; until
+            // then the end is not known.
+            ResponseKind::Channel { .. } => false,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            ResponseKind::Passthrough { body } => body.size_hint(),
+            ResponseKind::Full { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            ResponseKind::Channel { hint, .. } => *hint,
+        }
+    }
+}
+
+fn shrink(hint: &SizeHint, by: u64) -> SizeHint {
+    let mut next = SizeHint::new();
+    next.set_lower(hint.lower().saturating_sub(by));
+    if let Some(upper) = hint.upper() {
+        next.set_upper(upper.saturating_sub(by));
+    }
+    next
+}
