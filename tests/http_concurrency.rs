@@ -48,7 +48,10 @@ async fn five_hundred_waiting_duplicates_run_once_and_all_get_the_first_response
     assert_eq!(runs.get(), 1, "exactly one execution");
     assert!(replies.iter().all(|r| r.status == StatusCode::CREATED));
     assert!(replies.iter().all(|r| r.body == replies[0].body));
-    assert_eq!(replies.iter().filter(|r| r.replayed()).count(), DUPLICATES - 1);
+    assert_eq!(
+        replies.iter().filter(|r| r.replayed()).count(),
+        DUPLICATES - 1
+    );
     let stats = handle.stats();
     assert_eq!(stats.executed, 1);
     assert_eq!(stats.coalesced, DUPLICATES as u64 - 1);
@@ -79,7 +82,11 @@ async fn five_hundred_rejected_duplicates_run_once_and_get_409() {
         let reply = within(rx.recv()).await.unwrap();
         assert_eq!(reply.status, StatusCode::CONFLICT);
         assert_eq!(reply.problem().kind, problem::CONFLICT);
-        let retry_after: u64 = reply.headers["retry-after"].to_str().unwrap().parse().unwrap();
+        let retry_after: u64 = reply.headers["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
         assert!(retry_after >= 1);
     }
     gate.open(1);
@@ -88,7 +95,10 @@ async fn five_hundred_rejected_duplicates_run_once_and_get_409() {
     assert!(!first.replayed());
     assert_eq!(runs.get(), 1);
     let stats = handle.stats();
-    assert_eq!((stats.executed, stats.conflicts), (1, DUPLICATES as u64 - 1));
+    assert_eq!(
+        (stats.executed, stats.conflicts),
+        (1, DUPLICATES as u64 - 1)
+    );
 }
 
 #[tokio::test]
@@ -154,11 +164,17 @@ async fn waiters_start_over_when_the_first_ends_without_a_stored_result() {
     let waiters = [send(), send()];
     until(|| layer.waiting() == 2).await;
     gate.open(1);
-    assert_eq!(within(first).await.unwrap().status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        within(first).await.unwrap().status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
     let [a, b] = waiters;
     let (a, b) = (within(a).await.unwrap(), within(b).await.unwrap());
     // One waiter became the new first; the other got its response.
-    assert_eq!((a.status, b.status), (StatusCode::CREATED, StatusCode::CREATED));
+    assert_eq!(
+        (a.status, b.status),
+        (StatusCode::CREATED, StatusCode::CREATED)
+    );
     assert_eq!(a.body, b.body);
     assert_eq!(a.text(), "order 2");
     assert_eq!(u8::from(a.replayed()) + u8::from(b.replayed()), 1);
