@@ -70,7 +70,10 @@ async fn create_order(
     let id = orders.next_id.fetch_add(1, Relaxed) + 1;
     let item = serde_json::from_slice::<Value>(&body)
         .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
-    (StatusCode::CREATED, Json(json!({ "id": id, "order": item })))
+    (
+        StatusCode::CREATED,
+        Json(json!({ "id": id, "order": item })),
+    )
 }
 
 #[tokio::main]
@@ -102,7 +105,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         };
         // `/stats` is a GET: not protected, but counted in `requests`.
-        app.route("/stats", get(stats)).layer(layer).with_state(orders)
+        app.route("/stats", get(stats))
+            .layer(layer)
+            .with_state(orders)
     };
 
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
@@ -123,7 +128,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 fn print_demo(addr: SocketAddr, mode: Mode) {
     let url = format!("http://{addr}");
     println!("orders API behind tower-idempotency on {url} (concurrent: {mode:?})\n");
-    println!("# Replay: run it twice; the second answer has the same id and `idempotent-replayed: true`");
+    println!(
+        "# Replay: run it twice; the second answer has the same id and `idempotent-replayed: true`"
+    );
     println!(
         "curl -i -X POST {url}/orders -H 'Idempotency-Key: demo-1' -H 'Content-Type: application/json' -d '{{\"item\":\"book\"}}'\n"
     );
