@@ -21,31 +21,25 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::task::Poll;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::FutureExt;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Request, Response};
 use http_body::Body;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tower_service::Service;
 
-use super::body::{BoxError, FrameResult, RequestBody, ResponseBody};
+use super::body::{BoxError, RequestBody, ResponseBody};
 use super::future::Reply;
 use super::layer::{Disconnect, FailMode, Settings};
+use super::replay::replay;
+use super::stream::stream;
 use crate::engine::{Begin, Idempotency, Lease};
 use crate::key::{canonical_json, Fingerprint, FingerprintMode, KeyParts};
 use crate::problem;
-use crate::record::{Record, StoredResponse};
 use crate::stats::Stats;
 use crate::store::{Store, StoreError};
-
-/// Frames buffered between the driver and a slow client.
-const FRAMES_IN_FLIGHT: usize = 8;
-
-/// The header that marks a replayed response.
-pub(crate) const REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
 pub(crate) struct Driver<Svc, S> {
     pub(crate) inner: Svc,
@@ -53,9 +47,9 @@ pub(crate) struct Driver<Svc, S> {
     pub(crate) settings: Arc<Settings>,
 }
 
-type Sender<B, E> = oneshot::Sender<Reply<B, E>>;
+pub(crate) type Sender<B, E> = oneshot::Sender<Reply<B, E>>;
 
-fn answer<B, E>(reply: Sender<B, E>, response: Response<Bytes>) {
+pub(crate) fn answer<B, E>(reply: Sender<B, E>, response: Response<Bytes>) {
     // The client may be gone; then nobody needs the answer.
     let _ = reply.send(Ok(response.map(ResponseBody::full)));
 }
@@ -243,280 +237,8 @@ async fn panicked<S: Store, B, E>(lease: Lease<S>, reply: Sender<B, E>) {
     answer(reply, problem::internal_error());
 }
 
-async fn release<S: Store>(lease: Lease<S>) {
+pub(crate) async fn release<S: Store>(lease: Lease<S>) {
     if let Err(error) = lease.release().await {
         tracing::warn!(%error, "idempotency lease release failed; it expires with its TTL");
-    }
-}
-
-/// What a first response is recorded as, while it streams.
-struct Recording<S: Store> {
-    lease: Lease<S>,
-    fingerprint: Fingerprint,
-    status: http::StatusCode,
-    headers: HeaderMap,
-    chunks: Vec<Bytes>,
-    len: usize,
-}
-
-impl<S: Store> Recording<S> {
-    async fn complete(self, engine: &Idempotency<S>) {
-        let body = match self.chunks.len() {
-            0 => Bytes::new(),
-            1 => self.chunks.into_iter().next().unwrap_or_default(),
-            _ => {
-                let mut body = BytesMut::with_capacity(self.len);
-                self.chunks
-                    .iter()
-                    .for_each(|chunk| body.extend_from_slice(chunk));
-                body.freeze()
-            }
-        };
-        let response = StoredResponse {
-            status: self.status,
-            headers: self.headers,
-            body,
-        };
-        match self
-            .lease
-            .complete(Record::response(self.fingerprint, response))
-            .await
-        {
-            Ok(true) => {}
-            Ok(false) => {
-                Stats::incr(&engine.counters().not_stored);
-                tracing::warn!("idempotency lease was lost before the response was stored");
-            }
-            Err(error) => tracing::warn!(%error, "storing the idempotent response failed"),
-        }
-    }
-}
-
-async fn stream<S, ResBody, E>(
-    response: Response<ResBody>,
-    lease: Lease<S>,
-    fingerprint: Fingerprint,
-    engine: &Idempotency<S>,
-    settings: &Settings,
-    reply: Sender<ResBody, E>,
-) where
-    S: Store,
-    ResBody: Body<Data = Bytes>,
-    ResBody::Error: Into<BoxError>,
-{
-    let cancel = settings.disconnect == Disconnect::Cancel;
-    let not_stored = &engine.counters().not_stored;
-    let (head, body) = response.into_parts();
-    let mut recording = if storable(&head, settings) {
-        Some(Recording {
-            lease,
-            fingerprint,
-            status: head.status,
-            headers: stored_headers(&head.headers, settings),
-            chunks: Vec::new(),
-            len: 0,
-        })
-    } else {
-        // Not stored: free the key before the client can see the answer, so
-        // its retry runs the action again instead of meeting a stale marker.
-        Stats::incr(not_stored);
-        release(lease).await;
-        None
-    };
-    let mut body = pin!(body);
-    if body.is_end_stream() {
-        // Nothing to stream: the head ends the response, so store first.
-        if let Some(recording) = recording.take() {
-            recording.complete(engine).await;
-        }
-        let _ = reply.send(Ok(Response::from_parts(
-            head,
-            ResponseBody::full(Bytes::new()),
-        )));
-        return;
-    }
-    // The frame that reaches the declared length ends the response for the
-    // client even before the body says so.
-    let known_len = body.size_hint().exact().or_else(|| {
-        head.headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse().ok())
-    });
-    let (frames, receiver) = mpsc::channel::<FrameResult>(FRAMES_IN_FLIGHT);
-    let mut client = Some(frames);
-    let response = Response::from_parts(head, ResponseBody::channel(receiver, body.size_hint()));
-    if reply.send(Ok(response)).is_err() {
-        if cancel {
-            return; // the recording drops with its lease: released
-        }
-        client = None;
-    }
-    let mut received: u64 = 0;
-    loop {
-        if client.is_none() && recording.is_none() {
-            return; // nobody to answer and nothing to store
-        }
-        // Errors become `BoxError` inside the poll, so no `ResBody::Error` (which
-        // need not be `Send`) is held across an await.
-        let next = AssertUnwindSafe(poll_fn(|cx| {
-            body.as_mut()
-                .poll_frame(cx)
-                .map(|frame| frame.map(|f| f.map_err(Into::<BoxError>::into)))
-        }))
-        .catch_unwind();
-        let next = match (&client, cancel) {
-            (Some(frames), true) => tokio::select! {
-                next = next => next,
-                () = frames.closed() => return,
-            },
-            _ => next.await,
-        };
-        let frame = match next {
-            Ok(None) => {
-                if let Some(recording) = recording.take() {
-                    recording.complete(engine).await;
-                }
-                return; // dropping the sender ends the client's body
-            }
-            Ok(Some(Ok(frame))) => frame,
-            Ok(Some(Err(error))) => {
-                if let Some(recording) = recording.take() {
-                    release(recording.lease).await;
-                }
-                forward(&mut client, Err(error)).await;
-                return;
-            }
-            Err(_panic) => {
-                tracing::error!("the response body panicked: lease released");
-                if let Some(recording) = recording.take() {
-                    release(recording.lease).await;
-                }
-                forward(&mut client, Err("the response body panicked".into())).await;
-                return;
-            }
-        };
-        let last = match frame.data_ref() {
-            Some(data) => {
-                received += data.len() as u64;
-                if let Some(rec) = recording.as_mut() {
-                    if rec.len + data.len() > settings.max_response_body {
-                        Stats::incr(not_stored);
-                        if let Some(recording) = recording.take() {
-                            release(recording.lease).await;
-                        }
-                    } else {
-                        rec.len += data.len();
-                        rec.chunks.push(data.clone());
-                    }
-                }
-                body.is_end_stream() || known_len == Some(received)
-            }
-            // Trailers end a body; they are forwarded but not stored.
-            None => true,
-        };
-        if last {
-            if let Some(recording) = recording.take() {
-                recording.complete(engine).await;
-            }
-        }
-        if !forward(&mut client, Ok(frame)).await && cancel {
-            if let Some(recording) = recording.take() {
-                release(recording.lease).await;
-            }
-            return;
-        }
-        if body.is_end_stream() {
-            return;
-        }
-    }
-}
-
-/// Sends a frame to the client; answers whether the client is still there.
-async fn forward(client: &mut Option<mpsc::Sender<FrameResult>>, frame: FrameResult) -> bool {
-    let Some(frames) = client else {
-        return false;
-    };
-    if frames.send(frame).await.is_err() {
-        *client = None;
-        return false;
-    }
-    true
-}
-
-fn storable(head: &http::response::Parts, settings: &Settings) -> bool {
-    (settings.store_status)(head.status) && !no_store(&head.headers)
-}
-
-/// Whether `Cache-Control` carries the `no-store` directive.
-fn no_store(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::CACHE_CONTROL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|directive| directive.trim().eq_ignore_ascii_case("no-store"))
-}
-
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
-
-/// The headers a replay may carry: no hop-by-hop headers (those named by
-/// `Connection` included), no `Date` (the server writes a fresh one), no
-/// `Set-Cookie` unless asked, and no stale replay mark.
-fn stored_headers(headers: &HeaderMap, settings: &Settings) -> HeaderMap {
-    let listed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    let mut kept = HeaderMap::with_capacity(headers.len());
-    for (name, value) in headers {
-        let dropped = HOP_BY_HOP.contains(name)
-            || listed.contains(name)
-            || name == header::DATE
-            || name == REPLAYED
-            || (name == header::SET_COOKIE && !settings.replay_set_cookie);
-        if !dropped {
-            kept.append(name.clone(), value.clone());
-        }
-    }
-    kept
-}
-
-fn replay(stored: &StoredResponse, settings: &Settings) -> Response<Bytes> {
-    let mut response = Response::new(stored.body.clone());
-    *response.status_mut() = stored.status;
-    // Filter again: the record may come from another writer or configuration.
-    *response.headers_mut() = stored_headers(&stored.headers, settings);
-    response
-        .headers_mut()
-        .insert(REPLAYED, HeaderValue::from_static("true"));
-    response
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn no_store_directive() {
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            header::CACHE_CONTROL,
-            HeaderValue::from_static("private, No-Store"),
-        );
-        assert!(no_store(&headers));
-        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-        assert!(!no_store(&headers));
     }
 }

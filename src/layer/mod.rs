@@ -113,15 +113,17 @@
 //! which is what lets it outlive a client that went away.
 
 mod body;
+mod builder;
 mod driver;
 mod future;
 #[allow(clippy::module_inception)]
 mod layer;
+mod replay;
 mod service;
+mod stream;
 
 pub use body::{BoxError, RequestBody, ResponseBody};
+pub use builder::IdempotencyLayerBuilder;
 pub use future::ResponseFuture;
-pub use layer::{
-    Disconnect, FailMode, IdempotencyLayer, IdempotencyLayerBuilder, DEFAULT_MAX_BODY,
-};
+pub use layer::{Disconnect, FailMode, IdempotencyLayer, DEFAULT_MAX_BODY};
 pub use service::Idempotent;

@@ -160,3 +160,90 @@ where
         ResponseFuture::driven(receiver)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::time::Duration;
+
+    use http_body_util::{BodyExt, Full};
+    use tower::{service_fn, ServiceBuilder, ServiceExt};
+
+    use super::*;
+    use crate::IdempotencyLayer;
+
+    async fn echo(
+        request: Request<RequestBody<Full<Bytes>>>,
+    ) -> Result<Response<Full<Bytes>>, Infallible> {
+        let body = request.into_body().collect().await.unwrap().to_bytes();
+        Ok(Response::new(Full::new(body)))
+    }
+
+    fn post(key: Option<&str>, body: &'static str) -> Request<Full<Bytes>> {
+        let mut request = Request::post("/echo");
+        if let Some(key) = key {
+            request = request.header("idempotency-key", key);
+        }
+        request
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn keyless_request_is_not_recorded() {
+        let layer = IdempotencyLayer::new();
+        let handle = layer.handle();
+        let service = ServiceBuilder::new().layer(layer).service_fn(echo);
+        let response = service.oneshot(post(None, "hi")).await.unwrap();
+        assert_eq!(
+            response.into_body().collect().await.unwrap().to_bytes(),
+            "hi"
+        );
+        assert_eq!(handle.stats().requests, 1);
+        assert_eq!(handle.cache_info().await.unwrap().entries, 0);
+    }
+
+    #[tokio::test]
+    async fn keyed_request_is_replayed() {
+        let service = ServiceBuilder::new()
+            .layer(IdempotencyLayer::new())
+            .service(service_fn(echo));
+        let first = service
+            .clone()
+            .oneshot(post(Some("k"), "hi"))
+            .await
+            .unwrap();
+        assert!(first.headers().get("idempotent-replayed").is_none());
+        first.into_body().collect().await.unwrap();
+        let replay = service.oneshot(post(Some("k"), "hi")).await.unwrap();
+        assert_eq!(replay.headers()["idempotent-replayed"], "true");
+        assert_eq!(replay.into_body().collect().await.unwrap().to_bytes(), "hi");
+    }
+
+    #[test]
+    fn engine_settings_next_to_an_engine_are_refused() {
+        let engine = Idempotency::new();
+        let built = IdempotencyLayer::with_engine(engine.clone())
+            .ttl(Duration::from_secs(5))
+            .build();
+        assert!(built.is_err());
+        let layer = IdempotencyLayer::with_engine(engine)
+            .require_key(true)
+            .build()
+            .unwrap();
+        assert_eq!(layer.handle().config().ttl, crate::engine::DEFAULT_TTL);
+    }
+
+    #[test]
+    fn zero_ttl_is_refused() {
+        assert!(IdempotencyLayer::builder()
+            .ttl(Duration::ZERO)
+            .build()
+            .is_err());
+        assert!(IdempotencyLayer::builder()
+            .lease_ttl(Duration::ZERO)
+            .build()
+            .is_err());
+        assert!(IdempotencyLayer::builder().max_entries(0).build().is_err());
+    }
+}
