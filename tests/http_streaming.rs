@@ -151,3 +151,55 @@ async fn trailers_reach_the_first_client_and_the_body_is_replayed() {
     assert!(retry.headers.get("trailer").is_none());
     assert_eq!(runs.get(), 1);
 }
+
+#[tokio::test]
+async fn a_body_that_fails_midway_is_an_error_for_the_client_and_not_stored() {
+    let runs = Runs::default();
+    let app = Router::new()
+        .route(
+            "/broken",
+            post({
+                let runs = runs.clone();
+                move || {
+                    let run = runs.bump();
+                    async move {
+                        let frames = futures_util::stream::unfold(0, move |i| async move {
+                            match i {
+                                0 => {
+                                    Some((Ok::<_, BoxError>(Frame::data(Bytes::from("start;"))), 1))
+                                }
+                                1 if run == 1 => panic!("the body breaks"),
+                                1 => Some((Ok(Frame::data(Bytes::from("end"))), 2)),
+                                _ => None,
+                            }
+                        });
+                        Body::new(StreamBody::new(frames))
+                    }
+                }
+            }),
+        )
+        .layer(IdempotencyLayer::new());
+    let server = serve(app).await;
+    let request = || {
+        server
+            .request(Method::POST, "/broken")
+            .header("idempotency-key", "b")
+            .body(full(""))
+            .unwrap()
+    };
+    // A chunked body that breaks must not look complete: the client sees an
+    // error, at the head (hyper had not flushed it yet) or in the body.
+    match within(server.client.request(request())).await {
+        Err(_) => {}
+        Ok(response) => assert!(within(response.into_body().collect()).await.is_err()),
+    }
+    // The broken connection is gone; a new client retries.
+    let fresh = Server {
+        addr: server.addr,
+        client: client(),
+    };
+    let retry = fresh.send(request()).await;
+    assert_eq!(retry.text(), "start;end");
+    assert!(!retry.replayed());
+    assert_eq!(runs.get(), 2);
+}

@@ -1,6 +1,8 @@
 //! The request body the service sees, and the response body the client gets.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes};
@@ -102,7 +104,7 @@ pin_project! {
     enum ResponseKind<B> {
         Passthrough { #[pin] body: B },
         Full { data: Option<Bytes> },
-        Channel { frames: mpsc::Receiver<FrameResult>, hint: SizeHint },
+        Channel { frames: mpsc::Receiver<FrameResult>, ended: Arc<AtomicBool>, hint: SizeHint },
     }
 }
 
@@ -121,10 +123,22 @@ impl<B> ResponseBody<B> {
         }
     }
 
-    pub(crate) fn channel(frames: mpsc::Receiver<FrameResult>, hint: SizeHint) -> Self {
-        Self {
-            kind: ResponseKind::Channel { frames, hint },
-        }
+    /// A body fed by the driver through the returned sender.
+    pub(crate) fn channel(capacity: usize, hint: SizeHint) -> (FrameSender, Self) {
+        let (frames, receiver) = mpsc::channel(capacity);
+        let ended = Arc::new(AtomicBool::new(false));
+        let sender = FrameSender {
+            frames,
+            ended: ended.clone(),
+        };
+        let body = Self {
+            kind: ResponseKind::Channel {
+                frames: receiver,
+                ended,
+                hint,
+            },
+        };
+        (sender, body)
     }
 }
 
@@ -143,8 +157,18 @@ where
         match self.project().kind.project() {
             ResponseProj::Passthrough { body } => body.poll_frame(cx).map_err(Into::into),
             ResponseProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            ResponseProj::Channel { frames, hint } => {
+            ResponseProj::Channel {
+                frames,
+                ended,
+                hint,
+            } => {
                 let frame = ready!(frames.poll_recv(cx));
+                if frame.is_none() && !ended.swap(true, Ordering::Acquire) {
+                    // The driver stopped without ending the body (its task
+                    // was cancelled): a clean end would pass a truncated
+                    // response off as complete.
+                    return Poll::Ready(Some(Err("the response was cut short".into())));
+                }
                 if let Some(Ok(data)) = frame.as_ref().map(|f| f.as_ref().map(Frame::data_ref)) {
                     let len = data.map_or(0, |d| d.remaining() as u64);
                     *hint = shrink(hint, len);
@@ -175,6 +199,32 @@ where
     }
 }
 
+/// The driver's end of a [`ResponseBody`] channel.
+#[derive(Debug)]
+pub(crate) struct FrameSender {
+    frames: mpsc::Sender<FrameResult>,
+    ended: Arc<AtomicBool>,
+}
+
+impl FrameSender {
+    /// Sends a frame; answers whether the client's body is still there.
+    pub(crate) async fn send(&self, frame: FrameResult) -> bool {
+        self.frames.send(frame).await.is_ok()
+    }
+
+    /// Resolves when the client's body is dropped.
+    pub(crate) async fn closed(&self) {
+        self.frames.closed().await;
+    }
+
+    /// Ends the body cleanly.
+    pub(crate) fn end(self) {
+        // Stored before the sender drops: the receiver sees the flag once it
+        // sees the channel closed.
+        self.ended.store(true, Ordering::Release);
+    }
+}
+
 fn shrink(hint: &SizeHint, by: u64) -> SizeHint {
     let mut next = SizeHint::new();
     next.set_lower(hint.lower().saturating_sub(by));
@@ -182,4 +232,29 @@ fn shrink(hint: &SizeHint, by: u64) -> SizeHint {
         next.set_upper(upper.saturating_sub(by));
     }
     next
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_channel_dropped_without_end_is_an_error() {
+        let (sender, body) =
+            ResponseBody::<http_body_util::Empty<Bytes>>::channel(1, SizeHint::new());
+        assert!(sender.send(Ok(Frame::data(Bytes::from("part")))).await);
+        drop(sender);
+        assert!(body.collect().await.is_err());
+
+        let (sender, body) =
+            ResponseBody::<http_body_util::Empty<Bytes>>::channel(1, SizeHint::new());
+        let send = tokio::spawn(async move {
+            assert!(sender.send(Ok(Frame::data(Bytes::from("whole")))).await);
+            sender.end();
+        });
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "whole");
+        send.await.unwrap();
+    }
 }

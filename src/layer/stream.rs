@@ -9,9 +9,8 @@ use futures_util::FutureExt;
 use http::header::{self, HeaderMap};
 use http::Response;
 use http_body::Body;
-use tokio::sync::mpsc;
 
-use super::body::{BoxError, FrameResult, ResponseBody};
+use super::body::{BoxError, FrameResult, FrameSender, ResponseBody};
 use super::driver::{release, Sender};
 use super::layer::{Disconnect, Settings};
 use super::replay::{storable, stored_headers};
@@ -117,9 +116,9 @@ pub(crate) async fn stream<S, ResBody, E>(
         )));
         return;
     }
-    let (frames, receiver) = mpsc::channel::<FrameResult>(FRAMES_IN_FLIGHT);
+    let (frames, client_body) = ResponseBody::channel(FRAMES_IN_FLIGHT, body.size_hint());
     let mut client = Some(frames);
-    let response = Response::from_parts(head, ResponseBody::channel(receiver, body.size_hint()));
+    let response = Response::from_parts(head, client_body);
     if reply.send(Ok(response)).is_err() {
         if cancel {
             return; // the recording drops with its lease: released
@@ -151,7 +150,7 @@ pub(crate) async fn stream<S, ResBody, E>(
                 if let Some(recording) = recording.take() {
                     recording.complete(engine).await;
                 }
-                return; // dropping the sender ends the client's body
+                return end(client);
             }
             Ok(Some(Ok(frame))) => frame,
             Ok(Some(Err(error))) => {
@@ -159,7 +158,7 @@ pub(crate) async fn stream<S, ResBody, E>(
                     release(recording.lease).await;
                 }
                 forward(&mut client, Err(error)).await;
-                return;
+                return end(client);
             }
             Err(_panic) => {
                 tracing::error!("the response body panicked: lease released");
@@ -167,7 +166,7 @@ pub(crate) async fn stream<S, ResBody, E>(
                     release(recording.lease).await;
                 }
                 forward(&mut client, Err("the response body panicked".into())).await;
-                return;
+                return end(client);
             }
         };
         let last = match frame.data_ref() {
@@ -201,17 +200,25 @@ pub(crate) async fn stream<S, ResBody, E>(
             return;
         }
         if body.is_end_stream() {
-            return;
+            return end(client);
         }
     }
 }
 
+/// Ends the client's body cleanly (dropping the sender without this is an
+/// error for the client: a cut-short response).
+fn end(client: Option<FrameSender>) {
+    if let Some(frames) = client {
+        frames.end();
+    }
+}
+
 /// Sends a frame to the client; answers whether the client is still there.
-async fn forward(client: &mut Option<mpsc::Sender<FrameResult>>, frame: FrameResult) -> bool {
+async fn forward(client: &mut Option<FrameSender>, frame: FrameResult) -> bool {
     let Some(frames) = client else {
         return false;
     };
-    if frames.send(frame).await.is_err() {
+    if !frames.send(frame).await {
         *client = None;
         return false;
     }
