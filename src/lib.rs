@@ -16,6 +16,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod engine;
+mod execute;
 pub mod key;
 pub mod record;
 mod stats;
@@ -25,6 +26,7 @@ pub use engine::{
     Begin, Concurrent, Config, ConfigError, Idempotency, IdempotencyBuilder, IntoStore, KeyFilter,
     Lease, LeaseExpiry,
 };
-pub use key::{Fingerprint, IdempotencyKey};
+pub use execute::ExecuteError;
+pub use key::{ActionKey, Fingerprint, IdempotencyKey};
 pub use record::{Record, StoredResponse};
 pub use stats::{CacheInfo, StatsSnapshot};

@@ -14,6 +14,12 @@ use std::str::FromStr;
 
 use sha2::{Digest, Sha256};
 
+mod action;
+mod params;
+
+pub use action::{fixed, from_header, from_path_segment, from_query, ActionKey, MAX_COMPONENT_LEN};
+pub use params::{canonical_json, params_equivalent};
+
 /// Identifies one action: `signal:action:target`, optionally followed by
 /// `:paramsHash` (the first 16 hex characters of the SHA-256 of the params).
 ///
