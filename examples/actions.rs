@@ -179,20 +179,20 @@ async fn dashboard(engine: &Idempotency) -> Result<(), Box<dyn Error>> {
         .max_entries
         .map_or_else(|| "unbounded".to_owned(), |max| max.to_string());
     println!(
-        "{:<24}{} / {max} entries ({:.1}% utilization)",
+        "{:<28}{} / {max} entries ({:.1}% utilization)",
         "cache used",
         cache.entries,
         cache.utilization_percent()
     );
-    println!("{:<24}{}", "actions executed", stats.executed);
-    println!("{:<24}{:.1}%", "hit rate", stats.hit_rate());
+    println!("{:<28}{}", "actions executed", stats.executed);
+    println!("{:<28}{:.1}%", "hit rate", stats.hit_rate());
     println!(
-        "{:<24}{}",
+        "{:<28}{}",
         "duplicates prevented",
         stats.duplicates_prevented()
     );
     println!(
-        "{:<24}{}",
+        "{:<28}{}",
         format!("expiring within {}s", soon.as_secs()),
         expiring.len()
     );
@@ -201,7 +201,7 @@ async fn dashboard(engine: &Idempotency) -> Result<(), Box<dyn Error>> {
     }
     for action in ["create_task", "upload_file", "send_notification"] {
         let keys = engine.find_by_action(action).await?;
-        println!("{:<24}{}", format!("keys for {action}"), keys.len());
+        println!("{:<28}{}", format!("keys for {action}"), keys.len());
     }
     Ok(())
 }
