@@ -1,16 +1,8 @@
 //! Canonical JSON for params: when two bodies ask for the same thing.
 //!
-//! JSON is canonicalised per RFC 8785 (JCS) by `serde_jcs`: object keys
-//! sorted, no insignificant whitespace, numbers in their shortest IEEE double
-//! form. Two inputs are refused as JSON, and so compared byte for byte, where
-//! canonicalising would make *different* requests look the same:
-//!
-//! * an object with a duplicate key (`{"a":1,"a":2}`): parsers disagree on
-//!   which one wins, so the application may read another value than the one
-//!   the canonical form keeps;
-//! * an integer beyond ±2^53: as an IEEE double it would collide with its
-//!   neighbours (`9007199254740993` would equal `9007199254740992`), while
-//!   the application, reading it as an `i64`/`u64`, sees two different ids.
+//! JSON is canonicalised per RFC 8785 (JCS) by `serde_jcs`; see
+//! [`canonical_json`] for the two shapes refused so that canonicalising never
+//! makes different requests look the same.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -24,9 +16,19 @@ use super::{params_hash, IdempotencyKey};
 /// Largest integer magnitude an IEEE double holds exactly.
 const MAX_EXACT_INT: u64 = 1 << 53;
 
-/// The RFC 8785 canonical form of a JSON document, or `None` when `body` is
-/// not JSON (or not JSON this crate canonicalises: see the
-/// [module docs](self)).
+/// The RFC 8785 canonical form of a JSON document (object keys sorted, no
+/// insignificant whitespace, numbers in their shortest IEEE double form), or
+/// `None` when `body` is not JSON.
+///
+/// Two kinds of JSON are refused (`None`, so they are compared byte for byte),
+/// because canonicalising them would make *different* requests look the same:
+///
+/// * an object with a duplicate key (`{"a":1,"a":2}`): parsers disagree on
+///   which one wins, so the application may read another value than the one
+///   the canonical form keeps;
+/// * an integer beyond ±2^53: as an IEEE double it would collide with its
+///   neighbours (`9007199254740993` would equal `9007199254740992`), while
+///   the application, reading it as an `i64`/`u64`, sees two different ids.
 ///
 /// ```
 /// use tower_idempotency::key::canonical_json;
