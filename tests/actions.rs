@@ -12,7 +12,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, Semaphore};
 use tower_idempotency::{
-    ExecuteError, Fingerprint, Idempotency, IdempotencyKey, Record, StoredResponse,
+    Concurrent, ExecuteError, Fingerprint, Idempotency, IdempotencyKey, Record, StoredResponse,
 };
 
 const CALLERS: usize = 500;
@@ -182,6 +182,42 @@ async fn a_waiter_runs_its_own_action_when_the_first_fails() {
             .unwrap(),
         Some("file-2".to_owned())
     );
+}
+
+/// A duplicate waits no longer than the engine's wait budget.
+#[tokio::test(start_paused = true)]
+async fn a_duplicate_that_waits_too_long_gets_a_timeout() {
+    let engine = Idempotency::builder()
+        .concurrent(Concurrent::Wait {
+            timeout: Duration::from_secs(2),
+        })
+        .build()
+        .unwrap();
+    let key = IdempotencyKey::new("signal-9", "create_task", "trello");
+    let started = Arc::new(Notify::new());
+    let finish = Arc::new(Notify::new());
+    let first = tokio::spawn({
+        let (engine, key, started, finish) =
+            (engine.clone(), key.clone(), started.clone(), finish.clone());
+        async move {
+            engine
+                .execute(&key, || async move {
+                    started.notify_one();
+                    finish.notified().await;
+                    Ok::<_, Infallible>("card-1".to_owned())
+                })
+                .await
+        }
+    });
+    bounded(started.notified()).await;
+
+    // The paused clock jumps to the end of the budget while the first runs on.
+    let waited =
+        bounded(engine.execute(&key, || async { Ok::<_, Infallible>("card-2".to_owned()) })).await;
+    assert!(matches!(waited, Err(ExecuteError::Timeout)), "{waited:?}");
+
+    finish.notify_one();
+    assert_eq!(bounded(first).await.unwrap().unwrap(), "card-1");
 }
 
 #[tokio::test]
