@@ -12,7 +12,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use tower_idempotency::key::{fixed, from_header, from_path_segment};
-use tower_idempotency::{ActionKey, Idempotency, IdempotencyLayer};
+use tower_idempotency::{ActionKey, FingerprintMode, Idempotency, IdempotencyLayer};
 
 struct Server {
     base: String,
@@ -24,8 +24,13 @@ struct Server {
 /// `POST /boards/{board}/cards` behind the layer with an action key: signal
 /// from `x-signal-id`, action `create_task`, target the board.
 async fn serve(params_in_key: bool) -> Server {
+    serve_with(params_in_key, FingerprintMode::Exact).await
+}
+
+async fn serve_with(params_in_key: bool, fingerprint: FingerprintMode) -> Server {
     let runs = Arc::new(AtomicU64::new(0));
     let layer = IdempotencyLayer::builder()
+        .fingerprint(fingerprint)
         .key_extractor(
             ActionKey::new(
                 from_header("x-signal-id"),
@@ -188,4 +193,30 @@ async fn no_signal_passes_through_and_a_partial_key_is_a_400() {
     let partial = server.post("/boards", Some("sig-1"), "x").await;
     assert_eq!(partial.0, StatusCode::BAD_REQUEST);
     assert!(partial.2.contains("no target"), "{}", partial.2);
+}
+
+#[tokio::test]
+async fn under_json_canonical_a_reordered_body_keeps_its_params_key_and_replays() {
+    let server = serve_with(true, FingerprintMode::JsonCanonical).await;
+    let first = server
+        .post(
+            "/boards/7/cards",
+            Some("evt-9"),
+            r#"{"title":"a","list":"todo"}"#,
+        )
+        .await;
+    let reordered = server
+        .post(
+            "/boards/7/cards",
+            Some("evt-9"),
+            r#"{ "list": "todo", "title": "a" }"#,
+        )
+        .await;
+    assert_eq!(first.0, StatusCode::CREATED);
+    assert!(
+        reordered.1,
+        "the reordered body is the same params: a replay"
+    );
+    assert_eq!(reordered.2, first.2);
+    assert_eq!(server.runs.load(SeqCst), 1);
 }
