@@ -7,12 +7,21 @@
 //!   work on every key.
 //! * [`Fingerprint`] is the SHA-256 of what was asked (method, path and query,
 //!   body). A retry with the same key but another fingerprint is a mismatch.
-//! * [`KeyExtractor`] is how the HTTP layer finds a key in a request.
+//! * [`KeyExtractor`] is how the HTTP layer finds a key in a request;
+//!   [`HeaderKey`] (the `Idempotency-Key` header) is the default.
 
 use std::fmt;
 use std::str::FromStr;
 
 use sha2::{Digest, Sha256};
+
+mod action;
+mod header;
+mod params;
+
+pub use action::{fixed, from_header, from_path_segment, from_query, ActionKey, MAX_COMPONENT_LEN};
+pub use header::{parse_key, HeaderKey, IDEMPOTENCY_KEY, MAX_KEY_LEN};
+pub use params::{canonical_json, params_equivalent};
 
 /// Identifies one action: `signal:action:target`, optionally followed by
 /// `:paramsHash` (the first 16 hex characters of the SHA-256 of the params).
@@ -314,6 +323,19 @@ impl fmt::Display for Fingerprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&hex_lower(&self.0))
     }
+}
+
+/// How the HTTP layer fingerprints a request body.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum FingerprintMode {
+    /// The body's exact bytes (the default).
+    #[default]
+    Exact,
+    /// A JSON body canonicalised first (RFC 8785: sorted object keys, no
+    /// insignificant whitespace), so `{"a":1,"b":2}` and `{ "b": 2, "a": 1 }`
+    /// are the same request. A body that is not JSON is hashed as it is.
+    JsonCanonical,
 }
 
 pub(crate) fn hex_lower(bytes: &[u8]) -> String {
