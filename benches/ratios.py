@@ -56,13 +56,13 @@ def ratio(label, numerator, denominator, target=None, lower_is_better=True):
     verdict = ""
     if target is not None:
         met = value <= target if lower_is_better else value >= target
-        verdict = f" | {'met' if met else 'missed'} (target {'<=' if lower_is_better else '>='} {target})"
-    print(f"| {label} | {value:.2f}{verdict} |")
+        verdict = f"{'met' if met else 'missed'} ({'<=' if lower_is_better else '>='} {target})"
+    print(f"| {label} | {value:.2f} | {verdict} |")
 
 
 print()
-print("| ratio (of times per request; from the run above) | value |")
-print("|---|---|")
+print("| ratio (from the run above) | value | target |")
+print("|---|---:|---|")
 for size in ("0B", "1KiB", "64KiB"):
     group = f"layer/{size}"
     ratio(f"passthrough / bare, {size}", f"{group}/passthrough", f"{group}/bare",
