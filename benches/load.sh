@@ -64,16 +64,26 @@ start "$LAYER_ADDR"
 start "$BARE_ADDR" --no-idempotency
 
 body='{"item":"book","quantity":1}'
+# Each wrk thread reports the first unexpected answer it sees.
+check='
+response = function(status, headers, body)
+  if status ~= 201 and not reported then
+    reported = true
+    io.stderr:write("unexpected answer: ", status, " ", body, "\n")
+  end
+end'
 cat >"$work/passthrough.lua" <<EOF
 wrk.method = "POST"
 wrk.body = '$body'
 wrk.headers["Content-Type"] = "application/json"
+$check
 EOF
 cat >"$work/replay.lua" <<EOF
 wrk.method = "POST"
 wrk.body = '$body'
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Idempotency-Key"] = "load-replay-1"
+$check
 EOF
 
 # The first request with the key runs the handler; wrk then only replays.
@@ -87,7 +97,7 @@ run() {
     out=$(wrk --latency -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" -s "$script" "http://$addr/orders")
     echo "$out" >>"$work/wrk.log"
     if echo "$out" | grep -q "Non-2xx"; then
-        echo "wrk saw non-2xx answers from $addr:" >&2
+        echo "wrk saw non-2xx answers from $addr ($(basename "$script")):" >&2
         echo "$out" >&2
         exit 1
     fi

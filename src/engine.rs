@@ -363,7 +363,10 @@ struct Flight {
 
 #[derive(Clone)]
 enum FlightOutcome {
+    /// The leader is asking the store: the key may well hold a result.
     Running,
+    /// The leader holds the lease and runs the action.
+    Executing,
     Completed(SharedRecord),
     /// Ended without a stored result: waiters start over.
     Released,
@@ -517,14 +520,31 @@ impl<S: Store> Idempotency<S> {
                 if flight.fingerprint != fingerprint {
                     return Ok(Begin::Mismatch);
                 }
-                let Some(deadline) = deadline else {
-                    return Ok(conflict);
-                };
                 let mut outcome = flight.outcome.subscribe();
                 drop(flight);
+                let Some(deadline) = deadline else {
+                    // Under `Reject` a duplicate conflicts with a run, not
+                    // with a leader that is still asking the store: most
+                    // often that leader finds the stored result, and this
+                    // caller replays it too. The wait lasts one store answer.
+                    let answered = outcome
+                        .wait_for(|o| !matches!(o, FlightOutcome::Running))
+                        .await
+                        .map(|o| o.clone());
+                    match answered {
+                        Ok(FlightOutcome::Completed(record)) => {
+                            return Ok(replay_or_mismatch(record, fingerprint, false));
+                        }
+                        Ok(FlightOutcome::Executing) => return Ok(conflict),
+                        // Released, or the leader vanished: start over.
+                        Ok(_) | Err(_) => continue,
+                    }
+                };
                 let ended = tokio::time::timeout_at(
                     deadline,
-                    outcome.wait_for(|o| !matches!(o, FlightOutcome::Running)),
+                    outcome.wait_for(|o| {
+                        matches!(o, FlightOutcome::Completed(_) | FlightOutcome::Released)
+                    }),
                 )
                 .await;
                 match ended {
@@ -555,6 +575,7 @@ impl<S: Store> Idempotency<S> {
             match led {
                 Ok(Led::Acquired(token)) => {
                     let _ = flight.lease.set(token);
+                    flight.outcome.send_replace(FlightOutcome::Executing);
                     self.start_heartbeat();
                     return Ok(Begin::Execute(Lease {
                         engine: self.clone(),
