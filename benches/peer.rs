@@ -10,6 +10,10 @@
 //! takes a fresh session every 100 keys, since the session store rewrites a
 //! session's whole field map on every write. Only the requests to `/orders`
 //! are timed. This crate's router gets the same requests, cookie included.
+//!
+//! `axum-idempotent-hashing` is the peer in its default mode (the key is a
+//! hash of method, path, headers and body), the closer match to this crate,
+//! which fingerprints the body.
 
 use std::time::{Duration, Instant};
 
@@ -62,11 +66,18 @@ fn ours_router() -> Router {
         .layer(IdempotencyLayer::new())
 }
 
-fn peer_router() -> Router {
+/// The peer as its README sets it up (header mode); with `hashing`, in its
+/// default mode instead, where the key is a BLAKE3 hash of the method, path,
+/// headers and body (so a changed body is a new request, as this crate's
+/// fingerprint makes it a 422).
+fn peer_router(hashing: bool) -> Router {
     let sessions = Arc::new(MokaStore::builder().build());
-    let options = IdempotentOptions::default()
-        .use_idempotency_key_header(Some("Idempotency-Key"), true)
-        .expire_after(60 * 5);
+    let options = IdempotentOptions::default().expire_after(60 * 5);
+    let options = if hashing {
+        options
+    } else {
+        options.use_idempotency_key_header(Some("Idempotency-Key"), true)
+    };
     Router::new()
         .route("/orders", post(create))
         .layer(IdempotentLayer::<MokaStore>::new(options))
@@ -163,7 +174,8 @@ fn compare(c: &mut Criterion) {
         .expect("tokio runtime");
     let bare = bare_router();
     let ours = ours_router();
-    let peer = peer_router();
+    let peer = peer_router(false);
+    let peer_hashing = peer_router(true);
     let mut next_key = 0u64;
 
     for (label, size) in SIZES {
@@ -179,7 +191,11 @@ fn compare(c: &mut Criterion) {
             });
         });
 
-        for (name, router, logs_in) in [("ours", &ours, false), ("axum-idempotent", &peer, true)] {
+        for (name, router, logs_in) in [
+            ("ours", &ours, false),
+            ("axum-idempotent", &peer, true),
+            ("axum-idempotent-hashing", &peer_hashing, true),
+        ] {
             // Replay: one client, one key, answered from the store after the
             // first call (checked before timing).
             let key = format!("replay-{label}");

@@ -78,5 +78,9 @@ for size in ("0B", "1KiB", "64KiB"):
           f"{group}/replay/axum-idempotent", f"{group}/replay/ours", 2.0, lower_is_better=False)
     ratio(f"miss throughput, ours / axum-idempotent, {size}",
           f"{group}/miss/axum-idempotent", f"{group}/miss/ours")
+    ratio(f"replay throughput, ours / axum-idempotent-hashing, {size}",
+          f"{group}/replay/axum-idempotent-hashing", f"{group}/replay/ours")
+    ratio(f"miss throughput, ours / axum-idempotent-hashing, {size}",
+          f"{group}/miss/axum-idempotent-hashing", f"{group}/miss/ours")
 ratio("engine replay, redis / memory", "stores/redis/replay", "stores/memory/replay")
 ratio("engine miss, redis / memory", "stores/redis/miss", "stores/memory/miss")
