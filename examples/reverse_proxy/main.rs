@@ -1,0 +1,194 @@
+//! A reverse proxy that puts idempotency in front of an upstream that does
+//! not have it.
+//!
+//! ```text
+//! cargo run --example reverse_proxy                      # built-in demo upstream
+//! cargo run --example reverse_proxy -- --upstream http://127.0.0.1:8080
+//! ```
+//!
+//! A POST or PATCH carrying `Idempotency-Key` runs upstream once; retries get
+//! the first response back with `idempotent-replayed: true`. The admin server
+//! (`--admin`, default 127.0.0.1:3002) answers `/stats`, `/metrics`,
+//! `/healthz`, `/keys` and `DELETE /keys/{key}`. `RUST_LOG` sets the log level.
+
+use std::future::IntoFuture;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::Router;
+use clap::Parser;
+use http::Uri;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tower::{BoxError, ServiceBuilder};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
+use tower_idempotency::store::Store;
+use tower_idempotency::{Concurrent, Idempotency};
+use tracing_subscriber::EnvFilter;
+
+mod admin;
+mod cli;
+mod demo;
+mod forward;
+mod problem;
+mod shutdown;
+
+use cli::{Args, ConcurrentFlag};
+use forward::Forwarder;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new("info,tower_http=info")),
+        )
+        // stdout carries the one `ready:` line; logs go to stderr.
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let args = Args::parse();
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("reverse_proxy: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), BoxError> {
+    let concurrent = match args.concurrent {
+        ConcurrentFlag::Reject => Concurrent::Reject,
+        ConcurrentFlag::Wait => Concurrent::Wait {
+            timeout: args.wait_timeout,
+        },
+    };
+    if let Some(url) = &args.redis {
+        return Err(format!(
+            "--redis {url}: the Redis store is not part of this build yet; \
+             run without --redis to use the embedded in-memory store"
+        )
+        .into());
+    }
+    let engine = Idempotency::builder()
+        .ttl(args.ttl)
+        .lease_ttl(args.lease_ttl)
+        .concurrent(concurrent)
+        .max_entries(args.max_entries)
+        .build()?;
+    serve(args, engine).await
+}
+
+/// Binds both listeners, reports ready, serves until a signal, then drains.
+async fn serve<S: Store>(args: Args, engine: Idempotency<S>) -> Result<(), BoxError> {
+    let upstream = match &args.upstream {
+        Some(upstream) => upstream.clone(),
+        None => {
+            let addr = demo::start()
+                .await
+                .map_err(|e| format!("cannot start the demo upstream: {e}"))?;
+            format!("http://{addr}").parse::<Uri>()?
+        }
+    };
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let admin_listener = TcpListener::bind(args.admin)
+        .await
+        .map_err(|e| format!("cannot listen on {} (admin): {e}", args.admin))?;
+    let proxy_addr = listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+
+    let shutting_down = Arc::new(AtomicBool::new(false));
+    let app = proxy_app(
+        &args,
+        &engine,
+        Forwarder::new(upstream.clone(), args.upstream_timeout),
+    )?;
+    let admin_app = admin::router(engine.clone(), shutting_down.clone());
+
+    let (stop_proxy, proxy_stopped) = watch::channel(false);
+    let (stop_admin, admin_stopped) = watch::channel(false);
+    let proxy = tokio::spawn(
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown::changed(proxy_stopped))
+        .into_future(),
+    );
+    let admin = tokio::spawn(
+        axum::serve(admin_listener, admin_app)
+            .with_graceful_shutdown(shutdown::changed(admin_stopped))
+            .into_future(),
+    );
+
+    tracing::info!(%proxy_addr, %admin_addr, %upstream, "ready");
+    let mut stdout = std::io::stdout().lock();
+    writeln!(
+        stdout,
+        "ready: proxy on http://{proxy_addr}, admin on http://{admin_addr}, upstream {upstream}"
+    )?;
+    if args.upstream.is_none() {
+        writeln!(stdout, "{}", demo_hint(proxy_addr, admin_addr))?;
+    }
+    stdout.flush()?;
+    drop(stdout);
+
+    shutdown::signal().await?;
+    tracing::info!("shutting down: no new connections, draining in-flight requests");
+    // /healthz answers 503 from now on; the admin server stays up while the
+    // proxy drains so a load balancer can see it.
+    shutting_down.store(true, Ordering::SeqCst);
+    let _ = stop_proxy.send(true);
+    match tokio::time::timeout(args.drain_timeout, proxy).await {
+        Ok(Ok(Ok(()))) => tracing::info!("drained"),
+        Ok(Ok(Err(e))) => tracing::error!(error = %e, "proxy server failed"),
+        Ok(Err(e)) => tracing::error!(error = %e, "proxy server task failed"),
+        Err(_) => tracing::warn!(
+            drain_timeout = ?args.drain_timeout,
+            "requests still in flight after the drain timeout; exiting anyway"
+        ),
+    }
+    let _ = stop_admin.send(true);
+    if tokio::time::timeout(std::time::Duration::from_secs(1), admin)
+        .await
+        .is_err()
+    {
+        tracing::warn!("admin server did not stop in time");
+    }
+    Ok(())
+}
+
+/// The proxy's service stack: request id and trace outside, the forwarder
+/// inside.
+fn proxy_app<S: Store>(
+    _args: &Args,
+    _engine: &Idempotency<S>,
+    forwarder: Forwarder,
+) -> Result<Router, BoxError> {
+    let service = ServiceBuilder::new()
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(DefaultMakeSpan::new().level(tracing::Level::INFO))
+                .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
+        )
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .service(forwarder);
+    Ok(Router::new().fallback_service(service))
+}
+
+fn demo_hint(proxy: SocketAddr, admin: SocketAddr) -> String {
+    format!(
+        "demo upstream: POST /orders answers 201 with how many times it ran. Try:\n\
+         \x20 curl -i -X POST http://{proxy}/orders -H 'Idempotency-Key: order-1' -d '{{\"item\":\"book\"}}'\n\
+         \x20 curl -i -X POST http://{proxy}/orders -H 'Idempotency-Key: order-1' -d '{{\"item\":\"book\"}}'   # replayed\n\
+         \x20 curl -s http://{admin}/stats"
+    )
+}
