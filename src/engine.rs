@@ -47,7 +47,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, Once, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -69,9 +69,10 @@ pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(60);
 pub const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What a duplicate gets while the first request for its key is in flight.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Concurrent {
     /// Refuse it at once (HTTP 409 with `Retry-After`), as the IETF draft says.
+    #[default]
     Reject,
     /// Wait for the first to finish and replay its result. `timeout` is one
     /// budget for the whole wait, start-overs included; past it, a conflict.
@@ -87,12 +88,6 @@ impl Concurrent {
         Self::Wait {
             timeout: DEFAULT_WAIT_TIMEOUT,
         }
-    }
-}
-
-impl Default for Concurrent {
-    fn default() -> Self {
-        Self::Reject
     }
 }
 
@@ -344,14 +339,14 @@ struct Inner<S> {
     /// Store removal counts at the last `reset_stats`.
     removals_baseline: [AtomicU64; 2],
     flights: Mutex<HashMap<String, Arc<Flight>>>,
-    heartbeat: Once,
+    heartbeat: Mutex<Option<AbortHandle>>,
     auto_cleanup: Mutex<Option<AbortHandle>>,
 }
 
 impl<S> Drop for Inner<S> {
     fn drop(&mut self) {
-        if let Ok(mut cleanup) = self.auto_cleanup.lock() {
-            if let Some(task) = cleanup.take() {
+        for task in [&self.heartbeat, &self.auto_cleanup] {
+            if let Some(task) = lock(task).take() {
                 task.abort();
             }
         }
@@ -375,7 +370,6 @@ enum FlightOutcome {
 }
 
 /// What [`Idempotency::begin`] decided for one call.
-#[derive(Debug)]
 pub enum Begin<S: Store> {
     /// The caller runs the action, then completes or drops the lease.
     Execute(Lease<S>),
@@ -394,6 +388,24 @@ pub enum Begin<S: Store> {
         /// When it is worth retrying.
         retry_after: Duration,
     },
+}
+
+impl<S: Store> std::fmt::Debug for Begin<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Execute(lease) => f.debug_tuple("Execute").field(lease).finish(),
+            Self::Replay { record, coalesced } => f
+                .debug_struct("Replay")
+                .field("record", record)
+                .field("coalesced", coalesced)
+                .finish(),
+            Self::Mismatch => f.write_str("Mismatch"),
+            Self::Conflict { retry_after } => f
+                .debug_struct("Conflict")
+                .field("retry_after", retry_after)
+                .finish(),
+        }
+    }
 }
 
 impl Idempotency<MemoryStore> {
@@ -423,7 +435,7 @@ impl<S: Store> Idempotency<S> {
                 stats: Stats::default(),
                 removals_baseline: [AtomicU64::new(0), AtomicU64::new(0)],
                 flights: Mutex::new(HashMap::new()),
-                heartbeat: Once::new(),
+                heartbeat: Mutex::new(None),
                 auto_cleanup: Mutex::new(None),
             }),
         }
@@ -439,6 +451,7 @@ impl<S: Store> Idempotency<S> {
         &self.inner.store
     }
 
+    #[allow(dead_code)] // the frontends count their own events here
     pub(crate) fn counters(&self) -> &Stats {
         &self.inner.stats
     }
@@ -616,17 +629,20 @@ impl<S: Store> Idempotency<S> {
         flight.outcome.send_replace(outcome);
     }
 
-    /// Starts, once per engine, the task that renews every held lease each
-    /// third of the lease TTL. It stops when the engine is dropped.
+    /// Makes sure the task that renews every held lease each third of the
+    /// lease TTL runs: one per engine, started on first use, started again if
+    /// the runtime it ran on has gone. It stops when the engine is dropped.
     fn start_heartbeat(&self) {
-        self.inner.heartbeat.call_once(|| {
-            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-                return;
-            };
-            let engine = Arc::downgrade(&self.inner);
-            let period = (self.inner.config.lease_ttl / 3).max(Duration::from_millis(1));
-            runtime.spawn(heartbeat(engine, period));
-        });
+        let mut task = lock(&self.inner.heartbeat);
+        if task.as_ref().is_some_and(|task| !task.is_finished()) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let engine = Arc::downgrade(&self.inner);
+        let period = (self.inner.config.lease_ttl / 3).max(Duration::from_millis(1));
+        *task = Some(runtime.spawn(heartbeat(engine, period)).abort_handle());
     }
 
     /// Writes `record` under `key` whatever the key held (for results known
@@ -774,7 +790,8 @@ impl<S: Store> Idempotency<S> {
         self.counted(self.inner.store.cleanup_expired().await)
     }
 
-    /// Removes the `n` oldest completed records (by creation time) and
+    /// Removes the `n` oldest completed records (by creation time in
+    /// milliseconds, ties broken by the nearest expiry) and
     /// answers how many it removed. In-flight markers are never evicted:
     /// that would let a duplicate run while the first is still running.
     /// Removed records count as `evicted`.
@@ -788,7 +805,7 @@ impl<S: Store> Idempotency<S> {
             .into_iter()
             .filter(|entry| entry.kind == EntryKind::Completed)
             .collect();
-        records.sort_by_key(|entry| entry.created_at_ms);
+        records.sort_by_key(|entry| (entry.created_at_ms, entry.expires_in));
         let mut removed = 0;
         for entry in records.into_iter().take(n) {
             if self.remove(&entry.key).await? {

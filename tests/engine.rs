@@ -1,0 +1,537 @@
+//! The engine's protocol: single-flight, policies, leases, stats and the handle.
+
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::Barrier;
+use tokio::time::timeout;
+use tower_idempotency::store::{
+    BeginOutcome, Entry, LeaseToken, MemoryStore, ScanEntry, Store, StoreError,
+};
+use tower_idempotency::{
+    Begin, CacheInfo, Concurrent, Fingerprint, Idempotency, KeyFilter, LeaseExpiry, Record,
+};
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+/// A real memory store that also counts the round trips the engine makes to it.
+#[derive(Clone, Default)]
+struct CountingStore {
+    inner: MemoryStore,
+    begins: Arc<AtomicUsize>,
+    completes: Arc<AtomicUsize>,
+}
+
+impl Store for CountingStore {
+    async fn begin(
+        &self,
+        key: &str,
+        fingerprint: Fingerprint,
+        lease: LeaseToken,
+        lease_ttl: Duration,
+    ) -> Result<BeginOutcome, StoreError> {
+        self.begins.fetch_add(1, SeqCst);
+        self.inner.begin(key, fingerprint, lease, lease_ttl).await
+    }
+    async fn renew(&self, key: &str, lease: LeaseToken, ttl: Duration) -> Result<bool, StoreError> {
+        self.inner.renew(key, lease, ttl).await
+    }
+    async fn complete(
+        &self,
+        key: &str,
+        lease: LeaseToken,
+        record: Arc<Record>,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        self.completes.fetch_add(1, SeqCst);
+        self.inner.complete(key, lease, record, ttl).await
+    }
+    async fn release(&self, key: &str, lease: LeaseToken) -> Result<bool, StoreError> {
+        self.inner.release(key, lease).await
+    }
+    async fn put(&self, key: &str, record: Arc<Record>, ttl: Duration) -> Result<(), StoreError> {
+        self.inner.put(key, record, ttl).await
+    }
+    async fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
+        self.inner.get(key).await
+    }
+    async fn remove(&self, key: &str) -> Result<bool, StoreError> {
+        self.inner.remove(key).await
+    }
+    async fn clear(&self) -> Result<(), StoreError> {
+        self.inner.clear().await
+    }
+    async fn scan(&self) -> Result<Vec<ScanEntry>, StoreError> {
+        self.inner.scan().await
+    }
+    async fn len(&self) -> Result<u64, StoreError> {
+        self.inner.len().await
+    }
+    async fn info(&self) -> Result<CacheInfo, StoreError> {
+        self.inner.info().await
+    }
+}
+
+fn fp(text: &str) -> Fingerprint {
+    Fingerprint::of_bytes(text.as_bytes())
+}
+
+fn value(fingerprint: Fingerprint, text: &'static str) -> Record {
+    Record::value(fingerprint, Bytes::from_static(text.as_bytes()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_waiting_duplicates_cost_one_execution_and_one_store_begin() {
+    let store = CountingStore::default();
+    let engine = Idempotency::builder()
+        .store(store.clone())
+        .concurrent(Concurrent::wait())
+        .build()
+        .unwrap();
+    let executions = Arc::new(AtomicUsize::new(0));
+    let all_started = Arc::new(Barrier::new(1001));
+    let mut tasks = Vec::new();
+    for _ in 0..1000 {
+        let engine = engine.clone();
+        let executions = executions.clone();
+        let all_started = all_started.clone();
+        tasks.push(tokio::spawn(async move {
+            all_started.wait().await;
+            match engine
+                .begin("sig:pay:acct", fp("same"), Concurrent::wait())
+                .await?
+            {
+                Begin::Execute(lease) => {
+                    executions.fetch_add(1, SeqCst);
+                    // Give every duplicate time to join the flight.
+                    tokio::task::yield_now().await;
+                    lease.complete(value(fp("same"), "paid")).await?;
+                    Ok::<_, StoreError>(Bytes::from_static(b"paid"))
+                }
+                Begin::Replay { record, .. } => Ok(record.as_value().unwrap().clone()),
+                other => panic!("unexpected {other:?}"),
+            }
+        }));
+    }
+    all_started.wait().await;
+    for task in tasks {
+        let body = timeout(LIMIT, task).await.unwrap().unwrap().unwrap();
+        assert_eq!(body, "paid");
+    }
+    assert_eq!(executions.load(SeqCst), 1);
+    let stats = engine.stats();
+    assert_eq!(stats.executed, 1);
+    assert_eq!(stats.coalesced + stats.replayed, 999);
+    assert_eq!(store.completes.load(SeqCst), 1);
+    // Duplicates that arrived while the first was in flight never reached the
+    // store; only those that came after it completed read the record there.
+    assert_eq!(
+        store.begins.load(SeqCst) as u64,
+        1 + stats.replayed,
+        "coalesced duplicates must not touch the store"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_reject_duplicates_of_an_in_flight_key_conflict() {
+    let engine = Idempotency::new();
+    let Begin::Execute(lease) = engine
+        .begin("s:a:t", fp("x"), Concurrent::Reject)
+        .await
+        .unwrap()
+    else {
+        panic!("first runs")
+    };
+    let mut tasks = Vec::new();
+    for _ in 0..499 {
+        let engine = engine.clone();
+        tasks.push(tokio::spawn(async move {
+            engine.begin("s:a:t", fp("x"), Concurrent::Reject).await
+        }));
+    }
+    for task in tasks {
+        let outcome = timeout(LIMIT, task).await.unwrap().unwrap().unwrap();
+        assert!(
+            matches!(outcome, Begin::Conflict { retry_after } if retry_after >= Duration::from_secs(1))
+        );
+    }
+    lease.complete(value(fp("x"), "ok")).await.unwrap();
+    let stats = engine.stats();
+    assert_eq!((stats.executed, stats.conflicts), (1, 499));
+    assert_eq!(stats.duplicates_prevented(), 499);
+}
+
+#[tokio::test]
+async fn a_duplicate_with_another_fingerprint_is_a_mismatch_in_flight_and_after() {
+    let engine = Idempotency::new();
+    let Begin::Execute(lease) = engine
+        .begin("s:a:t", fp("one"), Concurrent::wait())
+        .await
+        .unwrap()
+    else {
+        panic!("first runs")
+    };
+    let in_flight = engine.begin("s:a:t", fp("two"), Concurrent::wait());
+    assert!(matches!(
+        timeout(LIMIT, in_flight).await.unwrap().unwrap(),
+        Begin::Mismatch
+    ));
+    lease.complete(value(fp("one"), "ok")).await.unwrap();
+    let after = engine.begin("s:a:t", fp("two"), Concurrent::Reject).await;
+    assert!(matches!(after.unwrap(), Begin::Mismatch));
+    assert_eq!(engine.stats().mismatches, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_lease_lets_a_waiting_duplicate_run_the_action() {
+    let engine = Idempotency::new();
+    let Begin::Execute(lease) = engine
+        .begin("s:a:t", fp("x"), Concurrent::wait())
+        .await
+        .unwrap()
+    else {
+        panic!("first runs")
+    };
+    let waiter = tokio::spawn({
+        let engine = engine.clone();
+        async move {
+            match engine.begin("s:a:t", fp("x"), Concurrent::wait()).await? {
+                Begin::Execute(lease) => lease.complete(value(fp("x"), "second")).await,
+                other => panic!("the waiter should run the action, got {other:?}"),
+            }
+        }
+    });
+    // Whether the waiter has joined the flight by now or arrives after the
+    // release, the outcome a user sees is the same: the duplicate runs.
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    drop(lease);
+    assert!(timeout(LIMIT, waiter).await.unwrap().unwrap().unwrap());
+    assert_eq!(engine.stats().executed, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_action_does_not_wedge_the_key() {
+    let engine = Idempotency::new();
+    let panicked = tokio::spawn({
+        let engine = engine.clone();
+        async move {
+            let Begin::Execute(_lease) = engine
+                .begin("s:a:t", fp("x"), Concurrent::Reject)
+                .await
+                .unwrap()
+            else {
+                panic!("first runs")
+            };
+            panic!("the action blew up");
+        }
+    });
+    assert!(timeout(LIMIT, panicked).await.unwrap().is_err());
+    // The release runs on a task of its own; wait for it rather than guess.
+    let retry = timeout(LIMIT, async {
+        loop {
+            match engine
+                .begin("s:a:t", fp("x"), Concurrent::Reject)
+                .await
+                .unwrap()
+            {
+                Begin::Execute(lease) => return lease,
+                Begin::Conflict { .. } => tokio::task::yield_now().await,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(retry.complete(value(fp("x"), "ok")).await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_lease_is_renewed_past_its_ttl() {
+    let store = MemoryStore::new();
+    let lease_ttl = Duration::from_millis(90);
+    let first = Idempotency::builder()
+        .store(store.clone())
+        .lease_ttl(lease_ttl)
+        .build()
+        .unwrap();
+    let second = Idempotency::builder()
+        .store(store.clone())
+        .lease_ttl(lease_ttl)
+        .build()
+        .unwrap();
+    let Begin::Execute(lease) = first
+        .begin("s:a:t", fp("x"), Concurrent::Reject)
+        .await
+        .unwrap()
+    else {
+        panic!("first runs")
+    };
+    // Four lease TTLs later, the heartbeat has kept the marker alive.
+    for _ in 0..4 {
+        tokio::time::sleep(lease_ttl).await;
+        let outcome = second
+            .begin("s:a:t", fp("x"), Concurrent::Reject)
+            .await
+            .unwrap();
+        assert!(
+            matches!(outcome, Begin::Conflict { .. }),
+            "taken over: {outcome:?}"
+        );
+    }
+    assert!(lease.complete(value(fp("x"), "slow")).await.unwrap());
+    assert!(matches!(
+        second
+            .begin("s:a:t", fp("x"), Concurrent::Reject)
+            .await
+            .unwrap(),
+        Begin::Replay {
+            coalesced: false,
+            ..
+        }
+    ));
+}
+
+/// Drops `lease` where no runtime can release it: to the store, its holder
+/// died with the marker in place.
+fn die_holding<S: Store>(lease: tower_idempotency::Lease<S>) {
+    std::thread::spawn(move || drop(lease)).join().unwrap();
+}
+
+#[tokio::test]
+async fn an_abandoned_lease_is_taken_over_after_the_lease_ttl() {
+    let engine = Idempotency::builder()
+        .lease_ttl(Duration::from_millis(60))
+        .build()
+        .unwrap();
+    let Begin::Execute(lease) = engine
+        .begin("s:a:t", fp("x"), Concurrent::Reject)
+        .await
+        .unwrap()
+    else {
+        panic!("first runs")
+    };
+    let token = lease.token();
+    die_holding(lease);
+    assert!(matches!(
+        engine
+            .begin("s:a:t", fp("x"), Concurrent::Reject)
+            .await
+            .unwrap(),
+        Begin::Conflict { .. }
+    ));
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    let Begin::Execute(second) = engine
+        .begin("s:a:t", fp("x"), Concurrent::Reject)
+        .await
+        .unwrap()
+    else {
+        panic!("the retry takes over")
+    };
+    // The dead holder's token no longer fences the key.
+    assert!(!engine
+        .store()
+        .complete(
+            "s:a:t",
+            token,
+            Arc::new(value(fp("x"), "stale")),
+            Duration::from_secs(9)
+        )
+        .await
+        .unwrap());
+    assert!(second.complete(value(fp("x"), "fresh")).await.unwrap());
+}
+
+#[tokio::test]
+async fn under_block_an_abandoned_lease_keeps_refusing_retries() {
+    let engine = Idempotency::builder()
+        .lease_ttl(Duration::from_millis(60))
+        .lease_expiry(LeaseExpiry::Block)
+        .build()
+        .unwrap();
+    let Begin::Execute(lease) = engine
+        .begin("s:a:t", fp("x"), Concurrent::Reject)
+        .await
+        .unwrap()
+    else {
+        panic!("first runs")
+    };
+    die_holding(lease);
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    assert!(matches!(
+        engine
+            .begin("s:a:t", fp("x"), Concurrent::Reject)
+            .await
+            .unwrap(),
+        Begin::Conflict { .. }
+    ));
+}
+
+#[tokio::test]
+async fn records_expire_after_the_ttl_and_the_key_runs_again() {
+    let engine = Idempotency::builder()
+        .ttl(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    let Begin::Execute(lease) = engine
+        .begin("s:a:t", fp("x"), Concurrent::Reject)
+        .await
+        .unwrap()
+    else {
+        panic!("first runs")
+    };
+    lease.complete(value(fp("x"), "ok")).await.unwrap();
+    assert!(engine.record("s:a:t").await.unwrap().is_some());
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    assert!(engine.record("s:a:t").await.unwrap().is_none());
+    assert!(matches!(
+        engine
+            .begin("s:a:t", fp("x"), Concurrent::Reject)
+            .await
+            .unwrap(),
+        Begin::Execute(_)
+    ));
+}
+
+#[tokio::test]
+async fn auto_cleanup_counts_expired_entries_and_stops_on_request() {
+    let engine = Idempotency::new();
+    engine
+        .put("s:a:t", value(fp("x"), "ok"), Duration::from_millis(20))
+        .await
+        .unwrap();
+    engine
+        .start_auto_cleanup(Duration::from_millis(10))
+        .unwrap();
+    assert!(engine.auto_cleanup_running());
+    timeout(LIMIT, async {
+        while engine.stats().expired < 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the cleanup task drops the expired record");
+    assert_eq!(engine.cache_info().await.unwrap().entries, 0);
+    engine.stop_auto_cleanup();
+    assert!(!engine.auto_cleanup_running());
+    assert!(engine.start_auto_cleanup(Duration::ZERO).is_err());
+}
+
+#[tokio::test]
+async fn the_entry_bound_evicts_and_counts() {
+    let engine = Idempotency::builder().max_entries(100).build().unwrap();
+    for i in 0..1_000 {
+        engine
+            .put(
+                &format!("s{i}:a:t"),
+                value(fp("x"), "ok"),
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+    }
+    engine.cleanup_expired().await.unwrap();
+    let info = engine.cache_info().await.unwrap();
+    assert!(info.entries <= 100, "{info:?}");
+    assert_eq!(info.max_entries, Some(100));
+    assert!(engine.stats().evicted >= 900, "{:?}", engine.stats());
+}
+
+#[tokio::test]
+async fn the_byte_bound_evicts_large_records() {
+    let engine = Idempotency::builder()
+        .max_entries(1_000)
+        .max_bytes(64 * 1024)
+        .build()
+        .unwrap();
+    let body = Bytes::from(vec![b'x'; 8 * 1024]);
+    for i in 0..64 {
+        engine
+            .put(
+                &format!("s{i}:a:t"),
+                Record::value(fp("x"), body.clone()),
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+    }
+    engine.cleanup_expired().await.unwrap();
+    let info = engine.cache_info().await.unwrap();
+    assert!(info.weighted_bytes <= 64 * 1024, "{info:?}");
+    assert!(info.entries <= 8, "{info:?}");
+    assert!(engine.stats().evicted >= 56, "{:?}", engine.stats());
+}
+
+#[tokio::test]
+async fn invalid_configuration_is_refused_at_build() {
+    assert!(Idempotency::builder().ttl(Duration::ZERO).build().is_err());
+    assert!(Idempotency::builder()
+        .lease_ttl(Duration::ZERO)
+        .build()
+        .is_err());
+    assert!(Idempotency::builder().max_entries(0).build().is_err());
+    assert!(Idempotency::builder().max_bytes(0).build().is_err());
+}
+
+#[tokio::test]
+async fn queries_and_maintenance_work_through_the_handle() {
+    let engine = Idempotency::new();
+    let hour = Duration::from_secs(3600);
+    engine
+        .put("evt1:create_task:trello", value(fp("a"), "1"), hour)
+        .await
+        .unwrap();
+    // Distinct creation times (milliseconds), so "oldest" is well defined.
+    tokio::time::sleep(Duration::from_millis(3)).await;
+    engine
+        .put(
+            "evt1:send:slack",
+            value(fp("b"), "2"),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    engine
+        .put("evt2:create_task:drive", value(fp("c"), "3"), hour)
+        .await
+        .unwrap();
+
+    let mut signal: Vec<String> = engine
+        .find_by_signal("evt1")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.key)
+        .collect();
+    signal.sort();
+    assert_eq!(signal, ["evt1:create_task:trello", "evt1:send:slack"]);
+    let action = engine
+        .keys(&KeyFilter::new().action("create_task").target("drive"))
+        .await
+        .unwrap();
+    assert_eq!(action.len(), 1);
+    assert_eq!(action[0].key, "evt2:create_task:drive");
+    let soon = engine
+        .expiring_within(Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(soon.len(), 1);
+    assert_eq!(soon[0].key, "evt1:send:slack");
+
+    assert_eq!(engine.evict_oldest(1).await.unwrap(), 1);
+    assert!(engine
+        .record("evt1:create_task:trello")
+        .await
+        .unwrap()
+        .is_none());
+    assert!(engine.remove("evt1:send:slack").await.unwrap());
+    assert!(!engine.remove("evt1:send:slack").await.unwrap());
+    engine.clear().await.unwrap();
+    assert_eq!(engine.cache_info().await.unwrap().entries, 0);
+
+    engine.reset_stats();
+    assert_eq!(engine.stats(), Default::default());
+}
