@@ -105,7 +105,7 @@ fn parse_seconds(text: &str) -> Result<Duration, String> {
     let seconds: f64 = text
         .parse()
         .map_err(|_| format!("`{text}` is not a number of seconds"))?;
-    if !(seconds > 0.0) {
+    if seconds.is_nan() || seconds <= 0.0 {
         return Err("must be greater than zero".into());
     }
     Duration::try_from_secs_f64(seconds).map_err(|e| e.to_string())

@@ -86,6 +86,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
 
 /// Binds both listeners, reports ready, serves until a signal, then drains.
 async fn serve<S: Store>(args: Args, engine: Idempotency<S>) -> Result<(), BoxError> {
+    let mut signals = shutdown::Signals::new()?;
     let upstream = match &args.upstream {
         Some(upstream) => upstream.clone(),
         None => {
@@ -140,7 +141,7 @@ async fn serve<S: Store>(args: Args, engine: Idempotency<S>) -> Result<(), BoxEr
     stdout.flush()?;
     drop(stdout);
 
-    shutdown::signal().await?;
+    signals.recv().await?;
     tracing::info!("shutting down: no new connections, draining in-flight requests");
     // /healthz answers 503 from now on; the admin server stays up while the
     // proxy drains so a load balancer can see it.

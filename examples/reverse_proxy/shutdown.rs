@@ -2,20 +2,46 @@
 
 use tokio::sync::watch;
 
-/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
-pub(crate) async fn signal() -> std::io::Result<()> {
+/// SIGINT (Ctrl-C) and SIGTERM, listened for from the moment this is made:
+/// made before the proxy reports ready, so a signal sent right after the
+/// `ready:` line is never missed (it would kill the process otherwise).
+pub(crate) struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut terminate = signal(SignalKind::terminate())?;
-        tokio::select! {
-            result = tokio::signal::ctrl_c() => result,
-            _ = terminate.recv() => Ok(()),
+    interrupt: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    pub(crate) fn new() -> std::io::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Self {
+                interrupt: signal(SignalKind::interrupt())?,
+                terminate: signal(SignalKind::terminate())?,
+            })
+        }
+        #[cfg(not(unix))]
+        {
+            Ok(Self {})
         }
     }
-    #[cfg(not(unix))]
-    {
-        tokio::signal::ctrl_c().await
+
+    /// Resolves on the next SIGINT or SIGTERM.
+    pub(crate) async fn recv(&mut self) -> std::io::Result<()> {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.interrupt.recv() => tracing::info!("SIGINT"),
+                _ = self.terminate.recv() => tracing::info!("SIGTERM"),
+            }
+            Ok(())
+        }
+        #[cfg(not(unix))]
+        {
+            tokio::signal::ctrl_c().await
+        }
     }
 }
 
