@@ -69,6 +69,7 @@ async fn forwards_method_path_query_headers_and_body() {
         headers.get("x-hop").is_none(),
         "hop-by-hop header forwarded"
     );
+    assert_eq!(upstream.executions(), 0, "/echo counts nothing");
     let request_id = headers["x-request-id"].as_str().expect("a request id");
     assert_eq!(
         reply.headers["x-request-id"], request_id,
