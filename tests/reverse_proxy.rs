@@ -3,6 +3,8 @@
 
 #[path = "reverse_proxy/harness.rs"]
 mod harness;
+#[path = "reverse_proxy/idempotency.rs"]
+mod idempotency;
 #[path = "reverse_proxy/upstream.rs"]
 mod upstream;
 
@@ -15,9 +17,83 @@ use tokio::time::timeout;
 use harness::{send, send_with, spawn, Proxy, QUICK};
 use upstream::{dead_url, Upstream};
 
+/// The flags that put the proxy on Redis under a prefix of its own, or none
+/// for the embedded store.
+pub(crate) fn store_args(redis: bool) -> Vec<String> {
+    if !redis {
+        return Vec::new();
+    }
+    let prefix = format!("test-proxy-{:016x}:", rand::random::<u64>());
+    vec![
+        "--redis".into(),
+        REDIS_URL.into(),
+        "--redis-prefix".into(),
+        prefix,
+    ]
+}
+
+const REDIS_URL: &str = "redis://127.0.0.1:6379";
+
+/// Whether Redis answers a PING on 127.0.0.1:6379.
+#[cfg(feature = "redis")]
+async fn redis_answers() -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ping = async {
+        let mut stream = tokio::net::TcpStream::connect("127.0.0.1:6379")
+            .await
+            .ok()?;
+        stream.write_all(b"PING\r\n").await.ok()?;
+        let mut answer = [0u8; 7];
+        stream.read_exact(&mut answer).await.ok()?;
+        Some(&answer == b"+PONG\r\n")
+    };
+    matches!(timeout(Duration::from_secs(2), ping).await, Ok(Some(true)))
+}
+
+/// Each behaviour of `idempotency` as a test on the embedded store and, with
+/// feature `redis`, one on Redis.
+macro_rules! on_every_store {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    crate::idempotency::$name(false).await;
+                }
+            )*
+        }
+        #[cfg(feature = "redis")]
+        mod redis {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    if !crate::redis_answers().await {
+                        eprintln!("Redis does not answer on 127.0.0.1:6379; skipped");
+                        return;
+                    }
+                    crate::idempotency::$name(true).await;
+                }
+            )*
+        }
+    };
+}
+
+on_every_store!(
+    retry_is_replayed_and_runs_upstream_once,
+    duplicate_in_flight_is_409_under_reject,
+    duplicate_in_flight_is_coalesced_under_wait,
+    changed_body_is_422,
+    body_over_max_body_is_413,
+    server_errors_are_not_stored,
+    upstream_down_is_502_and_not_stored,
+    large_response_is_passed_through_not_stored,
+    require_key_refuses_keyless_posts,
+    admin_reports_a_known_sequence,
+);
+
 /// Polls `check` until it holds; every try is a real request, the whole wait
 /// is bounded.
-async fn eventually<F, Fut>(what: &str, mut check: F)
+pub(crate) async fn eventually<F, Fut>(what: &str, mut check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,

@@ -26,9 +26,13 @@ use crate::problem::problem;
 /// How long `/healthz` waits for the store before calling it down.
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How many requests wait for a decision right now (the layer's gauge).
+pub(crate) type Waiting = Arc<dyn Fn() -> usize + Send + Sync>;
+
 /// What the admin handlers share.
 pub(crate) struct AdminState<S> {
     engine: Idempotency<S>,
+    waiting: Waiting,
     shutting_down: Arc<AtomicBool>,
 }
 
@@ -36,13 +40,18 @@ impl<S> Clone for AdminState<S> {
     fn clone(&self) -> Self {
         Self {
             engine: self.engine.clone(),
+            waiting: self.waiting.clone(),
             shutting_down: self.shutting_down.clone(),
         }
     }
 }
 
 /// The admin routes over `engine`; `/healthz` fails once `shutting_down` is set.
-pub(crate) fn router<S: Store>(engine: Idempotency<S>, shutting_down: Arc<AtomicBool>) -> Router {
+pub(crate) fn router<S: Store>(
+    engine: Idempotency<S>,
+    waiting: Waiting,
+    shutting_down: Arc<AtomicBool>,
+) -> Router {
     Router::new()
         .route("/stats", get(stats::<S>))
         .route("/metrics", get(metrics::<S>))
@@ -57,6 +66,7 @@ pub(crate) fn router<S: Store>(engine: Idempotency<S>, shutting_down: Arc<Atomic
         ))
         .with_state(AdminState {
             engine,
+            waiting,
             shutting_down,
         })
 }
@@ -102,6 +112,8 @@ async fn stats<S: Store>(State(state): State<AdminState<S>>) -> impl IntoRespons
         "weighted_bytes": cache.weighted_bytes,
         "utilization_percent": cache.utilization_percent(),
         "store_up": u8::from(info.is_some()),
+        // Duplicates waiting on a first request (--concurrent wait) or on a slow store.
+        "waiting": (state.waiting)(),
     }))
 }
 
@@ -109,7 +121,7 @@ async fn stats<S: Store>(State(state): State<AdminState<S>>) -> impl IntoRespons
 async fn metrics<S: Store>(State(state): State<AdminState<S>>) -> Response<Body> {
     let stats = state.engine.stats();
     let info = cache_info(&state.engine).await;
-    let registry = registry(&stats, info);
+    let registry = registry(&stats, info, (state.waiting)());
     let mut text = String::new();
     if let Err(e) = encode(&mut text, &registry) {
         return problem(
@@ -128,7 +140,7 @@ async fn metrics<S: Store>(State(state): State<AdminState<S>>) -> Response<Body>
 
 /// A registry of constant metrics holding this scrape's values: the engine
 /// keeps its own counters, so nothing here has to track them.
-fn registry(s: &StatsSnapshot, info: Option<CacheInfo>) -> Registry {
+fn registry(s: &StatsSnapshot, info: Option<CacheInfo>, waiting: usize) -> Registry {
     let mut registry = Registry::with_prefix("idempotency");
     let counters: [(&str, &str, u64); 13] = [
         (
@@ -201,7 +213,12 @@ fn registry(s: &StatsSnapshot, info: Option<CacheInfo>) -> Registry {
         registry.register(name, help, ConstCounter::new(value));
     }
     let cache = info.unwrap_or_default();
-    let gauges: [(&str, &str, f64); 6] = [
+    let gauges: [(&str, &str, f64); 7] = [
+        (
+            "waiting",
+            "Requests waiting for a decision right now",
+            waiting as f64,
+        ),
         (
             "hit_rate_percent",
             "Percent of answered actions served from a stored result",

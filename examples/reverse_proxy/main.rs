@@ -111,7 +111,8 @@ async fn serve<S: Store>(args: Args, engine: Idempotency<S>) -> Result<(), BoxEr
         &engine,
         Forwarder::new(upstream.clone(), args.upstream_timeout),
     )?;
-    let admin_app = admin::router(engine.clone(), shutting_down.clone());
+    let waiting: admin::Waiting = Arc::new(|| 0);
+    let admin_app = admin::router(engine.clone(), waiting, shutting_down.clone());
 
     let (stop_proxy, proxy_stopped) = watch::channel(false);
     let (stop_admin, admin_stopped) = watch::channel(false);
