@@ -6,17 +6,23 @@
 //! draft-ietf-httpapi-idempotency-key-header), and the engine under it, which
 //! outbound code (webhook senders, third-party API calls) can use directly.
 //!
+//! * [`IdempotencyLayer`]: the Tower layer for `Idempotency-Key` (module
+//!   [`layer`]: the guarantee and the behaviour table), answering its own
+//!   errors as RFC 9457 [`problem`] details.
 //! * [`Idempotency`]: the engine and its handle (stats, queries,
 //!   maintenance). The whole protocol lives in one file, [`engine`].
 //! * [`store`]: the [`Store`](store::Store) trait, the embedded moka
 //!   [`MemoryStore`](store::MemoryStore) and, with feature `redis`, the shared
 //!   Redis store.
-//! * [`key`]: [`IdempotencyKey`], [`Fingerprint`] and key extractors.
+//! * [`key`]: [`IdempotencyKey`], [`Fingerprint`] and key extractors
+//!   ([`HeaderKey`]).
 //! * [`record`]: what a completed action leaves behind.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod engine;
 pub mod key;
+pub mod layer;
+pub mod problem;
 pub mod record;
 mod stats;
 pub mod store;
@@ -25,6 +31,10 @@ pub use engine::{
     Begin, Concurrent, Config, ConfigError, Idempotency, IdempotencyBuilder, IntoStore, KeyFilter,
     Lease, LeaseExpiry,
 };
-pub use key::{Fingerprint, IdempotencyKey};
+pub use key::{Fingerprint, FingerprintMode, HeaderKey, IdempotencyKey};
+pub use layer::{
+    Disconnect, FailMode, IdempotencyLayer, IdempotencyLayerBuilder, Idempotent, RequestBody,
+    ResponseBody, ResponseFuture,
+};
 pub use record::{Record, StoredResponse};
 pub use stats::{CacheInfo, StatsSnapshot};

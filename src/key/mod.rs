@@ -7,12 +7,17 @@
 //!   work on every key.
 //! * [`Fingerprint`] is the SHA-256 of what was asked (method, path and query,
 //!   body). A retry with the same key but another fingerprint is a mismatch.
-//! * [`KeyExtractor`] is how the HTTP layer finds a key in a request.
+//! * [`KeyExtractor`] is how the HTTP layer finds a key in a request;
+//!   [`HeaderKey`] (the `Idempotency-Key` header) is the default.
 
 use std::fmt;
 use std::str::FromStr;
 
 use sha2::{Digest, Sha256};
+
+mod header;
+
+pub use header::{parse_key, HeaderKey, IDEMPOTENCY_KEY, MAX_KEY_LEN};
 
 /// Identifies one action: `signal:action:target`, optionally followed by
 /// `:paramsHash` (the first 16 hex characters of the SHA-256 of the params).
@@ -314,6 +319,33 @@ impl fmt::Display for Fingerprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&hex_lower(&self.0))
     }
+}
+
+/// How the HTTP layer fingerprints a request body.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum FingerprintMode {
+    /// The body's exact bytes (the default).
+    #[default]
+    Exact,
+    /// A JSON body canonicalised first (RFC 8785: sorted object keys, no
+    /// insignificant whitespace), so `{"a":1,"b":2}` and `{ "b": 2, "a": 1 }`
+    /// are the same request. A body that is not JSON is hashed as it is.
+    JsonCanonical,
+}
+
+/// The RFC 8785 (JSON Canonicalization Scheme) form of a JSON document, or
+/// `None` when `body` is not JSON.
+///
+/// ```
+/// use tower_idempotency::key::canonical_json;
+///
+/// assert_eq!(canonical_json(br#"{ "b": 2, "a": [1, 2.0] }"#).unwrap(), br#"{"a":[1,2],"b":2}"#);
+/// assert_eq!(canonical_json(b"not json"), None);
+/// ```
+pub fn canonical_json(body: &[u8]) -> Option<Vec<u8>> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    serde_jcs::to_vec(&value).ok()
 }
 
 pub(crate) fn hex_lower(bytes: &[u8]) -> String {

@@ -1,0 +1,99 @@
+//! [`ResponseFuture`]: the response of [`Idempotent`](super::Idempotent).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use http::Response;
+use pin_project_lite::pin_project;
+use tokio::sync::oneshot;
+
+use super::body::ResponseBody;
+use crate::problem;
+
+/// What the driver task answers: the response head (its body streams after),
+/// or the inner service's error.
+pub(crate) type Reply<B, E> = Result<Response<ResponseBody<B>>, E>;
+
+pin_project! {
+    /// The response future of [`Idempotent`](super::Idempotent).
+    ///
+    /// Requests the layer does not protect poll the inner future in place (no
+    /// allocation); the layer's own answers (400, 413) are ready at once;
+    /// protected requests wait for the driver task that runs them.
+    pub struct ResponseFuture<F, B, E> {
+        #[pin]
+        kind: Kind<F, B, E>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<F, B, E> {
+        Passthrough { #[pin] future: F },
+        Answered { response: Option<Response<ResponseBody<B>>> },
+        Driven { reply: oneshot::Receiver<Reply<B, E>> },
+    }
+}
+
+impl<F, B, E> ResponseFuture<F, B, E> {
+    pub(crate) fn passthrough(future: F) -> Self {
+        Self {
+            kind: Kind::Passthrough { future },
+        }
+    }
+
+    pub(crate) fn answered(response: Response<Bytes>) -> Self {
+        Self {
+            kind: Kind::Answered {
+                response: Some(response.map(ResponseBody::full)),
+            },
+        }
+    }
+
+    pub(crate) fn driven(reply: oneshot::Receiver<Reply<B, E>>) -> Self {
+        Self {
+            kind: Kind::Driven { reply },
+        }
+    }
+}
+
+impl<F, B, E> std::fmt::Debug for ResponseFuture<F, B, E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match &self.kind {
+            Kind::Passthrough { .. } => "Passthrough",
+            Kind::Answered { .. } => "Answered",
+            Kind::Driven { .. } => "Driven",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("kind", &kind)
+            .finish()
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F, B, E>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<ResponseBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().kind.project() {
+            KindProj::Passthrough { future } => {
+                let response = ready!(future.poll(cx))?;
+                Poll::Ready(Ok(response.map(ResponseBody::passthrough)))
+            }
+            KindProj::Answered { response } => Poll::Ready(Ok(response
+                .take()
+                .expect("ResponseFuture polled after completion"))),
+            KindProj::Driven { reply } => match ready!(Pin::new(reply).poll(cx)) {
+                Ok(reply) => Poll::Ready(reply),
+                // The driver task ended without answering: it panicked
+                // outside the service (a bug) or the runtime is shutting
+                // down. Its lease dropped with it.
+                Err(_closed) => Poll::Ready(Ok(problem::internal_error().map(ResponseBody::full))),
+            },
+        }
+    }
+}

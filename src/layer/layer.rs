@@ -1,0 +1,188 @@
+//! [`IdempotencyLayer`] and the settings it shares with its services.
+
+use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+
+use http::{Method, StatusCode};
+use tower_layer::Layer;
+
+use super::builder::{EngineSpec, HttpOptions};
+use super::{IdempotencyLayerBuilder, Idempotent};
+use crate::engine::{Concurrent, Idempotency};
+use crate::key::{FingerprintMode, HeaderKey};
+use crate::store::{MemoryStore, Store};
+
+/// The default limit of a buffered request body, and of a stored response body: 1 MiB.
+pub const DEFAULT_MAX_BODY: usize = 1 << 20;
+
+/// What a protected request gets when the store cannot be reached.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum FailMode {
+    /// 503 problem+json with `Retry-After: 1`: nothing runs unprotected (the default).
+    #[default]
+    Closed,
+    /// The request is passed to the service unprotected: availability over
+    /// at-most-once.
+    Open,
+}
+
+/// What happens to a running action when its client goes away.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Disconnect {
+    /// The action and its response body run on to the end in the driver task
+    /// and the result is stored, so the client's retry replays it instead of
+    /// running it again (the default).
+    #[default]
+    Complete,
+    /// The action is dropped (its future and body are cancelled) and the
+    /// lease released, so the retry runs it again.
+    Cancel,
+}
+
+pub(super) type StatusPolicy = dyn Fn(StatusCode) -> bool + Send + Sync;
+
+/// The HTTP settings, shared by the layer and every service it makes.
+pub(crate) struct Settings {
+    pub(crate) methods: Vec<Method>,
+    pub(crate) require_key: bool,
+    pub(crate) max_request_body: usize,
+    pub(crate) max_response_body: usize,
+    pub(crate) store_status: Arc<StatusPolicy>,
+    pub(crate) fail_mode: FailMode,
+    pub(crate) disconnect: Disconnect,
+    pub(crate) replay_set_cookie: bool,
+    pub(crate) fingerprint: FingerprintMode,
+    pub(crate) concurrent: Concurrent,
+    /// Requests inside `begin` that did not get an answer at once.
+    pub(crate) waiting: AtomicUsize,
+}
+
+impl fmt::Debug for Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Settings")
+            .field("methods", &self.methods)
+            .field("require_key", &self.require_key)
+            .field("max_request_body", &self.max_request_body)
+            .field("max_response_body", &self.max_response_body)
+            .field("fail_mode", &self.fail_mode)
+            .field("disconnect", &self.disconnect)
+            .field("replay_set_cookie", &self.replay_set_cookie)
+            .field("fingerprint", &self.fingerprint)
+            .field("concurrent", &self.concurrent)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Makes POST and PATCH requests that carry an `Idempotency-Key` run at
+/// most once per key, and replays the first response to every retry.
+///
+/// See the [module docs](crate::layer) for the behaviour, row by row.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_idempotency::{Concurrent, IdempotencyLayer};
+///
+/// let layer = IdempotencyLayer::builder()
+///     .ttl(Duration::from_secs(3600))
+///     .concurrent(Concurrent::Wait { timeout: Duration::from_secs(30) })
+///     .require_key(true)
+///     .build()
+///     .unwrap();
+/// let handle = layer.handle();
+/// assert_eq!(handle.stats().requests, 0);
+/// ```
+pub struct IdempotencyLayer<S = MemoryStore, K = HeaderKey> {
+    engine: Idempotency<S>,
+    settings: Arc<Settings>,
+    extractor: K,
+}
+
+impl<S, K: Clone> Clone for IdempotencyLayer<S, K> {
+    fn clone(&self) -> Self {
+        Self {
+            engine: self.engine.clone(),
+            settings: self.settings.clone(),
+            extractor: self.extractor.clone(),
+        }
+    }
+}
+
+impl<S, K: fmt::Debug> fmt::Debug for IdempotencyLayer<S, K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdempotencyLayer")
+            .field("engine", &self.engine)
+            .field("settings", &self.settings)
+            .field("extractor", &self.extractor)
+            .finish()
+    }
+}
+
+impl IdempotencyLayer {
+    /// A layer with the defaults: moka store (10,000 entries), 24 h TTL,
+    /// 60 s lease, POST and PATCH protected, key optional, 1 MiB limits,
+    /// `Concurrent::Reject`, `LeaseExpiry::Takeover`, `FailMode::Closed`,
+    /// `Disconnect::Complete`, `Set-Cookie` not replayed, exact fingerprint.
+    pub fn new() -> Self {
+        let engine = Idempotency::new();
+        let settings = HttpOptions::default().into_settings(engine.config().concurrent);
+        Self::from_parts(engine, settings, HeaderKey::new())
+    }
+
+    /// A builder, starting from the defaults of [`new`](Self::new).
+    pub fn builder() -> IdempotencyLayerBuilder {
+        IdempotencyLayerBuilder::new(EngineSpec::Build(Idempotency::builder()))
+    }
+}
+
+impl Default for IdempotencyLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<S: Store> IdempotencyLayer<S> {
+    /// A builder around an engine built elsewhere (shared with the closure
+    /// API or an admin server). Engine settings (`ttl`, `lease_ttl`,
+    /// `lease_expiry`) belong to that engine: setting them here makes
+    /// [`build`](IdempotencyLayerBuilder::build) fail. `concurrent` is taken
+    /// from the engine unless set here.
+    pub fn with_engine(engine: Idempotency<S>) -> IdempotencyLayerBuilder<S> {
+        IdempotencyLayerBuilder::new(EngineSpec::Ready(engine))
+    }
+}
+
+impl<S, K> IdempotencyLayer<S, K> {
+    pub(super) fn from_parts(engine: Idempotency<S>, settings: Settings, extractor: K) -> Self {
+        Self {
+            engine,
+            settings: Arc::new(settings),
+            extractor,
+        }
+    }
+
+    /// The engine: stats, cache info, queries and maintenance.
+    pub fn handle(&self) -> Idempotency<S> {
+        self.engine.clone()
+    }
+
+    /// Requests of this layer waiting for a decision right now: duplicates
+    /// coalescing on a run in flight (`Concurrent::Wait`), or requests whose
+    /// store operation is slow.
+    pub fn waiting(&self) -> usize {
+        self.settings.waiting.load(Relaxed)
+    }
+}
+
+impl<Svc, S, K: Clone> Layer<Svc> for IdempotencyLayer<S, K> {
+    type Service = Idempotent<Svc, S, K>;
+
+    fn layer(&self, inner: Svc) -> Self::Service {
+        Idempotent::new(
+            inner,
+            self.engine.clone(),
+            self.settings.clone(),
+            self.extractor.clone(),
+        )
+    }
+}

@@ -1,0 +1,249 @@
+//! [`Idempotent`]: the service the layer makes.
+
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::header::CONTENT_LENGTH;
+use http::{Request, Response};
+use http_body::Body;
+use tokio::sync::oneshot;
+use tower_service::Service;
+
+use super::body::{BoxError, RequestBody, ResponseBody};
+use super::driver::{self, Driver};
+use super::future::ResponseFuture;
+use super::layer::Settings;
+use crate::engine::Idempotency;
+use crate::key::{HeaderKey, KeyExtractor};
+use crate::problem;
+use crate::stats::Stats;
+use crate::store::{MemoryStore, Store};
+
+/// Runs protected requests at most once per key and replays their first
+/// response; made by [`IdempotencyLayer`](super::IdempotencyLayer).
+///
+/// The inner service receives `Request<RequestBody<B>>`: the client's body
+/// untouched for requests that are not protected, the buffered bytes for
+/// protected ones.
+pub struct Idempotent<Svc, S = MemoryStore, K = HeaderKey> {
+    inner: Svc,
+    engine: Idempotency<S>,
+    settings: Arc<Settings>,
+    extractor: K,
+}
+
+impl<Svc, S, K> Idempotent<Svc, S, K> {
+    pub(crate) fn new(
+        inner: Svc,
+        engine: Idempotency<S>,
+        settings: Arc<Settings>,
+        extractor: K,
+    ) -> Self {
+        Self {
+            inner,
+            engine,
+            settings,
+            extractor,
+        }
+    }
+
+    /// The engine: stats, cache info, queries and maintenance.
+    pub fn handle(&self) -> Idempotency<S> {
+        self.engine.clone()
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &Svc {
+        &self.inner
+    }
+}
+
+impl<Svc: Clone, S, K: Clone> Clone for Idempotent<Svc, S, K> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            engine: self.engine.clone(),
+            settings: self.settings.clone(),
+            extractor: self.extractor.clone(),
+        }
+    }
+}
+
+impl<Svc: fmt::Debug, S, K: fmt::Debug> fmt::Debug for Idempotent<Svc, S, K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Idempotent")
+            .field("inner", &self.inner)
+            .field("settings", &self.settings)
+            .field("extractor", &self.extractor)
+            .finish()
+    }
+}
+
+impl<Svc, S, K, ReqBody, ResBody> Service<Request<ReqBody>> for Idempotent<Svc, S, K>
+where
+    Svc: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>
+        + Clone
+        + Send
+        + 'static,
+    Svc::Future: Send + 'static,
+    Svc::Error: Send + 'static,
+    S: Store,
+    K: KeyExtractor,
+    ReqBody: Body<Data = Bytes> + Send + 'static,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = Svc::Error;
+    type Future = ResponseFuture<Svc::Future, ResBody, Svc::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        let counters = self.engine.counters();
+        Stats::incr(&counters.requests);
+        let settings = &*self.settings;
+        if !settings.methods.contains(request.method()) {
+            return ResponseFuture::passthrough(
+                self.inner.call(request.map(RequestBody::passthrough)),
+            );
+        }
+        let (parts, body) = request.into_parts();
+        let key = match self.extractor.extract(&parts) {
+            Ok(Some(key)) => key,
+            Ok(None) if !settings.require_key => {
+                let request = Request::from_parts(parts, RequestBody::passthrough(body));
+                return ResponseFuture::passthrough(self.inner.call(request));
+            }
+            Ok(None) => {
+                Stats::incr(&counters.rejected_keys);
+                return ResponseFuture::answered(problem::missing_key());
+            }
+            Err(rejection) => {
+                Stats::incr(&counters.rejected_keys);
+                return ResponseFuture::answered(problem::malformed_key(rejection.detail()));
+            }
+        };
+        // A declared length over the limit is refused before reading a byte.
+        let declared = parts
+            .headers
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > settings.max_request_body as u64) {
+            Stats::incr(&counters.too_large);
+            return ResponseFuture::answered(problem::too_large(settings.max_request_body));
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::error!("the idempotency layer needs a Tokio runtime for protected requests");
+            return ResponseFuture::answered(problem::internal_error());
+        };
+        // The driver calls the service only after awaiting the store, so it
+        // must own a service that is ready: take the one `poll_ready` readied
+        // and leave a clone in its place for the next `poll_ready` (tower's
+        // documented pattern for middleware that call the inner service
+        // from a future).
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let (reply, receiver) = oneshot::channel();
+        let driver = Driver {
+            inner,
+            engine: self.engine.clone(),
+            settings: self.settings.clone(),
+        };
+        runtime.spawn(driver::drive(driver, parts, body, key, reply));
+        ResponseFuture::driven(receiver)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::time::Duration;
+
+    use http_body_util::{BodyExt, Full};
+    use tower::{service_fn, ServiceBuilder, ServiceExt};
+
+    use super::*;
+    use crate::IdempotencyLayer;
+
+    async fn echo(
+        request: Request<RequestBody<Full<Bytes>>>,
+    ) -> Result<Response<Full<Bytes>>, Infallible> {
+        let body = request.into_body().collect().await.unwrap().to_bytes();
+        Ok(Response::new(Full::new(body)))
+    }
+
+    fn post(key: Option<&str>, body: &'static str) -> Request<Full<Bytes>> {
+        let mut request = Request::post("/echo");
+        if let Some(key) = key {
+            request = request.header("idempotency-key", key);
+        }
+        request
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn keyless_request_is_not_recorded() {
+        let layer = IdempotencyLayer::new();
+        let handle = layer.handle();
+        let service = ServiceBuilder::new().layer(layer).service_fn(echo);
+        let response = service.oneshot(post(None, "hi")).await.unwrap();
+        assert_eq!(
+            response.into_body().collect().await.unwrap().to_bytes(),
+            "hi"
+        );
+        assert_eq!(handle.stats().requests, 1);
+        assert_eq!(handle.cache_info().await.unwrap().entries, 0);
+    }
+
+    #[tokio::test]
+    async fn keyed_request_is_replayed() {
+        let service = ServiceBuilder::new()
+            .layer(IdempotencyLayer::new())
+            .service(service_fn(echo));
+        let first = service
+            .clone()
+            .oneshot(post(Some("k"), "hi"))
+            .await
+            .unwrap();
+        assert!(first.headers().get("idempotent-replayed").is_none());
+        first.into_body().collect().await.unwrap();
+        let replay = service.oneshot(post(Some("k"), "hi")).await.unwrap();
+        assert_eq!(replay.headers()["idempotent-replayed"], "true");
+        assert_eq!(replay.into_body().collect().await.unwrap().to_bytes(), "hi");
+    }
+
+    #[test]
+    fn engine_settings_next_to_an_engine_are_refused() {
+        let engine = Idempotency::new();
+        let built = IdempotencyLayer::with_engine(engine.clone())
+            .ttl(Duration::from_secs(5))
+            .build();
+        assert!(built.is_err());
+        let layer = IdempotencyLayer::with_engine(engine)
+            .require_key(true)
+            .build()
+            .unwrap();
+        assert_eq!(layer.handle().config().ttl, crate::engine::DEFAULT_TTL);
+    }
+
+    #[test]
+    fn zero_ttl_is_refused() {
+        assert!(IdempotencyLayer::builder()
+            .ttl(Duration::ZERO)
+            .build()
+            .is_err());
+        assert!(IdempotencyLayer::builder()
+            .lease_ttl(Duration::ZERO)
+            .build()
+            .is_err());
+        assert!(IdempotencyLayer::builder().max_entries(0).build().is_err());
+    }
+}
