@@ -17,7 +17,9 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
+use axum::body::Body;
 use axum::Router;
 use clap::Parser;
 use http::Uri;
@@ -25,9 +27,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tower::{BoxError, ServiceBuilder};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
+use tower_http::trace::TraceLayer;
 use tower_idempotency::store::Store;
-use tower_idempotency::{Concurrent, Idempotency};
+use tower_idempotency::{Concurrent, FailMode, Idempotency, IdempotencyLayer};
 use tracing_subscriber::EnvFilter;
 
 mod admin;
@@ -68,12 +70,12 @@ async fn run(args: Args) -> Result<(), BoxError> {
             timeout: args.wait_timeout,
         },
     };
-    if let Some(url) = &args.redis {
-        return Err(format!(
-            "--redis {url}: the Redis store is not part of this build yet; \
-             run without --redis to use the embedded in-memory store"
-        )
-        .into());
+    if args.redis.is_some() {
+        // The Redis store is being built on its own branch; until it lands
+        // the flag is refused rather than silently ignored.
+        return Err("--redis: the Redis store is not part of this build yet; \
+                    drop --redis to use the embedded in-memory store"
+            .into());
     }
     let engine = Idempotency::builder()
         .ttl(args.ttl)
@@ -106,12 +108,8 @@ async fn serve<S: Store>(args: Args, engine: Idempotency<S>) -> Result<(), BoxEr
     let admin_addr = admin_listener.local_addr()?;
 
     let shutting_down = Arc::new(AtomicBool::new(false));
-    let app = proxy_app(
-        &args,
-        &engine,
-        Forwarder::new(upstream.clone(), args.upstream_timeout),
-    )?;
-    let waiting: admin::Waiting = Arc::new(|| 0);
+    let forwarder = Forwarder::new(upstream.clone(), args.upstream_timeout);
+    let (app, waiting) = proxy_app(&args, &engine, forwarder)?;
     let admin_app = admin::router(engine.clone(), waiting, shutting_down.clone());
 
     let (stop_proxy, proxy_stopped) = watch::channel(false);
@@ -158,7 +156,7 @@ async fn serve<S: Store>(args: Args, engine: Idempotency<S>) -> Result<(), BoxEr
         ),
     }
     let _ = stop_admin.send(true);
-    if tokio::time::timeout(std::time::Duration::from_secs(1), admin)
+    if tokio::time::timeout(Duration::from_secs(1), admin)
         .await
         .is_err()
     {
@@ -167,23 +165,56 @@ async fn serve<S: Store>(args: Args, engine: Idempotency<S>) -> Result<(), BoxEr
     Ok(())
 }
 
-/// The proxy's service stack: request id and trace outside, the forwarder
-/// inside.
+/// The proxy's service stack: request id and trace outside, the idempotency
+/// layer in front of the forwarder. Answers the app and the layer's gauge of
+/// waiting requests (for the admin server).
 fn proxy_app<S: Store>(
-    _args: &Args,
-    _engine: &Idempotency<S>,
+    args: &Args,
+    engine: &Idempotency<S>,
     forwarder: Forwarder,
-) -> Result<Router, BoxError> {
+) -> Result<(Router, admin::Waiting), BoxError> {
+    let layer = IdempotencyLayer::with_engine(engine.clone())
+        .require_key(args.require_key)
+        .max_request_body(args.max_body)
+        .max_response_body(args.max_response_body)
+        .fail_mode(if args.fail_open {
+            FailMode::Open
+        } else {
+            FailMode::Closed
+        })
+        .build()?;
+    let gauge = layer.clone();
+    let waiting: admin::Waiting = Arc::new(move || gauge.waiting());
     let service = ServiceBuilder::new()
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .layer(
             TraceLayer::new_for_http()
-                .make_span_with(DefaultMakeSpan::new().level(tracing::Level::INFO))
-                .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
+                .make_span_with(|request: &http::Request<Body>| {
+                    let id = request.headers().get("x-request-id");
+                    let id = id.and_then(|id| id.to_str().ok()).unwrap_or("-");
+                    tracing::info_span!(
+                        "request",
+                        method = %request.method(),
+                        uri = %request.uri(),
+                        request_id = %id,
+                    )
+                })
+                .on_response(
+                    |response: &http::Response<_>, latency: Duration, _: &tracing::Span| {
+                        let replayed = response.headers().contains_key("idempotent-replayed");
+                        tracing::info!(
+                            status = response.status().as_u16(),
+                            ?latency,
+                            replayed,
+                            "answered"
+                        );
+                    },
+                ),
         )
         .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(layer)
         .service(forwarder);
-    Ok(Router::new().fallback_service(service))
+    Ok((Router::new().fallback_service(service), waiting))
 }
 
 fn demo_hint(proxy: SocketAddr, admin: SocketAddr) -> String {
