@@ -451,7 +451,6 @@ impl<S: Store> Idempotency<S> {
         &self.inner.store
     }
 
-    #[allow(dead_code)] // the frontends count their own events here
     pub(crate) fn counters(&self) -> &Stats {
         &self.inner.stats
     }
@@ -542,7 +541,18 @@ impl<S: Store> Idempotency<S> {
                 continue;
             }
 
-            match self.lead(&key, fingerprint, deadline).await {
+            // If this future is dropped while the store answers, the guard
+            // ends the flight, so followers start over instead of waiting on
+            // a leader that is gone. (A marker the store wrote meanwhile
+            // expires with its lease TTL.)
+            let abandoned = EndFlightOnDrop {
+                engine: self,
+                key: &key,
+                flight: &flight,
+            };
+            let led = self.lead(&key, fingerprint, deadline).await;
+            std::mem::forget(abandoned);
+            match led {
                 Ok(Led::Acquired(token)) => {
                     let _ = flight.lease.set(token);
                     self.start_heartbeat();
@@ -607,7 +617,12 @@ impl<S: Store> Idempotency<S> {
                     if now >= deadline {
                         return Ok(Led::Conflict);
                     }
-                    tokio::time::sleep_until(deadline.min(now + backoff)).await;
+                    // Until the next poll, or until the store announces that
+                    // the key changed (Redis pub/sub), whichever is first.
+                    self.inner
+                        .store
+                        .until_changed(key, deadline.min(now + backoff))
+                        .await;
                     backoff = (backoff * 2).min(Duration::from_millis(250));
                 }
             }
@@ -865,6 +880,20 @@ impl<S: Store> Idempotency<S> {
         lock(&self.inner.auto_cleanup)
             .as_ref()
             .is_some_and(|task| !task.is_finished())
+    }
+}
+
+/// Ends a flight whose leader's `begin` future was dropped mid-way.
+struct EndFlightOnDrop<'a, S: Store> {
+    engine: &'a Idempotency<S>,
+    key: &'a str,
+    flight: &'a Arc<Flight>,
+}
+
+impl<S: Store> Drop for EndFlightOnDrop<'_, S> {
+    fn drop(&mut self) {
+        self.engine
+            .end_flight(self.key, self.flight, FlightOutcome::Released);
     }
 }
 

@@ -38,3 +38,6 @@ pub use layer::{
 };
 pub use record::{Record, StoredResponse};
 pub use stats::{CacheInfo, StatsSnapshot};
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use store::RedisStore;

@@ -252,7 +252,9 @@ async fn a_panicking_action_does_not_wedge_the_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_lease_is_renewed_past_its_ttl() {
     let store = MemoryStore::new();
-    let lease_ttl = Duration::from_millis(90);
+    // Renewal runs every third of the lease TTL: a takeover here would need
+    // the heartbeat to stall for two thirds of it (400 ms).
+    let lease_ttl = Duration::from_millis(600);
     let first = Idempotency::builder()
         .store(store.clone())
         .lease_ttl(lease_ttl)
@@ -270,8 +272,8 @@ async fn a_live_lease_is_renewed_past_its_ttl() {
     else {
         panic!("first runs")
     };
-    // Four lease TTLs later, the heartbeat has kept the marker alive.
-    for _ in 0..4 {
+    // Three lease TTLs later, the heartbeat has kept the marker alive.
+    for _ in 0..3 {
         tokio::time::sleep(lease_ttl).await;
         let outcome = second
             .begin("s:a:t", fp("x"), Concurrent::Reject)
@@ -534,4 +536,36 @@ async fn queries_and_maintenance_work_through_the_handle() {
 
     engine.reset_stats();
     assert_eq!(engine.stats(), Default::default());
+}
+
+#[tokio::test]
+async fn a_begin_dropped_while_the_store_answers_does_not_wedge_the_key() {
+    let engine = Idempotency::builder()
+        .lease_ttl(Duration::from_millis(50))
+        .concurrent(Concurrent::wait())
+        .build()
+        .unwrap();
+    // A holder that died leaves a marker the first caller polls on...
+    let Begin::Execute(lease) = engine
+        .begin("s:a:t", fp("x"), Concurrent::Reject)
+        .await
+        .unwrap()
+    else {
+        panic!("first runs")
+    };
+    die_holding(lease);
+    // ...and that caller gives up (a timeout drops its `begin` mid-poll).
+    let gave_up = timeout(
+        Duration::from_millis(10),
+        engine.begin("s:a:t", fp("x"), Concurrent::wait()),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the first caller was still polling");
+    // The next caller is not stuck behind the abandoned flight: once the
+    // dead holder's lease runs out, it runs the action.
+    let next = timeout(LIMIT, engine.begin("s:a:t", fp("x"), Concurrent::wait()))
+        .await
+        .expect("not wedged")
+        .unwrap();
+    assert!(matches!(next, Begin::Execute(_)), "{next:?}");
 }

@@ -160,6 +160,18 @@ impl MemoryStore {
     }
 }
 
+impl MemoryStore {
+    /// Entries whose TTL has not run out. moka's timer wheel drops expired
+    /// entries only about a second late, so `entry_count` may still hold them.
+    fn live_entries(&self) -> u64 {
+        let now = Instant::now();
+        self.cache
+            .iter()
+            .filter(|(_, slot)| slot.is_live(now))
+            .count() as u64
+    }
+}
+
 impl Default for MemoryStore {
     fn default() -> Self {
         Self::new()
@@ -394,13 +406,13 @@ impl Store for MemoryStore {
 
     async fn len(&self) -> Result<u64, StoreError> {
         self.cache.run_pending_tasks().await;
-        Ok(self.cache.entry_count())
+        Ok(self.live_entries())
     }
 
     async fn info(&self) -> Result<CacheInfo, StoreError> {
         self.cache.run_pending_tasks().await;
         Ok(CacheInfo {
-            entries: self.cache.entry_count(),
+            entries: self.live_entries(),
             max_entries: Some(self.max_entries),
             // Without a byte bound every entry weighs 1: that is no byte count.
             weighted_bytes: if self.weighs_bytes {

@@ -24,8 +24,16 @@ use crate::key::Fingerprint;
 use crate::record::{DecodeError, SharedRecord};
 use crate::stats::CacheInfo;
 
+#[cfg(feature = "test-util")]
+#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
+pub mod conformance;
 mod memory;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod redis;
 
+#[cfg(feature = "redis")]
+pub use self::redis::{RedisStore, RedisStoreBuilder};
 pub use memory::{MemoryStore, MemoryStoreBuilder, DEFAULT_MAX_ENTRIES};
 
 /// An async store of in-flight markers and records, each under one key.
@@ -117,6 +125,20 @@ pub trait Store: Send + Sync + 'static {
             self.len().await?;
             Ok(())
         }
+    }
+
+    /// Resolves at `deadline`, or earlier when the store learns that `key`
+    /// was completed or released by another process. The engine waits on it
+    /// between polls of [`begin`](Store::begin) while another process holds
+    /// the key's lease. The default waits until `deadline` (plain polling);
+    /// a store that can announce changes (Redis pub/sub) wakes waiters early.
+    fn until_changed(
+        &self,
+        key: &str,
+        deadline: tokio::time::Instant,
+    ) -> impl Future<Output = ()> + Send {
+        let _ = key;
+        tokio::time::sleep_until(deadline)
     }
 }
 

@@ -1,0 +1,252 @@
+//! Cases on stored entries: expiry, put/get/remove, scan, clear, corrupt values.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::{fingerprint, record, record_of, LONG};
+use crate::record::now_ms;
+use crate::store::conformance::WriteRaw;
+use crate::store::{BeginOutcome, EntryKind, LeaseToken, Store, StoreError};
+
+pub(in crate::store::conformance) async fn record_expires<S: Store>(
+    store: Arc<S>,
+    short: Duration,
+) {
+    ok!(
+        "record expiry",
+        store.put("s:a:ttl", record(1, "brief"), short)
+    );
+    check!(
+        "record expiry",
+        ok!("record expiry", store.get("s:a:ttl")).is_some(),
+        "a fresh record is missing"
+    );
+    tokio::time::sleep(short * 2).await;
+    check!(
+        "record expiry",
+        ok!("record expiry", store.get("s:a:ttl")).is_none(),
+        "a record outlived its TTL of {short:?}"
+    );
+    let begun = ok!(
+        "record expiry",
+        store.begin("s:a:ttl", fingerprint(1), LeaseToken::random(), LONG)
+    );
+    check!(
+        "record expiry",
+        matches!(begun, BeginOutcome::Acquired),
+        "an expired record's key gave {begun:?}"
+    );
+}
+
+pub(in crate::store::conformance) async fn put_get_remove<S: Store>(store: Arc<S>) {
+    let key = "s:a:put";
+    ok!(
+        "put/get/remove",
+        store.begin(key, fingerprint(1), LeaseToken::random(), LONG)
+    );
+    let written = record(1, "put");
+    ok!("put/get/remove", store.put(key, written.clone(), LONG));
+    let entry = ok!("put/get/remove", store.get(key));
+    let expires_in = entry.as_ref().map(|e| e.expires_in).unwrap_or_default();
+    check!(
+        "put/get/remove",
+        record_of(entry).is_some_and(|r| *r == *written),
+        "put did not replace the marker by the record"
+    );
+    check!(
+        "put/get/remove",
+        !expires_in.is_zero() && expires_in <= LONG,
+        "record expires in {expires_in:?}, TTL {LONG:?}"
+    );
+    check!(
+        "put/get/remove",
+        ok!("put/get/remove", store.remove(key)),
+        "remove of a record answered false"
+    );
+    check!(
+        "put/get/remove",
+        !ok!("put/get/remove", store.remove(key)),
+        "remove of a missing key answered true"
+    );
+    check!(
+        "put/get/remove",
+        ok!("put/get/remove", store.get(key)).is_none(),
+        "a removed record is still there"
+    );
+    let begun = ok!(
+        "put/get/remove",
+        store.begin(key, fingerprint(1), LeaseToken::random(), LONG)
+    );
+    check!(
+        "put/get/remove",
+        matches!(begun, BeginOutcome::Acquired),
+        "a removed key gave {begun:?}"
+    );
+}
+
+pub(in crate::store::conformance) async fn scan_lists_live_entries<S: Store>(
+    store: Arc<S>,
+    short: Duration,
+) {
+    let before = now_ms();
+    ok!(
+        "scan",
+        store.begin("s:a:marker", fingerprint(1), LeaseToken::random(), LONG)
+    );
+    ok!("scan", store.put("s:a:record", record(1, "r"), LONG * 2));
+    ok!("scan", store.put("s:a:gone", record(1, "g"), short));
+    tokio::time::sleep(short * 2).await;
+    let after = now_ms();
+    let mut entries = ok!("scan", store.scan());
+    entries.sort_by(|a, b| a.key.cmp(&b.key));
+    let keys: Vec<_> = entries.iter().map(|e| (e.key.as_str(), e.kind)).collect();
+    check!(
+        "scan",
+        keys == [
+            ("s:a:marker", EntryKind::InFlight),
+            ("s:a:record", EntryKind::Completed)
+        ],
+        "scan listed {keys:?}, expected the live marker and record only"
+    );
+    for (entry, ttl) in entries.iter().zip([LONG, LONG * 2]) {
+        check!(
+            "scan",
+            entry.expires_in <= ttl && entry.expires_in > ttl - Duration::from_secs(10),
+            "{} expires in {:?}, TTL {ttl:?}",
+            entry.key,
+            entry.expires_in
+        );
+        check!(
+            "scan",
+            (before..=after).contains(&entry.created_at_ms),
+            "{} created at {} ms, written between {before} and {after}",
+            entry.key,
+            entry.created_at_ms
+        );
+    }
+    check!(
+        "scan",
+        ok!("scan", store.len()) == 2,
+        "len is not the number of live entries (2)"
+    );
+    check!(
+        "scan",
+        ok!("scan", store.info()).entries == 2,
+        "info().entries is not the number of live entries (2)"
+    );
+}
+
+pub(in crate::store::conformance) async fn clear_removes_everything<S: Store>(store: Arc<S>) {
+    for key in ["s:a:one", "s:a:two"] {
+        ok!("clear", store.put(key, record(1, "x"), LONG));
+    }
+    ok!(
+        "clear",
+        store.begin("s:a:three", fingerprint(1), LeaseToken::random(), LONG)
+    );
+    check!(
+        "clear",
+        ok!("clear", store.len()) == 3,
+        "len is not 3 after writing 3 keys"
+    );
+    ok!("clear", store.clear());
+    check!(
+        "clear",
+        ok!("clear", store.len()) == 0,
+        "len is not 0 after clear"
+    );
+    check!(
+        "clear",
+        ok!("clear", store.scan()).is_empty(),
+        "scan lists entries after clear"
+    );
+    check!(
+        "clear",
+        ok!("clear", store.get("s:a:one")).is_none(),
+        "a record survived clear"
+    );
+    let begun = ok!(
+        "clear",
+        store.begin("s:a:three", fingerprint(1), LeaseToken::random(), LONG)
+    );
+    check!(
+        "clear",
+        matches!(begun, BeginOutcome::Acquired),
+        "a cleared key gave {begun:?}"
+    );
+}
+
+pub(in crate::store::conformance) async fn ping_answers<S: Store>(store: Arc<S>) {
+    ok!("ping", store.ping());
+}
+
+fn is_corrupt<T>(result: &Result<T, StoreError>, key: &str) -> bool {
+    matches!(result, Err(StoreError::Corrupt { key: k, .. }) if k == key)
+}
+
+pub(in crate::store::conformance) async fn corrupt_values<S: Store>(
+    store: &S,
+    write_raw: &WriteRaw<S>,
+) {
+    let mut newer = record(1, "v").encode().to_vec();
+    newer[3] = u8::MAX;
+    let encoded = record(1, "truncated").encode();
+    let garbage: [(&str, Bytes); 3] = [
+        ("foreign", Bytes::from_static(b"not an idempotency entry")),
+        ("unknown version", Bytes::from(newer)),
+        ("truncated", encoded.slice(..encoded.len() - 3)),
+    ];
+    for (what, bytes) in garbage {
+        let key = "s:a:corrupt";
+        write_raw(store, key, bytes).await;
+        let got = store.get(key).await;
+        check!(
+            "corrupt",
+            is_corrupt(&got, key),
+            "get of a {what} value gave {got:?}, not StoreError::Corrupt"
+        );
+        let begun = store
+            .begin(key, fingerprint(1), LeaseToken::random(), LONG)
+            .await;
+        check!(
+            "corrupt",
+            is_corrupt(&begun, key),
+            "begin on a {what} value gave {begun:?}, not StoreError::Corrupt"
+        );
+        let completed = store
+            .complete(key, LeaseToken::random(), record(1, "x"), LONG)
+            .await;
+        check!(
+            "corrupt",
+            matches!(completed, Ok(false)) || is_corrupt(&completed, key),
+            "complete over a {what} value gave {completed:?}"
+        );
+        let released = store.release(key, LeaseToken::random()).await;
+        check!(
+            "corrupt",
+            matches!(released, Ok(false)) || is_corrupt(&released, key),
+            "release of a {what} value gave {released:?}"
+        );
+        let scanned = store.scan().await;
+        // Scan may read only a value's header, so it may list a value whose
+        // body is corrupt; it must not fail for another reason.
+        check!(
+            "corrupt",
+            matches!(&scanned, Ok(entries) if entries.iter().all(|e| e.key == key))
+                || is_corrupt(&scanned, key),
+            "scan with a {what} value gave {scanned:?}"
+        );
+        check!(
+            "corrupt",
+            ok!("corrupt", store.remove(key)),
+            "remove of a {what} value answered false"
+        );
+        check!(
+            "corrupt",
+            ok!("corrupt", store.get(key)).is_none(),
+            "a {what} value survived remove"
+        );
+    }
+}

@@ -1,0 +1,53 @@
+//! Between Redis's answers and errors and the store's.
+
+use std::time::Duration;
+
+use redis::RedisError;
+
+use crate::store::StoreError;
+
+/// Time left from a PTTL answer: -1 (no expiry, not written by this store)
+/// reads as never.
+pub(super) fn expires_in(pttl: i64) -> Duration {
+    match u64::try_from(pttl) {
+        Ok(ms) => Duration::from_millis(ms),
+        Err(_) if pttl == -1 => Duration::MAX,
+        Err(_) => Duration::ZERO,
+    }
+}
+
+/// A TTL as Redis takes it: whole milliseconds, at least one, at most a
+/// century (Redis refuses expiries that overflow).
+pub(super) fn px(ttl: Duration) -> Vec<u8> {
+    const CENTURY_MS: u128 = 100 * 365 * 24 * 60 * 60 * 1000;
+    ttl.as_millis()
+        .clamp(1, CENTURY_MS)
+        .to_string()
+        .into_bytes()
+}
+
+/// Connection failures, timeouts and a server that cannot serve now are
+/// `Unavailable` (the layer's fail mode applies); the rest is `Backend`.
+pub(super) fn map_error(error: RedisError) -> StoreError {
+    use redis::{ErrorKind, ServerErrorKind};
+    let unavailable = error.is_io_error()
+        || error.is_timeout()
+        || error.is_connection_dropped()
+        || error.is_connection_refusal()
+        || error.is_unrecoverable_error()
+        || matches!(
+            error.kind(),
+            ErrorKind::Server(
+                ServerErrorKind::TryAgain
+                    | ServerErrorKind::MasterDown
+                    | ServerErrorKind::ClusterDown
+                    | ServerErrorKind::BusyLoading
+                    | ServerErrorKind::ReadOnly
+            )
+        );
+    if unavailable {
+        StoreError::unavailable(error)
+    } else {
+        StoreError::backend(error)
+    }
+}

@@ -1,0 +1,420 @@
+//! The shared store on Redis (and Valkey), for services that run as several
+//! instances.
+//!
+//! * `begin`, `renew`, `complete` and `release` are each one Lua script, so
+//!   each is atomic; the last three act only while the marker holds the
+//!   caller's lease token (fencing).
+//! * Every operation touches one key, so the scripts work on Redis Cluster.
+//! * Values are versioned binary encodings: records as [`Record::encode`]
+//!   writes them, markers in their own small encoding; Redis expires both
+//!   (`PX`). A value this build cannot read is a [`StoreError::Corrupt`].
+//! * A reconnecting [`ConnectionManager`] carries the commands; while Redis
+//!   cannot be reached every operation fails within the connection and
+//!   response timeouts with [`StoreError::Unavailable`], and the store
+//!   reconnects by itself when Redis returns.
+//! * `scan`, `len`, `info` and `clear` walk the keyspace with `SCAN MATCH
+//!   prefix*` (never `KEYS`, so Redis is never blocked), which costs time in
+//!   proportion to the whole database: they are for administration, not for
+//!   the request path. Values under the prefix that are not this crate's are
+//!   left out of `scan` (with a warning), and `info` has no entry bound.
+//! * A duplicate waiting (`Concurrent::Wait`) on another instance is woken
+//!   when the lease holder completes or releases the key: the scripts
+//!   `PUBLISH` the key on `<prefix>changes`, and each store keeps a subscriber
+//!   (see [`RedisStoreBuilder::notifications`]). A notice that is lost (during
+//!   an outage, say) costs only latency: the engine also polls the key with
+//!   backoff, within the wait budget.
+//!
+//! The connection is to one Redis node (or a proxy). The scripts touch one key
+//! each, as Redis Cluster requires, but a Cluster client is not wired in.
+//!
+//! [`Record::encode`]: crate::Record::encode
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::{RedisResult, Value};
+
+use self::codec::{Marker, Stored};
+use self::convert::{expires_in, map_error, px};
+use self::local::LocalTier;
+use self::notify::Notices;
+use super::{BeginOutcome, Entry, EntryState, LeaseToken, ScanEntry, Store, StoreError};
+use crate::key::Fingerprint;
+use crate::record::{now_ms, SharedRecord};
+use crate::stats::CacheInfo;
+
+mod builder;
+mod codec;
+mod convert;
+mod local;
+mod notify;
+mod scan;
+mod scripts;
+
+pub use builder::{
+    RedisStoreBuilder, DEFAULT_CONNECTION_TIMEOUT, DEFAULT_LOCAL_CACHE_TTL, DEFAULT_PREFIX,
+    DEFAULT_RESPONSE_TIMEOUT,
+};
+
+/// The shared store: markers and records in Redis under a key prefix.
+///
+/// Cheap to clone: clones share one connection.
+///
+/// # Example
+///
+/// ```no_run
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use tower_idempotency::{Concurrent, Idempotency, RedisStore};
+///
+/// let store = RedisStore::builder("redis://127.0.0.1:6379")
+///     .prefix("orders:idem:")
+///     .local_cache(10_000)
+///     .build()
+///     .await?;
+/// let engine = Idempotency::builder()
+///     .store(store)
+///     .concurrent(Concurrent::wait())
+///     .build()?;
+/// # drop(engine);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    connection: ConnectionManager,
+    prefix: String,
+    /// Where `complete` and `release` announce the keys they changed.
+    channel: String,
+    notices: Option<Arc<Notices>>,
+    local: Option<LocalTier>,
+    /// The limit on one operation, whatever Redis does meanwhile.
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.inner.prefix)
+            .field("notifications", &self.inner.notices.is_some())
+            .field("local_cache", &self.inner.local.is_some())
+            .field("timeout", &self.inner.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStore {
+    /// A builder for a store on the Redis at `url` (`redis://host:port/db`).
+    pub fn builder(url: impl Into<String>) -> RedisStoreBuilder {
+        RedisStoreBuilder::new(url)
+    }
+
+    /// A store on a connection manager you configured yourself, under
+    /// `prefix`, without a local tier or change notices (waiters on other
+    /// instances poll). Operations give up after the default connection and
+    /// response timeouts together (2 s).
+    pub fn new(connection: ConnectionManager, prefix: impl Into<String>) -> Self {
+        Self::assemble(
+            connection,
+            prefix.into(),
+            None,
+            None,
+            DEFAULT_CONNECTION_TIMEOUT + DEFAULT_RESPONSE_TIMEOUT,
+        )
+    }
+
+    fn assemble(
+        connection: ConnectionManager,
+        prefix: String,
+        notices: Option<Arc<Notices>>,
+        local: Option<LocalTier>,
+        timeout: Duration,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                connection,
+                channel: channel(&prefix),
+                prefix,
+                notices,
+                local,
+                timeout,
+            }),
+        }
+    }
+
+    /// The prefix of every key this store writes.
+    pub fn prefix(&self) -> &str {
+        &self.inner.prefix
+    }
+
+    /// The Redis key that holds `key`: the prefix, then the key.
+    pub fn redis_key(&self, key: &str) -> String {
+        format!("{}{key}", self.inner.prefix)
+    }
+
+    /// The connection the store uses (for commands of your own).
+    pub fn connection(&self) -> ConnectionManager {
+        self.inner.connection.clone()
+    }
+
+    async fn connect(&self) -> Result<(), StoreError> {
+        self.ping_redis().await
+    }
+
+    async fn ping_redis(&self) -> Result<(), StoreError> {
+        let mut connection = self.connection();
+        self.run(redis::cmd("PING").query_async::<()>(&mut connection))
+            .await
+    }
+
+    /// Runs one command within the operation timeout.
+    async fn run<T>(&self, command: impl Future<Output = RedisResult<T>>) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.inner.timeout, command).await {
+            Ok(result) => result.map_err(map_error),
+            Err(_elapsed) => Err(StoreError::unavailable(format!(
+                "redis did not answer within {:?}",
+                self.inner.timeout
+            ))),
+        }
+    }
+
+    /// Runs one of the scripts on `key` with `args`.
+    async fn script(
+        &self,
+        script: &redis::Script,
+        key: &str,
+        args: &[&[u8]],
+    ) -> Result<Value, StoreError> {
+        let mut invocation = script.prepare_invoke();
+        invocation.key(self.redis_key(key));
+        for arg in args {
+            invocation.arg(*arg);
+        }
+        let mut connection = self.connection();
+        self.run(invocation.invoke_async(&mut connection)).await
+    }
+
+    /// Decodes the `{value, pttl}` answer of the `begin` and `get` scripts.
+    fn held(key: &str, answer: Value) -> Result<(Stored, Duration), StoreError> {
+        let corrupt = |source| StoreError::Corrupt {
+            key: key.to_owned(),
+            source,
+        };
+        let Value::Array(parts) = answer else {
+            return Err(StoreError::backend(format!(
+                "unexpected script answer {answer:?}"
+            )));
+        };
+        let (value, pttl) = match parts.as_slice() {
+            [Value::BulkString(value), Value::Int(pttl)] => (value.as_slice(), *pttl),
+            _ => return Err(StoreError::backend("unexpected script answer")),
+        };
+        let stored = codec::decode(value).map_err(corrupt)?;
+        Ok((stored, expires_in(pttl)))
+    }
+
+    async fn remember(&self, key: &str, record: &SharedRecord, expires_in: Duration) {
+        if let Some(local) = &self.inner.local {
+            local.insert(key, record.clone(), expires_in).await;
+        }
+    }
+}
+
+impl Store for RedisStore {
+    async fn begin(
+        &self,
+        key: &str,
+        fingerprint: Fingerprint,
+        lease: LeaseToken,
+        lease_ttl: Duration,
+    ) -> Result<BeginOutcome, StoreError> {
+        if let Some(local) = &self.inner.local {
+            if let Some(cached) = local.get(key).await {
+                return Ok(BeginOutcome::Completed(cached.record));
+            }
+        }
+        let marker = Marker {
+            lease,
+            fingerprint,
+            created_at_ms: now_ms(),
+        }
+        .encode();
+        let answer = self
+            .script(&scripts::BEGIN, key, &[&marker, &px(lease_ttl)])
+            .await?;
+        if answer == Value::Int(1) {
+            return Ok(BeginOutcome::Acquired);
+        }
+        match Self::held(key, answer)? {
+            (Stored::Marker(marker), expires_in) => Ok(BeginOutcome::InFlight {
+                fingerprint: marker.fingerprint,
+                expires_in,
+            }),
+            (Stored::Record(record), expires_in) => {
+                let record = Arc::new(record);
+                self.remember(key, &record, expires_in).await;
+                Ok(BeginOutcome::Completed(record))
+            }
+        }
+    }
+
+    async fn renew(
+        &self,
+        key: &str,
+        lease: LeaseToken,
+        lease_ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let prefix = codec::lease_prefix(lease);
+        let answer = self
+            .script(&scripts::RENEW, key, &[&prefix, &px(lease_ttl)])
+            .await?;
+        Ok(answer == Value::Int(1))
+    }
+
+    async fn complete(
+        &self,
+        key: &str,
+        lease: LeaseToken,
+        record: SharedRecord,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let prefix = codec::lease_prefix(lease);
+        let encoded = record.encode();
+        let answer = self
+            .script(
+                &scripts::COMPLETE,
+                key,
+                &[&prefix, &encoded, &px(ttl), self.inner.channel.as_bytes()],
+            )
+            .await?;
+        let completed = answer == Value::Int(1);
+        if completed {
+            self.remember(key, &record, ttl).await;
+        }
+        Ok(completed)
+    }
+
+    async fn release(&self, key: &str, lease: LeaseToken) -> Result<bool, StoreError> {
+        let prefix = codec::lease_prefix(lease);
+        let channel = self.inner.channel.as_bytes();
+        let answer = self
+            .script(&scripts::RELEASE, key, &[&prefix, channel])
+            .await?;
+        Ok(answer == Value::Int(1))
+    }
+
+    async fn put(&self, key: &str, record: SharedRecord, ttl: Duration) -> Result<(), StoreError> {
+        let mut connection = self.connection();
+        let mut command = redis::cmd("SET");
+        command
+            .arg(self.redis_key(key))
+            .arg(record.encode().as_ref())
+            .arg("PX")
+            .arg(px(ttl));
+        self.run(command.query_async::<()>(&mut connection)).await?;
+        self.remember(key, &record, ttl).await;
+        Ok(())
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
+        if let Some(local) = &self.inner.local {
+            if let Some(cached) = local.get(key).await {
+                return Ok(Some(Entry {
+                    expires_in: cached
+                        .expires_at
+                        .saturating_duration_since(std::time::Instant::now()),
+                    state: EntryState::Completed(cached.record),
+                }));
+            }
+        }
+        let answer = self.script(&scripts::GET, key, &[]).await?;
+        if answer == Value::Int(0) {
+            return Ok(None);
+        }
+        Ok(Some(match Self::held(key, answer)? {
+            (Stored::Marker(marker), expires_in) => Entry {
+                state: EntryState::InFlight {
+                    fingerprint: marker.fingerprint,
+                    lease: marker.lease,
+                },
+                expires_in,
+            },
+            (Stored::Record(record), expires_in) => {
+                let record = Arc::new(record);
+                self.remember(key, &record, expires_in).await;
+                Entry {
+                    state: EntryState::Completed(record),
+                    expires_in,
+                }
+            }
+        }))
+    }
+
+    async fn remove(&self, key: &str) -> Result<bool, StoreError> {
+        if let Some(local) = &self.inner.local {
+            local.invalidate(key).await;
+        }
+        let mut connection = self.connection();
+        let mut command = redis::cmd("DEL");
+        command.arg(self.redis_key(key));
+        let removed: u64 = self.run(command.query_async(&mut connection)).await?;
+        Ok(removed > 0)
+    }
+
+    async fn clear(&self) -> Result<(), StoreError> {
+        if let Some(local) = &self.inner.local {
+            local.clear().await;
+        }
+        let keys = self.scan_keys().await?;
+        self.delete_keys(&keys).await
+    }
+
+    async fn scan(&self) -> Result<Vec<ScanEntry>, StoreError> {
+        let keys = self.scan_keys().await?;
+        self.peek_keys(keys).await
+    }
+
+    async fn len(&self) -> Result<u64, StoreError> {
+        Ok(self.scan_keys().await?.len() as u64)
+    }
+
+    async fn info(&self) -> Result<CacheInfo, StoreError> {
+        Ok(CacheInfo {
+            entries: self.len().await?,
+            max_entries: None,
+            weighted_bytes: 0,
+        })
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.ping_redis().await
+    }
+
+    fn until_changed(
+        &self,
+        key: &str,
+        deadline: tokio::time::Instant,
+    ) -> impl Future<Output = ()> + Send {
+        // Registered now, so that a notice that comes before the first poll
+        // still counts.
+        let notice =
+            (self.inner.notices.as_ref()).map(|n| n.changed(self.redis_key(key), deadline));
+        async move {
+            match notice {
+                Some(notice) => notice.await,
+                None => tokio::time::sleep_until(deadline).await,
+            }
+        }
+    }
+}
+
+/// The pub/sub channel on which stores under `prefix` announce changed keys.
+fn channel(prefix: &str) -> String {
+    format!("{prefix}changes")
+}

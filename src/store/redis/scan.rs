@@ -1,0 +1,138 @@
+//! Listing and deleting the keys under the prefix: `SCAN`, never `KEYS`, so
+//! Redis is never blocked by a long listing.
+
+use redis::{RedisResult, Value};
+
+use super::codec::{self, PEEK_LEN};
+use super::convert::{expires_in, map_error};
+use super::RedisStore;
+use crate::record::DecodeError;
+use crate::store::{ScanEntry, StoreError};
+
+/// Keys asked for per `SCAN` call, and per pipeline of per-key commands.
+const BATCH: usize = 500;
+
+impl RedisStore {
+    /// Every Redis key under the prefix, each once.
+    pub(super) async fn scan_keys(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        let pattern = format!("{}*", glob_escape(&self.inner.prefix));
+        let mut connection = self.connection();
+        let mut keys = Vec::new();
+        let mut cursor = 0u64;
+        loop {
+            let mut command = redis::cmd("SCAN");
+            command
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(BATCH);
+            let (next, batch): (u64, Vec<Vec<u8>>) =
+                self.run(command.query_async(&mut connection)).await?;
+            keys.extend(batch);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        // SCAN may answer a key more than once.
+        keys.sort_unstable();
+        keys.dedup();
+        Ok(keys)
+    }
+
+    /// Deletes `keys`, one single-key command each, pipelined.
+    pub(super) async fn delete_keys(&self, keys: &[Vec<u8>]) -> Result<(), StoreError> {
+        let mut connection = self.connection();
+        for chunk in keys.chunks(BATCH) {
+            let mut pipe = redis::pipe();
+            for key in chunk {
+                pipe.cmd("DEL").arg(key).ignore();
+            }
+            self.run(pipe.query_async::<()>(&mut connection)).await?;
+        }
+        Ok(())
+    }
+
+    /// Kind, creation time and time left of each key: the first bytes of its
+    /// value and its PTTL. Keys that expired meanwhile and values that are
+    /// not this crate's are left out.
+    pub(super) async fn peek_keys(&self, keys: Vec<Vec<u8>>) -> Result<Vec<ScanEntry>, StoreError> {
+        let mut connection = self.connection();
+        let mut entries = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(BATCH) {
+            let mut pipe = redis::pipe();
+            for key in chunk {
+                pipe.cmd("GETRANGE").arg(key).arg(0).arg(PEEK_LEN - 1);
+                pipe.cmd("PTTL").arg(key);
+            }
+            // A key of another Redis type fails its GETRANGE, not the batch.
+            pipe.ignore_errors();
+            let answers: Vec<RedisResult<Value>> =
+                self.run(pipe.query_async(&mut connection)).await?;
+            for (key, answer) in chunk.iter().zip(answers.chunks(2)) {
+                let Some(key) = std::str::from_utf8(key)
+                    .ok()
+                    .and_then(|key| key.strip_prefix(self.prefix()))
+                else {
+                    continue;
+                };
+                let (head, pttl) = match answer {
+                    [Ok(Value::BulkString(head)), Ok(Value::Int(pttl))] => (head, *pttl),
+                    [Err(error), _] | [_, Err(error)] if error.is_io_error() => {
+                        return Err(map_error(error.clone()));
+                    }
+                    _ => {
+                        foreign(key);
+                        continue;
+                    }
+                };
+                // -2: the key expired (or was deleted) since SCAN listed it.
+                if pttl == -2 {
+                    continue;
+                }
+                let Some((kind, created_at_ms)) = codec::peek(head) else {
+                    foreign(key);
+                    continue;
+                };
+                entries.push(ScanEntry {
+                    key: key.to_owned(),
+                    kind,
+                    expires_in: expires_in(pttl),
+                    created_at_ms,
+                });
+            }
+        }
+        Ok(entries)
+    }
+}
+
+/// Why a value under this store's prefix was skipped by `scan`.
+fn foreign(key: &str) {
+    tracing::warn!(
+        key,
+        error = %DecodeError::NotARecord,
+        "skipping a value that is not an idempotency entry"
+    );
+}
+
+/// `text` as a SCAN pattern that matches it literally.
+fn glob_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn glob_escape_makes_patterns_literal() {
+        assert_eq!(super::glob_escape("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
+        assert_eq!(super::glob_escape("idem:"), "idem:");
+    }
+}

@@ -1,0 +1,71 @@
+//! Both stores of the crate held to the same store contract.
+#![cfg(feature = "test-util")]
+
+use std::time::Duration;
+
+use tower_idempotency::store::{conformance::Suite, MemoryStore};
+
+/// The whole suite must finish well within this; a hang is a failure.
+const BUDGET: Duration = Duration::from_secs(60);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn memory_store_keeps_the_store_contract() {
+    tokio::time::timeout(BUDGET, Suite::new(|| async { MemoryStore::new() }).run())
+        .await
+        .expect("the conformance suite hung");
+}
+
+#[cfg(feature = "redis")]
+mod redis_store {
+    use bytes::Bytes;
+    use tower_idempotency::store::{conformance::Suite, RedisStore};
+
+    use super::BUDGET;
+
+    fn redis_url() -> String {
+        std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn redis_store_keeps_the_store_contract() {
+        let suite = Suite::new(|| async {
+            RedisStore::builder(redis_url())
+                .prefix(format!("test:conformance:{:x}:", rand::random::<u64>()))
+                .build()
+                .await
+                .expect("Redis answers on REDIS_URL or 127.0.0.1:6379")
+        })
+        .corrupt_with(|store: &RedisStore, key: &str, bytes: Bytes| {
+            let (mut connection, key) = (store.connection(), store.redis_key(key));
+            async move {
+                redis::cmd("SET")
+                    .arg(key)
+                    .arg(bytes.as_ref())
+                    .arg("PX")
+                    .arg(60_000)
+                    .query_async::<()>(&mut connection)
+                    .await
+                    .unwrap();
+            }
+        });
+        tokio::time::timeout(BUDGET, suite.run())
+            .await
+            .expect("the conformance suite hung");
+    }
+
+    /// The local tier answers from memory but must keep the same contract.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn redis_store_with_local_tier_keeps_the_store_contract() {
+        let suite = Suite::new(|| async {
+            RedisStore::builder(redis_url())
+                .prefix(format!("test:conformance:{:x}:", rand::random::<u64>()))
+                .local_cache(1_000)
+                .build()
+                .await
+                .expect("Redis answers on REDIS_URL or 127.0.0.1:6379")
+        });
+        tokio::time::timeout(BUDGET, suite.run())
+            .await
+            .expect("the conformance suite hung");
+    }
+}
