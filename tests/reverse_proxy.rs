@@ -37,6 +37,22 @@ pub(crate) fn store_args(redis: bool) -> Vec<String> {
 
 const REDIS_URL: &str = "redis://127.0.0.1:6379";
 
+/// Whether Redis answers a PING on 127.0.0.1:6379.
+#[cfg(feature = "redis")]
+async fn redis_answers() -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ping = async {
+        let mut stream = tokio::net::TcpStream::connect("127.0.0.1:6379")
+            .await
+            .ok()?;
+        stream.write_all(b"PING\r\n").await.ok()?;
+        let mut answer = [0u8; 7];
+        stream.read_exact(&mut answer).await.ok()?;
+        Some(&answer == b"+PONG\r\n")
+    };
+    matches!(timeout(Duration::from_secs(2), ping).await, Ok(Some(true)))
+}
+
 /// Each behaviour of `idempotency` as a test on the embedded store and, with
 /// feature `redis`, one on Redis.
 macro_rules! on_every_store {
@@ -46,6 +62,19 @@ macro_rules! on_every_store {
                 #[tokio::test]
                 async fn $name() {
                     crate::idempotency::$name(false).await;
+                }
+            )*
+        }
+        #[cfg(feature = "redis")]
+        mod redis {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    if !crate::redis_answers().await {
+                        eprintln!("Redis does not answer on 127.0.0.1:6379; skipped");
+                        return;
+                    }
+                    crate::idempotency::$name(true).await;
                 }
             )*
         }
@@ -279,4 +308,99 @@ async fn the_demo_upstream_serves_orders() {
     assert_eq!(first.json()["executions"], 1);
     let second = proxy.send(Method::POST, "/orders", None, "{}").await;
     assert_eq!(second.json()["executions"], 2, "no key: not protected");
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn redis_down_is_503_and_unhealthy() {
+    let upstream = Upstream::start().await;
+    let dead = dead_url().await.replace("http://", "redis://");
+    let proxy = Proxy::start(&["--upstream", &upstream.url, "--redis", &dead]).await;
+
+    let reply = proxy
+        .send(Method::POST, "/orders", Some("k-down"), "{}")
+        .await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(reply.content_type(), "application/problem+json");
+    assert_eq!(reply.headers["retry-after"], "1");
+    assert_eq!(
+        upstream.executions(),
+        0,
+        "fail closed: nothing ran unprotected"
+    );
+    let (status, health) = proxy.admin_json("/healthz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(health["status"], "store_unavailable");
+    let stats = proxy.stats().await;
+    assert!(stats["store_errors"].as_u64().unwrap() >= 1, "{stats}");
+    assert_eq!(stats["store_up"], 0);
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn redis_down_with_fail_open_passes_through_but_is_unhealthy() {
+    let upstream = Upstream::start().await;
+    let dead = dead_url().await.replace("http://", "redis://");
+    let proxy = Proxy::start(&["--upstream", &upstream.url, "--redis", &dead, "--fail-open"]).await;
+
+    for n in 1..=2 {
+        let reply = proxy
+            .send(Method::POST, "/orders", Some("k-open"), "{}")
+            .await;
+        assert_eq!(reply.status, StatusCode::CREATED);
+        assert!(!reply.replayed());
+        assert_eq!(
+            upstream.executions(),
+            n,
+            "unprotected while the store is down"
+        );
+    }
+    let (status, _) = proxy.admin_json("/healthz").await;
+    assert_eq!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "even with --fail-open"
+    );
+    assert!(proxy.stats().await["store_errors"].as_u64().unwrap() >= 2);
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn two_proxies_with_one_redis_prefix_share_keys() {
+    if !redis_answers().await {
+        eprintln!("Redis does not answer on 127.0.0.1:6379; skipped");
+        return;
+    }
+    let upstream = Upstream::start().await;
+    let store = store_args(true);
+    let mut args = vec!["--upstream", upstream.url.as_str()];
+    args.extend(store.iter().map(String::as_str));
+    let first = Proxy::start(&args).await;
+    let second = Proxy::start(&args).await;
+
+    let sent = first
+        .send(Method::POST, "/orders", Some("shared-1"), "{}")
+        .await;
+    assert_eq!(sent.status, StatusCode::CREATED);
+    let retried = second
+        .send(Method::POST, "/orders", Some("shared-1"), "{}")
+        .await;
+    assert!(retried.replayed(), "the other instance replays");
+    assert_eq!(retried.body, sent.body);
+    assert_eq!(upstream.executions(), 1);
+}
+
+#[cfg(not(feature = "redis"))]
+#[tokio::test]
+async fn redis_flag_without_the_feature_is_refused() {
+    let (mut child, ready, log) = spawn(&["--redis", REDIS_URL]).await;
+    assert!(ready.is_none());
+    let status = timeout(QUICK, child.wait()).await.unwrap().unwrap();
+    assert_eq!(status.code(), Some(1));
+    // The reader task may still be copying the last bytes of stderr.
+    eventually("the error names the feature", || {
+        let log = log.clone();
+        async move { log.lock().unwrap().contains("--features redis") }
+    })
+    .await;
 }

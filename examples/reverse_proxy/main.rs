@@ -70,12 +70,21 @@ async fn run(args: Args) -> Result<(), BoxError> {
             timeout: args.wait_timeout,
         },
     };
-    if args.redis.is_some() {
-        // The Redis store is being built on its own branch; until it lands
-        // the flag is refused rather than silently ignored.
-        return Err("--redis: the Redis store is not part of this build yet; \
-                    drop --redis to use the embedded in-memory store"
-            .into());
+    if let Some(url) = args.redis.clone() {
+        #[cfg(feature = "redis")]
+        {
+            let engine = redis_engine(&url, &args, concurrent).await?;
+            return serve(args, engine).await;
+        }
+        #[cfg(not(feature = "redis"))]
+        {
+            let _ = url;
+            return Err(
+                "--redis: this build has no Redis store; run the example with \
+                        `--features redis`, or drop --redis for the embedded store"
+                    .into(),
+            );
+        }
     }
     let engine = Idempotency::builder()
         .ttl(args.ttl)
@@ -84,6 +93,34 @@ async fn run(args: Args) -> Result<(), BoxError> {
         .max_entries(args.max_entries)
         .build()?;
     serve(args, engine).await
+}
+
+/// An engine on Redis. It starts even when Redis is down (requests then get
+/// 503, or pass unprotected with --fail-open, and /healthz answers 503 until
+/// Redis answers), so a proxy does not crash-loop through a Redis restart.
+#[cfg(feature = "redis")]
+async fn redis_engine(
+    url: &str,
+    args: &Args,
+    concurrent: Concurrent,
+) -> Result<Idempotency<tower_idempotency::RedisStore>, BoxError> {
+    let store = tower_idempotency::RedisStore::builder(url)
+        .prefix(args.redis_prefix.clone())
+        .build_lazy()
+        .map_err(|e| format!("--redis: {e}"))?;
+    let engine = Idempotency::builder()
+        .ttl(args.ttl)
+        .lease_ttl(args.lease_ttl)
+        .concurrent(concurrent)
+        .store(store)
+        .build()?;
+    // The URL may hold a password: it is never logged.
+    match tokio::time::timeout(Duration::from_secs(3), engine.ping()).await {
+        Ok(Ok(())) => tracing::info!(prefix = %args.redis_prefix, "Redis answers"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "Redis does not answer yet"),
+        Err(_) => tracing::warn!("Redis does not answer yet (timed out)"),
+    }
+    Ok(engine)
 }
 
 /// Binds both listeners, reports ready, serves until a signal, then drains.
