@@ -20,6 +20,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod engine;
+mod execute;
 pub mod key;
 pub mod layer;
 pub mod problem;
@@ -31,7 +32,8 @@ pub use engine::{
     Begin, Concurrent, Config, ConfigError, Idempotency, IdempotencyBuilder, IntoStore, KeyFilter,
     Lease, LeaseExpiry,
 };
-pub use key::{Fingerprint, FingerprintMode, HeaderKey, IdempotencyKey};
+pub use execute::ExecuteError;
+pub use key::{ActionKey, Fingerprint, FingerprintMode, HeaderKey, IdempotencyKey};
 pub use layer::{
     Disconnect, FailMode, IdempotencyLayer, IdempotencyLayerBuilder, Idempotent, RequestBody,
     ResponseBody, ResponseFuture,

@@ -15,9 +15,13 @@ use std::str::FromStr;
 
 use sha2::{Digest, Sha256};
 
+mod action;
 mod header;
+mod params;
 
+pub use action::{fixed, from_header, from_path_segment, from_query, ActionKey, MAX_COMPONENT_LEN};
 pub use header::{parse_key, HeaderKey, IDEMPOTENCY_KEY, MAX_KEY_LEN};
+pub use params::{canonical_json, params_equivalent};
 
 /// Identifies one action: `signal:action:target`, optionally followed by
 /// `:paramsHash` (the first 16 hex characters of the SHA-256 of the params).
@@ -332,20 +336,6 @@ pub enum FingerprintMode {
     /// insignificant whitespace), so `{"a":1,"b":2}` and `{ "b": 2, "a": 1 }`
     /// are the same request. A body that is not JSON is hashed as it is.
     JsonCanonical,
-}
-
-/// The RFC 8785 (JSON Canonicalization Scheme) form of a JSON document, or
-/// `None` when `body` is not JSON.
-///
-/// ```
-/// use tower_idempotency::key::canonical_json;
-///
-/// assert_eq!(canonical_json(br#"{ "b": 2, "a": [1, 2.0] }"#).unwrap(), br#"{"a":[1,2],"b":2}"#);
-/// assert_eq!(canonical_json(b"not json"), None);
-/// ```
-pub fn canonical_json(body: &[u8]) -> Option<Vec<u8>> {
-    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
-    serde_jcs::to_vec(&value).ok()
 }
 
 pub(crate) fn hex_lower(bytes: &[u8]) -> String {

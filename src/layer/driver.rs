@@ -94,7 +94,11 @@ pub(crate) async fn drive<Svc, S, ReqBody, ResBody>(
         path_and_query,
         canonical.as_deref().unwrap_or(&body),
     );
-    let storage_key = key.into_key(&body).to_string();
+    // The params hash follows the fingerprint mode, so a reordered JSON body
+    // keeps its key under `JsonCanonical`.
+    let storage_key = key
+        .into_key(canonical.as_deref().unwrap_or(&body))
+        .to_string();
     let begun = counted_wait(
         settings,
         driver
