@@ -165,6 +165,8 @@ async fn serve<S: Store>(args: Args, engine: Idempotency<S>) -> Result<(), BoxEr
             .into_future(),
     );
 
+    let upstream = upstream.to_string();
+    let upstream = upstream.trim_end_matches('/');
     tracing::info!(%proxy_addr, %admin_addr, %upstream, "ready");
     let mut stdout = std::io::stdout().lock();
     writeln!(
