@@ -705,7 +705,7 @@ impl<S: Store> Idempotency<S> {
     ///
     /// The [`StoreError`] of a store that failed.
     pub async fn cache_info(&self) -> Result<CacheInfo, StoreError> {
-        self.counted(self.inner.store.info().await)
+        self.inner.store.info().await
     }
 
     /// Checks that the store answers.
@@ -723,7 +723,7 @@ impl<S: Store> Idempotency<S> {
     ///
     /// The [`StoreError`] of a store that failed.
     pub async fn record(&self, key: &str) -> Result<Option<Entry>, StoreError> {
-        self.counted(self.inner.store.get(key).await)
+        self.inner.store.get(key).await
     }
 
     /// The live keys that match `filter`.
@@ -732,7 +732,7 @@ impl<S: Store> Idempotency<S> {
     ///
     /// The [`StoreError`] of a store that failed.
     pub async fn keys(&self, filter: &KeyFilter) -> Result<Vec<ScanEntry>, StoreError> {
-        let entries = self.counted(self.inner.store.scan().await)?;
+        let entries = self.inner.store.scan().await?;
         Ok(entries
             .into_iter()
             .filter(|entry| filter.matches(entry))
@@ -783,7 +783,7 @@ impl<S: Store> Idempotency<S> {
     ///
     /// The [`StoreError`] of a store that failed.
     pub async fn remove(&self, key: &str) -> Result<bool, StoreError> {
-        self.counted(self.inner.store.remove(key).await)
+        self.inner.store.remove(key).await
     }
 
     /// Deletes every entry.
@@ -792,7 +792,7 @@ impl<S: Store> Idempotency<S> {
     ///
     /// The [`StoreError`] of a store that failed.
     pub async fn clear(&self) -> Result<(), StoreError> {
-        self.counted(self.inner.store.clear().await)
+        self.inner.store.clear().await
     }
 
     /// Drops expired entries now (moka otherwise drops them during later
@@ -802,7 +802,7 @@ impl<S: Store> Idempotency<S> {
     ///
     /// The [`StoreError`] of a store that failed.
     pub async fn cleanup_expired(&self) -> Result<(), StoreError> {
-        self.counted(self.inner.store.cleanup_expired().await)
+        self.inner.store.cleanup_expired().await
     }
 
     /// Removes the `n` oldest completed records (by creation time in
@@ -816,7 +816,10 @@ impl<S: Store> Idempotency<S> {
     /// The [`StoreError`] of a store that failed.
     pub async fn evict_oldest(&self, n: usize) -> Result<usize, StoreError> {
         let mut records: Vec<ScanEntry> = self
-            .counted(self.inner.store.scan().await)?
+            .inner
+            .store
+            .scan()
+            .await?
             .into_iter()
             .filter(|entry| entry.kind == EntryKind::Completed)
             .collect();

@@ -30,7 +30,8 @@ async fn redis_down_is_503_and_unhealthy() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(health["status"], "store_unavailable");
     let stats = proxy.stats().await;
-    assert!(stats["store_errors"].as_u64().unwrap() >= 1, "{stats}");
+    // One request hit the dead store; the admin scrapes do not count.
+    assert_eq!(stats["store_errors"], 1, "{stats}");
     assert_eq!(stats["store_up"], 0);
 }
 
@@ -58,15 +59,15 @@ async fn redis_down_with_fail_open_passes_through_but_is_unhealthy() {
         StatusCode::SERVICE_UNAVAILABLE,
         "even with --fail-open"
     );
-    assert!(proxy.stats().await["store_errors"].as_u64().unwrap() >= 2);
+    assert_eq!(proxy.stats().await["store_errors"], 2);
 }
 
 #[tokio::test]
 async fn two_proxies_with_one_redis_prefix_share_keys() {
-    if !redis_answers().await {
-        eprintln!("Redis does not answer on 127.0.0.1:6379; skipped");
-        return;
-    }
+    assert!(
+        redis_answers().await,
+        "Redis does not answer on 127.0.0.1:6379: start it (bash .ci/run does)"
+    );
     let upstream = Upstream::start().await;
     let store = store_args(true);
     let mut args = vec!["--upstream", upstream.url.as_str()];
