@@ -244,6 +244,30 @@ impl Expiry<String, Slot> for SlotExpiry {
     }
 }
 
+impl MemoryStore {
+    /// Applies `op` to the slot under `key` only while `lease` holds it
+    /// (fencing), atomically for that key. Answers whether it applied.
+    async fn if_held(
+        &self,
+        key: &str,
+        lease: LeaseToken,
+        op: impl FnOnce(Slot) -> Op<Slot> + Send,
+    ) -> bool {
+        let now = Instant::now();
+        let result = self
+            .cache
+            .entry(key.to_owned())
+            .and_compute_with(|existing| {
+                ready(match existing {
+                    Some(entry) if entry.value().held_by(lease, now) => op(entry.into_value()),
+                    _ => Op::Nop,
+                })
+            })
+            .await;
+        matches!(result, CompResult::ReplacedWith(_) | CompResult::Removed(_))
+    }
+}
+
 impl Store for MemoryStore {
     async fn begin(
         &self,
@@ -294,21 +318,11 @@ impl Store for MemoryStore {
         lease: LeaseToken,
         lease_ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let now = Instant::now();
-        let result = self
-            .cache
-            .entry(key.to_owned())
-            .and_compute_with(|existing| {
-                ready(match existing {
-                    Some(entry) if entry.value().held_by(lease, now) => {
-                        let slot = entry.into_value();
-                        Op::Put(Slot::new(slot.state, lease_ttl, slot.created_at_ms))
-                    }
-                    _ => Op::Nop,
-                })
+        Ok(self
+            .if_held(key, lease, |slot| {
+                Op::Put(Slot::new(slot.state, lease_ttl, slot.created_at_ms))
             })
-            .await;
-        Ok(matches!(result, CompResult::ReplacedWith(_)))
+            .await)
     }
 
     async fn complete(
@@ -318,36 +332,16 @@ impl Store for MemoryStore {
         record: SharedRecord,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let now = Instant::now();
-        let result = self
-            .cache
-            .entry(key.to_owned())
-            .and_compute_with(|existing| {
-                ready(match existing {
-                    Some(entry) if entry.value().held_by(lease, now) => {
-                        let created_at_ms = record.created_at_ms;
-                        Op::Put(Slot::new(EntryState::Completed(record), ttl, created_at_ms))
-                    }
-                    _ => Op::Nop,
-                })
+        let created_at_ms = record.created_at_ms;
+        Ok(self
+            .if_held(key, lease, |_| {
+                Op::Put(Slot::new(EntryState::Completed(record), ttl, created_at_ms))
             })
-            .await;
-        Ok(matches!(result, CompResult::ReplacedWith(_)))
+            .await)
     }
 
     async fn release(&self, key: &str, lease: LeaseToken) -> Result<bool, StoreError> {
-        let now = Instant::now();
-        let result = self
-            .cache
-            .entry(key.to_owned())
-            .and_compute_with(|existing| {
-                ready(match existing {
-                    Some(entry) if entry.value().held_by(lease, now) => Op::Remove,
-                    _ => Op::Nop,
-                })
-            })
-            .await;
-        Ok(matches!(result, CompResult::Removed(_)))
+        Ok(self.if_held(key, lease, |_| Op::Remove).await)
     }
 
     async fn put(&self, key: &str, record: SharedRecord, ttl: Duration) -> Result<(), StoreError> {
