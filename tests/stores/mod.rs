@@ -2,8 +2,9 @@
 //! are held to the same contract.
 //!
 //! `per_store!(name, flavor = ...)` above `async fn name(store: TestStore)`
-//! makes the tests `name::memory` and `name::redis` (the latter with the
-//! `redis` feature), each under `#[tokio::test(flavor = ...)]`.
+//! makes the tests `name::memory`, `name::redis` and `name::redis_local_tier`
+//! (Redis with its in-process cache of completed records in front; both
+//! with the `redis` feature), each under `#[tokio::test(flavor = ...)]`.
 //! [`TestStore`] delegates every [`Store`] call to a real `MemoryStore` or a
 //! real `RedisStore` on `REDIS_URL` (default 127.0.0.1:6379), under a fresh
 //! random prefix whose keys are deleted when the test ends, pass or fail.
@@ -21,8 +22,9 @@ use tower_idempotency::{CacheInfo, Fingerprint};
 use tower_idempotency::store::RedisStore;
 
 /// `per_store!(name, tokio-test-args)` runs `async fn name(store: TestStore)`
-/// as the tests `name::memory` and `name::redis`, each under
-/// `#[tokio::test(tokio-test-args)]` (the runtime flavor the test needs).
+/// as the tests `name::memory`, `name::redis` and `name::redis_local_tier`,
+/// each under `#[tokio::test(tokio-test-args)]` (the runtime flavor the test
+/// needs).
 macro_rules! per_store {
     ($name:ident $(, $($arg:tt)*)?) => {
         mod $name {
@@ -34,7 +36,14 @@ macro_rules! per_store {
             #[cfg(feature = "redis")]
             #[tokio::test$(($($arg)*))?]
             async fn redis() {
-                let (store, _cleanup) = $crate::stores::TestStore::redis().await;
+                let (store, _cleanup) = $crate::stores::TestStore::redis(false).await;
+                super::$name(store).await
+            }
+
+            #[cfg(feature = "redis")]
+            #[tokio::test$(($($arg)*))?]
+            async fn redis_local_tier() {
+                let (store, _cleanup) = $crate::stores::TestStore::redis(true).await;
                 super::$name(store).await
             }
         }
@@ -56,12 +65,13 @@ impl TestStore {
         Self::Memory(MemoryStore::new())
     }
 
-    /// A store on the shared Redis under a fresh random prefix, and the guard
-    /// that deletes the prefix's keys when dropped.
+    /// A store on the shared Redis under a fresh random prefix, with or
+    /// without the local tier, and the guard that deletes the prefix's keys
+    /// when dropped.
     #[cfg(feature = "redis")]
-    pub async fn redis() -> (Self, Cleanup) {
+    pub async fn redis(local_tier: bool) -> (Self, Cleanup) {
         let prefix = format!("test:suite:{:016x}:", rand::random::<u64>());
-        let store = Self::Redis(connect(&prefix).await);
+        let store = Self::Redis(connect(&prefix, local_tier).await);
         let cleanup = Cleanup {
             url: redis_url(),
             prefix,
@@ -76,16 +86,7 @@ impl TestStore {
         match self {
             Self::Memory(store) => Self::Memory(store.clone()),
             #[cfg(feature = "redis")]
-            Self::Redis(store) => Self::Redis(connect(store.prefix()).await),
-        }
-    }
-
-    /// Which store this is, for messages.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Self::Memory(_) => "memory",
-            #[cfg(feature = "redis")]
-            Self::Redis(_) => "redis",
+            Self::Redis(store) => Self::Redis(connect(store.prefix(), false).await),
         }
     }
 }
@@ -97,9 +98,13 @@ pub fn redis_url() -> String {
 }
 
 #[cfg(feature = "redis")]
-async fn connect(prefix: &str) -> RedisStore {
+async fn connect(prefix: &str, local_tier: bool) -> RedisStore {
     let url = redis_url();
-    let build = RedisStore::builder(url.clone()).prefix(prefix).build();
+    let mut builder = RedisStore::builder(url.clone()).prefix(prefix);
+    if local_tier {
+        builder = builder.local_cache(1_000);
+    }
+    let build = builder.build();
     match tokio::time::timeout(Duration::from_secs(10), build).await {
         Ok(Ok(store)) => store,
         Ok(Err(error)) => panic!("Redis not reachable on {url}: {error}"),
