@@ -726,7 +726,7 @@ impl<S: Store> Idempotency<S> {
     ///
     /// The [`StoreError`] of a store that failed.
     pub async fn cache_info(&self) -> Result<CacheInfo, StoreError> {
-        self.counted(self.inner.store.info().await)
+        self.inner.store.info().await
     }
 
     /// Checks that the store answers.
@@ -744,7 +744,7 @@ impl<S: Store> Idempotency<S> {
     ///
     /// The [`StoreError`] of a store that failed.
     pub async fn record(&self, key: &str) -> Result<Option<Entry>, StoreError> {
-        self.counted(self.inner.store.get(key).await)
+        self.inner.store.get(key).await
     }
 
     /// The live keys that match `filter`.
@@ -753,7 +753,7 @@ impl<S: Store> Idempotency<S> {
     ///
     /// The [`StoreError`] of a store that failed.
     pub async fn keys(&self, filter: &KeyFilter) -> Result<Vec<ScanEntry>, StoreError> {
-        let entries = self.counted(self.inner.store.scan().await)?;
+        let entries = self.inner.store.scan().await?;
         Ok(entries
             .into_iter()
             .filter(|entry| filter.matches(entry))
@@ -804,7 +804,7 @@ impl<S: Store> Idempotency<S> {
     ///
     /// The [`StoreError`] of a store that failed.
     pub async fn remove(&self, key: &str) -> Result<bool, StoreError> {
-        self.counted(self.inner.store.remove(key).await)
+        self.inner.store.remove(key).await
     }
 
     /// Deletes every entry.
@@ -813,7 +813,7 @@ impl<S: Store> Idempotency<S> {
     ///
     /// The [`StoreError`] of a store that failed.
     pub async fn clear(&self) -> Result<(), StoreError> {
-        self.counted(self.inner.store.clear().await)
+        self.inner.store.clear().await
     }
 
     /// Drops expired entries now (moka otherwise drops them during later
@@ -823,7 +823,7 @@ impl<S: Store> Idempotency<S> {
     ///
     /// The [`StoreError`] of a store that failed.
     pub async fn cleanup_expired(&self) -> Result<(), StoreError> {
-        self.counted(self.inner.store.cleanup_expired().await)
+        self.inner.store.cleanup_expired().await
     }
 
     /// Removes the `n` oldest completed records (by creation time in
@@ -837,7 +837,10 @@ impl<S: Store> Idempotency<S> {
     /// The [`StoreError`] of a store that failed.
     pub async fn evict_oldest(&self, n: usize) -> Result<usize, StoreError> {
         let mut records: Vec<ScanEntry> = self
-            .counted(self.inner.store.scan().await)?
+            .inner
+            .store
+            .scan()
+            .await?
             .into_iter()
             .filter(|entry| entry.kind == EntryKind::Completed)
             .collect();

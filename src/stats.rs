@@ -56,7 +56,9 @@ counters! {
     too_large,
     /// Results returned but not stored (status policy, `no-store`, too large).
     not_stored,
-    /// Store operations that failed (each answered by the fail mode).
+    /// Store operations of the request path (begin, complete, release, renew,
+    /// put) that failed, each answered by the fail mode. Admin queries that
+    /// fail return their error and are not counted here.
     store_errors,
     /// Entries the store dropped because their TTL ran out.
     expired,

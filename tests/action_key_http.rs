@@ -1,4 +1,6 @@
-//! `ActionKey` on the HTTP layer, over real HTTP on 127.0.0.1.
+//! `ActionKey` on the HTTP layer, over real HTTP on 127.0.0.1, on each store.
+
+mod stores;
 
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
@@ -11,25 +13,27 @@ use http::StatusCode;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
+use stores::{per_store, TestStore};
 use tower_idempotency::key::{fixed, from_header, from_path_segment};
 use tower_idempotency::{ActionKey, FingerprintMode, Idempotency, IdempotencyLayer};
 
 struct Server {
     base: String,
     runs: Arc<AtomicU64>,
-    handle: Idempotency,
+    handle: Idempotency<TestStore>,
     client: Client<HttpConnector, Full<Bytes>>,
 }
 
 /// `POST /boards/{board}/cards` behind the layer with an action key: signal
 /// from `x-signal-id`, action `create_task`, target the board.
-async fn serve(params_in_key: bool) -> Server {
-    serve_with(params_in_key, FingerprintMode::Exact).await
+async fn serve(store: TestStore, params_in_key: bool) -> Server {
+    serve_with(store, params_in_key, FingerprintMode::Exact).await
 }
 
-async fn serve_with(params_in_key: bool, fingerprint: FingerprintMode) -> Server {
+async fn serve_with(store: TestStore, params_in_key: bool, fingerprint: FingerprintMode) -> Server {
     let runs = Arc::new(AtomicU64::new(0));
     let layer = IdempotencyLayer::builder()
+        .store(store)
         .fingerprint(fingerprint)
         .key_extractor(
             ActionKey::new(
@@ -101,9 +105,9 @@ impl Server {
     }
 }
 
-#[tokio::test]
-async fn a_retried_action_runs_once_and_is_replayed() {
-    let server = serve(true).await;
+per_store!(a_retried_action_runs_once_and_is_replayed);
+async fn a_retried_action_runs_once_and_is_replayed(store: TestStore) {
+    let server = serve(store, true).await;
     let first = server
         .post("/boards/b1/cards", Some("sig-1"), r#"{"t":1}"#)
         .await;
@@ -139,9 +143,9 @@ async fn a_retried_action_runs_once_and_is_replayed() {
     );
 }
 
-#[tokio::test]
-async fn params_in_the_key_make_another_body_another_action() {
-    let server = serve(true).await;
+per_store!(params_in_the_key_make_another_body_another_action);
+async fn params_in_the_key_make_another_body_another_action(store: TestStore) {
+    let server = serve(store, true).await;
     server
         .post("/boards/b1/cards", Some("sig-1"), r#"{"t":1}"#)
         .await;
@@ -154,9 +158,9 @@ async fn params_in_the_key_make_another_body_another_action() {
     );
 }
 
-#[tokio::test]
-async fn without_params_in_the_key_another_body_is_a_mismatch() {
-    let server = serve(false).await;
+per_store!(without_params_in_the_key_another_body_is_a_mismatch);
+async fn without_params_in_the_key_another_body_is_a_mismatch(store: TestStore) {
+    let server = serve(store, false).await;
     server
         .post("/boards/b1/cards", Some("sig-1"), r#"{"t":1}"#)
         .await;
@@ -176,9 +180,9 @@ async fn without_params_in_the_key_another_body_is_a_mismatch() {
     assert_eq!(keys[0].key, "sig-1:create_task:b1");
 }
 
-#[tokio::test]
-async fn no_signal_passes_through_and_a_partial_key_is_a_400() {
-    let server = serve(true).await;
+per_store!(no_signal_passes_through_and_a_partial_key_is_a_400);
+async fn no_signal_passes_through_and_a_partial_key_is_a_400(store: TestStore) {
+    let server = serve(store, true).await;
     // No signal: not protected, runs every time, stores nothing.
     server.post("/boards/b1/cards", None, "x").await;
     server.post("/boards/b1/cards", None, "x").await;
@@ -195,9 +199,9 @@ async fn no_signal_passes_through_and_a_partial_key_is_a_400() {
     assert!(partial.2.contains("no target"), "{}", partial.2);
 }
 
-#[tokio::test]
-async fn under_json_canonical_a_reordered_body_keeps_its_params_key_and_replays() {
-    let server = serve_with(true, FingerprintMode::JsonCanonical).await;
+per_store!(under_json_canonical_a_reordered_body_keeps_its_params_key_and_replays);
+async fn under_json_canonical_a_reordered_body_keeps_its_params_key_and_replays(store: TestStore) {
+    let server = serve_with(store, true, FingerprintMode::JsonCanonical).await;
     let first = server
         .post(
             "/boards/7/cards",

@@ -1,5 +1,7 @@
 //! The closure API (`execute`, `check_executed`, `mark_executed`) and the
-//! handle's queries over action keys.
+//! handle's queries over action keys, on each store.
+
+mod stores;
 
 use std::collections::BTreeSet;
 use std::convert::Infallible;
@@ -10,6 +12,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use stores::{per_store, TestStore};
 use tokio::sync::{Notify, Semaphore};
 use tower_idempotency::{
     Concurrent, ExecuteError, Fingerprint, Idempotency, IdempotencyKey, Record, StoredResponse,
@@ -31,7 +34,7 @@ async fn bounded<F: Future>(future: F) -> F::Output {
 
 /// 500 tasks call `execute` with one key; the first run is held open until
 /// every caller has arrived. Returns what each caller got.
-async fn race(engine: &Idempotency, executions: &Arc<AtomicU64>) -> Vec<Card> {
+async fn race(engine: &Idempotency<TestStore>, executions: &Arc<AtomicU64>) -> Vec<Card> {
     let key = IdempotencyKey::new("signal-123", "create_task", "trello");
     // One permit per caller that has arrived; the running action waits for all.
     let arrived = Arc::new(Semaphore::new(0));
@@ -64,9 +67,13 @@ async fn race(engine: &Idempotency, executions: &Arc<AtomicU64>) -> Vec<Card> {
     cards
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn five_hundred_concurrent_callers_run_the_action_once() {
-    let engine = Idempotency::new();
+per_store!(
+    five_hundred_concurrent_callers_run_the_action_once,
+    flavor = "multi_thread",
+    worker_threads = 4
+);
+async fn five_hundred_concurrent_callers_run_the_action_once(store: TestStore) {
+    let engine = Idempotency::builder().store(store).build().unwrap();
     let executions = Arc::new(AtomicU64::new(0));
     let cards = race(&engine, &executions).await;
 
@@ -81,11 +88,14 @@ async fn five_hundred_concurrent_callers_run_the_action_once() {
     assert_eq!(stats.replayed + stats.coalesced, CALLERS as u64 - 1);
 }
 
+per_store!(
+    duplicates_wait_for_the_running_action,
+    flavor = "current_thread"
+);
 /// On one thread a caller joins the running flight in the same poll in which
 /// it arrives, so every duplicate is known to have waited for the first run.
-#[tokio::test(flavor = "current_thread")]
-async fn duplicates_wait_for_the_running_action() {
-    let engine = Idempotency::new();
+async fn duplicates_wait_for_the_running_action(store: TestStore) {
+    let engine = Idempotency::builder().store(store).build().unwrap();
     let executions = Arc::new(AtomicU64::new(0));
     let cards = race(&engine, &executions).await;
 
@@ -96,9 +106,9 @@ async fn duplicates_wait_for_the_running_action() {
     assert_eq!(stats.coalesced, CALLERS as u64 - 1);
 }
 
-#[tokio::test]
-async fn errors_are_returned_and_not_stored() {
-    let engine = Idempotency::new();
+per_store!(errors_are_returned_and_not_stored);
+async fn errors_are_returned_and_not_stored(store: TestStore) {
+    let engine = Idempotency::builder().store(store).build().unwrap();
     let key = IdempotencyKey::new("signal-7", "send_notification", "slack");
     let runs = AtomicU64::new(0);
 
@@ -133,10 +143,10 @@ async fn errors_are_returned_and_not_stored() {
     assert_eq!(runs.load(SeqCst), 2);
 }
 
+per_store!(a_waiter_runs_its_own_action_when_the_first_fails);
 /// A duplicate waiting on a run that fails starts over and runs its own action.
-#[tokio::test]
-async fn a_waiter_runs_its_own_action_when_the_first_fails() {
-    let engine = Idempotency::new();
+async fn a_waiter_runs_its_own_action_when_the_first_fails(store: TestStore) {
+    let engine = Idempotency::builder().store(store).build().unwrap();
     let key = IdempotencyKey::new("signal-8", "upload_file", "drive");
     let started = Arc::new(Notify::new());
     let fail_now = Arc::new(Notify::new());
@@ -184,7 +194,9 @@ async fn a_waiter_runs_its_own_action_when_the_first_fails() {
     );
 }
 
-/// A duplicate waits no longer than the engine's wait budget.
+/// A duplicate waits no longer than the engine's wait budget. Memory store
+/// only: under the paused clock a network round trip would see its own
+/// timeouts fire at once.
 #[tokio::test(start_paused = true)]
 async fn a_duplicate_that_waits_too_long_gets_a_timeout() {
     let engine = Idempotency::builder()
@@ -220,9 +232,9 @@ async fn a_duplicate_that_waits_too_long_gets_a_timeout() {
     assert_eq!(bounded(first).await.unwrap().unwrap(), "card-1");
 }
 
-#[tokio::test]
-async fn mark_then_check_and_execute_replay_the_marked_value() {
-    let engine = Idempotency::new();
+per_store!(mark_then_check_and_execute_replay_the_marked_value);
+async fn mark_then_check_and_execute_replay_the_marked_value(store: TestStore) {
+    let engine = Idempotency::builder().store(store).build().unwrap();
     let key = IdempotencyKey::new("signal-1", "create_task", "trello")
         .params_json(&serde_json::json!({"title": "Ship it"}))
         .unwrap();
@@ -261,9 +273,9 @@ async fn mark_then_check_and_execute_replay_the_marked_value() {
     );
 }
 
-#[tokio::test]
-async fn a_value_of_another_type_is_a_decode_error() {
-    let engine = Idempotency::new();
+per_store!(a_value_of_another_type_is_a_decode_error);
+async fn a_value_of_another_type_is_a_decode_error(store: TestStore) {
+    let engine = Idempotency::builder().store(store).build().unwrap();
     let key = IdempotencyKey::new("s", "a", "t");
     bounded(engine.mark_executed(&key, &"not a card", Duration::from_secs(60)))
         .await
@@ -284,9 +296,9 @@ async fn a_value_of_another_type_is_a_decode_error() {
     ));
 }
 
-#[tokio::test]
-async fn http_records_and_other_fingerprints_are_not_values() {
-    let engine = Idempotency::new();
+per_store!(http_records_and_other_fingerprints_are_not_values);
+async fn http_records_and_other_fingerprints_are_not_values(store: TestStore) {
+    let engine = Idempotency::builder().store(store).build().unwrap();
     let key = IdempotencyKey::new("client-key", "POST /orders", "scope");
     let response = StoredResponse {
         status: http::StatusCode::CREATED,
@@ -312,9 +324,9 @@ async fn http_records_and_other_fingerprints_are_not_values() {
     ));
 }
 
-#[tokio::test]
-async fn marked_values_expire_with_their_ttl() {
-    let engine = Idempotency::new();
+per_store!(marked_values_expire_with_their_ttl);
+async fn marked_values_expire_with_their_ttl(store: TestStore) {
+    let engine = Idempotency::builder().store(store).build().unwrap();
     let key = IdempotencyKey::new("signal-2", "send_notification", "slack");
     bounded(engine.mark_executed(&key, &1u32, Duration::from_millis(200)))
         .await
@@ -338,9 +350,9 @@ fn names(entries: Vec<tower_idempotency::store::ScanEntry>) -> BTreeSet<String> 
     entries.into_iter().map(|entry| entry.key).collect()
 }
 
-#[tokio::test]
-async fn queries_return_exactly_the_matching_keys() {
-    let engine = Idempotency::new();
+per_store!(queries_return_exactly_the_matching_keys);
+async fn queries_return_exactly_the_matching_keys(store: TestStore) {
+    let engine = Idempotency::builder().store(store).build().unwrap();
     let minute = Duration::from_secs(60);
     let day = Duration::from_secs(24 * 3600);
     let keys = [

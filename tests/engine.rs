@@ -1,25 +1,29 @@
-//! The engine's protocol: single-flight, policies, leases, stats and the handle.
+//! The engine's protocol: single-flight, policies, leases, stats and the
+//! handle, on each store (`name::memory`, `name::redis`). What only the
+//! embedded store has (bounds, the cleanup task) is in `engine_memory.rs`.
+
+mod stores;
 
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use stores::{per_store, TestStore};
 use tokio::sync::Barrier;
 use tokio::time::timeout;
-use tower_idempotency::store::{
-    BeginOutcome, Entry, LeaseToken, MemoryStore, ScanEntry, Store, StoreError,
-};
+use tower_idempotency::store::{BeginOutcome, Entry, LeaseToken, ScanEntry, Store, StoreError};
 use tower_idempotency::{
-    Begin, CacheInfo, Concurrent, Fingerprint, Idempotency, KeyFilter, LeaseExpiry, Record,
+    Begin, CacheInfo, Concurrent, Fingerprint, Idempotency, IdempotencyBuilder, KeyFilter,
+    LeaseExpiry, Record,
 };
 
 const LIMIT: Duration = Duration::from_secs(20);
 
-/// A real memory store that also counts the round trips the engine makes to it.
-#[derive(Clone, Default)]
+/// A real store that also counts the round trips the engine makes to it.
+#[derive(Clone)]
 struct CountingStore {
-    inner: MemoryStore,
+    inner: TestStore,
     begins: Arc<AtomicUsize>,
     completes: Arc<AtomicUsize>,
 }
@@ -74,6 +78,11 @@ impl Store for CountingStore {
     }
 }
 
+/// An engine builder on `store`.
+fn on(store: &TestStore) -> IdempotencyBuilder<TestStore> {
+    Idempotency::builder().store(store.clone())
+}
+
 fn fp(text: &str) -> Fingerprint {
     Fingerprint::of_bytes(text.as_bytes())
 }
@@ -82,9 +91,17 @@ fn value(fingerprint: Fingerprint, text: &'static str) -> Record {
     Record::value(fingerprint, Bytes::from_static(text.as_bytes()))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_thousand_waiting_duplicates_cost_one_execution_and_one_store_begin() {
-    let store = CountingStore::default();
+per_store!(
+    a_thousand_waiting_duplicates_cost_one_execution_and_one_store_begin,
+    flavor = "multi_thread",
+    worker_threads = 2
+);
+async fn a_thousand_waiting_duplicates_cost_one_execution_and_one_store_begin(store: TestStore) {
+    let store = CountingStore {
+        inner: store,
+        begins: Arc::default(),
+        completes: Arc::default(),
+    };
     let engine = Idempotency::builder()
         .store(store.clone())
         .concurrent(Concurrent::wait())
@@ -134,9 +151,13 @@ async fn a_thousand_waiting_duplicates_cost_one_execution_and_one_store_begin() 
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn under_reject_duplicates_of_an_in_flight_key_conflict() {
-    let engine = Idempotency::new();
+per_store!(
+    under_reject_duplicates_of_an_in_flight_key_conflict,
+    flavor = "multi_thread",
+    worker_threads = 2
+);
+async fn under_reject_duplicates_of_an_in_flight_key_conflict(store: TestStore) {
+    let engine = on(&store).build().unwrap();
     let Begin::Execute(lease) = engine
         .begin("s:a:t", fp("x"), Concurrent::Reject)
         .await
@@ -163,9 +184,9 @@ async fn under_reject_duplicates_of_an_in_flight_key_conflict() {
     assert_eq!(stats.duplicates_prevented(), 499);
 }
 
-#[tokio::test]
-async fn a_duplicate_with_another_fingerprint_is_a_mismatch_in_flight_and_after() {
-    let engine = Idempotency::new();
+per_store!(a_duplicate_with_another_fingerprint_is_a_mismatch_in_flight_and_after);
+async fn a_duplicate_with_another_fingerprint_is_a_mismatch_in_flight_and_after(store: TestStore) {
+    let engine = on(&store).build().unwrap();
     let Begin::Execute(lease) = engine
         .begin("s:a:t", fp("one"), Concurrent::wait())
         .await
@@ -184,9 +205,13 @@ async fn a_duplicate_with_another_fingerprint_is_a_mismatch_in_flight_and_after(
     assert_eq!(engine.stats().mismatches, 2);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dropped_lease_lets_a_waiting_duplicate_run_the_action() {
-    let engine = Idempotency::new();
+per_store!(
+    a_dropped_lease_lets_a_waiting_duplicate_run_the_action,
+    flavor = "multi_thread",
+    worker_threads = 2
+);
+async fn a_dropped_lease_lets_a_waiting_duplicate_run_the_action(store: TestStore) {
+    let engine = on(&store).build().unwrap();
     let Begin::Execute(lease) = engine
         .begin("s:a:t", fp("x"), Concurrent::wait())
         .await
@@ -213,9 +238,13 @@ async fn a_dropped_lease_lets_a_waiting_duplicate_run_the_action() {
     assert_eq!(engine.stats().executed, 2);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_panicking_action_does_not_wedge_the_key() {
-    let engine = Idempotency::new();
+per_store!(
+    a_panicking_action_does_not_wedge_the_key,
+    flavor = "multi_thread",
+    worker_threads = 2
+);
+async fn a_panicking_action_does_not_wedge_the_key(store: TestStore) {
+    let engine = on(&store).build().unwrap();
     let panicked = tokio::spawn({
         let engine = engine.clone();
         async move {
@@ -249,22 +278,17 @@ async fn a_panicking_action_does_not_wedge_the_key() {
     assert!(retry.complete(value(fp("x"), "ok")).await.unwrap());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_live_lease_is_renewed_past_its_ttl() {
-    let store = MemoryStore::new();
+per_store!(
+    a_live_lease_is_renewed_past_its_ttl,
+    flavor = "multi_thread",
+    worker_threads = 2
+);
+async fn a_live_lease_is_renewed_past_its_ttl(store: TestStore) {
     // Renewal runs every third of the lease TTL: a takeover here would need
     // the heartbeat to stall for two thirds of it (400 ms).
     let lease_ttl = Duration::from_millis(600);
-    let first = Idempotency::builder()
-        .store(store.clone())
-        .lease_ttl(lease_ttl)
-        .build()
-        .unwrap();
-    let second = Idempotency::builder()
-        .store(store.clone())
-        .lease_ttl(lease_ttl)
-        .build()
-        .unwrap();
+    let first = on(&store).lease_ttl(lease_ttl).build().unwrap();
+    let second = on(&store).lease_ttl(lease_ttl).build().unwrap();
     let Begin::Execute(lease) = first
         .begin("s:a:t", fp("x"), Concurrent::Reject)
         .await
@@ -303,10 +327,10 @@ fn die_holding<S: Store>(lease: tower_idempotency::Lease<S>) {
     std::thread::spawn(move || drop(lease)).join().unwrap();
 }
 
-#[tokio::test]
-async fn an_abandoned_lease_is_taken_over_after_the_lease_ttl() {
-    let engine = Idempotency::builder()
-        .lease_ttl(Duration::from_millis(60))
+per_store!(an_abandoned_lease_is_taken_over_after_the_lease_ttl);
+async fn an_abandoned_lease_is_taken_over_after_the_lease_ttl(store: TestStore) {
+    let engine = on(&store)
+        .lease_ttl(Duration::from_millis(300))
         .build()
         .unwrap();
     let Begin::Execute(lease) = engine
@@ -325,7 +349,7 @@ async fn an_abandoned_lease_is_taken_over_after_the_lease_ttl() {
             .unwrap(),
         Begin::Conflict { .. }
     ));
-    tokio::time::sleep(Duration::from_millis(80)).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
     let Begin::Execute(second) = engine
         .begin("s:a:t", fp("x"), Concurrent::Reject)
         .await
@@ -347,10 +371,10 @@ async fn an_abandoned_lease_is_taken_over_after_the_lease_ttl() {
     assert!(second.complete(value(fp("x"), "fresh")).await.unwrap());
 }
 
-#[tokio::test]
-async fn under_block_an_abandoned_lease_keeps_refusing_retries() {
-    let engine = Idempotency::builder()
-        .lease_ttl(Duration::from_millis(60))
+per_store!(under_block_an_abandoned_lease_keeps_refusing_retries);
+async fn under_block_an_abandoned_lease_keeps_refusing_retries(store: TestStore) {
+    let engine = on(&store)
+        .lease_ttl(Duration::from_millis(300))
         .lease_expiry(LeaseExpiry::Block)
         .build()
         .unwrap();
@@ -362,7 +386,7 @@ async fn under_block_an_abandoned_lease_keeps_refusing_retries() {
         panic!("first runs")
     };
     die_holding(lease);
-    tokio::time::sleep(Duration::from_millis(120)).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
     assert!(matches!(
         engine
             .begin("s:a:t", fp("x"), Concurrent::Reject)
@@ -372,12 +396,9 @@ async fn under_block_an_abandoned_lease_keeps_refusing_retries() {
     ));
 }
 
-#[tokio::test]
-async fn records_expire_after_the_ttl_and_the_key_runs_again() {
-    let engine = Idempotency::builder()
-        .ttl(Duration::from_millis(50))
-        .build()
-        .unwrap();
+per_store!(records_expire_after_the_ttl_and_the_key_runs_again);
+async fn records_expire_after_the_ttl_and_the_key_runs_again(store: TestStore) {
+    let engine = on(&store).ttl(Duration::from_millis(300)).build().unwrap();
     let Begin::Execute(lease) = engine
         .begin("s:a:t", fp("x"), Concurrent::Reject)
         .await
@@ -387,7 +408,7 @@ async fn records_expire_after_the_ttl_and_the_key_runs_again() {
     };
     lease.complete(value(fp("x"), "ok")).await.unwrap();
     assert!(engine.record("s:a:t").await.unwrap().is_some());
-    tokio::time::sleep(Duration::from_millis(80)).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
     assert!(engine.record("s:a:t").await.unwrap().is_none());
     assert!(matches!(
         engine
@@ -398,89 +419,9 @@ async fn records_expire_after_the_ttl_and_the_key_runs_again() {
     ));
 }
 
-#[tokio::test]
-async fn auto_cleanup_counts_expired_entries_and_stops_on_request() {
-    let engine = Idempotency::new();
-    engine
-        .put("s:a:t", value(fp("x"), "ok"), Duration::from_millis(20))
-        .await
-        .unwrap();
-    engine
-        .start_auto_cleanup(Duration::from_millis(10))
-        .unwrap();
-    assert!(engine.auto_cleanup_running());
-    timeout(LIMIT, async {
-        while engine.stats().expired < 1 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("the cleanup task drops the expired record");
-    assert_eq!(engine.cache_info().await.unwrap().entries, 0);
-    engine.stop_auto_cleanup();
-    assert!(!engine.auto_cleanup_running());
-    assert!(engine.start_auto_cleanup(Duration::ZERO).is_err());
-}
-
-#[tokio::test]
-async fn the_entry_bound_evicts_and_counts() {
-    let engine = Idempotency::builder().max_entries(100).build().unwrap();
-    for i in 0..1_000 {
-        engine
-            .put(
-                &format!("s{i}:a:t"),
-                value(fp("x"), "ok"),
-                Duration::from_secs(60),
-            )
-            .await
-            .unwrap();
-    }
-    engine.cleanup_expired().await.unwrap();
-    let info = engine.cache_info().await.unwrap();
-    assert!(info.entries <= 100, "{info:?}");
-    assert_eq!(info.max_entries, Some(100));
-    assert!(engine.stats().evicted >= 900, "{:?}", engine.stats());
-}
-
-#[tokio::test]
-async fn the_byte_bound_evicts_large_records() {
-    let engine = Idempotency::builder()
-        .max_entries(1_000)
-        .max_bytes(64 * 1024)
-        .build()
-        .unwrap();
-    let body = Bytes::from(vec![b'x'; 8 * 1024]);
-    for i in 0..64 {
-        engine
-            .put(
-                &format!("s{i}:a:t"),
-                Record::value(fp("x"), body.clone()),
-                Duration::from_secs(60),
-            )
-            .await
-            .unwrap();
-    }
-    engine.cleanup_expired().await.unwrap();
-    let info = engine.cache_info().await.unwrap();
-    assert!(info.weighted_bytes <= 64 * 1024, "{info:?}");
-    assert!(info.entries <= 8, "{info:?}");
-    assert!(engine.stats().evicted >= 56, "{:?}", engine.stats());
-}
-
-#[tokio::test]
-async fn invalid_configuration_is_refused_at_build() {
-    assert!(Idempotency::builder().ttl(Duration::ZERO).build().is_err());
-    assert!(Idempotency::builder()
-        .lease_ttl(Duration::ZERO)
-        .build()
-        .is_err());
-    assert!(Idempotency::builder().max_entries(0).build().is_err());
-    assert!(Idempotency::builder().max_bytes(0).build().is_err());
-}
-
-#[tokio::test]
-async fn queries_and_maintenance_work_through_the_handle() {
-    let engine = Idempotency::new();
+per_store!(queries_and_maintenance_work_through_the_handle);
+async fn queries_and_maintenance_work_through_the_handle(store: TestStore) {
+    let engine = on(&store).build().unwrap();
     let hour = Duration::from_secs(3600);
     engine
         .put("evt1:create_task:trello", value(fp("a"), "1"), hour)
@@ -538,10 +479,10 @@ async fn queries_and_maintenance_work_through_the_handle() {
     assert_eq!(engine.stats(), Default::default());
 }
 
-#[tokio::test]
-async fn a_begin_dropped_while_the_store_answers_does_not_wedge_the_key() {
-    let engine = Idempotency::builder()
-        .lease_ttl(Duration::from_millis(50))
+per_store!(a_begin_dropped_while_the_store_answers_does_not_wedge_the_key);
+async fn a_begin_dropped_while_the_store_answers_does_not_wedge_the_key(store: TestStore) {
+    let engine = on(&store)
+        .lease_ttl(Duration::from_millis(300))
         .concurrent(Concurrent::wait())
         .build()
         .unwrap();
@@ -556,7 +497,7 @@ async fn a_begin_dropped_while_the_store_answers_does_not_wedge_the_key() {
     die_holding(lease);
     // ...and that caller gives up (a timeout drops its `begin` mid-poll).
     let gave_up = timeout(
-        Duration::from_millis(10),
+        Duration::from_millis(50),
         engine.begin("s:a:t", fp("x"), Concurrent::wait()),
     )
     .await;

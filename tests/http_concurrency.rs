@@ -3,6 +3,7 @@
 //! concurrent HTTP requests.
 
 mod common;
+mod stores;
 
 use std::time::Duration;
 
@@ -10,14 +11,20 @@ use axum::routing::post;
 use axum::Router;
 use common::*;
 use http::StatusCode;
+use stores::{per_store, TestStore};
 use tokio::sync::mpsc;
 use tower_idempotency::{problem, Concurrent, IdempotencyLayer};
 
 const DUPLICATES: usize = 500;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn five_hundred_waiting_duplicates_run_once_and_all_get_the_first_response() {
+per_store!(
+    five_hundred_waiting_duplicates_run_once_and_all_get_the_first_response,
+    flavor = "multi_thread",
+    worker_threads = 4
+);
+async fn five_hundred_waiting_duplicates_run_once_and_all_get_the_first_response(store: TestStore) {
     let layer = IdempotencyLayer::builder()
+        .store(store)
         .concurrent(Concurrent::Wait {
             timeout: Duration::from_secs(60),
         })
@@ -59,9 +66,13 @@ async fn five_hundred_waiting_duplicates_run_once_and_all_get_the_first_response
     assert_eq!(stats.requests, DUPLICATES as u64);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn five_hundred_rejected_duplicates_run_once_and_get_409() {
-    let layer = IdempotencyLayer::new();
+per_store!(
+    five_hundred_rejected_duplicates_run_once_and_get_409,
+    flavor = "multi_thread",
+    worker_threads = 4
+);
+async fn five_hundred_rejected_duplicates_run_once_and_get_409(store: TestStore) {
+    let layer = IdempotencyLayer::builder().store(store).build().unwrap();
     let handle = layer.handle();
     let (runs, gate) = (Runs::default(), Gate::default());
     let app = Router::new()
@@ -101,9 +112,9 @@ async fn five_hundred_rejected_duplicates_run_once_and_get_409() {
     );
 }
 
-#[tokio::test]
-async fn mismatched_duplicate_in_flight_is_422_not_409() {
-    let layer = IdempotencyLayer::new();
+per_store!(mismatched_duplicate_in_flight_is_422_not_409);
+async fn mismatched_duplicate_in_flight_is_422_not_409(store: TestStore) {
+    let layer = IdempotencyLayer::builder().store(store).build().unwrap();
     let (runs, gate) = (Runs::default(), Gate::default());
     let app = Router::new()
         .route("/orders", gated_orders(runs.clone(), gate.clone()))
@@ -125,9 +136,10 @@ async fn mismatched_duplicate_in_flight_is_422_not_409() {
     assert_eq!(runs.get(), 1);
 }
 
-#[tokio::test]
-async fn waiters_start_over_when_the_first_ends_without_a_stored_result() {
+per_store!(waiters_start_over_when_the_first_ends_without_a_stored_result);
+async fn waiters_start_over_when_the_first_ends_without_a_stored_result(store: TestStore) {
     let layer = IdempotencyLayer::builder()
+        .store(store)
         .concurrent(Concurrent::Wait {
             timeout: Duration::from_secs(30),
         })
@@ -181,9 +193,10 @@ async fn waiters_start_over_when_the_first_ends_without_a_stored_result() {
     assert_eq!(runs.get(), 2);
 }
 
-#[tokio::test]
-async fn wait_timeout_is_409() {
+per_store!(wait_timeout_is_409);
+async fn wait_timeout_is_409(store: TestStore) {
     let layer = IdempotencyLayer::builder()
+        .store(store)
         .concurrent(Concurrent::Wait {
             timeout: Duration::from_millis(300),
         })
@@ -209,9 +222,10 @@ async fn wait_timeout_is_409() {
     assert_eq!(handle.stats().conflicts, 1);
 }
 
-#[tokio::test]
-async fn a_slow_action_keeps_its_lease_past_the_lease_ttl() {
+per_store!(a_slow_action_keeps_its_lease_past_the_lease_ttl);
+async fn a_slow_action_keeps_its_lease_past_the_lease_ttl(store: TestStore) {
     let layer = IdempotencyLayer::builder()
+        .store(store)
         .lease_ttl(Duration::from_millis(300))
         .build()
         .unwrap();

@@ -3,6 +3,7 @@
 //! `http_replay.rs`.
 
 mod common;
+mod stores;
 
 use std::sync::Arc;
 
@@ -13,6 +14,7 @@ use common::*;
 use http::{Method, StatusCode};
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
+use stores::{per_store, TestStore};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_stream_shim::ReceiverStream;
 use tower_idempotency::problem;
@@ -98,9 +100,10 @@ async fn send_streamed(
     }
 }
 
-#[tokio::test]
-async fn unprotected_method_passes_through_untouched_and_unbuffered() {
+per_store!(unprotected_method_passes_through_untouched_and_unbuffered);
+async fn unprotected_method_passes_through_untouched_and_unbuffered(store: TestStore) {
     let layer = IdempotencyLayer::builder()
+        .store(store)
         .max_request_body(16)
         .build()
         .unwrap();
@@ -124,9 +127,10 @@ async fn unprotected_method_passes_through_untouched_and_unbuffered() {
     assert_eq!(handle.stats().executed, 0);
 }
 
-#[tokio::test]
-async fn no_key_passes_through_untouched_and_unbuffered() {
+per_store!(no_key_passes_through_untouched_and_unbuffered);
+async fn no_key_passes_through_untouched_and_unbuffered(store: TestStore) {
     let layer = IdempotencyLayer::builder()
+        .store(store)
         .max_request_body(16)
         .build()
         .unwrap();
@@ -149,9 +153,10 @@ async fn no_key_passes_through_untouched_and_unbuffered() {
     assert_eq!((stats.requests, stats.executed, stats.too_large), (2, 0, 0));
 }
 
-#[tokio::test]
-async fn missing_key_under_require_key_is_400() {
+per_store!(missing_key_under_require_key_is_400);
+async fn missing_key_under_require_key_is_400(store: TestStore) {
     let layer = IdempotencyLayer::builder()
+        .store(store)
         .require_key(true)
         .build()
         .unwrap();
@@ -175,9 +180,9 @@ async fn missing_key_under_require_key_is_400() {
     assert_eq!(handle.stats().rejected_keys, 1);
 }
 
-#[tokio::test]
-async fn malformed_keys_are_400_and_valid_forms_are_one_key() {
-    let layer = IdempotencyLayer::new();
+per_store!(malformed_keys_are_400_and_valid_forms_are_one_key);
+async fn malformed_keys_are_400_and_valid_forms_are_one_key(store: TestStore) {
+    let layer = IdempotencyLayer::builder().store(store).build().unwrap();
     let handle = layer.handle();
     let runs = Runs::default();
     let app = Router::new()
@@ -241,9 +246,10 @@ async fn malformed_keys_are_400_and_valid_forms_are_one_key() {
     assert_eq!(runs.get(), 3);
 }
 
-#[tokio::test]
-async fn oversized_request_body_is_413_and_the_service_is_not_called() {
+per_store!(oversized_request_body_is_413_and_the_service_is_not_called);
+async fn oversized_request_body_is_413_and_the_service_is_not_called(store: TestStore) {
     let layer = IdempotencyLayer::builder()
+        .store(store)
         .max_request_body(16)
         .build()
         .unwrap();

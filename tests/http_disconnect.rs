@@ -1,6 +1,7 @@
 //! Clients that go away, processes that die holding a lease, and TTLs.
 
 mod common;
+mod stores;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,10 +14,11 @@ use common::*;
 use http::{Method, StatusCode};
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
+use stores::{per_store, TestStore};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
-use tower_idempotency::store::{EntryKind, MemoryStore};
+use tower_idempotency::store::EntryKind;
 use tower_idempotency::{
     Begin, Concurrent, Disconnect, Fingerprint, Idempotency, IdempotencyKey, IdempotencyLayer,
     KeyFilter, LeaseExpiry,
@@ -64,7 +66,7 @@ async fn raw_post(server: &Server, path: &str, key: &str) -> TcpStream {
     stream
 }
 
-async fn until_completed(handle: &Idempotency, n: usize) {
+async fn until_completed(handle: &Idempotency<TestStore>, n: usize) {
     within(async {
         loop {
             let keys = handle.keys(&KeyFilter::new()).await.unwrap();
@@ -82,9 +84,9 @@ async fn until_completed(handle: &Idempotency, n: usize) {
     .await
 }
 
-#[tokio::test]
-async fn a_client_that_disconnects_mid_request_does_not_cause_a_second_run() {
-    let layer = IdempotencyLayer::new();
+per_store!(a_client_that_disconnects_mid_request_does_not_cause_a_second_run);
+async fn a_client_that_disconnects_mid_request_does_not_cause_a_second_run(store: TestStore) {
+    let layer = IdempotencyLayer::builder().store(store).build().unwrap();
     let handle = layer.handle();
     let (runs, gate, dropped) = (
         Runs::default(),
@@ -111,9 +113,9 @@ async fn a_client_that_disconnects_mid_request_does_not_cause_a_second_run() {
     assert_eq!(runs.get(), 1);
 }
 
-#[tokio::test]
-async fn a_client_that_leaves_mid_body_still_gets_its_response_stored() {
-    let layer = IdempotencyLayer::new();
+per_store!(a_client_that_leaves_mid_body_still_gets_its_response_stored);
+async fn a_client_that_leaves_mid_body_still_gets_its_response_stored(store: TestStore) {
+    let layer = IdempotencyLayer::builder().store(store).build().unwrap();
     let (runs, gate) = (Runs::default(), Gate::default());
     let app = Router::new()
         .route(
@@ -182,9 +184,10 @@ async fn a_client_that_leaves_mid_body_still_gets_its_response_stored() {
     assert_eq!(runs.get(), 1);
 }
 
-#[tokio::test]
-async fn disconnect_cancel_drops_the_action_and_releases_the_key() {
+per_store!(disconnect_cancel_drops_the_action_and_releases_the_key);
+async fn disconnect_cancel_drops_the_action_and_releases_the_key(store: TestStore) {
     let layer = IdempotencyLayer::builder()
+        .store(store)
         .disconnect(Disconnect::Cancel)
         .build()
         .unwrap();
@@ -236,9 +239,10 @@ async fn disconnect_cancel_drops_the_action_and_releases_the_key() {
     assert_eq!(runs.get(), 2);
 }
 
-#[tokio::test]
-async fn records_expire_after_the_ttl() {
+per_store!(records_expire_after_the_ttl);
+async fn records_expire_after_the_ttl(store: TestStore) {
     let layer = IdempotencyLayer::builder()
+        .store(store)
         .ttl(Duration::from_millis(300))
         .build()
         .unwrap();
@@ -260,13 +264,19 @@ async fn records_expire_after_the_ttl() {
 /// Begins `key` on `store` from an engine on its own runtime, then lets the
 /// runtime go with the lease unreleased and unrenewed: what a process that
 /// died mid-action leaves behind.
-fn die_holding_the_lease(store: MemoryStore, expiry: LeaseExpiry, lease_ttl: Duration) {
+fn die_holding_the_lease(store: &TestStore, expiry: LeaseExpiry, lease_ttl: Duration) {
+    let store = store.clone();
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         runtime.block_on(async {
+            // The test's runtime is blocked on this thread meanwhile: the
+            // dead process needs a connection of its own.
+            let store = tokio::time::timeout(T, store.another_instance())
+                .await
+                .unwrap();
             let engine = Idempotency::builder()
                 .store(store)
                 .lease_ttl(lease_ttl)
@@ -287,11 +297,10 @@ fn die_holding_the_lease(store: MemoryStore, expiry: LeaseExpiry, lease_ttl: Dur
     .unwrap();
 }
 
-#[tokio::test]
-async fn an_abandoned_lease_is_taken_over_after_the_lease_ttl() {
-    let store = MemoryStore::new();
+per_store!(an_abandoned_lease_is_taken_over_after_the_lease_ttl);
+async fn an_abandoned_lease_is_taken_over_after_the_lease_ttl(store: TestStore) {
     let lease_ttl = Duration::from_millis(300);
-    die_holding_the_lease(store.clone(), LeaseExpiry::Takeover, lease_ttl);
+    die_holding_the_lease(&store, LeaseExpiry::Takeover, lease_ttl);
     let layer = IdempotencyLayer::builder()
         .store(store)
         .lease_ttl(lease_ttl)
@@ -313,11 +322,10 @@ async fn an_abandoned_lease_is_taken_over_after_the_lease_ttl() {
     assert_eq!(runs.get(), 1);
 }
 
-#[tokio::test]
-async fn an_abandoned_lease_blocks_the_key_under_lease_expiry_block() {
-    let store = MemoryStore::new();
+per_store!(an_abandoned_lease_blocks_the_key_under_lease_expiry_block);
+async fn an_abandoned_lease_blocks_the_key_under_lease_expiry_block(store: TestStore) {
     let lease_ttl = Duration::from_millis(300);
-    die_holding_the_lease(store.clone(), LeaseExpiry::Block, lease_ttl);
+    die_holding_the_lease(&store, LeaseExpiry::Block, lease_ttl);
     let layer = IdempotencyLayer::builder()
         .store(store)
         .lease_ttl(lease_ttl)

@@ -2,6 +2,7 @@
 //! mismatches, what is stored and what is not.
 
 mod common;
+mod stores;
 
 use axum::body::Body;
 use axum::routing::post;
@@ -11,12 +12,13 @@ use common::*;
 use http::{Method, StatusCode};
 use http_body::Frame;
 use http_body_util::StreamBody;
+use stores::{per_store, TestStore};
 use tower_idempotency::problem;
 use tower_idempotency::{FingerprintMode, IdempotencyLayer, KeyFilter};
 
-#[tokio::test]
-async fn retry_after_completion_replays_status_headers_and_body() {
-    let layer = IdempotencyLayer::new();
+per_store!(retry_after_completion_replays_status_headers_and_body);
+async fn retry_after_completion_replays_status_headers_and_body(store: TestStore) {
+    let layer = IdempotencyLayer::builder().store(store).build().unwrap();
     let handle = layer.handle();
     let runs = Runs::default();
     let app = Router::new()
@@ -43,9 +45,9 @@ async fn retry_after_completion_replays_status_headers_and_body() {
     assert_eq!((stats.executed, stats.replayed), (1, 3));
 }
 
-#[tokio::test]
-async fn retry_with_another_body_or_query_is_422() {
-    let layer = IdempotencyLayer::new();
+per_store!(retry_with_another_body_or_query_is_422);
+async fn retry_with_another_body_or_query_is_422(store: TestStore) {
+    let layer = IdempotencyLayer::builder().store(store).build().unwrap();
     let handle = layer.handle();
     let runs = Runs::default();
     let app = Router::new()
@@ -71,9 +73,10 @@ async fn retry_with_another_body_or_query_is_422() {
     assert_eq!(handle.stats().mismatches, 2);
 }
 
-#[tokio::test]
-async fn json_canonical_fingerprint_ignores_key_order_and_whitespace() {
+per_store!(json_canonical_fingerprint_ignores_key_order_and_whitespace);
+async fn json_canonical_fingerprint_ignores_key_order_and_whitespace(store: TestStore) {
     let layer = IdempotencyLayer::builder()
+        .store(store)
         .fingerprint(FingerprintMode::JsonCanonical)
         .build()
         .unwrap();
@@ -111,9 +114,9 @@ async fn json_canonical_fingerprint_ignores_key_order_and_whitespace() {
     assert_eq!(runs.get(), 2);
 }
 
-#[tokio::test]
-async fn one_client_is_never_replayed_another_clients_response() {
-    let layer = IdempotencyLayer::new();
+per_store!(one_client_is_never_replayed_another_clients_response);
+async fn one_client_is_never_replayed_another_clients_response(store: TestStore) {
+    let layer = IdempotencyLayer::builder().store(store).build().unwrap();
     let runs = Runs::default();
     let app = Router::new()
         .route("/orders", orders(runs.clone()))
@@ -136,10 +139,11 @@ async fn one_client_is_never_replayed_another_clients_response() {
     assert_eq!(runs.get(), 2);
 }
 
-#[tokio::test]
-async fn replays_drop_date_set_cookie_and_hop_by_hop_headers() {
+per_store!(replays_drop_date_set_cookie_and_hop_by_hop_headers);
+async fn replays_drop_date_set_cookie_and_hop_by_hop_headers(store: TestStore) {
     for replay_set_cookie in [false, true] {
         let layer = IdempotencyLayer::builder()
+            .store(store.clone())
             .replay_set_cookie(replay_set_cookie)
             .build()
             .unwrap();
@@ -163,10 +167,12 @@ async fn replays_drop_date_set_cookie_and_hop_by_hop_headers() {
             )
             .layer(layer);
         let server = serve(app).await;
-        let first = server.post("/login", Some("l"), "").await;
+        // Both rounds share the store: each has a key of its own.
+        let key = format!("l-{replay_set_cookie}");
+        let first = server.post("/login", Some(&key), "").await;
         assert_eq!(first.headers["date"], "Mon, 01 Jan 2024 00:00:00 GMT");
         assert_eq!(first.headers["set-cookie"], "session=abc");
-        let replay = server.post("/login", Some("l"), "").await;
+        let replay = server.post("/login", Some(&key), "").await;
         assert!(replay.replayed());
         assert_eq!(replay.text(), "welcome");
         assert_eq!(replay.headers["x-kept"], "yes");
@@ -181,9 +187,9 @@ async fn replays_drop_date_set_cookie_and_hop_by_hop_headers() {
     }
 }
 
-#[tokio::test]
-async fn statuses_not_stored_by_policy_run_again() {
-    let layer = IdempotencyLayer::new();
+per_store!(statuses_not_stored_by_policy_run_again);
+async fn statuses_not_stored_by_policy_run_again(store: TestStore) {
+    let layer = IdempotencyLayer::builder().store(store).build().unwrap();
     let handle = layer.handle();
     let runs = Runs::default();
     let app = Router::new()
@@ -221,9 +227,10 @@ async fn statuses_not_stored_by_policy_run_again() {
         .is_empty());
 }
 
-#[tokio::test]
-async fn store_status_policy_is_configurable() {
+per_store!(store_status_policy_is_configurable);
+async fn store_status_policy_is_configurable(store: TestStore) {
     let layer = IdempotencyLayer::builder()
+        .store(store)
         .store_status(|status: StatusCode| status.is_success())
         .build()
         .unwrap();
@@ -246,9 +253,9 @@ async fn store_status_policy_is_configurable() {
     assert_eq!(runs.get(), 2);
 }
 
-#[tokio::test]
-async fn cache_control_no_store_is_returned_not_stored() {
-    let layer = IdempotencyLayer::new();
+per_store!(cache_control_no_store_is_returned_not_stored);
+async fn cache_control_no_store_is_returned_not_stored(store: TestStore) {
+    let layer = IdempotencyLayer::builder().store(store).build().unwrap();
     let handle = layer.handle();
     let runs = Runs::default();
     let app = Router::new()
@@ -274,9 +281,10 @@ async fn cache_control_no_store_is_returned_not_stored() {
     assert_eq!(handle.stats().not_stored, 2);
 }
 
-#[tokio::test]
-async fn oversized_response_is_streamed_whole_but_not_stored() {
+per_store!(oversized_response_is_streamed_whole_but_not_stored);
+async fn oversized_response_is_streamed_whole_but_not_stored(store: TestStore) {
     let layer = IdempotencyLayer::builder()
+        .store(store)
         .max_response_body(100)
         .build()
         .unwrap();
@@ -309,9 +317,9 @@ async fn oversized_response_is_streamed_whole_but_not_stored() {
     assert_eq!(handle.stats().not_stored, 2);
 }
 
-#[tokio::test]
-async fn panicking_handler_gets_500_and_does_not_wedge_the_key() {
-    let layer = IdempotencyLayer::new();
+per_store!(panicking_handler_gets_500_and_does_not_wedge_the_key);
+async fn panicking_handler_gets_500_and_does_not_wedge_the_key(store: TestStore) {
+    let layer = IdempotencyLayer::builder().store(store).build().unwrap();
     let handle = layer.handle();
     let runs = Runs::default();
     let app = Router::new()

@@ -2,6 +2,7 @@
 //! the store's fail modes, its bounds, and the stats after a known sequence.
 
 mod common;
+mod stores;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
@@ -17,11 +18,12 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
+use stores::{per_store, TestStore};
 use tokio::net::TcpListener;
 use tower::{service_fn, ServiceBuilder};
 use tower_idempotency::record::SharedRecord;
 use tower_idempotency::store::{
-    BeginOutcome, Entry, LeaseToken, MemoryStore, RemovalCounts, ScanEntry, Store, StoreError,
+    BeginOutcome, Entry, LeaseToken, RemovalCounts, ScanEntry, Store, StoreError,
 };
 use tower_idempotency::{problem, CacheInfo, FailMode, Fingerprint, IdempotencyLayer, RequestBody};
 
@@ -73,10 +75,10 @@ async fn create(
     Ok(response)
 }
 
-#[tokio::test]
-async fn on_a_plain_hyper_service_an_inner_error_releases_the_key() {
+per_store!(on_a_plain_hyper_service_an_inner_error_releases_the_key);
+async fn on_a_plain_hyper_service_an_inner_error_releases_the_key(store: TestStore) {
     let runs = Runs::default();
-    let layer = IdempotencyLayer::new();
+    let layer = IdempotencyLayer::builder().store(store).build().unwrap();
     let service = tower::Layer::layer(
         &layer,
         service_fn({
@@ -107,10 +109,10 @@ async fn on_a_plain_hyper_service_an_inner_error_releases_the_key() {
     assert_eq!(runs.get(), 2);
 }
 
-#[tokio::test]
-async fn in_a_service_builder_stack() {
+per_store!(in_a_service_builder_stack);
+async fn in_a_service_builder_stack(store: TestStore) {
     let runs = Runs::default();
-    let layer = IdempotencyLayer::new();
+    let layer = IdempotencyLayer::builder().store(store).build().unwrap();
     let handle = layer.handle();
     let service = ServiceBuilder::new()
         .concurrency_limit(64)
@@ -137,16 +139,23 @@ async fn in_a_service_builder_stack() {
     assert_eq!(handle.stats().replayed, 1);
 }
 
-/// A memory store that can be switched off, answering every call with
+/// A store that can be switched off, answering every call with
 /// `StoreError::Unavailable` meanwhile: how an unreachable Redis looks to
-/// the layer.
-#[derive(Clone, Default)]
+/// the layer. (`redis_outage.rs` and `redis_http.rs` take a real Redis down.)
+#[derive(Clone)]
 struct SwitchStore {
-    inner: MemoryStore,
+    inner: TestStore,
     down: Arc<AtomicBool>,
 }
 
 impl SwitchStore {
+    fn new(inner: TestStore) -> Self {
+        Self {
+            inner,
+            down: Arc::default(),
+        }
+    }
+
     fn check(&self) -> Result<(), StoreError> {
         if self.down.load(SeqCst) {
             Err(StoreError::unavailable("connection refused"))
@@ -218,9 +227,9 @@ impl Store for SwitchStore {
     }
 }
 
-#[tokio::test]
-async fn store_down_fail_closed_is_503_with_retry_after() {
-    let store = SwitchStore::default();
+per_store!(store_down_fail_closed_is_503_with_retry_after);
+async fn store_down_fail_closed_is_503_with_retry_after(store: TestStore) {
+    let store = SwitchStore::new(store);
     let layer = IdempotencyLayer::builder()
         .store(store.clone())
         .build()
@@ -252,9 +261,9 @@ async fn store_down_fail_closed_is_503_with_retry_after() {
     assert_eq!(handle.stats().store_errors, 1);
 }
 
-#[tokio::test]
-async fn store_down_fail_open_passes_through_unprotected() {
-    let store = SwitchStore::default();
+per_store!(store_down_fail_open_passes_through_unprotected);
+async fn store_down_fail_open_passes_through_unprotected(store: TestStore) {
+    let store = SwitchStore::new(store);
     let layer = IdempotencyLayer::builder()
         .store(store.clone())
         .fail_mode(FailMode::Open)
@@ -327,9 +336,10 @@ async fn the_byte_bound_evicts_and_counts() {
     );
 }
 
-#[tokio::test]
-async fn stats_after_a_known_sequence() {
+per_store!(stats_after_a_known_sequence);
+async fn stats_after_a_known_sequence(store: TestStore) {
     let layer = IdempotencyLayer::builder()
+        .store(store)
         .max_request_body(64)
         .build()
         .unwrap();

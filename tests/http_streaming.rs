@@ -2,6 +2,7 @@
 //! chunk arrives: a retry sent the moment the response ended always replays.
 
 mod common;
+mod stores;
 
 use axum::body::Body;
 use axum::routing::post;
@@ -11,6 +12,7 @@ use common::*;
 use http::{HeaderMap, Method, StatusCode};
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
+use stores::{per_store, TestStore};
 use tower_idempotency::IdempotencyLayer;
 
 /// A body of `parts` frames, each produced after a yield to the scheduler.
@@ -28,7 +30,7 @@ fn chunked(parts: usize) -> Body {
     Body::new(StreamBody::new(frames))
 }
 
-fn app(runs: Runs) -> Router {
+fn app(runs: Runs, store: TestStore) -> Router {
     let count = move |runs: Runs| {
         move || {
             runs.bump();
@@ -95,13 +97,17 @@ fn app(runs: Runs) -> Router {
                 }
             }),
         )
-        .layer(IdempotencyLayer::new())
+        .layer(IdempotencyLayer::builder().store(store).build().unwrap())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_retry_sent_when_the_response_ended_always_replays() {
+per_store!(
+    a_retry_sent_when_the_response_ended_always_replays,
+    flavor = "multi_thread",
+    worker_threads = 2
+);
+async fn a_retry_sent_when_the_response_ended_always_replays(store: TestStore) {
     let runs = Runs::default();
-    let server = serve(app(runs.clone())).await;
+    let server = serve(app(runs.clone(), store)).await;
     let rounds = 40;
     for path in ["/chunked", "/declared", "/full", "/empty"] {
         for round in 0..rounds {
@@ -119,9 +125,9 @@ async fn a_retry_sent_when_the_response_ended_always_replays() {
     assert_eq!(runs.get(), 4 * rounds);
 }
 
-#[tokio::test]
-async fn chunked_and_declared_bodies_arrive_whole() {
-    let server = serve(app(Runs::default())).await;
+per_store!(chunked_and_declared_bodies_arrive_whole);
+async fn chunked_and_declared_bodies_arrive_whole(store: TestStore) {
+    let server = serve(app(Runs::default(), store)).await;
     let chunked = server.post("/chunked", Some("c"), "").await;
     assert_eq!(chunked.text(), "part0;part1;part2;part3;part4;");
     let declared = server.post("/declared", Some("d"), "").await;
@@ -129,10 +135,10 @@ async fn chunked_and_declared_bodies_arrive_whole() {
     assert_eq!(declared.headers["content-length"], "30");
 }
 
-#[tokio::test]
-async fn trailers_reach_the_first_client_and_the_body_is_replayed() {
+per_store!(trailers_reach_the_first_client_and_the_body_is_replayed);
+async fn trailers_reach_the_first_client_and_the_body_is_replayed(store: TestStore) {
     let runs = Runs::default();
-    let server = serve(app(runs.clone())).await;
+    let server = serve(app(runs.clone(), store)).await;
     let request = || {
         server
             .request(Method::POST, "/trailers")
@@ -152,8 +158,8 @@ async fn trailers_reach_the_first_client_and_the_body_is_replayed() {
     assert_eq!(runs.get(), 1);
 }
 
-#[tokio::test]
-async fn a_body_that_fails_midway_is_an_error_for_the_client_and_not_stored() {
+per_store!(a_body_that_fails_midway_is_an_error_for_the_client_and_not_stored);
+async fn a_body_that_fails_midway_is_an_error_for_the_client_and_not_stored(store: TestStore) {
     let runs = Runs::default();
     let app = Router::new()
         .route(
@@ -178,7 +184,7 @@ async fn a_body_that_fails_midway_is_an_error_for_the_client_and_not_stored() {
                 }
             }),
         )
-        .layer(IdempotencyLayer::new());
+        .layer(IdempotencyLayer::builder().store(store).build().unwrap());
     let server = serve(app).await;
     let request = || {
         server

@@ -8,6 +8,7 @@ use std::hash::BuildHasher;
 
 use moka::future::Cache;
 use moka::notification::RemovalCause;
+use moka::ops::compute::Op;
 use moka::Expiry;
 use tokio::sync::{Mutex, MutexGuard};
 
@@ -279,6 +280,33 @@ impl MemoryStore {
     async fn live(&self, key: &str, now: Instant) -> Option<Slot> {
         self.cache.get(key).await.filter(|slot| slot.is_live(now))
     }
+
+    /// Applies `op` to the slot under `key` only while `lease` holds it
+    /// (fencing), atomically for that key: under the key's stripe. Answers
+    /// whether it applied.
+    async fn if_held(
+        &self,
+        key: &str,
+        lease: LeaseToken,
+        op: impl FnOnce(Slot) -> Op<Slot> + Send,
+    ) -> bool {
+        let _stripe = self.stripes.lock(key).await;
+        let now = Instant::now();
+        match self.live(key, now).await {
+            Some(slot) if slot.held_by(lease, now) => match op(slot) {
+                Op::Put(slot) => {
+                    self.cache.insert(key.to_owned(), slot).await;
+                    true
+                }
+                Op::Remove => {
+                    self.cache.invalidate(key).await;
+                    true
+                }
+                _ => false,
+            },
+            _ => false,
+        }
+    }
 }
 
 impl Store for MemoryStore {
@@ -322,16 +350,11 @@ impl Store for MemoryStore {
         lease: LeaseToken,
         lease_ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let _stripe = self.stripes.lock(key).await;
-        let now = Instant::now();
-        match self.live(key, now).await {
-            Some(slot) if slot.held_by(lease, now) => {
-                let renewed = Slot::new(slot.state, lease_ttl, slot.created_at_ms);
-                self.cache.insert(key.to_owned(), renewed).await;
-                Ok(true)
-            }
-            _ => Ok(false),
-        }
+        Ok(self
+            .if_held(key, lease, |slot| {
+                Op::Put(Slot::new(slot.state, lease_ttl, slot.created_at_ms))
+            })
+            .await)
     }
 
     async fn complete(
@@ -341,29 +364,16 @@ impl Store for MemoryStore {
         record: SharedRecord,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let _stripe = self.stripes.lock(key).await;
-        let now = Instant::now();
-        match self.live(key, now).await {
-            Some(slot) if slot.held_by(lease, now) => {
-                let created_at_ms = record.created_at_ms;
-                let slot = Slot::new(EntryState::Completed(record), ttl, created_at_ms);
-                self.cache.insert(key.to_owned(), slot).await;
-                Ok(true)
-            }
-            _ => Ok(false),
-        }
+        let created_at_ms = record.created_at_ms;
+        Ok(self
+            .if_held(key, lease, |_| {
+                Op::Put(Slot::new(EntryState::Completed(record), ttl, created_at_ms))
+            })
+            .await)
     }
 
     async fn release(&self, key: &str, lease: LeaseToken) -> Result<bool, StoreError> {
-        let _stripe = self.stripes.lock(key).await;
-        let now = Instant::now();
-        match self.live(key, now).await {
-            Some(slot) if slot.held_by(lease, now) => {
-                self.cache.invalidate(key).await;
-                Ok(true)
-            }
-            _ => Ok(false),
-        }
+        Ok(self.if_held(key, lease, |_| Op::Remove).await)
     }
 
     async fn put(&self, key: &str, record: SharedRecord, ttl: Duration) -> Result<(), StoreError> {

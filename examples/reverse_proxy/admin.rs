@@ -1,0 +1,334 @@
+//! The admin server: counters, Prometheus metrics, health, and the keys the
+//! store holds, all read from the engine handle.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderValue, Response, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+use serde::Deserialize;
+use serde_json::json;
+use tower_http::timeout::TimeoutLayer;
+use tower_idempotency::store::Store;
+use tower_idempotency::{CacheInfo, Idempotency, KeyFilter, StatsSnapshot};
+
+use crate::problem::problem;
+
+/// How long `/healthz` waits for the store before calling it down.
+const PING_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How many requests wait for a decision right now (the layer's gauge).
+pub(crate) type Waiting = Arc<dyn Fn() -> usize + Send + Sync>;
+
+/// What the admin handlers share.
+pub(crate) struct AdminState<S> {
+    engine: Idempotency<S>,
+    waiting: Waiting,
+    shutting_down: Arc<AtomicBool>,
+}
+
+impl<S> Clone for AdminState<S> {
+    fn clone(&self) -> Self {
+        Self {
+            engine: self.engine.clone(),
+            waiting: self.waiting.clone(),
+            shutting_down: self.shutting_down.clone(),
+        }
+    }
+}
+
+/// The admin routes over `engine`; `/healthz` fails once `shutting_down` is set.
+pub(crate) fn router<S: Store>(
+    engine: Idempotency<S>,
+    waiting: Waiting,
+    shutting_down: Arc<AtomicBool>,
+) -> Router {
+    Router::new()
+        .route("/stats", get(stats::<S>))
+        .route("/metrics", get(metrics::<S>))
+        .route("/healthz", get(healthz::<S>))
+        .route("/keys", get(keys::<S>))
+        // A wildcard, so a key holding a raw `/` (the header extractor's
+        // action is "POST /orders") still reaches the handler.
+        .route("/keys/{*key}", axum::routing::delete(delete_key::<S>))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Duration::from_secs(10),
+        ))
+        .with_state(AdminState {
+            engine,
+            waiting,
+            shutting_down,
+        })
+}
+
+/// The store's info, or `None` (and zeros in the answers) when it is down.
+async fn cache_info<S: Store>(engine: &Idempotency<S>) -> Option<CacheInfo> {
+    match tokio::time::timeout(PING_TIMEOUT, engine.cache_info()).await {
+        Ok(Ok(info)) => Some(info),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "store did not answer cache info");
+            None
+        }
+        Err(_) => {
+            tracing::warn!("store did not answer cache info in time");
+            None
+        }
+    }
+}
+
+/// One flat JSON object of numbers: every counter and the cache info.
+async fn stats<S: Store>(State(state): State<AdminState<S>>) -> impl IntoResponse {
+    let s = state.engine.stats();
+    let info = cache_info(&state.engine).await;
+    let cache = info.unwrap_or_default();
+    Json(json!({
+        "requests": s.requests,
+        "executed": s.executed,
+        "replayed": s.replayed,
+        "coalesced": s.coalesced,
+        "conflicts": s.conflicts,
+        "mismatches": s.mismatches,
+        "rejected_keys": s.rejected_keys,
+        "too_large": s.too_large,
+        "not_stored": s.not_stored,
+        "store_errors": s.store_errors,
+        "expired": s.expired,
+        "evicted": s.evicted,
+        "duplicates_prevented": s.duplicates_prevented(),
+        "hit_rate": s.hit_rate(),
+        "entries": cache.entries,
+        // 0 means unbounded (a store without an entry bound, such as Redis).
+        "max_entries": cache.max_entries.unwrap_or(0),
+        "weighted_bytes": cache.weighted_bytes,
+        "utilization_percent": cache.utilization_percent(),
+        "store_up": u8::from(info.is_some()),
+        // Duplicates waiting on a first request (--concurrent wait) or on a slow store.
+        "waiting": (state.waiting)(),
+    }))
+}
+
+/// Prometheus text exposition, encoded by `prometheus-client`.
+async fn metrics<S: Store>(State(state): State<AdminState<S>>) -> Response<Body> {
+    let stats = state.engine.stats();
+    let info = cache_info(&state.engine).await;
+    let registry = registry(&stats, info, (state.waiting)());
+    let mut text = String::new();
+    if let Err(e) = encode(&mut text, &registry) {
+        return problem(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Metrics encoding failed",
+            &e.to_string(),
+        );
+    }
+    let mut response = Response::new(Body::from(text));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    response
+}
+
+/// A registry of constant metrics holding this scrape's values: the engine
+/// keeps its own counters, so nothing here has to track them.
+fn registry(s: &StatsSnapshot, info: Option<CacheInfo>, waiting: usize) -> Registry {
+    let mut registry = Registry::with_prefix("idempotency");
+    let counters: [(&str, &str, u64); 13] = [
+        (
+            "requests",
+            "Requests the layer saw, protected or not",
+            s.requests,
+        ),
+        (
+            "executed",
+            "Requests forwarded to the upstream under a fresh key",
+            s.executed,
+        ),
+        (
+            "replayed",
+            "Stored responses replayed to a retry",
+            s.replayed,
+        ),
+        (
+            "coalesced",
+            "Duplicates that waited for the first and got its response",
+            s.coalesced,
+        ),
+        (
+            "conflicts",
+            "Duplicates refused with 409 while the first was in flight",
+            s.conflicts,
+        ),
+        (
+            "mismatches",
+            "Retries whose request differed from the first (422)",
+            s.mismatches,
+        ),
+        (
+            "rejected_keys",
+            "Requests refused for a missing or malformed key (400)",
+            s.rejected_keys,
+        ),
+        (
+            "too_large",
+            "Requests refused for a body over the limit (413)",
+            s.too_large,
+        ),
+        (
+            "not_stored",
+            "Responses returned but not stored",
+            s.not_stored,
+        ),
+        (
+            "store_errors",
+            "Store operations that failed",
+            s.store_errors,
+        ),
+        (
+            "expired",
+            "Entries dropped because their TTL ran out",
+            s.expired,
+        ),
+        (
+            "evicted",
+            "Entries dropped to stay within the store's bounds",
+            s.evicted,
+        ),
+        (
+            "duplicates_prevented",
+            "Replayed + coalesced + conflicts",
+            s.duplicates_prevented(),
+        ),
+    ];
+    for (name, help, value) in counters {
+        registry.register(name, help, ConstCounter::new(value));
+    }
+    let cache = info.unwrap_or_default();
+    let gauges: [(&str, &str, f64); 7] = [
+        (
+            "waiting",
+            "Requests waiting for a decision right now",
+            waiting as f64,
+        ),
+        (
+            "hit_rate_percent",
+            "Percent of answered actions served from a stored result",
+            s.hit_rate(),
+        ),
+        (
+            "cache_entries",
+            "Entries the store holds",
+            cache.entries as f64,
+        ),
+        (
+            "cache_max_entries",
+            "The store's entry bound (0: unbounded)",
+            cache.max_entries.unwrap_or(0) as f64,
+        ),
+        (
+            "cache_weighted_bytes",
+            "Bytes the store holds, as it weighs them",
+            cache.weighted_bytes as f64,
+        ),
+        (
+            "cache_utilization_percent",
+            "Entries as a percent of the bound",
+            cache.utilization_percent(),
+        ),
+        (
+            "store_up",
+            "1 when the store answered this scrape, else 0",
+            if info.is_some() { 1.0 } else { 0.0 },
+        ),
+    ];
+    for (name, help, value) in gauges {
+        registry.register(name, help, ConstGauge::new(value));
+    }
+    registry
+}
+
+/// 200 while serving and the store answers; 503 while it does not (even
+/// with --fail-open: the proxy is then unprotected) or while shutting down.
+async fn healthz<S: Store>(State(state): State<AdminState<S>>) -> Response<Body> {
+    let (status, body) = if state.shutting_down.load(Ordering::SeqCst) {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({ "status": "shutting_down" }),
+        )
+    } else {
+        match tokio::time::timeout(PING_TIMEOUT, state.engine.ping()).await {
+            Ok(Ok(())) => (StatusCode::OK, json!({ "status": "ok" })),
+            Ok(Err(e)) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({ "status": "store_unavailable", "detail": e.to_string() }),
+            ),
+            Err(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({ "status": "store_unavailable", "detail": "the store did not answer in time" }),
+            ),
+        }
+    };
+    (status, Json(body)).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct KeysQuery {
+    signal: Option<String>,
+    action: Option<String>,
+    target: Option<String>,
+}
+
+/// The live keys, filtered by the components of their text form.
+async fn keys<S: Store>(
+    State(state): State<AdminState<S>>,
+    Query(query): Query<KeysQuery>,
+) -> Response<Body> {
+    let mut filter = KeyFilter::new();
+    if let Some(signal) = query.signal.filter(|s| !s.is_empty()) {
+        filter = filter.signal(signal);
+    }
+    if let Some(action) = query.action.filter(|s| !s.is_empty()) {
+        filter = filter.action(action);
+    }
+    if let Some(target) = query.target.filter(|s| !s.is_empty()) {
+        filter = filter.target(target);
+    }
+    match state.engine.keys(&filter).await {
+        Ok(entries) => Json(entries).into_response(),
+        Err(e) => store_down(&e),
+    }
+}
+
+/// Deletes one key (its text form, URL-encoded in the path): the next request
+/// with it runs upstream again.
+async fn delete_key<S: Store>(
+    State(state): State<AdminState<S>>,
+    Path(key): Path<String>,
+) -> Response<Body> {
+    match state.engine.remove(&key).await {
+        Ok(true) => StatusCode::NO_CONTENT.into_response(),
+        Ok(false) => problem(
+            StatusCode::NOT_FOUND,
+            "No such key",
+            &format!("The store holds nothing under {key:?}."),
+        ),
+        Err(e) => store_down(&e),
+    }
+}
+
+fn store_down(error: &dyn std::error::Error) -> Response<Body> {
+    problem(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Store unavailable",
+        &error.to_string(),
+    )
+}

@@ -1,0 +1,128 @@
+//! Command-line flags.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use http::Uri;
+
+/// Puts idempotency (the `Idempotency-Key` header) in front of an HTTP
+/// upstream that does not have it: a retried POST or PATCH with the same key
+/// runs upstream once, and every retry gets the first response back.
+///
+/// Without --upstream the proxy starts a built-in demo upstream (POST /orders
+/// answers 201 with the number of times it really ran).
+#[derive(Debug, Parser)]
+#[command(name = "reverse_proxy", version)]
+pub(crate) struct Args {
+    /// Address the proxy listens on.
+    #[arg(long, default_value = "127.0.0.1:3000")]
+    pub(crate) listen: SocketAddr,
+
+    /// Base URL of the upstream (http://host:port, optionally with a path
+    /// prefix). When absent, the built-in demo upstream is used.
+    #[arg(long, value_parser = parse_upstream)]
+    pub(crate) upstream: Option<Uri>,
+
+    /// Start the built-in counting upstream on an ephemeral loopback port
+    /// (the default when --upstream is absent).
+    #[arg(long, conflicts_with = "upstream")]
+    pub(crate) demo: bool,
+
+    /// Address of the admin server (/stats, /metrics, /healthz, /keys).
+    #[arg(long, default_value = "127.0.0.1:3002")]
+    pub(crate) admin: SocketAddr,
+
+    /// Keep records in Redis (redis://host:port/db) instead of the embedded
+    /// in-memory store, so several proxies share them.
+    #[arg(long)]
+    pub(crate) redis: Option<String>,
+
+    /// Prefix of every Redis key; instances with the same prefix share keys.
+    #[arg(long, default_value = "idem:")]
+    pub(crate) redis_prefix: String,
+
+    /// How long a stored response is replayed, in seconds.
+    #[arg(long, default_value = "86400", value_parser = parse_seconds)]
+    pub(crate) ttl: Duration,
+
+    /// How long an in-flight marker lives without renewal, in seconds (a
+    /// proxy that dies mid-request blocks its key this long).
+    #[arg(long, default_value = "60", value_parser = parse_seconds)]
+    pub(crate) lease_ttl: Duration,
+
+    /// Most entries the in-memory store holds (ignored with --redis).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub(crate) max_entries: u64,
+
+    /// Largest request body accepted on a protected request, in bytes (413 above).
+    #[arg(long, default_value_t = 1 << 20)]
+    pub(crate) max_body: usize,
+
+    /// Largest response body stored, in bytes (larger ones are passed
+    /// through, not stored).
+    #[arg(long, default_value_t = 1 << 20)]
+    pub(crate) max_response_body: usize,
+
+    /// Refuse protected requests (POST, PATCH) without an Idempotency-Key (400).
+    #[arg(long)]
+    pub(crate) require_key: bool,
+
+    /// What a duplicate gets while the first request is still in flight.
+    #[arg(long, value_enum, default_value_t = ConcurrentFlag::Reject)]
+    pub(crate) concurrent: ConcurrentFlag,
+
+    /// With --concurrent wait: longest wait for the first request, in seconds
+    /// (409 after it).
+    #[arg(long, default_value = "30", value_parser = parse_seconds)]
+    pub(crate) wait_timeout: Duration,
+
+    /// When the store is unreachable, forward requests unprotected instead of
+    /// answering 503.
+    #[arg(long)]
+    pub(crate) fail_open: bool,
+
+    /// Longest wait for the upstream's response headers, in seconds (504 after it).
+    #[arg(long, default_value = "30", value_parser = parse_seconds)]
+    pub(crate) upstream_timeout: Duration,
+
+    /// On SIGINT/SIGTERM, longest wait for in-flight requests, in seconds.
+    #[arg(long, default_value = "30", value_parser = parse_seconds)]
+    pub(crate) drain_timeout: Duration,
+}
+
+/// `--concurrent`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum ConcurrentFlag {
+    /// 409 Conflict with Retry-After (the IETF draft's answer).
+    Reject,
+    /// Wait for the first request and replay its response.
+    Wait,
+}
+
+/// A positive number of seconds; fractions allowed (`0.5`).
+fn parse_seconds(text: &str) -> Result<Duration, String> {
+    let seconds: f64 = text
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number of seconds"))?;
+    if seconds.is_nan() || seconds <= 0.0 {
+        return Err("must be greater than zero".into());
+    }
+    Duration::try_from_secs_f64(seconds).map_err(|e| e.to_string())
+}
+
+fn parse_upstream(text: &str) -> Result<Uri, String> {
+    let uri: Uri = text
+        .parse()
+        .map_err(|e| format!("`{text}` is not a URL: {e}"))?;
+    if uri.scheme_str() != Some("http") {
+        return Err("the upstream must be an http:// URL".into());
+    }
+    if uri.authority().is_none() {
+        return Err("the upstream URL needs a host".into());
+    }
+    if uri.query().is_some() {
+        return Err("the upstream URL cannot carry a query".into());
+    }
+    Ok(uri)
+}

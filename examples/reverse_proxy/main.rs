@@ -1,0 +1,266 @@
+//! A reverse proxy that puts idempotency in front of an upstream that does
+//! not have it.
+//!
+//! ```text
+//! cargo run --example reverse_proxy                      # built-in demo upstream
+//! cargo run --example reverse_proxy -- --upstream http://127.0.0.1:8080
+//! ```
+//!
+//! A POST or PATCH carrying `Idempotency-Key` runs upstream once; retries get
+//! the first response back with `idempotent-replayed: true`. The admin server
+//! (`--admin`, default 127.0.0.1:3002) answers `/stats`, `/metrics`,
+//! `/healthz`, `/keys` and `DELETE /keys/{key}`. `RUST_LOG` sets the log level.
+
+use std::future::IntoFuture;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::Router;
+use clap::Parser;
+use http::Uri;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tower::{BoxError, ServiceBuilder};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+use tower_idempotency::store::Store;
+use tower_idempotency::{Concurrent, FailMode, Idempotency, IdempotencyLayer};
+use tracing_subscriber::EnvFilter;
+
+mod admin;
+mod cli;
+mod demo;
+mod forward;
+mod problem;
+mod shutdown;
+
+use cli::{Args, ConcurrentFlag};
+use forward::Forwarder;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new("info,tower_http=info")),
+        )
+        // stdout carries the one `ready:` line; logs go to stderr.
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let args = Args::parse();
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("reverse_proxy: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), BoxError> {
+    let concurrent = match args.concurrent {
+        ConcurrentFlag::Reject => Concurrent::Reject,
+        ConcurrentFlag::Wait => Concurrent::Wait {
+            timeout: args.wait_timeout,
+        },
+    };
+    if let Some(url) = args.redis.clone() {
+        #[cfg(feature = "redis")]
+        {
+            let engine = redis_engine(&url, &args, concurrent).await?;
+            return serve(args, engine).await;
+        }
+        #[cfg(not(feature = "redis"))]
+        {
+            let _ = url;
+            return Err(
+                "--redis: this build has no Redis store; run the example with \
+                        `--features redis`, or drop --redis for the embedded store"
+                    .into(),
+            );
+        }
+    }
+    let engine = Idempotency::builder()
+        .ttl(args.ttl)
+        .lease_ttl(args.lease_ttl)
+        .concurrent(concurrent)
+        .max_entries(args.max_entries)
+        .build()?;
+    serve(args, engine).await
+}
+
+/// An engine on Redis. It starts even when Redis is down (requests then get
+/// 503, or pass unprotected with --fail-open, and /healthz answers 503 until
+/// Redis answers), so a proxy does not crash-loop through a Redis restart.
+#[cfg(feature = "redis")]
+async fn redis_engine(
+    url: &str,
+    args: &Args,
+    concurrent: Concurrent,
+) -> Result<Idempotency<tower_idempotency::RedisStore>, BoxError> {
+    let store = tower_idempotency::RedisStore::builder(url)
+        .prefix(args.redis_prefix.clone())
+        .build_lazy()
+        .map_err(|e| format!("--redis: {e}"))?;
+    let engine = Idempotency::builder()
+        .ttl(args.ttl)
+        .lease_ttl(args.lease_ttl)
+        .concurrent(concurrent)
+        .store(store)
+        .build()?;
+    // The URL may hold a password: it is never logged.
+    match tokio::time::timeout(Duration::from_secs(3), engine.ping()).await {
+        Ok(Ok(())) => tracing::info!(prefix = %args.redis_prefix, "Redis answers"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "Redis does not answer yet"),
+        Err(_) => tracing::warn!("Redis does not answer yet (timed out)"),
+    }
+    Ok(engine)
+}
+
+/// Binds both listeners, reports ready, serves until a signal, then drains.
+async fn serve<S: Store>(args: Args, engine: Idempotency<S>) -> Result<(), BoxError> {
+    let mut signals = shutdown::Signals::new()?;
+    let upstream = match &args.upstream {
+        Some(upstream) => upstream.clone(),
+        None => {
+            let addr = demo::start()
+                .await
+                .map_err(|e| format!("cannot start the demo upstream: {e}"))?;
+            format!("http://{addr}").parse::<Uri>()?
+        }
+    };
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let admin_listener = TcpListener::bind(args.admin)
+        .await
+        .map_err(|e| format!("cannot listen on {} (admin): {e}", args.admin))?;
+    let proxy_addr = listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+
+    let shutting_down = Arc::new(AtomicBool::new(false));
+    let forwarder = Forwarder::new(upstream.clone(), args.upstream_timeout);
+    let (app, waiting) = proxy_app(&args, &engine, forwarder)?;
+    let admin_app = admin::router(engine.clone(), waiting, shutting_down.clone());
+
+    let (stop_proxy, proxy_stopped) = watch::channel(false);
+    let (stop_admin, admin_stopped) = watch::channel(false);
+    let proxy = tokio::spawn(
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown::changed(proxy_stopped))
+        .into_future(),
+    );
+    let admin = tokio::spawn(
+        axum::serve(admin_listener, admin_app)
+            .with_graceful_shutdown(shutdown::changed(admin_stopped))
+            .into_future(),
+    );
+
+    let upstream = upstream.to_string();
+    let upstream = upstream.trim_end_matches('/');
+    tracing::info!(%proxy_addr, %admin_addr, %upstream, "ready");
+    let mut stdout = std::io::stdout().lock();
+    writeln!(
+        stdout,
+        "ready: proxy on http://{proxy_addr}, admin on http://{admin_addr}, upstream {upstream}"
+    )?;
+    if args.upstream.is_none() {
+        writeln!(stdout, "{}", demo_hint(proxy_addr, admin_addr))?;
+    }
+    stdout.flush()?;
+    drop(stdout);
+
+    signals.recv().await?;
+    tracing::info!("shutting down: no new connections, draining in-flight requests");
+    // /healthz answers 503 from now on; the admin server stays up while the
+    // proxy drains so a load balancer can see it.
+    shutting_down.store(true, Ordering::SeqCst);
+    let _ = stop_proxy.send(true);
+    match tokio::time::timeout(args.drain_timeout, proxy).await {
+        Ok(Ok(Ok(()))) => tracing::info!("drained"),
+        Ok(Ok(Err(e))) => tracing::error!(error = %e, "proxy server failed"),
+        Ok(Err(e)) => tracing::error!(error = %e, "proxy server task failed"),
+        Err(_) => tracing::warn!(
+            drain_timeout = ?args.drain_timeout,
+            "requests still in flight after the drain timeout; exiting anyway"
+        ),
+    }
+    let _ = stop_admin.send(true);
+    if tokio::time::timeout(Duration::from_secs(1), admin)
+        .await
+        .is_err()
+    {
+        tracing::warn!("admin server did not stop in time");
+    }
+    Ok(())
+}
+
+/// The proxy's service stack: request id and trace outside, the idempotency
+/// layer in front of the forwarder. Answers the app and the layer's gauge of
+/// waiting requests (for the admin server).
+fn proxy_app<S: Store>(
+    args: &Args,
+    engine: &Idempotency<S>,
+    forwarder: Forwarder,
+) -> Result<(Router, admin::Waiting), BoxError> {
+    let layer = IdempotencyLayer::with_engine(engine.clone())
+        .require_key(args.require_key)
+        .max_request_body(args.max_body)
+        .max_response_body(args.max_response_body)
+        .fail_mode(if args.fail_open {
+            FailMode::Open
+        } else {
+            FailMode::Closed
+        })
+        .build()?;
+    let gauge = layer.clone();
+    let waiting: admin::Waiting = Arc::new(move || gauge.waiting());
+    let service = ServiceBuilder::new()
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|request: &http::Request<Body>| {
+                    let id = request.headers().get("x-request-id");
+                    let id = id.and_then(|id| id.to_str().ok()).unwrap_or("-");
+                    tracing::info_span!(
+                        "request",
+                        method = %request.method(),
+                        uri = %request.uri(),
+                        request_id = %id,
+                    )
+                })
+                .on_response(
+                    |response: &http::Response<_>, latency: Duration, _: &tracing::Span| {
+                        let replayed = response.headers().contains_key("idempotent-replayed");
+                        tracing::info!(
+                            status = response.status().as_u16(),
+                            ?latency,
+                            replayed,
+                            "answered"
+                        );
+                    },
+                ),
+        )
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(layer)
+        .service(forwarder);
+    Ok((Router::new().fallback_service(service), waiting))
+}
+
+fn demo_hint(proxy: SocketAddr, admin: SocketAddr) -> String {
+    format!(
+        "demo upstream: POST /orders answers 201 with how many times it ran. Try:\n\
+         \x20 curl -i -X POST http://{proxy}/orders -H 'Idempotency-Key: order-1' -d '{{\"item\":\"book\"}}'\n\
+         \x20 curl -i -X POST http://{proxy}/orders -H 'Idempotency-Key: order-1' -d '{{\"item\":\"book\"}}'   # replayed\n\
+         \x20 curl -s http://{admin}/stats"
+    )
+}

@@ -1,0 +1,99 @@
+//! The engine on the embedded store only: its entry and byte bounds, the
+//! cleanup task and the configuration it refuses. Everything the engine
+//! promises whatever the store is in `engine.rs`, run on both stores.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::time::timeout;
+use tower_idempotency::{Fingerprint, Idempotency, Record};
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+fn fp(text: &str) -> Fingerprint {
+    Fingerprint::of_bytes(text.as_bytes())
+}
+
+fn value(fingerprint: Fingerprint, text: &'static str) -> Record {
+    Record::value(fingerprint, Bytes::from_static(text.as_bytes()))
+}
+
+#[tokio::test]
+async fn auto_cleanup_counts_expired_entries_and_stops_on_request() {
+    let engine = Idempotency::new();
+    engine
+        .put("s:a:t", value(fp("x"), "ok"), Duration::from_millis(20))
+        .await
+        .unwrap();
+    engine
+        .start_auto_cleanup(Duration::from_millis(10))
+        .unwrap();
+    assert!(engine.auto_cleanup_running());
+    timeout(LIMIT, async {
+        while engine.stats().expired < 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the cleanup task drops the expired record");
+    assert_eq!(engine.cache_info().await.unwrap().entries, 0);
+    engine.stop_auto_cleanup();
+    assert!(!engine.auto_cleanup_running());
+    assert!(engine.start_auto_cleanup(Duration::ZERO).is_err());
+}
+
+#[tokio::test]
+async fn the_entry_bound_evicts_and_counts() {
+    let engine = Idempotency::builder().max_entries(100).build().unwrap();
+    for i in 0..1_000 {
+        engine
+            .put(
+                &format!("s{i}:a:t"),
+                value(fp("x"), "ok"),
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+    }
+    engine.cleanup_expired().await.unwrap();
+    let info = engine.cache_info().await.unwrap();
+    assert!(info.entries <= 100, "{info:?}");
+    assert_eq!(info.max_entries, Some(100));
+    assert!(engine.stats().evicted >= 900, "{:?}", engine.stats());
+}
+
+#[tokio::test]
+async fn the_byte_bound_evicts_large_records() {
+    let engine = Idempotency::builder()
+        .max_entries(1_000)
+        .max_bytes(64 * 1024)
+        .build()
+        .unwrap();
+    let body = Bytes::from(vec![b'x'; 8 * 1024]);
+    for i in 0..64 {
+        engine
+            .put(
+                &format!("s{i}:a:t"),
+                Record::value(fp("x"), body.clone()),
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+    }
+    engine.cleanup_expired().await.unwrap();
+    let info = engine.cache_info().await.unwrap();
+    assert!(info.weighted_bytes <= 64 * 1024, "{info:?}");
+    assert!(info.entries <= 8, "{info:?}");
+    assert!(engine.stats().evicted >= 56, "{:?}", engine.stats());
+}
+
+#[tokio::test]
+async fn invalid_configuration_is_refused_at_build() {
+    assert!(Idempotency::builder().ttl(Duration::ZERO).build().is_err());
+    assert!(Idempotency::builder()
+        .lease_ttl(Duration::ZERO)
+        .build()
+        .is_err());
+    assert!(Idempotency::builder().max_entries(0).build().is_err());
+    assert!(Idempotency::builder().max_bytes(0).build().is_err());
+}
