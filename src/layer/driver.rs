@@ -1,8 +1,10 @@
-//! The driver task of a protected request: buffer, begin, run, stream, store.
+//! A protected request from its body to the stored record.
 //!
-//! One task per protected request carries it from the body to the stored
-//! record. Because the task, not the client's connection, owns the action,
-//! one mechanism gives all three promises of the layer:
+//! The client's own future buffers the body, fingerprints it and begins: a
+//! replay, a conflict or a mismatch is answered there, with no task. When the
+//! request is to run, one task takes it over from the lease on. Because that
+//! task, not the client's connection, owns the action, one mechanism gives all
+//! three promises of the layer:
 //!
 //! * the response streams to the client frame by frame, through a bounded
 //!   channel, while the task keeps a copy;
@@ -13,6 +15,9 @@
 //!   (the action and its body run to the end and are stored); under
 //!   `Disconnect::Cancel` it watches the client and drops the action, and
 //!   with it the lease.
+//!
+//! A client that goes away before the lease drops only its own wait: the
+//! engine ends an abandoned `begin` cleanly, and nothing has run yet.
 
 use std::future::{poll_fn, Future};
 use std::panic::AssertUnwindSafe;
@@ -27,6 +32,7 @@ use http::request::Parts;
 use http::{Request, Response};
 use http_body::Body;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
+use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 use tower_service::Service;
 
@@ -49,23 +55,35 @@ pub(crate) struct Driver<Svc, S> {
 
 pub(crate) type Sender<B, E> = oneshot::Sender<Reply<B, E>>;
 
-pub(crate) fn answer<B, E>(reply: Sender<B, E>, response: Response<Bytes>) {
-    // The client may be gone; then nobody needs the answer.
-    let _ = reply.send(Ok(response.map(ResponseBody::full)));
+/// The layer's own answer, as a reply.
+pub(crate) fn answer<B, E>(response: Response<Bytes>) -> Reply<B, E> {
+    Ok(response.map(ResponseBody::full))
 }
 
+/// Sends a reply to a client that may be gone; then nobody needs it.
+pub(crate) fn send<B, E>(reply: Sender<B, E>, answer: Reply<B, E>) {
+    let _ = reply.send(answer);
+}
+
+/// Buffers, fingerprints and begins in the client's own future: a replay,
+/// a conflict or a mismatch is answered without a task. Only the execution
+/// (and an unprotected fail-open call) moves to a spawned task, which owns the
+/// action from there on, whatever happens to the client.
 pub(crate) async fn drive<Svc, S, ReqBody, ResBody>(
     driver: Driver<Svc, S>,
     parts: Parts,
     body: ReqBody,
     key: KeyParts,
-    reply: Sender<ResBody, Svc::Error>,
-) where
-    Svc: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
+    runtime: Handle,
+) -> Reply<ResBody, Svc::Error>
+where
+    Svc: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
+    Svc::Future: Send,
+    Svc::Error: Send + 'static,
     S: Store,
-    ReqBody: Body<Data = Bytes>,
+    ReqBody: Body<Data = Bytes> + Send + 'static,
     ReqBody::Error: Into<BoxError>,
-    ResBody: Body<Data = Bytes>,
+    ResBody: Body<Data = Bytes> + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
     let settings = &*driver.settings;
@@ -77,9 +95,9 @@ pub(crate) async fn drive<Svc, S, ReqBody, ResBody>(
         Ok(collected) => collected.to_bytes(),
         Err(error) if error.is::<LengthLimitError>() => {
             Stats::incr(&counters.too_large);
-            return answer(reply, problem::too_large(settings.max_request_body));
+            return answer(problem::too_large(settings.max_request_body));
         }
-        Err(error) => return answer(reply, problem::unreadable_body(&error.to_string())),
+        Err(error) => return answer(problem::unreadable_body(&error.to_string())),
     };
     let path_and_query = parts
         .uri
@@ -117,25 +135,40 @@ pub(crate) async fn drive<Svc, S, ReqBody, ResBody>(
                     problem::internal_error()
                 }
             };
-            return answer(reply, response);
+            return answer(response);
         }
-        Ok(Begin::Mismatch) => return answer(reply, problem::key_reused()),
+        Ok(Begin::Mismatch) => return answer(problem::key_reused()),
         Ok(Begin::Conflict { retry_after }) => {
             let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
-            return answer(reply, problem::conflict(secs));
+            return answer(problem::conflict(secs));
         }
-        Err(error) => return store_failed(driver.inner, request, error, settings, reply).await,
+        Err(error) => {
+            return on_task(runtime, |reply| {
+                store_failed(driver.inner, request, error, driver.settings, reply)
+            })
+            .await
+        }
     };
-    execute(
-        driver.inner,
-        request,
-        lease,
-        fingerprint,
-        &driver.engine,
-        settings,
-        reply,
-    )
-    .await;
+    on_task(runtime, |reply| {
+        execute(driver, request, lease, fingerprint, reply)
+    })
+    .await
+}
+
+/// Runs `task` on its own, so it goes on when the client goes away, and
+/// awaits the reply it sends.
+async fn on_task<B, E, Fut>(runtime: Handle, task: impl FnOnce(Sender<B, E>) -> Fut) -> Reply<B, E>
+where
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let (reply, answered) = oneshot::channel();
+    runtime.spawn(task(reply));
+    match answered.await {
+        Ok(reply) => reply,
+        // The task ended without answering: it panicked outside the service
+        // (a bug) or the runtime is shutting down. Its lease dropped with it.
+        Err(_closed) => answer(problem::internal_error()),
+    }
 }
 
 /// Awaits `begin`, counting the request in `Settings::waiting` from its first
@@ -166,7 +199,7 @@ async fn store_failed<Svc, ReqBody, ResBody>(
     mut inner: Svc,
     request: Request<RequestBody<ReqBody>>,
     error: StoreError,
-    settings: &Settings,
+    settings: Arc<Settings>,
     mut reply: Sender<ResBody, Svc::Error>,
 ) where
     Svc: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
@@ -174,7 +207,7 @@ async fn store_failed<Svc, ReqBody, ResBody>(
     match settings.fail_mode {
         FailMode::Closed => {
             tracing::warn!(%error, "idempotency store failed: answering 503");
-            answer(reply, problem::store_unavailable());
+            send(reply, answer(problem::store_unavailable()));
         }
         FailMode::Open => {
             tracing::warn!(%error, "idempotency store failed: running the request unprotected");
@@ -192,12 +225,10 @@ async fn store_failed<Svc, ReqBody, ResBody>(
 }
 
 async fn execute<Svc, S, ReqBody, ResBody>(
-    mut inner: Svc,
+    driver: Driver<Svc, S>,
     request: Request<RequestBody<ReqBody>>,
     lease: Lease<S>,
     fingerprint: Fingerprint,
-    engine: &Idempotency<S>,
-    settings: &Settings,
     mut reply: Sender<ResBody, Svc::Error>,
 ) where
     Svc: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
@@ -205,6 +236,12 @@ async fn execute<Svc, S, ReqBody, ResBody>(
     ResBody: Body<Data = Bytes>,
     ResBody::Error: Into<BoxError>,
 {
+    let Driver {
+        mut inner,
+        engine,
+        settings,
+    } = driver;
+    let settings = &*settings;
     let cancel = settings.disconnect == Disconnect::Cancel;
     // A panic in the service must not kill the task with the lease
     // unreleased and the client unanswered: catch it, release, answer 500.
@@ -229,7 +266,7 @@ async fn execute<Svc, S, ReqBody, ResBody>(
         }
         Err(_panic) => return panicked(lease, reply).await,
     };
-    stream(response, lease, fingerprint, engine, settings, reply).await;
+    stream(response, lease, fingerprint, &engine, settings, reply).await;
 }
 
 async fn panicked<S: Store, B, E>(lease: Lease<S>, reply: Sender<B, E>) {
@@ -238,7 +275,7 @@ async fn panicked<S: Store, B, E>(lease: Lease<S>, reply: Sender<B, E>) {
         "the service panicked: lease released, answering 500"
     );
     release(lease).await;
-    answer(reply, problem::internal_error());
+    send(reply, answer(problem::internal_error()));
 }
 
 pub(crate) async fn release<S: Store>(lease: Lease<S>) {

@@ -7,10 +7,8 @@ use std::task::{ready, Context, Poll};
 use bytes::Bytes;
 use http::Response;
 use pin_project_lite::pin_project;
-use tokio::sync::oneshot;
 
 use super::body::ResponseBody;
-use crate::problem;
 
 /// What the driver task answers: the response head (its body streams after),
 /// or the inner service's error.
@@ -21,7 +19,8 @@ pin_project! {
     ///
     /// Requests the layer does not protect poll the inner future in place (no
     /// allocation); the layer's own answers (400, 413) are ready at once;
-    /// protected requests wait for the driver task that runs them.
+    /// protected requests poll one boxed future that buffers and begins, and
+    /// hands the execution, if any, to a task of its own.
     pub struct ResponseFuture<F, B, E> {
         #[pin]
         kind: Kind<F, B, E>,
@@ -33,7 +32,7 @@ pin_project! {
     enum Kind<F, B, E> {
         Passthrough { #[pin] future: F },
         Answered { response: Option<Response<ResponseBody<B>>> },
-        Driven { reply: oneshot::Receiver<Reply<B, E>> },
+        Driven { future: Pin<Box<dyn Future<Output = Reply<B, E>> + Send>> },
     }
 }
 
@@ -52,9 +51,9 @@ impl<F, B, E> ResponseFuture<F, B, E> {
         }
     }
 
-    pub(crate) fn driven(reply: oneshot::Receiver<Reply<B, E>>) -> Self {
+    pub(crate) fn driven(future: Pin<Box<dyn Future<Output = Reply<B, E>> + Send>>) -> Self {
         Self {
-            kind: Kind::Driven { reply },
+            kind: Kind::Driven { future },
         }
     }
 }
@@ -87,13 +86,7 @@ where
             KindProj::Answered { response } => Poll::Ready(Ok(response
                 .take()
                 .expect("ResponseFuture polled after completion"))),
-            KindProj::Driven { reply } => match ready!(Pin::new(reply).poll(cx)) {
-                Ok(reply) => Poll::Ready(reply),
-                // The driver task ended without answering: it panicked
-                // outside the service (a bug) or the runtime is shutting
-                // down. Its lease dropped with it.
-                Err(_closed) => Poll::Ready(Ok(problem::internal_error().map(ResponseBody::full))),
-            },
+            KindProj::Driven { future } => future.as_mut().poll(cx),
         }
     }
 }

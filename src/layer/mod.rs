@@ -108,9 +108,10 @@
 //! Requests that are not protected, or carry no key, pay one method check and
 //! one header lookup: no allocation, no body buffering, no hashing, no store
 //! access; their future and body are polled in place. A protected request
-//! buffers its body (up to the limit), hashes it, and is carried by one
-//! spawned task (the driver) that owns the key from `begin` to `complete`,
-//! which is what lets it outlive a client that went away.
+//! buffers its body (up to the limit), hashes it and begins in one boxed
+//! future; a replay, conflict or mismatch is answered from there. A request
+//! that runs is carried by one spawned task that owns the key from the lease
+//! to `complete`, which is what lets it outlive a client that went away.
 
 mod body;
 mod builder;

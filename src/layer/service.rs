@@ -8,7 +8,6 @@ use bytes::Bytes;
 use http::header::CONTENT_LENGTH;
 use http::{Request, Response};
 use http_body::Body;
-use tokio::sync::oneshot;
 use tower_service::Service;
 
 use super::body::{BoxError, RequestBody, ResponseBody};
@@ -150,14 +149,12 @@ where
         // from a future).
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        let (reply, receiver) = oneshot::channel();
         let driver = Driver {
             inner,
             engine: self.engine.clone(),
             settings: self.settings.clone(),
         };
-        runtime.spawn(driver::drive(driver, parts, body, key, reply));
-        ResponseFuture::driven(receiver)
+        ResponseFuture::driven(Box::pin(driver::drive(driver, parts, body, key, runtime)))
     }
 }
 
