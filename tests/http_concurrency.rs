@@ -224,30 +224,38 @@ async fn wait_timeout_is_409(store: TestStore) {
 
 per_store!(a_slow_action_keeps_its_lease_past_the_lease_ttl);
 async fn a_slow_action_keeps_its_lease_past_the_lease_ttl(store: TestStore) {
-    let layer = IdempotencyLayer::builder()
-        .store(store)
-        .lease_ttl(Duration::from_millis(300))
-        .build()
-        .unwrap();
+    // Two instances on one store: the duplicate goes to the other one, so
+    // only the store's marker (kept alive by renewal) can refuse it.
+    let lease_ttl = Duration::from_millis(600);
+    let other_store = store.another_instance().await;
     let (runs, gate) = (Runs::default(), Gate::default());
-    let app = Router::new()
-        .route("/orders", gated_orders(runs.clone(), gate.clone()))
-        .layer(layer);
-    let server = std::sync::Arc::new(serve(app).await);
+    let instance = |store: TestStore| {
+        let layer = IdempotencyLayer::builder()
+            .store(store)
+            .lease_ttl(lease_ttl)
+            .build()
+            .unwrap();
+        Router::new()
+            .route("/orders", gated_orders(runs.clone(), gate.clone()))
+            .layer(layer)
+    };
+    let server = std::sync::Arc::new(serve(instance(store)).await);
+    let other = serve(instance(other_store)).await;
 
     let first = {
         let server = server.clone();
         tokio::spawn(async move { server.post("/orders", Some("slow"), "{}").await })
     };
     gate.entered(1).await;
-    // Past three lease TTLs: only renewal keeps the marker alive.
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    let duplicate = server.post("/orders", Some("slow"), "{}").await;
+    // Past three lease TTLs: only renewal keeps the marker alive (a takeover
+    // would need the heartbeat, every 200 ms, to stall for 400 ms).
+    tokio::time::sleep(lease_ttl * 3).await;
+    let duplicate = other.post("/orders", Some("slow"), "{}").await;
     assert_eq!(duplicate.status, StatusCode::CONFLICT);
     gate.open(1);
     let first = within(first).await.unwrap();
     assert_eq!(first.status, StatusCode::CREATED);
-    let retry = server.post("/orders", Some("slow"), "{}").await;
+    let retry = other.post("/orders", Some("slow"), "{}").await;
     assert!(retry.replayed());
     assert_eq!(retry.body, first.body);
     assert_eq!(runs.get(), 1);
