@@ -229,7 +229,7 @@ async fn moka_reference() {
             Some(Duration::from_secs(3600))
         }
     }
-    let cache: moka::future::Cache<String, u64> = moka::future::Cache::builder()
+    let cache: moka::sync::Cache<String, u64> = moka::sync::Cache::builder()
         .max_capacity(2 * ENTRIES as u64)
         .expire_after(PerEntry)
         .build();
@@ -238,9 +238,9 @@ async fn moka_reference() {
         "reference: bare moka cache, same keys, u64 values, per-entry expiry",
         || async {
             for i in 0..ENTRIES {
-                cache.insert(key(i), i as u64).await;
+                cache.insert(key(i), i as u64);
             }
-            cache.run_pending_tasks().await;
+            cache.run_pending_tasks();
         },
         || async { (0, (0..ENTRIES).map(|i| key(i).len() as u64).sum()) },
     )

@@ -140,26 +140,24 @@ fn memory(c: &mut Criterion) {
     // What moka itself costs for the same traffic: a cache of the same bound
     // and a new key per call (so it churns at its bound, as the miss path
     // does), by plain insert and by the atomic compute the store uses.
-    let cache: moka::future::Cache<String, u64> = moka::future::Cache::new(10_000);
+    let cache: moka::sync::Cache<String, u64> = moka::sync::Cache::new(10_000);
     let next = AtomicU64::new(0);
     group.bench_function("moka/insert_new_key", |b| {
-        b.to_async(&rt).iter(|| async {
+        b.iter(|| {
             let n = next.fetch_add(1, Relaxed);
-            cache.insert(format!("bench:moka:{n}"), n).await;
+            cache.insert(format!("bench:moka:{n}"), n);
         });
     });
     group.bench_function("moka/compute_new_key", |b| {
-        b.to_async(&rt).iter(|| async {
+        b.iter(|| {
             let n = next.fetch_add(1, Relaxed);
             cache
                 .entry(format!("bench:moka:{n}"))
-                .and_compute_with(|_| std::future::ready(moka::ops::compute::Op::Put(n)))
-                .await
+                .and_compute_with(|_| moka::ops::compute::Op::Put(n))
         });
     });
     group.bench_function("moka/get_hit", |b| {
-        b.to_async(&rt)
-            .iter(|| async { cache.get("bench:moka:1").await });
+        b.iter(|| cache.get("bench:moka:1"));
     });
     group.finish();
 }

@@ -248,11 +248,19 @@ impl<S: Store> Idempotency<S> {
         concurrent: Concurrent,
     ) -> Result<Begin<S>, StoreError> {
         let key = key.into();
-        let deadline = match concurrent {
-            Concurrent::Wait { timeout } => Some(tokio::time::Instant::now() + timeout),
-            Concurrent::Reject => None,
+        // A stored record never changes: replaying it needs no flight. The
+        // rest is boxed, so a replay does not carry (or move) the state of a
+        // flight and a store round trip.
+        let result = match self.inner.store.local_record(&key).await {
+            Some(record) => Ok(replay_or_mismatch(record, fingerprint, false)),
+            None => {
+                let deadline = match concurrent {
+                    Concurrent::Wait { timeout } => Some(tokio::time::Instant::now() + timeout),
+                    Concurrent::Reject => None,
+                };
+                Box::pin(self.begin_inner(key, fingerprint, deadline)).await
+            }
         };
-        let result = self.begin_inner(key, fingerprint, deadline).await;
         let stats = &self.inner.stats;
         match &result {
             Ok(Begin::Execute(_)) => Stats::incr(&stats.executed),

@@ -3,7 +3,8 @@
 //!
 //! [`Suite::run`] checks, each case on a fresh store from your factory:
 //! `begin` is atomic under hundreds of concurrent tasks; it answers
-//! `Acquired`, `InFlight` and `Completed` as the key holds; `complete`,
+//! `Acquired`, `InFlight` and `Completed` as the key holds; `local_record`
+//! answers nothing but a completed record; `complete`,
 //! `renew` and `release` are fenced by the lease token; markers expire after
 //! their lease TTL and can then be taken over (the old lease can no longer
 //! act); records expire after their TTL; `put`, `get`, `remove`, `clear`,
@@ -147,6 +148,8 @@ impl<S: Store> Suite<S> {
         self.case(cases::begin_acquires_a_free_key).await;
         self.case(cases::begin_answers_in_flight).await;
         self.case(cases::begin_answers_completed).await;
+        self.case(cases::local_record_is_only_a_completed_record)
+            .await;
         self.case(move |store| cases::begin_is_atomic(store, tasks))
             .await;
         self.case(cases::complete_is_fenced).await;

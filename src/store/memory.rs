@@ -1,4 +1,8 @@
-//! The embedded store, on a moka `future::Cache`.
+//! The embedded store, on a moka `sync::Cache`.
+//!
+//! Every operation is synchronous underneath (a read, or a read and a write
+//! under a striped lock that is never held across an `await`), so the
+//! store's futures are as small as they get and ready when first polled.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -6,11 +10,11 @@ use std::time::{Duration, Instant};
 
 use std::hash::BuildHasher;
 
-use moka::future::Cache;
 use moka::notification::RemovalCause;
 use moka::ops::compute::Op;
+use moka::sync::Cache;
 use moka::Expiry;
-use tokio::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use super::{
     BeginOutcome, Entry, EntryKind, EntryState, LeaseToken, RemovalCounts, ScanEntry, Store,
@@ -203,9 +207,13 @@ impl Stripes {
     }
 
     /// Holds `key`'s stripe: every change to `key` happens under it.
-    async fn lock(&self, key: &str) -> MutexGuard<'_, ()> {
+    fn lock(&self, key: &str) -> MutexGuard<'_, ()> {
         let stripe = self.hasher.hash_one(key) as usize % STRIPES;
-        self.locks[stripe].lock().await
+        // The lock guards no data of its own (only the order of reads and
+        // writes to the cache), so a poisoned one is as good as any.
+        self.locks[stripe]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -277,29 +285,24 @@ impl Expiry<String, Slot> for SlotExpiry {
 
 impl MemoryStore {
     /// The live slot under `key`.
-    async fn live(&self, key: &str, now: Instant) -> Option<Slot> {
-        self.cache.get(key).await.filter(|slot| slot.is_live(now))
+    fn live(&self, key: &str, now: Instant) -> Option<Slot> {
+        self.cache.get(key).filter(|slot| slot.is_live(now))
     }
 
     /// Applies `op` to the slot under `key` only while `lease` holds it
     /// (fencing), atomically for that key: under the key's stripe. Answers
     /// whether it applied.
-    async fn if_held(
-        &self,
-        key: &str,
-        lease: LeaseToken,
-        op: impl FnOnce(Slot) -> Op<Slot> + Send,
-    ) -> bool {
-        let _stripe = self.stripes.lock(key).await;
+    fn if_held(&self, key: &str, lease: LeaseToken, op: impl FnOnce(Slot) -> Op<Slot>) -> bool {
+        let _stripe = self.stripes.lock(key);
         let now = Instant::now();
-        match self.live(key, now).await {
+        match self.live(key, now) {
             Some(slot) if slot.held_by(lease, now) => match op(slot) {
                 Op::Put(slot) => {
-                    self.cache.insert(key.to_owned(), slot).await;
+                    self.cache.insert(key.to_owned(), slot);
                     true
                 }
                 Op::Remove => {
-                    self.cache.invalidate(key).await;
+                    self.cache.invalidate(key);
                     true
                 }
                 _ => false,
@@ -324,15 +327,11 @@ impl Store for MemoryStore {
                 expires_in: slot.expires_at.saturating_duration_since(now),
             },
         };
-        // A key that holds something answers without the lock: a replay is
-        // one read.
+        // The engine reads completed records through `local_record` before
+        // it begins, so this read is under the lock.
+        let _stripe = self.stripes.lock(key);
         let now = Instant::now();
-        if let Some(slot) = self.live(key, now).await {
-            return Ok(found(slot, now));
-        }
-        let _stripe = self.stripes.lock(key).await;
-        let now = Instant::now();
-        if let Some(slot) = self.live(key, now).await {
+        if let Some(slot) = self.live(key, now) {
             return Ok(found(slot, now));
         }
         let marker = Slot::new(
@@ -340,8 +339,15 @@ impl Store for MemoryStore {
             lease_ttl,
             now_ms(),
         );
-        self.cache.insert(key.to_owned(), marker).await;
+        self.cache.insert(key.to_owned(), marker);
         Ok(BeginOutcome::Acquired)
+    }
+
+    async fn local_record(&self, key: &str) -> Option<SharedRecord> {
+        match self.live(key, Instant::now())?.state {
+            EntryState::Completed(record) => Some(record),
+            EntryState::InFlight { .. } => None,
+        }
     }
 
     async fn renew(
@@ -350,11 +356,9 @@ impl Store for MemoryStore {
         lease: LeaseToken,
         lease_ttl: Duration,
     ) -> Result<bool, StoreError> {
-        Ok(self
-            .if_held(key, lease, |slot| {
-                Op::Put(Slot::new(slot.state, lease_ttl, slot.created_at_ms))
-            })
-            .await)
+        Ok(self.if_held(key, lease, |slot| {
+            Op::Put(Slot::new(slot.state, lease_ttl, slot.created_at_ms))
+        }))
     }
 
     async fn complete(
@@ -365,26 +369,22 @@ impl Store for MemoryStore {
         ttl: Duration,
     ) -> Result<bool, StoreError> {
         let created_at_ms = record.created_at_ms;
-        Ok(self
-            .if_held(key, lease, |_| {
-                Op::Put(Slot::new(EntryState::Completed(record), ttl, created_at_ms))
-            })
-            .await)
+        Ok(self.if_held(key, lease, |_| {
+            Op::Put(Slot::new(EntryState::Completed(record), ttl, created_at_ms))
+        }))
     }
 
     async fn release(&self, key: &str, lease: LeaseToken) -> Result<bool, StoreError> {
-        Ok(self.if_held(key, lease, |_| Op::Remove).await)
+        Ok(self.if_held(key, lease, |_| Op::Remove))
     }
 
     async fn put(&self, key: &str, record: SharedRecord, ttl: Duration) -> Result<(), StoreError> {
         let created_at_ms = record.created_at_ms;
-        let _stripe = self.stripes.lock(key).await;
-        self.cache
-            .insert(
-                key.to_owned(),
-                Slot::new(EntryState::Completed(record), ttl, created_at_ms),
-            )
-            .await;
+        let _stripe = self.stripes.lock(key);
+        self.cache.insert(
+            key.to_owned(),
+            Slot::new(EntryState::Completed(record), ttl, created_at_ms),
+        );
         Ok(())
     }
 
@@ -393,24 +393,19 @@ impl Store for MemoryStore {
         Ok(self
             .cache
             .get(key)
-            .await
             .filter(|slot| slot.is_live(now))
             .map(|slot| slot.to_entry(now)))
     }
 
     async fn remove(&self, key: &str) -> Result<bool, StoreError> {
-        let _stripe = self.stripes.lock(key).await;
+        let _stripe = self.stripes.lock(key);
         let now = Instant::now();
-        Ok(self
-            .cache
-            .remove(key)
-            .await
-            .is_some_and(|slot| slot.is_live(now)))
+        Ok(self.cache.remove(key).is_some_and(|slot| slot.is_live(now)))
     }
 
     async fn clear(&self) -> Result<(), StoreError> {
         self.cache.invalidate_all();
-        self.cache.run_pending_tasks().await;
+        self.cache.run_pending_tasks();
         Ok(())
     }
 
@@ -433,12 +428,12 @@ impl Store for MemoryStore {
     }
 
     async fn len(&self) -> Result<u64, StoreError> {
-        self.cache.run_pending_tasks().await;
+        self.cache.run_pending_tasks();
         Ok(self.live_entries())
     }
 
     async fn info(&self) -> Result<CacheInfo, StoreError> {
-        self.cache.run_pending_tasks().await;
+        self.cache.run_pending_tasks();
         Ok(CacheInfo {
             entries: self.live_entries(),
             max_entries: Some(self.max_entries),
@@ -459,7 +454,7 @@ impl Store for MemoryStore {
     }
 
     async fn cleanup_expired(&self) -> Result<(), StoreError> {
-        self.cache.run_pending_tasks().await;
+        self.cache.run_pending_tasks();
         Ok(())
     }
 

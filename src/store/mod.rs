@@ -127,6 +127,20 @@ pub trait Store: Send + Sync + 'static {
         }
     }
 
+    /// The completed record under `key` when this store holds it in the
+    /// process (the memory store; Redis's local tier), answered without a
+    /// round trip; `None` when it does not, or holds no such copy (the
+    /// default).
+    ///
+    /// A record never changes once stored, so the engine replays what this
+    /// answers without joining the key's flight or taking any lock: a replay
+    /// costs one local read. Anything else (a miss, an in-flight marker)
+    /// goes on to [`begin`](Store::begin).
+    fn local_record(&self, key: &str) -> impl Future<Output = Option<SharedRecord>> + Send {
+        let _ = key;
+        std::future::ready(None)
+    }
+
     /// Resolves at `deadline`, or earlier when the store learns that `key`
     /// was completed or released by another process. The engine waits on it
     /// between polls of [`begin`](Store::begin) while another process holds

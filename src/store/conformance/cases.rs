@@ -144,6 +144,43 @@ pub(super) async fn begin_answers_completed<S: Store>(store: Arc<S>) {
     );
 }
 
+/// `local_record` may answer `None` (a store with no copy in process), but
+/// when it answers, it answers the completed record: never a marker, never
+/// a removed record.
+pub(super) async fn local_record_is_only_a_completed_record<S: Store>(store: Arc<S>) {
+    let key = "s:a:local";
+    let lease = LeaseToken::random();
+    ok!(
+        "local record",
+        store.begin(key, fingerprint(1), lease, LONG)
+    );
+    let in_flight = store.local_record(key).await;
+    check!(
+        "local record",
+        in_flight.is_none(),
+        "a key in flight answered a local record: {in_flight:?}"
+    );
+    let done = record(1, "result");
+    ok!(
+        "local record",
+        store.complete(key, lease, done.clone(), LONG)
+    );
+    if let Some(local) = store.local_record(key).await {
+        check!(
+            "local record",
+            *local == *done,
+            "the local record {local:?} is not the stored one"
+        );
+    }
+    ok!("local record", store.remove(key));
+    let removed = store.local_record(key).await;
+    check!(
+        "local record",
+        removed.is_none(),
+        "a removed key answered a local record: {removed:?}"
+    );
+}
+
 pub(super) async fn begin_is_atomic<S: Store>(store: Arc<S>, tasks: usize) {
     let barrier = Arc::new(Barrier::new(tasks));
     let racers: Vec<_> = (0..tasks)

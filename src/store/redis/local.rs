@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use moka::future::Cache;
+use moka::sync::Cache;
 use moka::Expiry;
 
 use crate::record::SharedRecord;
@@ -55,7 +55,7 @@ impl LocalTier {
 
     /// The record under `key`, while it lives in Redis.
     pub(super) async fn get(&self, key: &str) -> Option<Cached> {
-        let cached = self.cache.get(key).await?;
+        let cached = self.cache.get(key)?;
         (cached.expires_at > Instant::now()).then_some(cached)
     }
 
@@ -74,15 +74,15 @@ impl LocalTier {
             expires_at,
             keep_for,
         };
-        self.cache.insert(key.to_owned(), cached).await;
+        self.cache.insert(key.to_owned(), cached);
     }
 
     pub(super) async fn invalidate(&self, key: &str) {
-        self.cache.invalidate(key).await;
+        self.cache.invalidate(key);
     }
 
     pub(super) async fn clear(&self) {
         self.cache.invalidate_all();
-        self.cache.run_pending_tasks().await;
+        self.cache.run_pending_tasks();
     }
 }

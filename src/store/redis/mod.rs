@@ -234,11 +234,6 @@ impl Store for RedisStore {
         lease: LeaseToken,
         lease_ttl: Duration,
     ) -> Result<BeginOutcome, StoreError> {
-        if let Some(local) = &self.inner.local {
-            if let Some(cached) = local.get(key).await {
-                return Ok(BeginOutcome::Completed(cached.record));
-            }
-        }
         let marker = Marker {
             lease,
             fingerprint,
@@ -320,6 +315,11 @@ impl Store for RedisStore {
         self.run(command.query_async::<()>(&mut connection)).await?;
         self.remember(key, &record, ttl).await;
         Ok(())
+    }
+
+    async fn local_record(&self, key: &str) -> Option<SharedRecord> {
+        let local = self.inner.local.as_ref()?;
+        Some(local.get(key).await?.record)
     }
 
     async fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
