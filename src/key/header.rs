@@ -114,11 +114,21 @@ impl KeyExtractor for HeaderKey {
         };
         Ok(Some(KeyParts {
             signal,
-            action: format!("{} {}", parts.method, parts.uri.path()),
+            action: action(&parts.method, parts.uri.path()),
             target,
             params_in_key: false,
         }))
     }
+}
+
+/// `METHOD /path`, the action of a header key.
+fn action(method: &http::Method, path: &str) -> String {
+    let method = method.as_str();
+    let mut action = String::with_capacity(method.len() + 1 + path.len());
+    action.push_str(method);
+    action.push(' ');
+    action.push_str(path);
+    action
 }
 
 /// The first 16 hex characters of the SHA-256 of the `Authorization` field(s);

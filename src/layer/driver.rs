@@ -38,19 +38,18 @@ use tower_service::Service;
 
 use super::body::{BoxError, RequestBody, ResponseBody};
 use super::future::Reply;
-use super::layer::{Disconnect, FailMode, Settings};
+use super::layer::{Disconnect, FailMode, Settings, Shared};
 use super::replay::replay;
 use super::stream::stream;
-use crate::engine::{Begin, Idempotency, Lease};
+use crate::engine::{Begin, Lease};
 use crate::key::{canonical_json, Fingerprint, FingerprintMode, KeyParts};
 use crate::problem;
 use crate::stats::Stats;
 use crate::store::{Store, StoreError};
 
-pub(crate) struct Driver<Svc, S> {
+pub(crate) struct Driver<Svc, S, K> {
     pub(crate) inner: Svc,
-    pub(crate) engine: Idempotency<S>,
-    pub(crate) settings: Arc<Settings>,
+    pub(crate) shared: Arc<Shared<S, K>>,
 }
 
 pub(crate) type Sender<B, E> = oneshot::Sender<Reply<B, E>>;
@@ -69,8 +68,8 @@ pub(crate) fn send<B, E>(reply: Sender<B, E>, answer: Reply<B, E>) {
 /// a conflict or a mismatch is answered without a task. Only the execution
 /// (and an unprotected fail-open call) moves to a spawned task, which owns the
 /// action from there on, whatever happens to the client.
-pub(crate) async fn drive<Svc, S, ReqBody, ResBody>(
-    driver: Driver<Svc, S>,
+pub(crate) async fn drive<Svc, S, K, ReqBody, ResBody>(
+    driver: Driver<Svc, S, K>,
     parts: Parts,
     body: ReqBody,
     key: KeyParts,
@@ -81,13 +80,15 @@ where
     Svc::Future: Send,
     Svc::Error: Send + 'static,
     S: Store,
+    K: Send + Sync + 'static,
     ReqBody: Body<Data = Bytes> + Send + 'static,
     ReqBody::Error: Into<BoxError>,
     ResBody: Body<Data = Bytes> + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
-    let settings = &*driver.settings;
-    let counters = driver.engine.counters();
+    let shared = &*driver.shared;
+    let settings = &shared.settings;
+    let counters = shared.engine.counters();
     let body = match Limited::new(body, settings.max_request_body)
         .collect()
         .await
@@ -116,10 +117,10 @@ where
     // keeps its key under `JsonCanonical`.
     let storage_key = key
         .into_key(canonical.as_deref().unwrap_or(&body))
-        .to_string();
+        .to_text();
     let begun = counted_wait(
         settings,
-        driver
+        shared
             .engine
             .begin(storage_key, fingerprint, settings.concurrent),
     )
@@ -143,15 +144,17 @@ where
             return answer(problem::conflict(secs));
         }
         Err(error) => {
-            return on_task(runtime, |reply| {
-                store_failed(driver.inner, request, error, driver.settings, reply)
-            })
+            return Box::pin(on_task(runtime, |reply| {
+                store_failed(driver.inner, request, error, driver.shared, reply)
+            }))
             .await
         }
     };
-    on_task(runtime, |reply| {
+    // Boxed, so the answered paths above do not carry (and move) the state
+    // of the execution's hand-over.
+    Box::pin(on_task(runtime, |reply| {
         execute(driver, request, lease, fingerprint, reply)
-    })
+    }))
     .await
 }
 
@@ -195,15 +198,16 @@ async fn counted_wait<T>(settings: &Settings, begin: impl Future<Output = T>) ->
     .await
 }
 
-async fn store_failed<Svc, ReqBody, ResBody>(
+async fn store_failed<Svc, S, K, ReqBody, ResBody>(
     mut inner: Svc,
     request: Request<RequestBody<ReqBody>>,
     error: StoreError,
-    settings: Arc<Settings>,
+    shared: Arc<Shared<S, K>>,
     mut reply: Sender<ResBody, Svc::Error>,
 ) where
     Svc: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
 {
+    let settings = &shared.settings;
     match settings.fail_mode {
         FailMode::Closed => {
             tracing::warn!(%error, "idempotency store failed: answering 503");
@@ -224,8 +228,8 @@ async fn store_failed<Svc, ReqBody, ResBody>(
     }
 }
 
-async fn execute<Svc, S, ReqBody, ResBody>(
-    driver: Driver<Svc, S>,
+async fn execute<Svc, S, K, ReqBody, ResBody>(
+    driver: Driver<Svc, S, K>,
     request: Request<RequestBody<ReqBody>>,
     lease: Lease<S>,
     fingerprint: Fingerprint,
@@ -236,12 +240,10 @@ async fn execute<Svc, S, ReqBody, ResBody>(
     ResBody: Body<Data = Bytes>,
     ResBody::Error: Into<BoxError>,
 {
-    let Driver {
-        mut inner,
-        engine,
-        settings,
-    } = driver;
-    let settings = &*settings;
+    let Driver { mut inner, shared } = driver;
+    let Shared {
+        engine, settings, ..
+    } = &*shared;
     let cancel = settings.disconnect == Disconnect::Cancel;
     // A panic in the service must not kill the task with the lease
     // unreleased and the client unanswered: catch it, release, answer 500.
@@ -266,7 +268,7 @@ async fn execute<Svc, S, ReqBody, ResBody>(
         }
         Err(_panic) => return panicked(lease, reply).await,
     };
-    stream(response, lease, fingerprint, &engine, settings, reply).await;
+    stream(response, lease, fingerprint, engine, settings, reply).await;
 }
 
 async fn panicked<S: Store, B, E>(lease: Lease<S>, reply: Sender<B, E>) {

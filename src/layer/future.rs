@@ -31,7 +31,9 @@ pin_project! {
     #[project = KindProj]
     enum Kind<F, B, E> {
         Passthrough { #[pin] future: F },
-        Answered { response: Option<Response<ResponseBody<B>>> },
+        // Boxed: the layer's own answers are rare, and an unboxed response
+        // would make every passthrough future as large as one.
+        Answered { response: Option<Box<Response<ResponseBody<B>>>> },
         Driven { future: Pin<Box<dyn Future<Output = Reply<B, E>> + Send>> },
     }
 }
@@ -46,7 +48,7 @@ impl<F, B, E> ResponseFuture<F, B, E> {
     pub(crate) fn answered(response: Response<Bytes>) -> Self {
         Self {
             kind: Kind::Answered {
-                response: Some(response.map(ResponseBody::full)),
+                response: Some(Box::new(response.map(ResponseBody::full))),
             },
         }
     }
@@ -83,7 +85,7 @@ where
                 let response = ready!(future.poll(cx))?;
                 Poll::Ready(Ok(response.map(ResponseBody::passthrough)))
             }
-            KindProj::Answered { response } => Poll::Ready(Ok(response
+            KindProj::Answered { response } => Poll::Ready(Ok(*response
                 .take()
                 .expect("ResponseFuture polled after completion"))),
             KindProj::Driven { future } => future.as_mut().poll(cx),

@@ -74,6 +74,25 @@ impl fmt::Debug for Settings {
     }
 }
 
+/// What a layer and every service it makes share, behind one `Arc`: tower
+/// clones a service for each request, and one reference count is the
+/// cheapest clone there is.
+pub(crate) struct Shared<S, K> {
+    pub(crate) engine: Idempotency<S>,
+    pub(crate) settings: Settings,
+    pub(crate) extractor: K,
+}
+
+impl<S, K: fmt::Debug> fmt::Debug for Shared<S, K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shared")
+            .field("engine", &self.engine)
+            .field("settings", &self.settings)
+            .field("extractor", &self.extractor)
+            .finish()
+    }
+}
+
 /// Makes POST and PATCH requests that carry an `Idempotency-Key` run at
 /// most once per key, and replays the first response to every retry.
 ///
@@ -93,17 +112,13 @@ impl fmt::Debug for Settings {
 /// assert_eq!(handle.stats().requests, 0);
 /// ```
 pub struct IdempotencyLayer<S = MemoryStore, K = HeaderKey> {
-    engine: Idempotency<S>,
-    settings: Arc<Settings>,
-    extractor: K,
+    shared: Arc<Shared<S, K>>,
 }
 
-impl<S, K: Clone> Clone for IdempotencyLayer<S, K> {
+impl<S, K> Clone for IdempotencyLayer<S, K> {
     fn clone(&self) -> Self {
         Self {
-            engine: self.engine.clone(),
-            settings: self.settings.clone(),
-            extractor: self.extractor.clone(),
+            shared: self.shared.clone(),
         }
     }
 }
@@ -111,9 +126,9 @@ impl<S, K: Clone> Clone for IdempotencyLayer<S, K> {
 impl<S, K: fmt::Debug> fmt::Debug for IdempotencyLayer<S, K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("IdempotencyLayer")
-            .field("engine", &self.engine)
-            .field("settings", &self.settings)
-            .field("extractor", &self.extractor)
+            .field("engine", &self.shared.engine)
+            .field("settings", &self.shared.settings)
+            .field("extractor", &self.shared.extractor)
             .finish()
     }
 }
@@ -155,34 +170,31 @@ impl<S: Store> IdempotencyLayer<S> {
 impl<S, K> IdempotencyLayer<S, K> {
     pub(super) fn from_parts(engine: Idempotency<S>, settings: Settings, extractor: K) -> Self {
         Self {
-            engine,
-            settings: Arc::new(settings),
-            extractor,
+            shared: Arc::new(Shared {
+                engine,
+                settings,
+                extractor,
+            }),
         }
     }
 
     /// The engine: stats, cache info, queries and maintenance.
     pub fn handle(&self) -> Idempotency<S> {
-        self.engine.clone()
+        self.shared.engine.clone()
     }
 
     /// Requests of this layer waiting for a decision right now: duplicates
     /// coalescing on a run in flight (`Concurrent::Wait`), or requests whose
     /// store operation is slow.
     pub fn waiting(&self) -> usize {
-        self.settings.waiting.load(Relaxed)
+        self.shared.settings.waiting.load(Relaxed)
     }
 }
 
-impl<Svc, S, K: Clone> Layer<Svc> for IdempotencyLayer<S, K> {
+impl<Svc, S, K> Layer<Svc> for IdempotencyLayer<S, K> {
     type Service = Idempotent<Svc, S, K>;
 
     fn layer(&self, inner: Svc) -> Self::Service {
-        Idempotent::new(
-            inner,
-            self.engine.clone(),
-            self.settings.clone(),
-            self.extractor.clone(),
-        )
+        Idempotent::new(inner, self.shared.clone())
     }
 }

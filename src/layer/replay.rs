@@ -40,13 +40,14 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// `Set-Cookie` unless asked, and no stale replay mark.
 pub(crate) fn stored_headers(headers: &HeaderMap, settings: &Settings) -> HeaderMap {
     let listed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
+        .filter(|(name, _)| *name == header::CONNECTION)
+        .filter_map(|(_, v)| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
         .collect();
-    let mut kept = HeaderMap::with_capacity(headers.len());
+    // One more for the replay mark, so adding it never grows the map.
+    let mut kept = HeaderMap::with_capacity(headers.len() + 1);
     for (name, value) in headers {
         let dropped = HOP_BY_HOP.contains(name)
             || listed.contains(name)

@@ -13,7 +13,7 @@ use tower_service::Service;
 use super::body::{BoxError, RequestBody, ResponseBody};
 use super::driver::{self, Driver};
 use super::future::ResponseFuture;
-use super::layer::Settings;
+use super::layer::Shared;
 use crate::engine::Idempotency;
 use crate::key::{HeaderKey, KeyExtractor};
 use crate::problem;
@@ -28,29 +28,17 @@ use crate::store::{MemoryStore, Store};
 /// protected ones.
 pub struct Idempotent<Svc, S = MemoryStore, K = HeaderKey> {
     inner: Svc,
-    engine: Idempotency<S>,
-    settings: Arc<Settings>,
-    extractor: K,
+    shared: Arc<Shared<S, K>>,
 }
 
 impl<Svc, S, K> Idempotent<Svc, S, K> {
-    pub(crate) fn new(
-        inner: Svc,
-        engine: Idempotency<S>,
-        settings: Arc<Settings>,
-        extractor: K,
-    ) -> Self {
-        Self {
-            inner,
-            engine,
-            settings,
-            extractor,
-        }
+    pub(crate) fn new(inner: Svc, shared: Arc<Shared<S, K>>) -> Self {
+        Self { inner, shared }
     }
 
     /// The engine: stats, cache info, queries and maintenance.
     pub fn handle(&self) -> Idempotency<S> {
-        self.engine.clone()
+        self.shared.engine.clone()
     }
 
     /// The inner service.
@@ -59,13 +47,11 @@ impl<Svc, S, K> Idempotent<Svc, S, K> {
     }
 }
 
-impl<Svc: Clone, S, K: Clone> Clone for Idempotent<Svc, S, K> {
+impl<Svc: Clone, S, K> Clone for Idempotent<Svc, S, K> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
-            engine: self.engine.clone(),
-            settings: self.settings.clone(),
-            extractor: self.extractor.clone(),
+            shared: self.shared.clone(),
         }
     }
 }
@@ -74,8 +60,8 @@ impl<Svc: fmt::Debug, S, K: fmt::Debug> fmt::Debug for Idempotent<Svc, S, K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Idempotent")
             .field("inner", &self.inner)
-            .field("settings", &self.settings)
-            .field("extractor", &self.extractor)
+            .field("settings", &self.shared.settings)
+            .field("extractor", &self.shared.extractor)
             .finish()
     }
 }
@@ -104,16 +90,17 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        let counters = self.engine.counters();
+        let shared = &*self.shared;
+        let counters = shared.engine.counters();
         Stats::incr(&counters.requests);
-        let settings = &*self.settings;
+        let settings = &shared.settings;
         if !settings.methods.contains(request.method()) {
             return ResponseFuture::passthrough(
                 self.inner.call(request.map(RequestBody::passthrough)),
             );
         }
         let (parts, body) = request.into_parts();
-        let key = match self.extractor.extract(&parts) {
+        let key = match shared.extractor.extract(&parts) {
             Ok(Some(key)) => key,
             Ok(None) if !settings.require_key => {
                 let request = Request::from_parts(parts, RequestBody::passthrough(body));
@@ -151,8 +138,7 @@ where
         let inner = std::mem::replace(&mut self.inner, clone);
         let driver = Driver {
             inner,
-            engine: self.engine.clone(),
-            settings: self.settings.clone(),
+            shared: self.shared.clone(),
         };
         ResponseFuture::driven(Box::pin(driver::drive(driver, parts, body, key, runtime)))
     }
