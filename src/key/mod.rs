@@ -191,7 +191,8 @@ pub fn params_hash(params: &[u8]) -> String {
 /// `component` with `:` and `%` escaped, piece by piece to `out`.
 fn escape_into(component: &str, mut out: impl FnMut(&str)) {
     let mut rest = component;
-    while let Some(pos) = rest.find([':', '%']) {
+    // A byte search: `:` and `%` are ASCII, so never inside a wider char.
+    while let Some(pos) = rest.bytes().position(|b| b == b':' || b == b'%') {
         out(&rest[..pos]);
         out(if rest.as_bytes()[pos] == b':' {
             "%3A"

@@ -26,12 +26,12 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::task::Poll;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
 use http::request::Parts;
 use http::{Request, Response};
 use http_body::Body;
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::BodyExt;
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 use tower_service::Service;
@@ -68,13 +68,15 @@ pub(crate) fn send<B, E>(reply: Sender<B, E>, answer: Reply<B, E>) {
 /// a conflict or a mismatch is answered without a task. Only the execution
 /// (and an unprotected fail-open call) moves to a spawned task, which owns the
 /// action from there on, whatever happens to the client.
-pub(crate) async fn drive<Svc, S, K, ReqBody, ResBody>(
+// Not an `async fn`: see the comment on the block.
+#[allow(clippy::manual_async_fn)]
+pub(crate) fn drive<Svc, S, K, ReqBody, ResBody>(
     driver: Driver<Svc, S, K>,
     parts: Parts,
     body: ReqBody,
     key: KeyParts,
     runtime: Handle,
-) -> Reply<ResBody, Svc::Error>
+) -> impl Future<Output = Reply<ResBody, Svc::Error>>
 where
     Svc: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
     Svc::Future: Send,
@@ -86,76 +88,128 @@ where
     ResBody: Body<Data = Bytes> + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
-    let shared = &*driver.shared;
-    let settings = &shared.settings;
-    let counters = shared.engine.counters();
-    let body = match Limited::new(body, settings.max_request_body)
-        .collect()
+    // An `async` block rather than an `async fn`: the arguments are then
+    // kept once in the future, not once as arguments and again as locals
+    // (rust-lang/rust#62958), and this future is boxed per request.
+    async move {
+        let shared = &*driver.shared;
+        let settings = &shared.settings;
+        let counters = shared.engine.counters();
+        let body = match buffer(body, settings.max_request_body).await {
+            Ok(body) => body,
+            Err(Unbuffered::TooLarge) => {
+                Stats::incr(&counters.too_large);
+                return answer(problem::too_large(settings.max_request_body));
+            }
+            Err(Unbuffered::Unreadable(error)) => {
+                return answer(problem::unreadable_body(&error.to_string()))
+            }
+        };
+        let (fingerprint, storage_key) = identify(&parts, &body, key, settings.fingerprint);
+        let begun = counted_wait(
+            settings,
+            shared
+                .engine
+                .begin(storage_key, fingerprint, settings.concurrent),
+        )
+        .await;
+        let request = Request::from_parts(parts, RequestBody::buffered(body));
+        let lease = match begun {
+            Ok(Begin::Execute(lease)) => lease,
+            Ok(Begin::Replay { record, .. }) => {
+                let response = match record.as_response() {
+                    Some(stored) => replay(stored, settings),
+                    None => {
+                        tracing::error!("the key holds a value, not a response: answering 500");
+                        problem::internal_error()
+                    }
+                };
+                return answer(response);
+            }
+            Ok(Begin::Mismatch) => return answer(problem::key_reused()),
+            Ok(Begin::Conflict { retry_after }) => {
+                let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+                return answer(problem::conflict(secs));
+            }
+            Err(error) => {
+                return Box::pin(on_task(runtime, |reply| {
+                    store_failed(driver.inner, request, error, driver.shared, reply)
+                }))
+                .await
+            }
+        };
+        // Boxed, so the answered paths above do not carry (and move) the state
+        // of the execution's hand-over.
+        Box::pin(on_task(runtime, |reply| {
+            execute(driver, request, lease, fingerprint, reply)
+        }))
         .await
-    {
-        Ok(collected) => collected.to_bytes(),
-        Err(error) if error.is::<LengthLimitError>() => {
-            Stats::incr(&counters.too_large);
-            return answer(problem::too_large(settings.max_request_body));
+    }
+}
+
+enum Unbuffered {
+    TooLarge,
+    Unreadable(BoxError),
+}
+
+/// Reads the whole body, refusing it past `limit` bytes. A body of one data
+/// frame (most are) is handed on as it came, without a copy.
+async fn buffer<B>(body: B, limit: usize) -> Result<Bytes, Unbuffered>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let mut body = pin!(body);
+    let mut first: Option<Bytes> = None;
+    let mut rest = BytesMut::new();
+    let mut len = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|error| Unbuffered::Unreadable(error.into()))?;
+        // Trailers are not part of what the request asked for.
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        len += data.len();
+        if len > limit {
+            return Err(Unbuffered::TooLarge);
         }
-        Err(error) => return answer(problem::unreadable_body(&error.to_string())),
-    };
+        match &first {
+            None => first = Some(data),
+            Some(first) => {
+                if rest.is_empty() {
+                    rest.extend_from_slice(first);
+                }
+                rest.extend_from_slice(&data);
+            }
+        }
+    }
+    Ok(if rest.is_empty() {
+        first.unwrap_or_default()
+    } else {
+        rest.freeze()
+    })
+}
+
+/// The request's fingerprint and storage key. The params hash in the key
+/// follows the fingerprint mode, so a reordered JSON body keeps its key under
+/// `JsonCanonical`.
+fn identify(
+    parts: &Parts,
+    body: &Bytes,
+    key: KeyParts,
+    mode: FingerprintMode,
+) -> (Fingerprint, String) {
     let path_and_query = parts
         .uri
         .path_and_query()
         .map_or_else(|| parts.uri.path(), |pq| pq.as_str());
-    let canonical = match settings.fingerprint {
-        FingerprintMode::JsonCanonical => canonical_json(&body),
+    let canonical = match mode {
+        FingerprintMode::JsonCanonical => canonical_json(body),
         FingerprintMode::Exact => None,
     };
-    let fingerprint = Fingerprint::of_request(
-        &parts.method,
-        path_and_query,
-        canonical.as_deref().unwrap_or(&body),
-    );
-    // The params hash follows the fingerprint mode, so a reordered JSON body
-    // keeps its key under `JsonCanonical`.
-    let storage_key = key
-        .into_key(canonical.as_deref().unwrap_or(&body))
-        .to_text();
-    let begun = counted_wait(
-        settings,
-        shared
-            .engine
-            .begin(storage_key, fingerprint, settings.concurrent),
-    )
-    .await;
-    let request = Request::from_parts(parts, RequestBody::buffered(body));
-    let lease = match begun {
-        Ok(Begin::Execute(lease)) => lease,
-        Ok(Begin::Replay { record, .. }) => {
-            let response = match record.as_response() {
-                Some(stored) => replay(stored, settings),
-                None => {
-                    tracing::error!("the key holds a value, not a response: answering 500");
-                    problem::internal_error()
-                }
-            };
-            return answer(response);
-        }
-        Ok(Begin::Mismatch) => return answer(problem::key_reused()),
-        Ok(Begin::Conflict { retry_after }) => {
-            let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
-            return answer(problem::conflict(secs));
-        }
-        Err(error) => {
-            return Box::pin(on_task(runtime, |reply| {
-                store_failed(driver.inner, request, error, driver.shared, reply)
-            }))
-            .await
-        }
-    };
-    // Boxed, so the answered paths above do not carry (and move) the state
-    // of the execution's hand-over.
-    Box::pin(on_task(runtime, |reply| {
-        execute(driver, request, lease, fingerprint, reply)
-    }))
-    .await
+    let hashed = canonical.as_deref().unwrap_or(body);
+    let fingerprint = Fingerprint::of_request(&parts.method, path_and_query, hashed);
+    (fingerprint, key.into_key(hashed).to_text())
 }
 
 /// Runs `task` on its own, so it goes on when the client goes away, and
