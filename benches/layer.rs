@@ -170,9 +170,9 @@ impl Store for Counting {
         self.store.begin(key, fingerprint, lease, lease_ttl).await
     }
 
-    async fn local_record(&self, key: &str) -> Option<SharedRecord> {
+    fn local_record(&self, key: &str) -> Option<SharedRecord> {
         self.local_reads.fetch_add(1, Relaxed);
-        self.store.local_record(key).await
+        self.store.local_record(key)
     }
 
     async fn renew(

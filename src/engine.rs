@@ -248,21 +248,46 @@ impl<S: Store> Idempotency<S> {
         concurrent: Concurrent,
     ) -> Result<Begin<S>, StoreError> {
         let key = key.into();
-        // A stored record never changes: replaying it needs no flight. The
-        // rest is boxed, so a replay does not carry (or move) the state of a
-        // flight and a store round trip.
-        let result = match self.inner.store.local_record(&key).await {
-            Some(record) => Ok(replay_or_mismatch(record, fingerprint, false)),
-            None => {
-                let deadline = match concurrent {
-                    Concurrent::Wait { timeout } => Some(tokio::time::Instant::now() + timeout),
-                    Concurrent::Reject => None,
-                };
-                Box::pin(self.begin_inner(key, fingerprint, deadline)).await
-            }
+        if let Some(begun) = self.begin_local(&key, fingerprint) {
+            return Ok(begun);
+        }
+        // Boxed, so that a replay answered above does not carry (or move)
+        // the state of a flight and a store round trip.
+        Box::pin(self.begin_in_store(key, fingerprint, concurrent)).await
+    }
+
+    /// What [`begin`](Self::begin) answers when the store holds the key's
+    /// record in process: a replay, or a mismatch, counted, with no flight
+    /// and no `await` (a stored record never changes). `None` when the store
+    /// holds no such copy: then the answer takes
+    /// [`begin_in_store`](Self::begin_in_store).
+    pub(crate) fn begin_local(&self, key: &str, fingerprint: Fingerprint) -> Option<Begin<S>> {
+        let record = self.inner.store.local_record(key)?;
+        let result = Ok(replay_or_mismatch(record, fingerprint, false));
+        self.count(&result);
+        result.ok()
+    }
+
+    /// [`begin`](Self::begin) past the in-process copy: the flight, then the
+    /// store.
+    pub(crate) async fn begin_in_store(
+        &self,
+        key: String,
+        fingerprint: Fingerprint,
+        concurrent: Concurrent,
+    ) -> Result<Begin<S>, StoreError> {
+        let deadline = match concurrent {
+            Concurrent::Wait { timeout } => Some(tokio::time::Instant::now() + timeout),
+            Concurrent::Reject => None,
         };
+        let result = self.begin_inner(key, fingerprint, deadline).await;
+        self.count(&result);
+        result
+    }
+
+    fn count(&self, result: &Result<Begin<S>, StoreError>) {
         let stats = &self.inner.stats;
-        match &result {
+        match result {
             Ok(Begin::Execute(_)) => Stats::incr(&stats.executed),
             Ok(Begin::Replay {
                 coalesced: true, ..
@@ -272,7 +297,6 @@ impl<S: Store> Idempotency<S> {
             Ok(Begin::Conflict { .. }) => Stats::incr(&stats.conflicts),
             Err(_) => Stats::incr(&stats.store_errors),
         }
-        result
     }
 
     async fn begin_inner(

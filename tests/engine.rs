@@ -41,8 +41,8 @@ impl Store for CountingStore {
         self.begins.fetch_add(1, SeqCst);
         self.inner.begin(key, fingerprint, lease, lease_ttl).await
     }
-    async fn local_record(&self, key: &str) -> Option<Arc<Record>> {
-        let record = self.inner.local_record(key).await;
+    fn local_record(&self, key: &str) -> Option<Arc<Record>> {
+        let record = self.inner.local_record(key);
         if record.is_some() {
             self.local_hits.fetch_add(1, SeqCst);
         }

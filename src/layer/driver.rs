@@ -106,45 +106,123 @@ where
             }
         };
         let (fingerprint, storage_key) = identify(&parts, &body, key, settings.fingerprint);
-        let begun = counted_wait(
-            settings,
-            shared
-                .engine
-                .begin(storage_key, fingerprint, settings.concurrent),
-        )
-        .await;
-        let request = Request::from_parts(parts, RequestBody::buffered(body));
-        let lease = match begun {
-            Ok(Begin::Execute(lease)) => lease,
-            Ok(Begin::Replay { record, .. }) => {
-                let response = match record.as_response() {
-                    Some(stored) => replay(stored, settings),
-                    None => {
-                        tracing::error!("the key holds a value, not a response: answering 500");
-                        problem::internal_error()
-                    }
-                };
-                return answer(response);
-            }
-            Ok(Begin::Mismatch) => return answer(problem::key_reused()),
-            Ok(Begin::Conflict { retry_after }) => {
-                let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
-                return answer(problem::conflict(secs));
-            }
-            Err(error) => {
-                return Box::pin(on_task(runtime, |reply| {
-                    store_failed(driver.inner, request, error, driver.shared, reply)
-                }))
+        // A record held in process answers here; only the rest of the
+        // protocol (a flight, the store, the execution) is boxed, so a replay
+        // neither carries nor moves its state.
+        match shared.engine.begin_local(&storage_key, fingerprint) {
+            Some(begun) => match decided(begun, settings) {
+                Ok(reply) => reply,
+                // `begin_local` answers only replays and mismatches; a lease
+                // would run the request like any other.
+                Err(lease) => Box::pin(run(driver, parts, body, lease, fingerprint, runtime)).await,
+            },
+            None => {
+                Box::pin(begin_and_run(
+                    driver,
+                    parts,
+                    body,
+                    storage_key,
+                    fingerprint,
+                    runtime,
+                ))
                 .await
             }
-        };
-        // Boxed, so the answered paths above do not carry (and move) the state
-        // of the execution's hand-over.
-        Box::pin(on_task(runtime, |reply| {
-            execute(driver, request, lease, fingerprint, reply)
-        }))
-        .await
+        }
     }
+}
+
+/// The reply to a decision that runs nothing (a replay, a mismatch, a
+/// conflict), or the lease of one that runs the request.
+fn decided<S: Store, B, E>(begun: Begin<S>, settings: &Settings) -> Result<Reply<B, E>, Lease<S>> {
+    let response = match begun {
+        Begin::Execute(lease) => return Err(lease),
+        Begin::Replay { record, .. } => match record.as_response() {
+            Some(stored) => replay(stored, settings),
+            None => {
+                tracing::error!("the key holds a value, not a response: answering 500");
+                problem::internal_error()
+            }
+        },
+        Begin::Mismatch => problem::key_reused(),
+        Begin::Conflict { retry_after } => {
+            let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            problem::conflict(secs)
+        }
+    };
+    Ok(answer(response))
+}
+
+/// Begins past the in-process copy (the flight, the store) and answers, or
+/// hands the request to a task that runs it.
+async fn begin_and_run<Svc, S, K, ReqBody, ResBody>(
+    driver: Driver<Svc, S, K>,
+    parts: Parts,
+    body: Bytes,
+    storage_key: String,
+    fingerprint: Fingerprint,
+    runtime: Handle,
+) -> Reply<ResBody, Svc::Error>
+where
+    Svc: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
+    Svc::Future: Send,
+    Svc::Error: Send + 'static,
+    S: Store,
+    K: Send + Sync + 'static,
+    ReqBody: Body<Data = Bytes> + Send + 'static,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    let shared = &*driver.shared;
+    let settings = &shared.settings;
+    let begun = counted_wait(
+        settings,
+        shared
+            .engine
+            .begin_in_store(storage_key, fingerprint, settings.concurrent),
+    )
+    .await;
+    let lease = match begun {
+        Ok(begun) => match decided(begun, settings) {
+            Ok(reply) => return reply,
+            Err(lease) => lease,
+        },
+        Err(error) => {
+            let request = Request::from_parts(parts, RequestBody::buffered(body));
+            return on_task(runtime, |reply| {
+                store_failed(driver.inner, request, error, driver.shared, reply)
+            })
+            .await;
+        }
+    };
+    run(driver, parts, body, lease, fingerprint, runtime).await
+}
+
+/// Hands the request, with its lease, to a task that runs it.
+async fn run<Svc, S, K, ReqBody, ResBody>(
+    driver: Driver<Svc, S, K>,
+    parts: Parts,
+    body: Bytes,
+    lease: Lease<S>,
+    fingerprint: Fingerprint,
+    runtime: Handle,
+) -> Reply<ResBody, Svc::Error>
+where
+    Svc: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
+    Svc::Future: Send,
+    Svc::Error: Send + 'static,
+    S: Store,
+    K: Send + Sync + 'static,
+    ReqBody: Body<Data = Bytes> + Send + 'static,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    let request = Request::from_parts(parts, RequestBody::buffered(body));
+    on_task(runtime, |reply| {
+        execute(driver, request, lease, fingerprint, reply)
+    })
+    .await
 }
 
 enum Unbuffered {

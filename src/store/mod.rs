@@ -128,17 +128,17 @@ pub trait Store: Send + Sync + 'static {
     }
 
     /// The completed record under `key` when this store holds it in the
-    /// process (the memory store; Redis's local tier), answered without a
-    /// round trip; `None` when it does not, or holds no such copy (the
-    /// default).
+    /// process (the memory store; Redis's local tier), answered at once,
+    /// without a round trip or an `await`; `None` when it does not, or holds
+    /// no such copy (the default).
     ///
     /// A record never changes once stored, so the engine replays what this
     /// answers without joining the key's flight or taking any lock: a replay
     /// costs one local read. Anything else (a miss, an in-flight marker)
     /// goes on to [`begin`](Store::begin).
-    fn local_record(&self, key: &str) -> impl Future<Output = Option<SharedRecord>> + Send {
+    fn local_record(&self, key: &str) -> Option<SharedRecord> {
         let _ = key;
-        std::future::ready(None)
+        None
     }
 
     /// Resolves at `deadline`, or earlier when the store learns that `key`

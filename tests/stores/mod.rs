@@ -224,8 +224,8 @@ impl Store for TestStore {
     async fn ping(&self) -> Result<(), StoreError> {
         delegate!(self, s => s.ping().await)
     }
-    async fn local_record(&self, key: &str) -> Option<SharedRecord> {
-        delegate!(self, s => s.local_record(key).await)
+    fn local_record(&self, key: &str) -> Option<SharedRecord> {
+        delegate!(self, s => s.local_record(key))
     }
     async fn until_changed(&self, key: &str, deadline: tokio::time::Instant) {
         delegate!(self, s => s.until_changed(key, deadline).await)

@@ -154,7 +154,7 @@ pub(super) async fn local_record_is_only_a_completed_record<S: Store>(store: Arc
         "local record",
         store.begin(key, fingerprint(1), lease, LONG)
     );
-    let in_flight = store.local_record(key).await;
+    let in_flight = store.local_record(key);
     check!(
         "local record",
         in_flight.is_none(),
@@ -165,7 +165,7 @@ pub(super) async fn local_record_is_only_a_completed_record<S: Store>(store: Arc
         "local record",
         store.complete(key, lease, done.clone(), LONG)
     );
-    if let Some(local) = store.local_record(key).await {
+    if let Some(local) = store.local_record(key) {
         check!(
             "local record",
             *local == *done,
@@ -173,7 +173,7 @@ pub(super) async fn local_record_is_only_a_completed_record<S: Store>(store: Arc
         );
     }
     ok!("local record", store.remove(key));
-    let removed = store.local_record(key).await;
+    let removed = store.local_record(key);
     check!(
         "local record",
         removed.is_none(),

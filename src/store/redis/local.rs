@@ -54,13 +54,13 @@ impl LocalTier {
     }
 
     /// The record under `key`, while it lives in Redis.
-    pub(super) async fn get(&self, key: &str) -> Option<Cached> {
+    pub(super) fn get(&self, key: &str) -> Option<Cached> {
         let cached = self.cache.get(key)?;
         (cached.expires_at > Instant::now()).then_some(cached)
     }
 
     /// Keeps `record`, which expires in Redis after `expires_in`.
-    pub(super) async fn insert(&self, key: &str, record: SharedRecord, expires_in: Duration) {
+    pub(super) fn insert(&self, key: &str, record: SharedRecord, expires_in: Duration) {
         let now = Instant::now();
         let Some(expires_at) = now.checked_add(expires_in) else {
             return;
@@ -77,11 +77,11 @@ impl LocalTier {
         self.cache.insert(key.to_owned(), cached);
     }
 
-    pub(super) async fn invalidate(&self, key: &str) {
+    pub(super) fn invalidate(&self, key: &str) {
         self.cache.invalidate(key);
     }
 
-    pub(super) async fn clear(&self) {
+    pub(super) fn clear(&self) {
         self.cache.invalidate_all();
         self.cache.run_pending_tasks();
     }

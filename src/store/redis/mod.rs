@@ -219,9 +219,9 @@ impl RedisStore {
         Ok((stored, expires_in(pttl)))
     }
 
-    async fn remember(&self, key: &str, record: &SharedRecord, expires_in: Duration) {
+    fn remember(&self, key: &str, record: &SharedRecord, expires_in: Duration) {
         if let Some(local) = &self.inner.local {
-            local.insert(key, record.clone(), expires_in).await;
+            local.insert(key, record.clone(), expires_in);
         }
     }
 }
@@ -253,7 +253,7 @@ impl Store for RedisStore {
             }),
             (Stored::Record(record), expires_in) => {
                 let record = Arc::new(record);
-                self.remember(key, &record, expires_in).await;
+                self.remember(key, &record, expires_in);
                 Ok(BeginOutcome::Completed(record))
             }
         }
@@ -290,7 +290,7 @@ impl Store for RedisStore {
             .await?;
         let completed = answer == Value::Int(1);
         if completed {
-            self.remember(key, &record, ttl).await;
+            self.remember(key, &record, ttl);
         }
         Ok(completed)
     }
@@ -313,18 +313,18 @@ impl Store for RedisStore {
             .arg("PX")
             .arg(px(ttl));
         self.run(command.query_async::<()>(&mut connection)).await?;
-        self.remember(key, &record, ttl).await;
+        self.remember(key, &record, ttl);
         Ok(())
     }
 
-    async fn local_record(&self, key: &str) -> Option<SharedRecord> {
+    fn local_record(&self, key: &str) -> Option<SharedRecord> {
         let local = self.inner.local.as_ref()?;
-        Some(local.get(key).await?.record)
+        Some(local.get(key)?.record)
     }
 
     async fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
         if let Some(local) = &self.inner.local {
-            if let Some(cached) = local.get(key).await {
+            if let Some(cached) = local.get(key) {
                 return Ok(Some(Entry {
                     expires_in: cached
                         .expires_at
@@ -347,7 +347,7 @@ impl Store for RedisStore {
             },
             (Stored::Record(record), expires_in) => {
                 let record = Arc::new(record);
-                self.remember(key, &record, expires_in).await;
+                self.remember(key, &record, expires_in);
                 Entry {
                     state: EntryState::Completed(record),
                     expires_in,
@@ -358,7 +358,7 @@ impl Store for RedisStore {
 
     async fn remove(&self, key: &str) -> Result<bool, StoreError> {
         if let Some(local) = &self.inner.local {
-            local.invalidate(key).await;
+            local.invalidate(key);
         }
         let mut connection = self.connection();
         let mut command = redis::cmd("DEL");
@@ -369,7 +369,7 @@ impl Store for RedisStore {
 
     async fn clear(&self) -> Result<(), StoreError> {
         if let Some(local) = &self.inner.local {
-            local.clear().await;
+            local.clear();
         }
         let keys = self.scan_keys().await?;
         self.delete_keys(&keys).await
