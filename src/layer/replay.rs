@@ -37,8 +37,9 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 
 /// The headers a replay may carry: no hop-by-hop headers (those named by
 /// `Connection` included), no `Date` (the server writes a fresh one), no
-/// `Set-Cookie` unless asked, and no stale replay mark.
-pub(crate) fn stored_headers(headers: &HeaderMap, settings: &Settings) -> HeaderMap {
+/// `Set-Cookie` unless asked, and no stale replay mark; with `room` for as
+/// many more fields.
+pub(crate) fn stored_headers(headers: &HeaderMap, settings: &Settings, room: usize) -> HeaderMap {
     let listed: Vec<HeaderName> = headers
         .iter()
         .filter(|(name, _)| *name == header::CONNECTION)
@@ -46,8 +47,7 @@ pub(crate) fn stored_headers(headers: &HeaderMap, settings: &Settings) -> Header
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
         .collect();
-    // One more for the replay mark, so adding it never grows the map.
-    let mut kept = HeaderMap::with_capacity(headers.len() + 1);
+    let mut kept = HeaderMap::with_capacity(headers.len() + room);
     for (name, value) in headers {
         let dropped = HOP_BY_HOP.contains(name)
             || listed.contains(name)
@@ -65,7 +65,8 @@ pub(crate) fn replay(stored: &StoredResponse, settings: &Settings) -> Response<B
     let mut response = Response::new(stored.body.clone());
     *response.status_mut() = stored.status;
     // Filter again: the record may come from another writer or configuration.
-    *response.headers_mut() = stored_headers(&stored.headers, settings);
+    // With room for the replay mark, so adding it never grows the map.
+    *response.headers_mut() = stored_headers(&stored.headers, settings, 1);
     response
         .headers_mut()
         .insert(REPLAYED, HeaderValue::from_static("true"));

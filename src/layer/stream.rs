@@ -86,7 +86,8 @@ pub(crate) async fn stream<S, ResBody, E>(
             lease,
             fingerprint,
             status: head.status,
-            headers: stored_headers(&head.headers, settings),
+            // Sized to what it holds: it is kept for the record's TTL.
+            headers: stored_headers(&head.headers, settings, 0),
             chunks: Vec::new(),
             len: 0,
         })
