@@ -98,7 +98,14 @@ impl fmt::Debug for HeaderKey {
 
 impl KeyExtractor for HeaderKey {
     fn extract(&self, parts: &Parts) -> Result<Option<KeyParts>, KeyRejection> {
-        let mut values = parts.headers.get_all(IDEMPOTENCY_KEY).iter();
+        // A scan of the names, not a hashed lookup: a request carries a few
+        // dozen fields at most, mostly standard ones that differ from this
+        // name at the first compare, and hashing a custom name costs more.
+        let mut values = parts
+            .headers
+            .iter()
+            .filter(|(name, _)| *name == IDEMPOTENCY_KEY)
+            .map(|(_, value)| value);
         let Some(value) = values.next() else {
             return Ok(None);
         };
