@@ -8,6 +8,8 @@
 //!   is stored);
 //! * `replay`: the layer, the same key each call (answered from the store);
 //! * `floor`: SHA-256 of the body and one moka `get` that hits;
+//! * `typical-1KiB/*`: bare, passthrough and replay at 1 KiB with the
+//!   eleven fields of a typical client request instead of one;
 //! * `coalesce/*`: 1,000 concurrent duplicates of one new key under
 //!   `Concurrent::Wait` per iteration, until all are answered; the run checks
 //!   that each group ran the handler once and touched the store once to begin
@@ -54,11 +56,36 @@ async fn answer<B>(_request: Request<B>) -> Result<Response<Full<Bytes>>, Infall
         .expect("static response"))
 }
 
+/// The fields a client typically sends besides `Content-Type` (and the key):
+/// what `typical/*` adds to every request, bare service included.
+const TYPICAL: [(&str, &str); 10] = [
+    ("host", "api.example.com"),
+    ("user-agent", "curl/8.5.0"),
+    ("accept", "*/*"),
+    ("accept-encoding", "gzip, br"),
+    ("authorization", "Bearer 4f0c9b8e2d7a41c6b35e9f1a"),
+    ("content-length", "1024"),
+    ("x-request-id", "7f1c0a2e-1111-2222-3333-444455556666"),
+    (
+        "traceparent",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    ),
+    ("cookie", "session=abc; theme=dark"),
+    ("origin", "https://example.com"),
+];
+
 fn request(body: &Bytes, key: Option<&str>) -> Request<Full<Bytes>> {
+    request_with(body, key, &[])
+}
+
+fn request_with(body: &Bytes, key: Option<&str>, fields: &[(&str, &str)]) -> Request<Full<Bytes>> {
     let mut builder = Request::builder()
         .method(Method::POST)
         .uri("/orders")
         .header(header::CONTENT_TYPE, "application/json");
+    for (name, value) in fields {
+        builder = builder.header(*name, *value);
+    }
     if let Some(key) = key {
         builder = builder.header("idempotency-key", key);
     }
@@ -137,6 +164,39 @@ fn per_request(c: &mut Criterion) {
 
         group.finish();
     }
+}
+
+/// Bare, passthrough and replay at 1 KiB with the eleven fields of a typical
+/// client request (`TYPICAL` plus `Content-Type`) instead of one: what the
+/// layer costs next to the work any request brings.
+fn typical_request(c: &mut Criterion) {
+    let rt = runtime();
+    let body = Bytes::from(vec![b'x'; 1024]);
+    let mut group = c.benchmark_group("layer/typical-1KiB");
+    group.throughput(Throughput::Elements(1));
+    let bare = tower::service_fn(answer::<Full<Bytes>>);
+    group.bench_function(BenchmarkId::from_parameter("bare"), |b| {
+        b.to_async(&rt)
+            .iter(|| async { send(&bare, request_with(&body, None, &TYPICAL)).await });
+    });
+    let layer = IdempotencyLayer::new();
+    let layered = layer.layer(tower::service_fn(answer));
+    group.bench_function(BenchmarkId::from_parameter("passthrough"), |b| {
+        b.to_async(&rt)
+            .iter(|| async { send(&layered, request_with(&body, None, &TYPICAL)).await });
+    });
+    let key = Some("typical-replay");
+    rt.block_on(send(&layered, request_with(&body, key, &TYPICAL)));
+    group.bench_function(BenchmarkId::from_parameter("replay"), |b| {
+        b.to_async(&rt)
+            .iter(|| async { send(&layered, request_with(&body, key, &TYPICAL)).await });
+    });
+    assert_eq!(
+        layer.handle().stats().executed,
+        1,
+        "replays never run the handler"
+    );
+    group.finish();
 }
 
 /// The memory store, counting the operations the engine asks of it (a
@@ -332,6 +392,6 @@ criterion_group! {
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3))
         .sample_size(30);
-    targets = per_request, coalesced
+    targets = per_request, typical_request, coalesced
 }
 criterion_main!(benches);
