@@ -71,6 +71,8 @@ for size in ("0B", "1KiB", "64KiB"):
           2.0 if size == "1KiB" else None)
     ratio(f"miss / floor, {size}", f"{group}/miss", f"{group}/floor",
           2.0 if size == "1KiB" else None)
+ratio("passthrough / bare, 1KiB, typical request fields",
+      "layer/typical-1KiB/passthrough", "layer/typical-1KiB/bare")
 for size in ("0B", "1KiB", "64KiB"):
     group = f"peer/{size}"
     # Throughput ratio ours/peer = time(peer) / time(ours).
