@@ -75,7 +75,6 @@ pub(crate) fn drive<Svc, S, K, ReqBody, ResBody>(
     parts: Parts,
     body: ReqBody,
     key: KeyParts,
-    runtime: Handle,
 ) -> impl Future<Output = Reply<ResBody, Svc::Error>>
 where
     Svc: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
@@ -114,19 +113,14 @@ where
                 Ok(reply) => reply,
                 // `begin_local` answers only replays and mismatches; a lease
                 // would run the request like any other.
-                Err(lease) => Box::pin(run(driver, parts, body, lease, fingerprint, runtime)).await,
+                Err(lease) => match runtime() {
+                    Some(runtime) => {
+                        Box::pin(run(driver, parts, body, lease, fingerprint, runtime)).await
+                    }
+                    None => answer(problem::internal_error()),
+                },
             },
-            None => {
-                Box::pin(begin_and_run(
-                    driver,
-                    parts,
-                    body,
-                    storage_key,
-                    fingerprint,
-                    runtime,
-                ))
-                .await
-            }
+            None => Box::pin(begin_and_run(driver, parts, body, storage_key, fingerprint)).await,
         }
     }
 }
@@ -160,7 +154,6 @@ async fn begin_and_run<Svc, S, K, ReqBody, ResBody>(
     body: Bytes,
     storage_key: String,
     fingerprint: Fingerprint,
-    runtime: Handle,
 ) -> Reply<ResBody, Svc::Error>
 where
     Svc: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
@@ -173,6 +166,11 @@ where
     ResBody: Body<Data = Bytes> + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
+    // Checked before a lease can exist: waits and the execution need the
+    // runtime's timer and its tasks.
+    let Some(runtime) = runtime() else {
+        return answer(problem::internal_error());
+    };
     let shared = &*driver.shared;
     let settings = &shared.settings;
     let begun = counted_wait(
@@ -196,6 +194,16 @@ where
         }
     };
     run(driver, parts, body, lease, fingerprint, runtime).await
+}
+
+/// The Tokio runtime the request's task will run on; without one, the
+/// request is answered 500 (and this says why in the log).
+fn runtime() -> Option<Handle> {
+    let runtime = Handle::try_current().ok();
+    if runtime.is_none() {
+        tracing::error!("the idempotency layer needs a Tokio runtime for protected requests");
+    }
+    runtime
 }
 
 /// Hands the request, with its lease, to a task that runs it.

@@ -125,10 +125,6 @@ where
             Stats::incr(&counters.too_large);
             return ResponseFuture::answered(problem::too_large(settings.max_request_body));
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            tracing::error!("the idempotency layer needs a Tokio runtime for protected requests");
-            return ResponseFuture::answered(problem::internal_error());
-        };
         // The driver calls the service only after awaiting the store, so it
         // must own a service that is ready: take the one `poll_ready` readied
         // and leave a clone in its place for the next `poll_ready` (tower's
@@ -140,7 +136,7 @@ where
             inner,
             shared: self.shared.clone(),
         };
-        ResponseFuture::driven(Box::pin(driver::drive(driver, parts, body, key, runtime)))
+        ResponseFuture::driven(Box::pin(driver::drive(driver, parts, body, key)))
     }
 }
 
@@ -201,6 +197,45 @@ mod tests {
         let replay = service.oneshot(post(Some("k"), "hi")).await.unwrap();
         assert_eq!(replay.headers()["idempotent-replayed"], "true");
         assert_eq!(replay.into_body().collect().await.unwrap().to_bytes(), "hi");
+    }
+
+    #[test]
+    fn outside_a_tokio_runtime_a_stored_key_replays_and_a_new_one_is_a_500() {
+        use std::future::Future;
+        use std::task::Waker;
+
+        let service = ServiceBuilder::new()
+            .layer(IdempotencyLayer::new())
+            .service(service_fn(echo));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let first = service
+                .clone()
+                .oneshot(post(Some("k"), "hi"))
+                .await
+                .unwrap();
+            first.into_body().collect().await.unwrap();
+        });
+        drop(runtime);
+        // Polled once, with no runtime around: both answer at once.
+        let answer = |request| {
+            let mut future = std::pin::pin!(service.clone().call(request));
+            match future
+                .as_mut()
+                .poll(&mut Context::from_waker(Waker::noop()))
+            {
+                Poll::Ready(response) => response.unwrap(),
+                Poll::Pending => panic!("the layer waited for a runtime that is not there"),
+            }
+        };
+        let replay = answer(post(Some("k"), "hi"));
+        assert_eq!(replay.headers()["idempotent-replayed"], "true");
+        let fresh = answer(post(Some("new"), "hi"));
+        assert_eq!(fresh.status(), http::StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(fresh.headers()["content-type"], "application/problem+json");
     }
 
     #[test]
