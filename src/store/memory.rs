@@ -624,3 +624,86 @@ impl Store for MemoryStore {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn marker_count(store: &MemoryStore) -> usize {
+        store.stripes.each().map(|markers| markers.len()).sum()
+    }
+
+    /// Markers abandoned past their lease, whose keys nobody touches again,
+    /// are dropped when their stripe next needs room, without a cleanup.
+    #[tokio::test]
+    async fn abandoned_markers_make_room_for_new_ones() {
+        let store = MemoryStore::new();
+        let brief = Duration::from_millis(5);
+        for i in 0..1_000 {
+            let key = format!("s{i}:a:gone");
+            store
+                .begin(
+                    &key,
+                    Fingerprint::of_bytes(b"x"),
+                    LeaseToken::random(),
+                    brief,
+                )
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(brief * 4).await;
+        let long = Duration::from_secs(60);
+        for i in 0..10_000 {
+            let key = format!("s{i}:a:held");
+            let begun = store
+                .begin(
+                    &key,
+                    Fingerprint::of_bytes(b"x"),
+                    LeaseToken::random(),
+                    long,
+                )
+                .await
+                .unwrap();
+            assert!(matches!(begun, BeginOutcome::Acquired), "{begun:?}");
+        }
+        // Ten thousand new markers over 64 stripes outgrow what the first
+        // thousand left free in every one of them.
+        assert_eq!(store.removal_counts().expired, 1_000);
+        assert_eq!(marker_count(&store), 10_000);
+        assert_eq!(store.len().await.unwrap(), 10_000);
+    }
+
+    /// A marker and a record never share a key: `put` replaces a marker,
+    /// `remove` removes either, and neither leaves the other behind.
+    #[tokio::test]
+    async fn a_key_holds_a_marker_or_a_record() {
+        let store = MemoryStore::new();
+        let long = Duration::from_secs(60);
+        let lease = LeaseToken::random();
+        let record: SharedRecord = Arc::new(crate::record::Record::value(
+            Fingerprint::of_bytes(b"x"),
+            bytes::Bytes::from_static(b"r"),
+        ));
+        store
+            .begin("k", Fingerprint::of_bytes(b"x"), lease, long)
+            .await
+            .unwrap();
+        assert!(store.local_record("k").is_none());
+        store.put("k", record.clone(), long).await.unwrap();
+        assert_eq!(marker_count(&store), 0);
+        assert!(store.local_record("k").is_some());
+        assert!(!store
+            .complete("k", lease, record.clone(), long)
+            .await
+            .unwrap());
+        assert!(store.remove("k").await.unwrap());
+        assert!(store.get("k").await.unwrap().is_none());
+        store
+            .begin("k", Fingerprint::of_bytes(b"x"), lease, long)
+            .await
+            .unwrap();
+        assert!(store.complete("k", lease, record, long).await.unwrap());
+        assert_eq!(marker_count(&store), 0);
+        assert_eq!(store.len().await.unwrap(), 1);
+    }
+}
