@@ -102,9 +102,13 @@ impl StatsSnapshot {
 pub struct CacheInfo {
     /// Entries (in-flight markers and records) held now.
     pub entries: u64,
-    /// The entry bound, when the store has one.
+    /// The entry bound, when the store has one. The memory store bounds its
+    /// completed records by it; its in-flight markers are held beside them
+    /// and not counted against it, so while many requests are in flight
+    /// `entries` may exceed it.
     pub max_entries: Option<u64>,
-    /// Bytes held, as the store weighs them (0 when the store does not weigh).
+    /// Bytes held, as the store weighs them (0 when the store does not
+    /// weigh). The memory store weighs its records only.
     pub weighted_bytes: u64,
 }
 

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::time::timeout;
-use tower_idempotency::{Fingerprint, Idempotency, Record};
+use tower_idempotency::store::{BeginOutcome, EntryState, LeaseToken, Store};
+use tower_idempotency::{Begin, Concurrent, Fingerprint, Idempotency, Record};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -85,6 +86,93 @@ async fn the_byte_bound_evicts_large_records() {
     assert!(info.weighted_bytes <= 64 * 1024, "{info:?}");
     assert!(info.entries <= 8, "{info:?}");
     assert!(engine.stats().evicted >= 56, "{:?}", engine.stats());
+}
+
+#[tokio::test]
+async fn requests_in_flight_never_evict_a_completed_record() {
+    let engine = Idempotency::builder().max_entries(10).build().unwrap();
+    let kept = value(fp("kept"), "kept");
+    engine
+        .put("s:a:kept", kept.clone(), Duration::from_secs(60))
+        .await
+        .unwrap();
+    // A hundred times the entry bound in flight at once.
+    let mut leases = Vec::new();
+    for i in 0..1_000 {
+        match engine
+            .begin(format!("s{i}:a:t"), fp("run"), Concurrent::Reject)
+            .await
+            .unwrap()
+        {
+            Begin::Execute(lease) => leases.push(lease),
+            other => panic!("a new key gave {other:?}"),
+        }
+    }
+    engine.cleanup_expired().await.unwrap();
+    let info = engine.cache_info().await.unwrap();
+    assert_eq!(info.entries, 1_001, "{info:?}");
+    assert_eq!(engine.stats().evicted, 0, "{:?}", engine.stats());
+    match engine
+        .begin("s:a:kept", fp("kept"), Concurrent::Reject)
+        .await
+        .unwrap()
+    {
+        Begin::Replay { record, .. } => assert_eq!(*record, kept),
+        other => panic!("the completed key gave {other:?}"),
+    }
+    // Every marker is still there, held by its lease.
+    for i in [0, 500, 999] {
+        let entry = engine.record(&format!("s{i}:a:t")).await.unwrap();
+        assert!(
+            matches!(entry.map(|e| e.state), Some(EntryState::InFlight { .. })),
+            "marker {i} is gone"
+        );
+    }
+    for lease in leases {
+        assert!(lease.complete(value(fp("run"), "done")).await.unwrap());
+    }
+    // The records, once completed, are what the bound applies to.
+    engine.cleanup_expired().await.unwrap();
+    let info = engine.cache_info().await.unwrap();
+    assert!(info.entries <= 10, "{info:?}");
+    assert!(engine.stats().evicted >= 991, "{:?}", engine.stats());
+}
+
+#[tokio::test]
+async fn an_expired_marker_is_taken_over_and_counted_as_expired() {
+    let engine = Idempotency::new();
+    let store = engine.store();
+    let brief = Duration::from_millis(20);
+    let (old, new) = (LeaseToken::random(), LeaseToken::random());
+    let begun = store.begin("s:a:t", fp("x"), old, brief).await.unwrap();
+    assert!(matches!(begun, BeginOutcome::Acquired), "{begun:?}");
+    tokio::time::sleep(brief * 3).await;
+    assert_eq!(engine.stats().expired, 0, "nothing touched the marker yet");
+
+    let begun = store.begin("s:a:t", fp("x"), new, LIMIT).await.unwrap();
+    assert!(matches!(begun, BeginOutcome::Acquired), "{begun:?}");
+    assert_eq!(engine.stats().expired, 1, "{:?}", engine.stats());
+    let stale = value(fp("x"), "stale");
+    assert!(!store
+        .complete("s:a:t", old, stale.into(), LIMIT)
+        .await
+        .unwrap());
+    let fresh = value(fp("x"), "fresh");
+    assert!(store
+        .complete("s:a:t", new, fresh.into(), LIMIT)
+        .await
+        .unwrap());
+    assert_eq!(engine.stats().expired, 1, "{:?}", engine.stats());
+
+    // A marker nobody touches again is dropped by the cleanup.
+    store
+        .begin("s:b:t", fp("x"), LeaseToken::random(), brief)
+        .await
+        .unwrap();
+    tokio::time::sleep(brief * 3).await;
+    engine.cleanup_expired().await.unwrap();
+    assert_eq!(engine.stats().expired, 2, "{:?}", engine.stats());
+    assert_eq!(engine.cache_info().await.unwrap().entries, 1);
 }
 
 #[tokio::test]

@@ -165,7 +165,8 @@ impl Default for IdempotencyBuilder {
 }
 
 impl IdempotencyBuilder<MemoryStoreBuilder> {
-    /// The memory store's entry bound (default 10,000).
+    /// The memory store's entry bound: the most completed records it holds
+    /// (default 10,000). In-flight markers are kept beside them, uncounted.
     pub fn max_entries(mut self, max_entries: u64) -> Self {
         self.store = self.store.max_entries(max_entries);
         self

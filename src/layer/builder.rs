@@ -130,7 +130,8 @@ impl<B: IntoStore> IdempotencyLayerBuilder<B> {
 }
 
 impl<K> IdempotencyLayerBuilder<MemoryStoreBuilder, K> {
-    /// The memory store's entry bound (default 10,000).
+    /// The memory store's entry bound: the most completed records it holds
+    /// (default 10,000). In-flight markers are kept beside them, uncounted.
     pub fn max_entries(self, max_entries: u64) -> Self {
         self.engine_setting("max_entries", |b| b.max_entries(max_entries))
     }

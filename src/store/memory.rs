@@ -1,15 +1,16 @@
-//! The embedded store, on a moka `sync::Cache`.
+//! The embedded store: completed records in a moka `sync::Cache`, in-flight
+//! markers beside it in striped maps.
 //!
 //! Every operation is synchronous underneath (a read, or a read and a write
 //! under a striped lock that is never held across an `await`), so the
 //! store's futures are as small as they get and ready when first polled.
 
+use std::collections::hash_map::{self, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use moka::notification::RemovalCause;
-use moka::ops::compute::Op;
 use moka::sync::Cache;
 use moka::Expiry;
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -31,21 +32,35 @@ type KeyHasher = ahash::RandomState;
 /// The default entry bound.
 pub const DEFAULT_MAX_ENTRIES: u64 = 10_000;
 
-/// The in-process store: a moka cache bounded by entry count and, optionally,
-/// by bytes, with a per-entry expiry (lease TTL for markers, record TTL for
-/// records).
+/// The in-process store: completed records in a moka cache bounded by entry
+/// count and, optionally, by bytes, each expiring after its record TTL; and
+/// in-flight markers beside the cache, each expiring after its lease TTL.
 ///
-/// Cheap to clone: clones share one cache. It coordinates the tasks of one
-/// process only; services that run on several machines need a shared store
-/// (`RedisStore`, feature `redis`).
+/// Cheap to clone: clones share one cache and one set of markers. It
+/// coordinates the tasks of one process only; services that run on several
+/// machines need a shared store (`RedisStore`, feature `redis`).
+///
+/// # Markers and records
+///
+/// A key holds an in-flight marker (its action runs under a lease) or a
+/// completed record, never both. Markers are kept out of the cache, in the
+/// striped maps whose locks order each key's operations: a miss writes the
+/// cache once (the record, at `complete`), not twice, and a marker is never
+/// weighed, counted against the bounds nor evicted. Markers are bounded by
+/// the requests in flight, and one whose lease TTL ran out counts as absent
+/// and is dropped (counted as `expired`) when its key is next touched, when
+/// its map next needs room, or by
+/// [`cleanup_expired`](Store::cleanup_expired).
 ///
 /// # Bounds
 ///
-/// Without a byte bound, the cache holds at most `max_entries` entries. With
-/// one, every entry weighs its stored bytes (key, headers, body), but never
-/// less than `max_bytes / max_entries`, and the total weight stays within
-/// `max_bytes`: so both bounds hold at once. Entries removed to stay within
-/// bounds count as `evicted`, those whose TTL ran out as `expired`.
+/// The bounds apply to stored records, so a flood of requests in flight
+/// never evicts a completed record. Without a byte bound, the cache holds at
+/// most `max_entries` records. With one, every record weighs its stored bytes
+/// (key, headers, body), but never less than `max_bytes / max_entries`, and
+/// the total weight stays within `max_bytes`: so both bounds hold at once.
+/// Records removed to stay within bounds count as `evicted`, entries whose
+/// TTL ran out as `expired`.
 ///
 /// # Example
 ///
@@ -61,10 +76,12 @@ pub const DEFAULT_MAX_ENTRIES: u64 = 10_000;
 /// ```
 #[derive(Clone)]
 pub struct MemoryStore {
+    /// Completed records only.
     cache: Cache<String, Slot, KeyHasher>,
-    /// Serialises the read-then-write of one key's operations. Striped
-    /// locks and plain `get`/`insert` cost a third of moka's per-key
-    /// `and_compute_with`, which allocates a key lock and a waiter per call.
+    /// The in-flight markers, and the locks that serialise the
+    /// read-then-write of one key's operations. Striped locks and plain
+    /// `get`/`insert` cost a third of moka's per-key `and_compute_with`,
+    /// which allocates a key lock and a waiter per call.
     stripes: Arc<Stripes>,
     counters: Arc<RemovalCounters>,
     max_entries: u64,
@@ -74,9 +91,9 @@ pub struct MemoryStore {
 impl std::fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemoryStore")
-            .field("entries", &self.cache.entry_count())
+            .field("records", &self.cache.entry_count())
             .field("max_entries", &self.max_entries)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
@@ -97,7 +114,9 @@ impl Default for MemoryStoreBuilder {
 }
 
 impl MemoryStoreBuilder {
-    /// The most entries (markers and records) held at once. Default 10,000.
+    /// The most completed records held at once. Default 10,000. In-flight
+    /// markers are held beside them and do not count: they are bounded by
+    /// the requests in flight.
     pub fn max_entries(mut self, max_entries: u64) -> Self {
         self.max_entries = max_entries;
         self
@@ -148,7 +167,7 @@ impl MemoryStoreBuilder {
                 builder
                     .max_capacity(max_bytes)
                     .weigher(move |key: &String, slot: &Slot| {
-                        let weight = (key.len() + slot.stored_size()) as u64;
+                        let weight = (key.len() + slot.record.stored_size()) as u64;
                         u32::try_from(weight.max(floor)).unwrap_or(u32::MAX)
                     })
                     .build_with_hasher(KeyHasher::new())
@@ -176,18 +195,6 @@ impl MemoryStore {
     }
 }
 
-impl MemoryStore {
-    /// Entries whose TTL has not run out. moka's timer wheel drops expired
-    /// entries only about a second late, so `entry_count` may still hold them.
-    fn live_entries(&self) -> u64 {
-        let now = Instant::now();
-        self.cache
-            .iter()
-            .filter(|(_, slot)| slot.is_live(now))
-            .count() as u64
-    }
-}
-
 impl Default for MemoryStore {
     fn default() -> Self {
         Self::new()
@@ -198,27 +205,44 @@ impl Default for MemoryStore {
 /// wait for each other on a many-core machine.
 const STRIPES: usize = 64;
 
+/// The in-flight markers of the keys of one stripe.
+type Markers = HashMap<String, Marker, KeyHasher>;
+
 struct Stripes {
     hasher: KeyHasher,
-    locks: Box<[Mutex<()>]>,
+    stripes: Box<[Mutex<Markers>]>,
 }
 
 impl Stripes {
     fn new() -> Self {
         Self {
             hasher: KeyHasher::new(),
-            locks: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            // Each map hashes with keys of its own: with the stripes' hasher,
+            // the keys of one stripe would share the low bits that pick
+            // their buckets.
+            stripes: (0..STRIPES)
+                .map(|_| Mutex::new(Markers::with_hasher(KeyHasher::new())))
+                .collect(),
         }
     }
 
-    /// Holds `key`'s stripe: every change to `key` happens under it.
-    fn lock(&self, key: &str) -> MutexGuard<'_, ()> {
+    /// Holds `key`'s stripe: every change to `key` happens under it, and
+    /// `key`'s marker, if any, lives in it.
+    fn lock(&self, key: &str) -> MutexGuard<'_, Markers> {
         let stripe = self.hasher.hash_one(key) as usize % STRIPES;
-        // The lock guards no data of its own (only the order of reads and
-        // writes to the cache), so a poisoned one is as good as any.
-        self.locks[stripe]
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        Self::hold(&self.stripes[stripe])
+    }
+
+    fn hold(stripe: &Mutex<Markers>) -> MutexGuard<'_, Markers> {
+        // A map's own operations leave it whole even when they panic, and
+        // nothing the store does under the lock is expected to panic on any
+        // input, so a poisoned lock is as good as any.
+        stripe.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Every stripe, one after the other.
+    fn each(&self) -> impl Iterator<Item = MutexGuard<'_, Markers>> {
+        self.stripes.iter().map(Self::hold)
     }
 }
 
@@ -228,28 +252,97 @@ struct RemovalCounters {
     evicted: AtomicU64,
 }
 
-#[derive(Clone)]
-struct Slot {
-    state: EntryState,
-    ttl: Duration,
+impl RemovalCounters {
+    fn expired(&self, dropped: usize) {
+        if dropped > 0 {
+            self.expired.fetch_add(dropped as u64, Relaxed);
+        }
+    }
+}
+
+/// An action in flight under a lease.
+struct Marker {
+    fingerprint: Fingerprint,
+    lease: LeaseToken,
     expires_at: Instant,
     created_at_ms: u64,
 }
 
-impl Slot {
-    fn new(state: EntryState, ttl: Duration, created_at_ms: u64) -> Self {
-        Self {
-            state,
-            ttl,
-            expires_at: Instant::now() + ttl,
-            created_at_ms,
-        }
+impl Marker {
+    fn is_live(&self, now: Instant) -> bool {
+        self.expires_at > now
     }
 
-    fn stored_size(&self) -> usize {
-        match &self.state {
-            EntryState::InFlight { .. } => 0,
-            EntryState::Completed(record) => record.stored_size(),
+    fn expires_in(&self, now: Instant) -> Duration {
+        self.expires_at.saturating_duration_since(now)
+    }
+
+    fn state(&self) -> EntryState {
+        EntryState::InFlight {
+            fingerprint: self.fingerprint,
+            lease: self.lease,
+        }
+    }
+}
+
+/// Drops the expired markers of one stripe; answers how many it dropped.
+fn sweep(markers: &mut Markers, now: Instant) -> usize {
+    let before = markers.len();
+    markers.retain(|_, marker| marker.is_live(now));
+    before - markers.len()
+}
+
+/// Before an insert that would grow (or rehash) the map, drops its expired
+/// markers (counted as expired), so markers whose keys nobody touches again
+/// do not pile up until a cleanup. Leaves at least as many free places as
+/// live markers, so a sweep is paid for by as many inserts as it visited
+/// markers, give or take the map's load factor.
+fn make_room(markers: &mut Markers, now: Instant, counters: &RemovalCounters) {
+    if markers.len() < markers.capacity() {
+        return;
+    }
+    counters.expired(sweep(markers, now));
+    markers.reserve(markers.len().max(1));
+}
+
+/// Takes `key`'s marker out of its stripe when it is live and held by
+/// `lease`; leaves any other live marker in place, and drops an expired one
+/// (counted as expired).
+fn take_held(
+    markers: &mut Markers,
+    key: &str,
+    lease: LeaseToken,
+    now: Instant,
+    counters: &RemovalCounters,
+) -> Option<Marker> {
+    // One lookup on the usual path (the holder's own call); another
+    // holder's marker goes back, with the key already allocated.
+    let (key, marker) = markers.remove_entry(key)?;
+    if !marker.is_live(now) {
+        counters.expired(1);
+        None
+    } else if marker.lease == lease {
+        Some(marker)
+    } else {
+        markers.insert(key, marker);
+        None
+    }
+}
+
+/// A completed record, as the cache holds it.
+#[derive(Clone)]
+struct Slot {
+    record: SharedRecord,
+    ttl: Duration,
+    expires_at: Instant,
+}
+
+impl Slot {
+    fn new(record: SharedRecord, ttl: Duration) -> Self {
+        Self {
+            record,
+            ttl,
+            expires_at: Instant::now() + ttl,
         }
     }
 
@@ -257,14 +350,9 @@ impl Slot {
         self.expires_at > now
     }
 
-    fn held_by(&self, lease: LeaseToken, now: Instant) -> bool {
-        self.is_live(now)
-            && matches!(self.state, EntryState::InFlight { lease: held, .. } if held == lease)
-    }
-
     fn to_entry(&self, now: Instant) -> Entry {
         Entry {
-            state: self.state.clone(),
+            state: EntryState::Completed(self.record.clone()),
             expires_in: self.expires_at.saturating_duration_since(now),
         }
     }
@@ -289,31 +377,37 @@ impl Expiry<String, Slot> for SlotExpiry {
 }
 
 impl MemoryStore {
-    /// The live slot under `key`.
+    /// The live record under `key`.
     fn live(&self, key: &str, now: Instant) -> Option<Slot> {
         self.cache.get(key).filter(|slot| slot.is_live(now))
     }
 
-    /// Applies `op` to the slot under `key` only while `lease` holds it
-    /// (fencing), atomically for that key: under the key's stripe. Answers
-    /// whether it applied.
-    fn if_held(&self, key: &str, lease: LeaseToken, op: impl FnOnce(Slot) -> Op<Slot>) -> bool {
-        let _stripe = self.stripes.lock(key);
-        let now = Instant::now();
-        match self.live(key, now) {
-            Some(slot) if slot.held_by(lease, now) => match op(slot) {
-                Op::Put(slot) => {
-                    self.cache.insert(key.to_owned(), slot);
-                    true
-                }
-                Op::Remove => {
-                    self.cache.invalidate(key);
-                    true
-                }
-                _ => false,
-            },
-            _ => false,
+    /// Records whose TTL has not run out. moka's timer wheel drops expired
+    /// entries only about a second late, so `entry_count` may still hold them.
+    fn live_records(&self, now: Instant) -> u64 {
+        self.cache
+            .iter()
+            .filter(|(_, slot)| slot.is_live(now))
+            .count() as u64
+    }
+
+    /// Drops every expired marker (counted as expired) and answers how many
+    /// live ones are left.
+    fn sweep_markers(&self, now: Instant) -> u64 {
+        let mut live = 0;
+        for mut markers in self.stripes.each() {
+            self.counters.expired(sweep(&mut markers, now));
+            live += markers.len() as u64;
         }
+        live
+    }
+
+    /// Runs moka's maintenance and drops expired markers; answers the live
+    /// entries, markers and records.
+    fn maintain(&self) -> u64 {
+        self.cache.run_pending_tasks();
+        let now = Instant::now();
+        self.sweep_markers(now) + self.live_records(now)
     }
 }
 
@@ -325,37 +419,55 @@ impl Store for MemoryStore {
         lease: LeaseToken,
         lease_ttl: Duration,
     ) -> Result<BeginOutcome, StoreError> {
-        let found = |slot: Slot, now: Instant| match slot.state {
-            EntryState::Completed(record) => BeginOutcome::Completed(record),
-            EntryState::InFlight { fingerprint, .. } => BeginOutcome::InFlight {
-                fingerprint,
-                expires_in: slot.expires_at.saturating_duration_since(now),
-            },
-        };
-        // The engine reads completed records through `local_record` before
-        // it begins, so this read is under the lock.
-        let _stripe = self.stripes.lock(key);
+        let mut markers = self.stripes.lock(key);
         let now = Instant::now();
-        if let Some(slot) = self.live(key, now) {
-            return Ok(found(slot, now));
+        make_room(&mut markers, now, &self.counters);
+        let entry = markers.entry(key.to_owned());
+        if let hash_map::Entry::Occupied(held) = &entry {
+            let marker = held.get();
+            if marker.is_live(now) {
+                return Ok(BeginOutcome::InFlight {
+                    fingerprint: marker.fingerprint,
+                    expires_in: marker.expires_in(now),
+                });
+            }
         }
-        let marker = Slot::new(
-            EntryState::InFlight { fingerprint, lease },
-            lease_ttl,
-            now_ms(),
-        );
-        self.cache.insert(key.to_owned(), marker);
+        // The engine reads completed records through `local_record` before
+        // it begins, so this read is under the lock, where a record cannot
+        // appear or go meanwhile.
+        if let Some(slot) = self.live(key, now) {
+            if let hash_map::Entry::Occupied(expired) = entry {
+                expired.remove();
+                self.counters.expired(1);
+            }
+            return Ok(BeginOutcome::Completed(slot.record));
+        }
+        let marker = Marker {
+            fingerprint,
+            lease,
+            expires_at: now + lease_ttl,
+            created_at_ms: now_ms(),
+        };
+        match entry {
+            // An expired marker: its lease is over, the new holder takes
+            // the key over.
+            hash_map::Entry::Occupied(mut expired) => {
+                self.counters.expired(1);
+                expired.insert(marker);
+            }
+            hash_map::Entry::Vacant(free) => {
+                free.insert(marker);
+            }
+        }
         Ok(BeginOutcome::Acquired)
     }
 
     fn local_record(&self, key: &str) -> Option<SharedRecord> {
         // moka answers no entry past its expiry, which it stamps a moment
         // after the slot's own `expires_at`: for a record, that moment is
-        // not worth a second clock read on every replay.
-        match self.cache.get(key)?.state {
-            EntryState::Completed(record) => Some(record),
-            EntryState::InFlight { .. } => None,
-        }
+        // not worth a second clock read on every replay. The cache holds
+        // no markers.
+        self.cache.get(key).map(|slot| slot.record)
     }
 
     async fn renew(
@@ -364,9 +476,21 @@ impl Store for MemoryStore {
         lease: LeaseToken,
         lease_ttl: Duration,
     ) -> Result<bool, StoreError> {
-        Ok(self.if_held(key, lease, |slot| {
-            Op::Put(Slot::new(slot.state, lease_ttl, slot.created_at_ms))
-        }))
+        let mut markers = self.stripes.lock(key);
+        let now = Instant::now();
+        let Some(marker) = markers.get_mut(key) else {
+            return Ok(false);
+        };
+        if !marker.is_live(now) {
+            markers.remove(key);
+            self.counters.expired(1);
+            return Ok(false);
+        }
+        if marker.lease != lease {
+            return Ok(false);
+        }
+        marker.expires_at = now + lease_ttl;
+        Ok(true)
     }
 
     async fn complete(
@@ -376,42 +500,64 @@ impl Store for MemoryStore {
         record: SharedRecord,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let created_at_ms = record.created_at_ms;
-        Ok(self.if_held(key, lease, |_| {
-            Op::Put(Slot::new(EntryState::Completed(record), ttl, created_at_ms))
-        }))
+        let mut markers = self.stripes.lock(key);
+        let now = Instant::now();
+        if take_held(&mut markers, key, lease, now, &self.counters).is_none() {
+            return Ok(false);
+        }
+        // Under the lock still: no `begin` sees the key free in between.
+        self.cache.insert(key.to_owned(), Slot::new(record, ttl));
+        Ok(true)
     }
 
     async fn release(&self, key: &str, lease: LeaseToken) -> Result<bool, StoreError> {
-        Ok(self.if_held(key, lease, |_| Op::Remove))
+        let mut markers = self.stripes.lock(key);
+        let now = Instant::now();
+        Ok(take_held(&mut markers, key, lease, now, &self.counters).is_some())
     }
 
     async fn put(&self, key: &str, record: SharedRecord, ttl: Duration) -> Result<(), StoreError> {
-        let created_at_ms = record.created_at_ms;
-        let _stripe = self.stripes.lock(key);
-        self.cache.insert(
-            key.to_owned(),
-            Slot::new(EntryState::Completed(record), ttl, created_at_ms),
-        );
+        let mut markers = self.stripes.lock(key);
+        if let Some(marker) = markers.remove(key) {
+            // A live marker is replaced, as a write replaces what a key holds.
+            self.counters
+                .expired(usize::from(!marker.is_live(Instant::now())));
+        }
+        self.cache.insert(key.to_owned(), Slot::new(record, ttl));
         Ok(())
     }
 
     async fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
+        let mut markers = self.stripes.lock(key);
         let now = Instant::now();
-        Ok(self
-            .cache
-            .get(key)
-            .filter(|slot| slot.is_live(now))
-            .map(|slot| slot.to_entry(now)))
+        if let Some(marker) = markers.get(key) {
+            if marker.is_live(now) {
+                return Ok(Some(Entry {
+                    state: marker.state(),
+                    expires_in: marker.expires_in(now),
+                }));
+            }
+            markers.remove(key);
+            self.counters.expired(1);
+        }
+        Ok(self.live(key, now).map(|slot| slot.to_entry(now)))
     }
 
     async fn remove(&self, key: &str) -> Result<bool, StoreError> {
-        let _stripe = self.stripes.lock(key);
+        let mut markers = self.stripes.lock(key);
         let now = Instant::now();
-        Ok(self.cache.remove(key).is_some_and(|slot| slot.is_live(now)))
+        let marker = markers.remove(key).map(|marker| marker.is_live(now));
+        self.counters.expired(usize::from(marker == Some(false)));
+        let record = self.cache.remove(key).map(|slot| slot.is_live(now));
+        Ok(marker == Some(true) || record == Some(true))
     }
 
     async fn clear(&self) -> Result<(), StoreError> {
+        let now = Instant::now();
+        for mut markers in self.stripes.each() {
+            self.counters.expired(sweep(&mut markers, now));
+            markers.clear();
+        }
         self.cache.invalidate_all();
         self.cache.run_pending_tasks();
         Ok(())
@@ -419,33 +565,40 @@ impl Store for MemoryStore {
 
     async fn scan(&self) -> Result<Vec<ScanEntry>, StoreError> {
         let now = Instant::now();
-        Ok(self
-            .cache
-            .iter()
-            .filter(|(_, slot)| slot.is_live(now))
-            .map(|(key, slot)| ScanEntry {
+        let mut entries = Vec::new();
+        for markers in self.stripes.each() {
+            entries.extend(
+                markers
+                    .iter()
+                    .filter(|(_, marker)| marker.is_live(now))
+                    .map(|(key, marker)| ScanEntry {
+                        key: key.clone(),
+                        kind: EntryKind::InFlight,
+                        expires_in: marker.expires_in(now),
+                        created_at_ms: marker.created_at_ms,
+                    }),
+            );
+        }
+        entries.extend(self.cache.iter().filter(|(_, slot)| slot.is_live(now)).map(
+            |(key, slot)| ScanEntry {
                 key: key.as_ref().clone(),
-                kind: match slot.state {
-                    EntryState::InFlight { .. } => EntryKind::InFlight,
-                    EntryState::Completed(_) => EntryKind::Completed,
-                },
+                kind: EntryKind::Completed,
                 expires_in: slot.expires_at.saturating_duration_since(now),
-                created_at_ms: slot.created_at_ms,
-            })
-            .collect())
+                created_at_ms: slot.record.created_at_ms,
+            },
+        ));
+        Ok(entries)
     }
 
     async fn len(&self) -> Result<u64, StoreError> {
-        self.cache.run_pending_tasks();
-        Ok(self.live_entries())
+        Ok(self.maintain())
     }
 
     async fn info(&self) -> Result<CacheInfo, StoreError> {
-        self.cache.run_pending_tasks();
         Ok(CacheInfo {
-            entries: self.live_entries(),
+            entries: self.maintain(),
             max_entries: Some(self.max_entries),
-            // Without a byte bound every entry weighs 1: that is no byte count.
+            // Without a byte bound every record weighs 1: that is no byte count.
             weighted_bytes: if self.weighs_bytes {
                 self.cache.weighted_size()
             } else {
@@ -463,10 +616,94 @@ impl Store for MemoryStore {
 
     async fn cleanup_expired(&self) -> Result<(), StoreError> {
         self.cache.run_pending_tasks();
+        self.sweep_markers(Instant::now());
         Ok(())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn marker_count(store: &MemoryStore) -> usize {
+        store.stripes.each().map(|markers| markers.len()).sum()
+    }
+
+    /// Markers abandoned past their lease, whose keys nobody touches again,
+    /// are dropped when their stripe next needs room, without a cleanup.
+    #[tokio::test]
+    async fn abandoned_markers_make_room_for_new_ones() {
+        let store = MemoryStore::new();
+        let brief = Duration::from_millis(5);
+        for i in 0..1_000 {
+            let key = format!("s{i}:a:gone");
+            store
+                .begin(
+                    &key,
+                    Fingerprint::of_bytes(b"x"),
+                    LeaseToken::random(),
+                    brief,
+                )
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(brief * 4).await;
+        let long = Duration::from_secs(60);
+        for i in 0..10_000 {
+            let key = format!("s{i}:a:held");
+            let begun = store
+                .begin(
+                    &key,
+                    Fingerprint::of_bytes(b"x"),
+                    LeaseToken::random(),
+                    long,
+                )
+                .await
+                .unwrap();
+            assert!(matches!(begun, BeginOutcome::Acquired), "{begun:?}");
+        }
+        // Ten thousand new markers over 64 stripes outgrow what the first
+        // thousand left free in every one of them.
+        assert_eq!(store.removal_counts().expired, 1_000);
+        assert_eq!(marker_count(&store), 10_000);
+        assert_eq!(store.len().await.unwrap(), 10_000);
+    }
+
+    /// A marker and a record never share a key: `put` replaces a marker,
+    /// `remove` removes either, and neither leaves the other behind.
+    #[tokio::test]
+    async fn a_key_holds_a_marker_or_a_record() {
+        let store = MemoryStore::new();
+        let long = Duration::from_secs(60);
+        let lease = LeaseToken::random();
+        let record: SharedRecord = Arc::new(crate::record::Record::value(
+            Fingerprint::of_bytes(b"x"),
+            bytes::Bytes::from_static(b"r"),
+        ));
+        store
+            .begin("k", Fingerprint::of_bytes(b"x"), lease, long)
+            .await
+            .unwrap();
+        assert!(store.local_record("k").is_none());
+        store.put("k", record.clone(), long).await.unwrap();
+        assert_eq!(marker_count(&store), 0);
+        assert!(store.local_record("k").is_some());
+        assert!(!store
+            .complete("k", lease, record.clone(), long)
+            .await
+            .unwrap());
+        assert!(store.remove("k").await.unwrap());
+        assert!(store.get("k").await.unwrap().is_none());
+        store
+            .begin("k", Fingerprint::of_bytes(b"x"), lease, long)
+            .await
+            .unwrap();
+        assert!(store.complete("k", lease, record, long).await.unwrap());
+        assert_eq!(marker_count(&store), 0);
+        assert_eq!(store.len().await.unwrap(), 1);
     }
 }
