@@ -331,9 +331,10 @@ fn take_held(
 
 /// A completed record, as the cache holds it.
 #[derive(Clone)]
+/// What the cache keeps per record: 24 bytes beside moka's own entry, since
+/// there is one per stored response.
 struct Slot {
     record: SharedRecord,
-    ttl: Duration,
     expires_at: Instant,
 }
 
@@ -341,7 +342,6 @@ impl Slot {
     fn new(record: SharedRecord, ttl: Duration) -> Self {
         Self {
             record,
-            ttl,
             expires_at: Instant::now() + ttl,
         }
     }
@@ -360,19 +360,21 @@ impl Slot {
 
 struct SlotExpiry;
 
+/// moka expires a record at the slot's own `expires_at` (stamped a moment
+/// before the insert, so moka never keeps one past it).
 impl Expiry<String, Slot> for SlotExpiry {
-    fn expire_after_create(&self, _key: &String, slot: &Slot, _at: Instant) -> Option<Duration> {
-        Some(slot.ttl)
+    fn expire_after_create(&self, _key: &String, slot: &Slot, at: Instant) -> Option<Duration> {
+        Some(slot.expires_at.saturating_duration_since(at))
     }
 
     fn expire_after_update(
         &self,
         _key: &String,
         slot: &Slot,
-        _at: Instant,
+        at: Instant,
         _remaining: Option<Duration>,
     ) -> Option<Duration> {
-        Some(slot.ttl)
+        Some(slot.expires_at.saturating_duration_since(at))
     }
 }
 
@@ -463,10 +465,9 @@ impl Store for MemoryStore {
     }
 
     fn local_record(&self, key: &str) -> Option<SharedRecord> {
-        // moka answers no entry past its expiry, which it stamps a moment
-        // after the slot's own `expires_at`: for a record, that moment is
-        // not worth a second clock read on every replay. The cache holds
-        // no markers.
+        // moka answers no entry past its expiry, which is the slot's own
+        // `expires_at` (see `SlotExpiry`): no second clock read needed. The
+        // cache holds no markers.
         self.cache.get(key).map(|slot| slot.record)
     }
 
