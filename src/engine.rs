@@ -55,11 +55,11 @@ pub use config::{
 pub use handle::KeyFilter;
 
 use std::collections::HashMap;
+use std::pin::pin;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
 use crate::key::Fingerprint;
@@ -136,7 +136,48 @@ struct Flight {
     fingerprint: Fingerprint,
     /// Set once the leader holds the store lease; the heartbeat renews it.
     lease: std::sync::OnceLock<LeaseToken>,
-    outcome: watch::Sender<FlightOutcome>,
+    /// Where the flight is, and its followers' wake-up. One `Notify`, not a
+    /// `watch` channel: a `watch` send wakes eight shards of waiters, sixteen
+    /// lock round trips for the two sends of every run, most often with
+    /// nobody waiting.
+    outcome: Mutex<FlightOutcome>,
+    changed: tokio::sync::Notify,
+}
+
+impl Flight {
+    fn new(fingerprint: Fingerprint) -> Self {
+        Self {
+            fingerprint,
+            lease: std::sync::OnceLock::new(),
+            outcome: Mutex::new(FlightOutcome::Running),
+            changed: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Moves the flight on, and wakes its followers.
+    fn set(&self, outcome: FlightOutcome) {
+        *lock(&self.outcome) = outcome;
+        self.changed.notify_waiters();
+    }
+
+    /// Waits until the outcome satisfies `reached`, and answers it. Every
+    /// flight ends with an outcome (the leader's guards see to it), so this
+    /// ends when the flight does.
+    async fn wait_for(&self, reached: impl Fn(&FlightOutcome) -> bool) -> FlightOutcome {
+        loop {
+            // Registered before the outcome is read, so a change between the
+            // read and the await still wakes this waiter.
+            let mut changed = pin!(self.changed.notified());
+            changed.as_mut().enable();
+            {
+                let outcome = lock(&self.outcome);
+                if reached(&outcome) {
+                    return outcome.clone();
+                }
+            }
+            changed.await;
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -315,11 +356,7 @@ impl<S: Store> Idempotency<S> {
                 match flights.get(&key) {
                     Some(flight) => (flight.clone(), false),
                     None => {
-                        let flight = Arc::new(Flight {
-                            fingerprint,
-                            lease: std::sync::OnceLock::new(),
-                            outcome: watch::Sender::new(FlightOutcome::Running),
-                        });
+                        let flight = Arc::new(Flight::new(fingerprint));
                         flights.insert(key.clone(), flight.clone());
                         (flight, true)
                     }
@@ -330,42 +367,37 @@ impl<S: Store> Idempotency<S> {
                 if flight.fingerprint != fingerprint {
                     return Ok(Begin::Mismatch);
                 }
-                let mut outcome = flight.outcome.subscribe();
-                drop(flight);
                 let Some(deadline) = deadline else {
                     // Under `Reject` a duplicate conflicts with a run, not
                     // with a leader that is still asking the store: most
                     // often that leader finds the stored result, and this
                     // caller replays it too. The wait lasts one store answer.
-                    let answered = outcome
+                    let answered = flight
                         .wait_for(|o| !matches!(o, FlightOutcome::Running))
-                        .await
-                        .map(|o| o.clone());
+                        .await;
                     match answered {
-                        Ok(FlightOutcome::Completed(record)) => {
+                        FlightOutcome::Completed(record) => {
                             return Ok(replay_or_mismatch(record, fingerprint, false));
                         }
-                        Ok(FlightOutcome::Executing) => return Ok(conflict),
-                        // Released, or the leader vanished: start over.
-                        Ok(_) | Err(_) => continue,
+                        FlightOutcome::Executing => return Ok(conflict),
+                        // Released: start over.
+                        FlightOutcome::Released | FlightOutcome::Running => continue,
                     }
                 };
                 let ended = tokio::time::timeout_at(
                     deadline,
-                    outcome.wait_for(|o| {
+                    flight.wait_for(|o| {
                         matches!(o, FlightOutcome::Completed(_) | FlightOutcome::Released)
                     }),
                 )
                 .await;
                 match ended {
                     Err(_elapsed) => return Ok(conflict),
-                    Ok(Ok(done)) => {
-                        if let FlightOutcome::Completed(record) = &*done {
-                            return Ok(replay_or_mismatch(record.clone(), fingerprint, true));
-                        }
+                    Ok(FlightOutcome::Completed(record)) => {
+                        return Ok(replay_or_mismatch(record, fingerprint, true));
                     }
-                    // The leader vanished without an outcome: start over.
-                    Ok(Err(_closed)) => {}
+                    // Released: start over.
+                    Ok(_) => {}
                 }
                 waited = true;
                 continue;
@@ -385,7 +417,7 @@ impl<S: Store> Idempotency<S> {
             match led {
                 Ok(Led::Acquired(token)) => {
                     let _ = flight.lease.set(token);
-                    flight.outcome.send_replace(FlightOutcome::Executing);
+                    flight.set(FlightOutcome::Executing);
                     self.start_heartbeat();
                     return Ok(Begin::Execute(Lease {
                         engine: self.clone(),
@@ -472,7 +504,7 @@ impl<S: Store> Idempotency<S> {
                 flights.remove(key);
             }
         }
-        flight.outcome.send_replace(outcome);
+        flight.set(outcome);
     }
 
     /// Makes sure the task that renews every held lease each third of the
