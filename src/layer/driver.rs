@@ -111,14 +111,9 @@ where
         match shared.engine.begin_local(&storage_key, fingerprint) {
             Some(begun) => match decided(begun, settings) {
                 Ok(reply) => reply,
-                // `begin_local` answers only replays and mismatches; a lease
-                // would run the request like any other.
-                Err(lease) => match runtime() {
-                    Some(runtime) => {
-                        Box::pin(run(driver, parts, body, lease, fingerprint, runtime)).await
-                    }
-                    None => answer(problem::internal_error()),
-                },
+                // `begin_local` answers replays and mismatches only: never
+                // a lease. Were it to, dropping it releases the key.
+                Err(_lease) => answer(problem::internal_error()),
             },
             None => Box::pin(begin_and_run(driver, parts, body, storage_key, fingerprint)).await,
         }
@@ -193,7 +188,11 @@ where
             .await;
         }
     };
-    run(driver, parts, body, lease, fingerprint, runtime).await
+    let request = Request::from_parts(parts, RequestBody::buffered(body));
+    on_task(runtime, |reply| {
+        execute(driver, request, lease, fingerprint, reply)
+    })
+    .await
 }
 
 /// The Tokio runtime the request's task will run on; without one, the
@@ -204,33 +203,6 @@ fn runtime() -> Option<Handle> {
         tracing::error!("the idempotency layer needs a Tokio runtime for protected requests");
     }
     runtime
-}
-
-/// Hands the request, with its lease, to a task that runs it.
-async fn run<Svc, S, K, ReqBody, ResBody>(
-    driver: Driver<Svc, S, K>,
-    parts: Parts,
-    body: Bytes,
-    lease: Lease<S>,
-    fingerprint: Fingerprint,
-    runtime: Handle,
-) -> Reply<ResBody, Svc::Error>
-where
-    Svc: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
-    Svc::Future: Send,
-    Svc::Error: Send + 'static,
-    S: Store,
-    K: Send + Sync + 'static,
-    ReqBody: Body<Data = Bytes> + Send + 'static,
-    ReqBody::Error: Into<BoxError>,
-    ResBody: Body<Data = Bytes> + Send + 'static,
-    ResBody::Error: Into<BoxError>,
-{
-    let request = Request::from_parts(parts, RequestBody::buffered(body));
-    on_task(runtime, |reply| {
-        execute(driver, request, lease, fingerprint, reply)
-    })
-    .await
 }
 
 enum Unbuffered {
