@@ -142,7 +142,8 @@ fn memory(c: &mut Criterion) {
 
     // What moka itself costs for the same traffic: a cache of the same bound
     // and a new key per call (so it churns at its bound, as the miss path
-    // does), by plain insert and by the atomic compute the store uses.
+    // does), by plain insert and by the atomic compute the store used before
+    // its striped locks (BENCHMARKS.md, optimisation 1).
     let cache: moka::sync::Cache<String, u64> = moka::sync::Cache::new(10_000);
     let next = AtomicU64::new(0);
     group.bench_function("moka/insert_new_key", |b| {
