@@ -5,8 +5,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
 use pin_project_lite::pin_project;
 use tokio::sync::mpsc;
 
@@ -29,7 +30,7 @@ pin_project! {
     #[derive(Debug)]
     enum RequestKind<B> {
         Passthrough { #[pin] body: B },
-        Buffered { data: Option<Bytes> },
+        Buffered { #[pin] body: Full<Bytes> },
     }
 }
 
@@ -43,7 +44,7 @@ impl<B> RequestBody<B> {
     pub(crate) fn buffered(data: Bytes) -> Self {
         Self {
             kind: RequestKind::Buffered {
-                data: (!data.is_empty()).then_some(data),
+                body: Full::new(data),
             },
         }
     }
@@ -63,24 +64,66 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.project().kind.project() {
             RequestProj::Passthrough { body } => body.poll_frame(cx).map_err(Into::into),
-            RequestProj::Buffered { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            RequestProj::Buffered { body } => body.poll_frame(cx).map_err(|never| match never {}),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             RequestKind::Passthrough { body } => body.is_end_stream(),
-            RequestKind::Buffered { data } => data.is_none(),
+            RequestKind::Buffered { body } => body.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             RequestKind::Passthrough { body } => body.size_hint(),
-            RequestKind::Buffered { data } => {
-                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
-            }
+            RequestKind::Buffered { body } => body.size_hint(),
         }
+    }
+}
+
+/// The data frames of a body, gathered into one `Bytes`: a body of one
+/// frame (most are) is handed on as it came, without a copy; several are
+/// copied once, into a buffer of their exact size (a stored record keeps it).
+#[derive(Debug, Default)]
+pub(crate) struct Gathered {
+    first: Option<Bytes>,
+    more: Vec<Bytes>,
+    len: usize,
+}
+
+impl Gathered {
+    /// Bytes gathered so far.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(crate) fn push(&mut self, data: Bytes) {
+        if data.is_empty() {
+            return;
+        }
+        self.len += data.len();
+        if self.first.is_none() {
+            self.first = Some(data);
+        } else {
+            self.more.push(data);
+        }
+    }
+
+    pub(crate) fn into_bytes(self) -> Bytes {
+        let Some(first) = self.first else {
+            return Bytes::new();
+        };
+        if self.more.is_empty() {
+            return first;
+        }
+        let mut whole = BytesMut::with_capacity(self.len);
+        whole.extend_from_slice(&first);
+        self.more
+            .iter()
+            .for_each(|data| whole.extend_from_slice(data));
+        whole.freeze()
     }
 }
 
@@ -103,7 +146,7 @@ pin_project! {
     #[derive(Debug)]
     enum ResponseKind<B> {
         Passthrough { #[pin] body: B },
-        Full { data: Option<Bytes> },
+        Full { #[pin] body: Full<Bytes> },
         Channel { frames: mpsc::Receiver<FrameResult>, ended: Arc<AtomicBool>, hint: SizeHint },
     }
 }
@@ -118,7 +161,7 @@ impl<B> ResponseBody<B> {
     pub(crate) fn full(data: Bytes) -> Self {
         Self {
             kind: ResponseKind::Full {
-                data: (!data.is_empty()).then_some(data),
+                body: Full::new(data),
             },
         }
     }
@@ -156,7 +199,7 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.project().kind.project() {
             ResponseProj::Passthrough { body } => body.poll_frame(cx).map_err(Into::into),
-            ResponseProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            ResponseProj::Full { body } => body.poll_frame(cx).map_err(|never| match never {}),
             ResponseProj::Channel {
                 frames,
                 ended,
@@ -181,7 +224,7 @@ where
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             ResponseKind::Passthrough { body } => body.is_end_stream(),
-            ResponseKind::Full { data } => data.is_none(),
+            ResponseKind::Full { body } => body.is_end_stream(),
             // The driver closes the channel once the record is stored; until
             // then the end is not known.
             ResponseKind::Channel { .. } => false,
@@ -191,9 +234,7 @@ where
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             ResponseKind::Passthrough { body } => body.size_hint(),
-            ResponseKind::Full { data } => {
-                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
-            }
+            ResponseKind::Full { body } => body.size_hint(),
             ResponseKind::Channel { hint, .. } => *hint,
         }
     }

@@ -26,7 +26,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::task::Poll;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::FutureExt;
 use http::request::Parts;
 use http::{Request, Response};
@@ -36,7 +36,7 @@ use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 use tower_service::Service;
 
-use super::body::{BoxError, RequestBody, ResponseBody};
+use super::body::{BoxError, Gathered, RequestBody, ResponseBody};
 use super::future::Reply;
 use super::layer::{Disconnect, FailMode, Settings, Shared};
 use super::replay::replay;
@@ -210,42 +210,26 @@ enum Unbuffered {
     Unreadable(BoxError),
 }
 
-/// Reads the whole body, refusing it past `limit` bytes. A body of one data
-/// frame (most are) is handed on as it came, without a copy.
+/// Reads the whole body, refusing it past `limit` bytes.
 async fn buffer<B>(body: B, limit: usize) -> Result<Bytes, Unbuffered>
 where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
     let mut body = pin!(body);
-    let mut first: Option<Bytes> = None;
-    let mut rest = BytesMut::new();
-    let mut len = 0usize;
+    let mut gathered = Gathered::default();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|error| Unbuffered::Unreadable(error.into()))?;
         // Trailers are not part of what the request asked for.
         let Ok(data) = frame.into_data() else {
             continue;
         };
-        len += data.len();
-        if len > limit {
+        if gathered.len() + data.len() > limit {
             return Err(Unbuffered::TooLarge);
         }
-        match &first {
-            None => first = Some(data),
-            Some(first) => {
-                if rest.is_empty() {
-                    rest.extend_from_slice(first);
-                }
-                rest.extend_from_slice(&data);
-            }
-        }
+        gathered.push(data);
     }
-    Ok(if rest.is_empty() {
-        first.unwrap_or_default()
-    } else {
-        rest.freeze()
-    })
+    Ok(gathered.into_bytes())
 }
 
 /// The request's fingerprint and storage key. The params hash in the key

@@ -4,13 +4,13 @@ use std::future::poll_fn;
 use std::panic::AssertUnwindSafe;
 use std::pin::pin;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::FutureExt;
 use http::header::{self, HeaderMap};
 use http::Response;
 use http_body::Body;
 
-use super::body::{BoxError, FrameResult, FrameSender, ResponseBody};
+use super::body::{BoxError, FrameResult, FrameSender, Gathered, ResponseBody};
 use super::driver::{release, Sender};
 use super::layer::{Disconnect, Settings};
 use super::replay::{storable, stored_headers};
@@ -29,27 +29,15 @@ struct Recording<S: Store> {
     fingerprint: Fingerprint,
     status: http::StatusCode,
     headers: HeaderMap,
-    chunks: Vec<Bytes>,
-    len: usize,
+    body: Gathered,
 }
 
 impl<S: Store> Recording<S> {
     async fn complete(self, engine: &Idempotency<S>) {
-        let body = match self.chunks.len() {
-            0 => Bytes::new(),
-            1 => self.chunks.into_iter().next().unwrap_or_default(),
-            _ => {
-                let mut body = BytesMut::with_capacity(self.len);
-                self.chunks
-                    .iter()
-                    .for_each(|chunk| body.extend_from_slice(chunk));
-                body.freeze()
-            }
-        };
         let response = StoredResponse {
             status: self.status,
             headers: self.headers,
-            body,
+            body: self.body.into_bytes(),
         };
         match self
             .lease
@@ -88,8 +76,7 @@ pub(crate) async fn stream<S, ResBody, E>(
             status: head.status,
             // Sized to what it holds: it is kept for the record's TTL.
             headers: stored_headers(&head.headers, settings, 0),
-            chunks: Vec::new(),
-            len: 0,
+            body: Gathered::default(),
         })
     } else {
         // Not stored: free the key before the client can see the answer, so
@@ -174,14 +161,13 @@ pub(crate) async fn stream<S, ResBody, E>(
             Some(data) => {
                 received += data.len() as u64;
                 if let Some(rec) = recording.as_mut() {
-                    if rec.len + data.len() > settings.max_response_body {
+                    if rec.body.len() + data.len() > settings.max_response_body {
                         Stats::incr(not_stored);
                         if let Some(recording) = recording.take() {
                             release(recording.lease).await;
                         }
                     } else {
-                        rec.len += data.len();
-                        rec.chunks.push(data.clone());
+                        rec.body.push(data.clone());
                     }
                 }
                 body.is_end_stream() || known_len == Some(received)
