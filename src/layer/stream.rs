@@ -95,9 +95,7 @@ pub(crate) async fn stream<S, ResBody, E>(
     });
     if body.is_end_stream() || known_len == Some(0) {
         // Nothing to stream: the head ends the response, so store first.
-        if let Some(recording) = recording.take() {
-            recording.complete(engine).await;
-        }
+        finish(&mut recording, engine).await;
         let _ = reply.send(Ok(Response::from_parts(
             head,
             ResponseBody::full(Bytes::new()),
@@ -135,24 +133,18 @@ pub(crate) async fn stream<S, ResBody, E>(
         };
         let frame = match next {
             Ok(None) => {
-                if let Some(recording) = recording.take() {
-                    recording.complete(engine).await;
-                }
+                finish(&mut recording, engine).await;
                 return end(client);
             }
             Ok(Some(Ok(frame))) => frame,
             Ok(Some(Err(error))) => {
-                if let Some(recording) = recording.take() {
-                    release(recording.lease).await;
-                }
+                abandon(&mut recording).await;
                 forward(&mut client, Err(error)).await;
                 return end(client);
             }
             Err(_panic) => {
                 tracing::error!("the response body panicked: lease released");
-                if let Some(recording) = recording.take() {
-                    release(recording.lease).await;
-                }
+                abandon(&mut recording).await;
                 forward(&mut client, Err("the response body panicked".into())).await;
                 return end(client);
             }
@@ -163,9 +155,7 @@ pub(crate) async fn stream<S, ResBody, E>(
                 if let Some(rec) = recording.as_mut() {
                     if rec.body.len() + data.len() > settings.max_response_body {
                         Stats::incr(not_stored);
-                        if let Some(recording) = recording.take() {
-                            release(recording.lease).await;
-                        }
+                        abandon(&mut recording).await;
                     } else {
                         rec.body.push(data.clone());
                     }
@@ -176,19 +166,30 @@ pub(crate) async fn stream<S, ResBody, E>(
             None => true,
         };
         if last {
-            if let Some(recording) = recording.take() {
-                recording.complete(engine).await;
-            }
+            finish(&mut recording, engine).await;
         }
         if !forward(&mut client, Ok(frame)).await && cancel {
-            if let Some(recording) = recording.take() {
-                release(recording.lease).await;
-            }
+            abandon(&mut recording).await;
             return;
         }
         if body.is_end_stream() {
             return end(client);
         }
+    }
+}
+
+/// Stores the recording, if it is still kept.
+async fn finish<S: Store>(recording: &mut Option<Recording<S>>, engine: &Idempotency<S>) {
+    if let Some(recording) = recording.take() {
+        recording.complete(engine).await;
+    }
+}
+
+/// Gives the recording up, if it is still kept: its lease is released, so a
+/// retry runs the action again.
+async fn abandon<S: Store>(recording: &mut Option<Recording<S>>) {
+    if let Some(recording) = recording.take() {
+        release(recording.lease).await;
     }
 }
 
