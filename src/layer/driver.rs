@@ -319,7 +319,7 @@ async fn store_failed<Svc, S, K, ReqBody, ResBody>(
                     () = reply.closed() => return,
                 },
             };
-            let _ = reply.send(result.map(|r| r.map(ResponseBody::passthrough)));
+            send(reply, result.map(|r| r.map(ResponseBody::passthrough)));
         }
     }
 }
@@ -359,7 +359,7 @@ async fn execute<Svc, S, K, ReqBody, ResBody>(
         Ok(Ok(response)) => response,
         Ok(Err(error)) => {
             release(lease).await;
-            let _ = reply.send(Err(error));
+            send(reply, Err(error));
             return;
         }
         Err(_panic) => return panicked(lease, reply).await,

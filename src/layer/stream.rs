@@ -11,7 +11,7 @@ use http::Response;
 use http_body::Body;
 
 use super::body::{BoxError, FrameResult, FrameSender, Gathered, ResponseBody};
-use super::driver::{release, Sender};
+use super::driver::{release, send, Sender};
 use super::layer::{Disconnect, Settings};
 use super::replay::{storable, stored_headers};
 use crate::engine::{Idempotency, Lease};
@@ -96,10 +96,10 @@ pub(crate) async fn stream<S, ResBody, E>(
     if body.is_end_stream() || known_len == Some(0) {
         // Nothing to stream: the head ends the response, so store first.
         finish(&mut recording, engine).await;
-        let _ = reply.send(Ok(Response::from_parts(
-            head,
-            ResponseBody::full(Bytes::new()),
-        )));
+        send(
+            reply,
+            Ok(Response::from_parts(head, ResponseBody::full(Bytes::new()))),
+        );
         return;
     }
     let (frames, client_body) = ResponseBody::channel(FRAMES_IN_FLIGHT, body.size_hint());
