@@ -329,10 +329,9 @@ fn take_held(
     }
 }
 
-/// A completed record, as the cache holds it.
+/// A completed record, as the cache holds it: 24 bytes beside moka's own
+/// entry, since there is one per stored response.
 #[derive(Clone)]
-/// What the cache keeps per record: 24 bytes beside moka's own entry, since
-/// there is one per stored response.
 struct Slot {
     record: SharedRecord,
     expires_at: Instant,
