@@ -158,7 +158,7 @@ impl<S: Store> Idempotency<S> {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        let text = key.to_string();
+        let text = key.to_text();
         let fingerprint = fingerprint(key, &text);
         let concurrent = match self.config().concurrent {
             wait @ Concurrent::Wait { .. } => wait,
@@ -233,7 +233,7 @@ impl<S: Store> Idempotency<S> {
         &self,
         key: &IdempotencyKey,
     ) -> Result<Option<T>, ExecuteError> {
-        let Some(entry) = self.record(&key.to_string()).await? else {
+        let Some(entry) = self.record(&key.to_text()).await? else {
             return Ok(None);
         };
         match entry.state {
@@ -278,7 +278,7 @@ impl<S: Store> Idempotency<S> {
         value: &T,
         ttl: Duration,
     ) -> Result<(), ExecuteError> {
-        let text = key.to_string();
+        let text = key.to_text();
         let encoded = serde_json::to_vec(value).map_err(ExecuteError::Encode)?;
         let record = Record::value(fingerprint(key, &text), Bytes::from(encoded));
         self.put(&text, record, ttl).await?;

@@ -134,7 +134,8 @@ impl IdempotencyKey {
 
 impl IdempotencyKey {
     /// The text form, as `to_string` writes it, in a string sized for it at
-    /// once (escapes aside): the layer does this on every request.
+    /// once (escapes aside): the storage key, which the layer and the
+    /// closure API write for every call.
     pub(crate) fn to_text(&self) -> String {
         let len = self.signal.len()
             + self.action.len()
