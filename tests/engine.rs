@@ -14,7 +14,7 @@ use tokio::sync::Barrier;
 use tokio::time::timeout;
 use tower_idempotency::store::{BeginOutcome, Entry, LeaseToken, ScanEntry, Store, StoreError};
 use tower_idempotency::{
-    Begin, CacheInfo, Concurrent, Fingerprint, Idempotency, IdempotencyBuilder, KeyFilter,
+    Begin, CacheInfo, Concurrent, Fingerprint, Idempotency, IdempotencyBuilder, KeyFilter, Lease,
     LeaseExpiry, Record,
 };
 
@@ -100,6 +100,22 @@ fn value(fingerprint: Fingerprint, text: &'static str) -> Record {
     Record::value(fingerprint, Bytes::from_static(text.as_bytes()))
 }
 
+/// Begins the key `s:a:t` with the fingerprint of `x` under `Concurrent::Reject`.
+async fn begin(engine: &Idempotency<TestStore>) -> Begin<TestStore> {
+    engine
+        .begin("s:a:t", fp("x"), Concurrent::Reject)
+        .await
+        .unwrap()
+}
+
+/// [`begin`] as the key's first caller: it runs the action.
+async fn first_runs(engine: &Idempotency<TestStore>) -> Lease<TestStore> {
+    let Begin::Execute(lease) = begin(engine).await else {
+        panic!("first runs")
+    };
+    lease
+}
+
 per_store!(
     a_thousand_waiting_duplicates_cost_one_execution_and_one_store_begin,
     flavor = "multi_thread",
@@ -169,13 +185,7 @@ per_store!(
 );
 async fn under_reject_duplicates_of_an_in_flight_key_conflict(store: TestStore) {
     let engine = on(&store).build().unwrap();
-    let Begin::Execute(lease) = engine
-        .begin("s:a:t", fp("x"), Concurrent::Reject)
-        .await
-        .unwrap()
-    else {
-        panic!("first runs")
-    };
+    let lease = first_runs(&engine).await;
     let mut tasks = Vec::new();
     for _ in 0..499 {
         let engine = engine.clone();
@@ -259,13 +269,7 @@ async fn a_panicking_action_does_not_wedge_the_key(store: TestStore) {
     let panicked = tokio::spawn({
         let engine = engine.clone();
         async move {
-            let Begin::Execute(_lease) = engine
-                .begin("s:a:t", fp("x"), Concurrent::Reject)
-                .await
-                .unwrap()
-            else {
-                panic!("first runs")
-            };
+            let _lease = first_runs(&engine).await;
             panic!("the action blew up");
         }
     });
@@ -273,11 +277,7 @@ async fn a_panicking_action_does_not_wedge_the_key(store: TestStore) {
     // The release runs on a task of its own; wait for it rather than guess.
     let retry = timeout(LIMIT, async {
         loop {
-            match engine
-                .begin("s:a:t", fp("x"), Concurrent::Reject)
-                .await
-                .unwrap()
-            {
+            match begin(&engine).await {
                 Begin::Execute(lease) => return lease,
                 Begin::Conflict { .. } => tokio::task::yield_now().await,
                 other => panic!("unexpected {other:?}"),
@@ -300,20 +300,11 @@ async fn a_live_lease_is_renewed_past_its_ttl(store: TestStore) {
     let lease_ttl = Duration::from_millis(600);
     let first = on(&store).lease_ttl(lease_ttl).build().unwrap();
     let second = on(&store).lease_ttl(lease_ttl).build().unwrap();
-    let Begin::Execute(lease) = first
-        .begin("s:a:t", fp("x"), Concurrent::Reject)
-        .await
-        .unwrap()
-    else {
-        panic!("first runs")
-    };
+    let lease = first_runs(&first).await;
     // Three lease TTLs later, the heartbeat has kept the marker alive.
     for _ in 0..3 {
         tokio::time::sleep(lease_ttl).await;
-        let outcome = second
-            .begin("s:a:t", fp("x"), Concurrent::Reject)
-            .await
-            .unwrap();
+        let outcome = begin(&second).await;
         assert!(
             matches!(outcome, Begin::Conflict { .. }),
             "taken over: {outcome:?}"
@@ -321,10 +312,7 @@ async fn a_live_lease_is_renewed_past_its_ttl(store: TestStore) {
     }
     assert!(lease.complete(value(fp("x"), "slow")).await.unwrap());
     assert!(matches!(
-        second
-            .begin("s:a:t", fp("x"), Concurrent::Reject)
-            .await
-            .unwrap(),
+        begin(&second).await,
         Begin::Replay {
             coalesced: false,
             ..
@@ -344,28 +332,12 @@ async fn an_abandoned_lease_is_taken_over_after_the_lease_ttl(store: TestStore) 
         .lease_ttl(Duration::from_millis(300))
         .build()
         .unwrap();
-    let Begin::Execute(lease) = engine
-        .begin("s:a:t", fp("x"), Concurrent::Reject)
-        .await
-        .unwrap()
-    else {
-        panic!("first runs")
-    };
+    let lease = first_runs(&engine).await;
     let token = lease.token();
     die_holding(lease);
-    assert!(matches!(
-        engine
-            .begin("s:a:t", fp("x"), Concurrent::Reject)
-            .await
-            .unwrap(),
-        Begin::Conflict { .. }
-    ));
+    assert!(matches!(begin(&engine).await, Begin::Conflict { .. }));
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let Begin::Execute(second) = engine
-        .begin("s:a:t", fp("x"), Concurrent::Reject)
-        .await
-        .unwrap()
-    else {
+    let Begin::Execute(second) = begin(&engine).await else {
         panic!("the retry takes over")
     };
     // The dead holder's token no longer fences the key.
@@ -389,45 +361,21 @@ async fn under_block_an_abandoned_lease_keeps_refusing_retries(store: TestStore)
         .lease_expiry(LeaseExpiry::Block)
         .build()
         .unwrap();
-    let Begin::Execute(lease) = engine
-        .begin("s:a:t", fp("x"), Concurrent::Reject)
-        .await
-        .unwrap()
-    else {
-        panic!("first runs")
-    };
+    let lease = first_runs(&engine).await;
     die_holding(lease);
     tokio::time::sleep(Duration::from_millis(600)).await;
-    assert!(matches!(
-        engine
-            .begin("s:a:t", fp("x"), Concurrent::Reject)
-            .await
-            .unwrap(),
-        Begin::Conflict { .. }
-    ));
+    assert!(matches!(begin(&engine).await, Begin::Conflict { .. }));
 }
 
 per_store!(records_expire_after_the_ttl_and_the_key_runs_again);
 async fn records_expire_after_the_ttl_and_the_key_runs_again(store: TestStore) {
     let engine = on(&store).ttl(Duration::from_millis(300)).build().unwrap();
-    let Begin::Execute(lease) = engine
-        .begin("s:a:t", fp("x"), Concurrent::Reject)
-        .await
-        .unwrap()
-    else {
-        panic!("first runs")
-    };
+    let lease = first_runs(&engine).await;
     lease.complete(value(fp("x"), "ok")).await.unwrap();
     assert!(engine.record("s:a:t").await.unwrap().is_some());
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert!(engine.record("s:a:t").await.unwrap().is_none());
-    assert!(matches!(
-        engine
-            .begin("s:a:t", fp("x"), Concurrent::Reject)
-            .await
-            .unwrap(),
-        Begin::Execute(_)
-    ));
+    assert!(matches!(begin(&engine).await, Begin::Execute(_)));
 }
 
 per_store!(queries_and_maintenance_work_through_the_handle);
@@ -498,13 +446,7 @@ async fn a_begin_dropped_while_the_store_answers_does_not_wedge_the_key(store: T
         .build()
         .unwrap();
     // A holder that died leaves a marker the first caller polls on...
-    let Begin::Execute(lease) = engine
-        .begin("s:a:t", fp("x"), Concurrent::Reject)
-        .await
-        .unwrap()
-    else {
-        panic!("first runs")
-    };
+    let lease = first_runs(&engine).await;
     die_holding(lease);
     // ...and that caller gives up (a timeout drops its `begin` mid-poll).
     let gave_up = timeout(

@@ -5,6 +5,7 @@
 mod common;
 mod stores;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::routing::post;
@@ -13,9 +14,20 @@ use common::*;
 use http::StatusCode;
 use stores::{per_store, TestStore};
 use tokio::sync::mpsc;
-use tower_idempotency::{problem, Concurrent, IdempotencyLayer};
+use tower_idempotency::{problem, Concurrent, Idempotency, IdempotencyLayer};
 
 const DUPLICATES: usize = 500;
+
+/// [`gated_orders`] at `/orders` behind `layer`: the server (to share with
+/// the tasks that send to it), the layer's handle, the run count and the gate.
+async fn serve_gated(
+    layer: IdempotencyLayer<TestStore>,
+) -> (Arc<Server>, Idempotency<TestStore>, Runs, Gate) {
+    let (runs, gate) = (Runs::default(), Gate::default());
+    let app = Router::new().route("/orders", gated_orders(runs.clone(), gate.clone()));
+    let (server, handle) = serve_layered(layer, app).await;
+    (Arc::new(server), handle, runs, gate)
+}
 
 per_store!(
     five_hundred_waiting_duplicates_run_once_and_all_get_the_first_response,
@@ -30,18 +42,10 @@ async fn five_hundred_waiting_duplicates_run_once_and_all_get_the_first_response
         })
         .build()
         .unwrap();
-    let handle = layer.handle();
-    let (runs, gate) = (Runs::default(), Gate::default());
-    let app = Router::new()
-        .route("/orders", gated_orders(runs.clone(), gate.clone()))
-        .layer(layer.clone());
-    let server = std::sync::Arc::new(serve(app).await);
+    let (server, handle, runs, gate) = serve_gated(layer.clone()).await;
 
     let tasks: Vec<_> = (0..DUPLICATES)
-        .map(|_| {
-            let server = server.clone();
-            tokio::spawn(async move { server.post("/orders", Some("dup"), "{\"n\":1}").await })
-        })
+        .map(|_| server.spawn_post("/orders", "dup", "{\"n\":1}"))
         .collect();
     // The first is genuinely in flight, and every other request has joined it.
     gate.entered(1).await;
@@ -73,12 +77,7 @@ per_store!(
 );
 async fn five_hundred_rejected_duplicates_run_once_and_get_409(store: TestStore) {
     let layer = IdempotencyLayer::builder().store(store).build().unwrap();
-    let handle = layer.handle();
-    let (runs, gate) = (Runs::default(), Gate::default());
-    let app = Router::new()
-        .route("/orders", gated_orders(runs.clone(), gate.clone()))
-        .layer(layer);
-    let server = std::sync::Arc::new(serve(app).await);
+    let (server, handle, runs, gate) = serve_gated(layer).await;
 
     let (tx, mut rx) = mpsc::unbounded_channel();
     for _ in 0..DUPLICATES {
@@ -115,16 +114,9 @@ async fn five_hundred_rejected_duplicates_run_once_and_get_409(store: TestStore)
 per_store!(mismatched_duplicate_in_flight_is_422_not_409);
 async fn mismatched_duplicate_in_flight_is_422_not_409(store: TestStore) {
     let layer = IdempotencyLayer::builder().store(store).build().unwrap();
-    let (runs, gate) = (Runs::default(), Gate::default());
-    let app = Router::new()
-        .route("/orders", gated_orders(runs.clone(), gate.clone()))
-        .layer(layer);
-    let server = std::sync::Arc::new(serve(app).await);
+    let (server, _, runs, gate) = serve_gated(layer).await;
 
-    let first = {
-        let server = server.clone();
-        tokio::spawn(async move { server.post("/orders", Some("k"), "{\"n\":1}").await })
-    };
+    let first = server.spawn_post("/orders", "k", "{\"n\":1}");
     gate.entered(1).await;
     let other = server.post("/orders", Some("k"), "{\"n\":2}").await;
     assert_eq!(other.status, StatusCode::UNPROCESSABLE_ENTITY);
@@ -146,31 +138,27 @@ async fn waiters_start_over_when_the_first_ends_without_a_stored_result(store: T
         .build()
         .unwrap();
     let (runs, gate) = (Runs::default(), Gate::default());
-    let app = Router::new()
-        .route(
-            "/orders",
-            post({
+    let app = Router::new().route(
+        "/orders",
+        post({
+            let (runs, gate) = (runs.clone(), gate.clone());
+            move || {
                 let (runs, gate) = (runs.clone(), gate.clone());
-                move || {
-                    let (runs, gate) = (runs.clone(), gate.clone());
-                    async move {
-                        let run = runs.bump();
-                        if run == 1 {
-                            gate.pass().await;
-                            return (StatusCode::SERVICE_UNAVAILABLE, "try later".to_owned());
-                        }
-                        (StatusCode::CREATED, format!("order {run}"))
+                async move {
+                    let run = runs.bump();
+                    if run == 1 {
+                        gate.pass().await;
+                        return (StatusCode::SERVICE_UNAVAILABLE, "try later".to_owned());
                     }
+                    (StatusCode::CREATED, format!("order {run}"))
                 }
-            }),
-        )
-        .layer(layer.clone());
-    let server = std::sync::Arc::new(serve(app).await);
+            }
+        }),
+    );
+    let (server, _) = serve_layered(layer.clone(), app).await;
+    let server = Arc::new(server);
 
-    let send = || {
-        let server = server.clone();
-        tokio::spawn(async move { server.post("/orders", Some("k"), "{}").await })
-    };
+    let send = || server.spawn_post("/orders", "k", "{}");
     let first = send();
     gate.entered(1).await;
     let waiters = [send(), send()];
@@ -202,17 +190,9 @@ async fn wait_timeout_is_409(store: TestStore) {
         })
         .build()
         .unwrap();
-    let handle = layer.handle();
-    let (runs, gate) = (Runs::default(), Gate::default());
-    let app = Router::new()
-        .route("/orders", gated_orders(runs.clone(), gate.clone()))
-        .layer(layer);
-    let server = std::sync::Arc::new(serve(app).await);
+    let (server, handle, _, gate) = serve_gated(layer).await;
 
-    let first = {
-        let server = server.clone();
-        tokio::spawn(async move { server.post("/orders", Some("k"), "{}").await })
-    };
+    let first = server.spawn_post("/orders", "k", "{}");
     gate.entered(1).await;
     let late = server.post("/orders", Some("k"), "{}").await;
     assert_eq!(late.status, StatusCode::CONFLICT);
@@ -239,13 +219,10 @@ async fn a_slow_action_keeps_its_lease_past_the_lease_ttl(store: TestStore) {
             .route("/orders", gated_orders(runs.clone(), gate.clone()))
             .layer(layer)
     };
-    let server = std::sync::Arc::new(serve(instance(store)).await);
+    let server = Arc::new(serve(instance(store)).await);
     let other = serve(instance(other_store)).await;
 
-    let first = {
-        let server = server.clone();
-        tokio::spawn(async move { server.post("/orders", Some("slow"), "{}").await })
-    };
+    let first = server.spawn_post("/orders", "slow", "{}");
     gate.entered(1).await;
     // Past three lease TTLs: only renewal keeps the marker alive (a takeover
     // would need the heartbeat, every 200 ms, to stall for 400 ms).

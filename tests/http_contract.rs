@@ -18,7 +18,7 @@ use stores::{per_store, TestStore};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_stream_shim::ReceiverStream;
 use tower_idempotency::problem;
-use tower_idempotency::{IdempotencyLayer, KeyFilter};
+use tower_idempotency::{Idempotency, IdempotencyLayer, KeyFilter};
 
 /// A tiny `Stream` over an mpsc receiver, so tests need no extra crate.
 mod tokio_stream_shim {
@@ -66,6 +66,21 @@ fn first_frame_echo(seen: Arc<Semaphore>, runs: Runs) -> axum::routing::MethodRo
     post(handler.clone()).put(handler)
 }
 
+/// [`first_frame_echo`] at `/echo` behind a layer with a 16-byte request
+/// body limit: the server, the layer's handle, the handler's first-frame
+/// signal and its run count.
+async fn serve_echo(store: TestStore) -> (Server, Idempotency<TestStore>, Arc<Semaphore>, Runs) {
+    let layer = IdempotencyLayer::builder()
+        .store(store)
+        .max_request_body(16)
+        .build()
+        .unwrap();
+    let (seen, runs) = (Arc::new(Semaphore::new(0)), Runs::default());
+    let app = Router::new().route("/echo", first_frame_echo(seen.clone(), runs.clone()));
+    let (server, handle) = serve_layered(layer, app).await;
+    (server, handle, seen, runs)
+}
+
 /// Sends two 32-byte chunks; the second only after the handler saw the
 /// first. A layer that buffered the body would never let the handler see the
 /// first chunk alone: the test would time out.
@@ -102,17 +117,7 @@ async fn send_streamed(
 
 per_store!(unprotected_method_passes_through_untouched_and_unbuffered);
 async fn unprotected_method_passes_through_untouched_and_unbuffered(store: TestStore) {
-    let layer = IdempotencyLayer::builder()
-        .store(store)
-        .max_request_body(16)
-        .build()
-        .unwrap();
-    let handle = layer.handle();
-    let (seen, runs) = (Arc::new(Semaphore::new(0)), Runs::default());
-    let app = Router::new()
-        .route("/echo", first_frame_echo(seen.clone(), runs.clone()))
-        .layer(layer);
-    let server = serve(app).await;
+    let (server, handle, seen, runs) = serve_echo(store).await;
 
     for _ in 0..2 {
         // 64 bytes, over the 16-byte limit: no 413, since PUT is not protected.
@@ -129,17 +134,7 @@ async fn unprotected_method_passes_through_untouched_and_unbuffered(store: TestS
 
 per_store!(no_key_passes_through_untouched_and_unbuffered);
 async fn no_key_passes_through_untouched_and_unbuffered(store: TestStore) {
-    let layer = IdempotencyLayer::builder()
-        .store(store)
-        .max_request_body(16)
-        .build()
-        .unwrap();
-    let handle = layer.handle();
-    let (seen, runs) = (Arc::new(Semaphore::new(0)), Runs::default());
-    let app = Router::new()
-        .route("/echo", first_frame_echo(seen.clone(), runs.clone()))
-        .layer(layer);
-    let server = serve(app).await;
+    let (server, handle, seen, runs) = serve_echo(store).await;
 
     for _ in 0..2 {
         let reply = send_streamed(&server, Method::POST, None, &seen).await;
@@ -160,12 +155,9 @@ async fn missing_key_under_require_key_is_400(store: TestStore) {
         .require_key(true)
         .build()
         .unwrap();
-    let handle = layer.handle();
     let runs = Runs::default();
-    let app = Router::new()
-        .route("/orders", orders(runs.clone()).get(|| async { "listed" }))
-        .layer(layer);
-    let server = serve(app).await;
+    let app = Router::new().route("/orders", orders(runs.clone()).get(|| async { "listed" }));
+    let (server, handle) = serve_layered(layer, app).await;
 
     let reply = server.post("/orders", None, "{}").await;
     assert_eq!(reply.status, StatusCode::BAD_REQUEST);
@@ -183,12 +175,7 @@ async fn missing_key_under_require_key_is_400(store: TestStore) {
 per_store!(malformed_keys_are_400_and_valid_forms_are_one_key);
 async fn malformed_keys_are_400_and_valid_forms_are_one_key(store: TestStore) {
     let layer = IdempotencyLayer::builder().store(store).build().unwrap();
-    let handle = layer.handle();
-    let runs = Runs::default();
-    let app = Router::new()
-        .route("/orders", orders(runs.clone()))
-        .layer(layer);
-    let server = serve(app).await;
+    let (server, handle, runs) = serve_orders(layer).await;
 
     let too_long = "k".repeat(256);
     let quoted_too_long = format!("\"{too_long}\"");
@@ -253,12 +240,7 @@ async fn oversized_request_body_is_413_and_the_service_is_not_called(store: Test
         .max_request_body(16)
         .build()
         .unwrap();
-    let handle = layer.handle();
-    let runs = Runs::default();
-    let app = Router::new()
-        .route("/orders", orders(runs.clone()))
-        .layer(layer);
-    let server = serve(app).await;
+    let (server, handle, runs) = serve_orders(layer).await;
 
     // Declared length over the limit.
     let reply = server.post("/orders", Some("big"), &"x".repeat(17)).await;

@@ -117,38 +117,35 @@ per_store!(a_client_that_leaves_mid_body_still_gets_its_response_stored);
 async fn a_client_that_leaves_mid_body_still_gets_its_response_stored(store: TestStore) {
     let layer = IdempotencyLayer::builder().store(store).build().unwrap();
     let (runs, gate) = (Runs::default(), Gate::default());
-    let app = Router::new()
-        .route(
-            "/export",
-            post({
+    let app = Router::new().route(
+        "/export",
+        post({
+            let (runs, gate) = (runs.clone(), gate.clone());
+            move || {
                 let (runs, gate) = (runs.clone(), gate.clone());
-                move || {
-                    let (runs, gate) = (runs.clone(), gate.clone());
-                    async move {
-                        runs.bump();
-                        let chunks = futures_util::stream::unfold(0, move |step| {
-                            let gate = gate.clone();
-                            async move {
-                                match step {
-                                    0 => Some((
-                                        Ok::<_, BoxError>(Frame::data(Bytes::from("part1,"))),
-                                        1,
-                                    )),
-                                    1 => {
-                                        gate.pass().await;
-                                        Some((Ok(Frame::data(Bytes::from("part2"))), 2))
-                                    }
-                                    _ => None,
+                async move {
+                    runs.bump();
+                    let chunks = futures_util::stream::unfold(0, move |step| {
+                        let gate = gate.clone();
+                        async move {
+                            match step {
+                                0 => {
+                                    Some((Ok::<_, BoxError>(Frame::data(Bytes::from("part1,"))), 1))
                                 }
+                                1 => {
+                                    gate.pass().await;
+                                    Some((Ok(Frame::data(Bytes::from("part2"))), 2))
+                                }
+                                _ => None,
                             }
-                        });
-                        Body::new(StreamBody::new(chunks))
-                    }
+                        }
+                    });
+                    Body::new(StreamBody::new(chunks))
                 }
-            }),
-        )
-        .layer(layer);
-    let server = serve(app).await;
+            }
+        }),
+    );
+    let (server, _) = serve_layered(layer, app).await;
 
     let request = server
         .request(Method::POST, "/export")
@@ -191,31 +188,28 @@ async fn disconnect_cancel_drops_the_action_and_releases_the_key(store: TestStor
         .disconnect(Disconnect::Cancel)
         .build()
         .unwrap();
-    let handle = layer.handle();
     let (runs, gate, cancelled) = (
         Runs::default(),
         Gate::default(),
         Arc::new(Semaphore::new(0)),
     );
-    let app = Router::new()
-        .route(
-            "/orders",
-            post({
+    let app = Router::new().route(
+        "/orders",
+        post({
+            let (runs, gate, cancelled) = (runs.clone(), gate.clone(), cancelled.clone());
+            move || {
                 let (runs, gate, cancelled) = (runs.clone(), gate.clone(), cancelled.clone());
-                move || {
-                    let (runs, gate, cancelled) = (runs.clone(), gate.clone(), cancelled.clone());
-                    async move {
-                        let run = runs.bump();
-                        let signal = DropSignal(Some(cancelled));
-                        gate.pass().await;
-                        signal.defuse();
-                        (StatusCode::CREATED, format!("order {run}"))
-                    }
+                async move {
+                    let run = runs.bump();
+                    let signal = DropSignal(Some(cancelled));
+                    gate.pass().await;
+                    signal.defuse();
+                    (StatusCode::CREATED, format!("order {run}"))
                 }
-            }),
-        )
-        .layer(layer);
-    let server = serve(app).await;
+            }
+        }),
+    );
+    let (server, handle) = serve_layered(layer, app).await;
 
     let stream = raw_post(&server, "/orders", "c").await;
     gate.entered(1).await;
@@ -246,11 +240,7 @@ async fn records_expire_after_the_ttl(store: TestStore) {
         .ttl(Duration::from_millis(300))
         .build()
         .unwrap();
-    let runs = Runs::default();
-    let app = Router::new()
-        .route("/orders", orders(runs.clone()))
-        .layer(layer);
-    let server = serve(app).await;
+    let (server, _, runs) = serve_orders(layer).await;
 
     server.post("/orders", Some("t"), "{}").await;
     assert!(server.post("/orders", Some("t"), "{}").await.replayed());
@@ -306,11 +296,7 @@ async fn an_abandoned_lease_is_taken_over_after_the_lease_ttl(store: TestStore) 
         .lease_ttl(lease_ttl)
         .build()
         .unwrap();
-    let runs = Runs::default();
-    let app = Router::new()
-        .route("/orders", orders(runs.clone()))
-        .layer(layer);
-    let server = serve(app).await;
+    let (server, _, runs) = serve_orders(layer).await;
 
     assert_eq!(
         server.post("/orders", Some("k"), "{}").await.status,
@@ -332,11 +318,7 @@ async fn an_abandoned_lease_blocks_the_key_under_lease_expiry_block(store: TestS
         .lease_expiry(LeaseExpiry::Block)
         .build()
         .unwrap();
-    let runs = Runs::default();
-    let app = Router::new()
-        .route("/orders", orders(runs.clone()))
-        .layer(layer);
-    let server = serve(app).await;
+    let (server, _, runs) = serve_orders(layer).await;
 
     tokio::time::sleep(Duration::from_millis(600)).await;
     let retry = server.post("/orders", Some("k"), "{}").await;

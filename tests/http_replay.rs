@@ -19,12 +19,7 @@ use tower_idempotency::{FingerprintMode, IdempotencyLayer, KeyFilter};
 per_store!(retry_after_completion_replays_status_headers_and_body);
 async fn retry_after_completion_replays_status_headers_and_body(store: TestStore) {
     let layer = IdempotencyLayer::builder().store(store).build().unwrap();
-    let handle = layer.handle();
-    let runs = Runs::default();
-    let app = Router::new()
-        .route("/orders", orders(runs.clone()))
-        .layer(layer);
-    let server = serve(app).await;
+    let (server, handle, runs) = serve_orders(layer).await;
 
     let first = server
         .post("/orders", Some("order-1"), r#"{"item":"book"}"#)
@@ -48,12 +43,7 @@ async fn retry_after_completion_replays_status_headers_and_body(store: TestStore
 per_store!(retry_with_another_body_or_query_is_422);
 async fn retry_with_another_body_or_query_is_422(store: TestStore) {
     let layer = IdempotencyLayer::builder().store(store).build().unwrap();
-    let handle = layer.handle();
-    let runs = Runs::default();
-    let app = Router::new()
-        .route("/orders", orders(runs.clone()))
-        .layer(layer);
-    let server = serve(app).await;
+    let (server, handle, runs) = serve_orders(layer).await;
 
     assert_eq!(
         server.post("/orders", Some("k"), "{\"n\":1}").await.status,
@@ -80,11 +70,7 @@ async fn json_canonical_fingerprint_ignores_key_order_and_whitespace(store: Test
         .fingerprint(FingerprintMode::JsonCanonical)
         .build()
         .unwrap();
-    let runs = Runs::default();
-    let app = Router::new()
-        .route("/orders", orders(runs.clone()))
-        .layer(layer);
-    let server = serve(app).await;
+    let (server, _, runs) = serve_orders(layer).await;
 
     let first = server
         .post("/orders", Some("j"), r#"{"a":1,"b":[1,2]}"#)
@@ -117,11 +103,7 @@ async fn json_canonical_fingerprint_ignores_key_order_and_whitespace(store: Test
 per_store!(one_client_is_never_replayed_another_clients_response);
 async fn one_client_is_never_replayed_another_clients_response(store: TestStore) {
     let layer = IdempotencyLayer::builder().store(store).build().unwrap();
-    let runs = Runs::default();
-    let app = Router::new()
-        .route("/orders", orders(runs.clone()))
-        .layer(layer);
-    let server = serve(app).await;
+    let (server, _, runs) = serve_orders(layer).await;
     let send = |auth: &'static str| {
         let request = server
             .request(Method::POST, "/orders")
@@ -190,21 +172,18 @@ async fn replays_drop_date_set_cookie_and_hop_by_hop_headers(store: TestStore) {
 per_store!(statuses_not_stored_by_policy_run_again);
 async fn statuses_not_stored_by_policy_run_again(store: TestStore) {
     let layer = IdempotencyLayer::builder().store(store).build().unwrap();
-    let handle = layer.handle();
     let runs = Runs::default();
-    let app = Router::new()
-        .route(
-            "/status/{code}",
-            post({
-                let runs = runs.clone();
-                move |axum::extract::Path(code): axum::extract::Path<u16>| async move {
-                    runs.bump();
-                    (StatusCode::from_u16(code).unwrap(), "answer")
-                }
-            }),
-        )
-        .layer(layer);
-    let server = serve(app).await;
+    let app = Router::new().route(
+        "/status/{code}",
+        post({
+            let runs = runs.clone();
+            move |axum::extract::Path(code): axum::extract::Path<u16>| async move {
+                runs.bump();
+                (StatusCode::from_u16(code).unwrap(), "answer")
+            }
+        }),
+    );
+    let (server, handle) = serve_layered(layer, app).await;
 
     for code in [500, 503, 408, 429] {
         let path = format!("/status/{code}");
@@ -235,19 +214,17 @@ async fn store_status_policy_is_configurable(store: TestStore) {
         .build()
         .unwrap();
     let runs = Runs::default();
-    let app = Router::new()
-        .route(
-            "/missing",
-            post({
-                let runs = runs.clone();
-                move || async move {
-                    runs.bump();
-                    StatusCode::NOT_FOUND
-                }
-            }),
-        )
-        .layer(layer);
-    let server = serve(app).await;
+    let app = Router::new().route(
+        "/missing",
+        post({
+            let runs = runs.clone();
+            move || async move {
+                runs.bump();
+                StatusCode::NOT_FOUND
+            }
+        }),
+    );
+    let (server, _) = serve_layered(layer, app).await;
     server.post("/missing", Some("m"), "").await;
     assert!(!server.post("/missing", Some("m"), "").await.replayed());
     assert_eq!(runs.get(), 2);
@@ -256,24 +233,21 @@ async fn store_status_policy_is_configurable(store: TestStore) {
 per_store!(cache_control_no_store_is_returned_not_stored);
 async fn cache_control_no_store_is_returned_not_stored(store: TestStore) {
     let layer = IdempotencyLayer::builder().store(store).build().unwrap();
-    let handle = layer.handle();
     let runs = Runs::default();
-    let app = Router::new()
-        .route(
-            "/quote",
-            post({
-                let runs = runs.clone();
-                move || async move {
-                    let n = runs.bump();
-                    (
-                        [("cache-control", "private, no-store")],
-                        format!("quote {n}"),
-                    )
-                }
-            }),
-        )
-        .layer(layer);
-    let server = serve(app).await;
+    let app = Router::new().route(
+        "/quote",
+        post({
+            let runs = runs.clone();
+            move || async move {
+                let n = runs.bump();
+                (
+                    [("cache-control", "private, no-store")],
+                    format!("quote {n}"),
+                )
+            }
+        }),
+    );
+    let (server, handle) = serve_layered(layer, app).await;
     assert_eq!(server.post("/quote", Some("q"), "").await.text(), "quote 1");
     let second = server.post("/quote", Some("q"), "").await;
     assert!(!second.replayed());
@@ -288,24 +262,21 @@ async fn oversized_response_is_streamed_whole_but_not_stored(store: TestStore) {
         .max_response_body(100)
         .build()
         .unwrap();
-    let handle = layer.handle();
     let runs = Runs::default();
-    let app = Router::new()
-        .route(
-            "/report",
-            post({
-                let runs = runs.clone();
-                move || async move {
-                    runs.bump();
-                    // Several frames, so the limit is crossed mid-stream.
-                    let chunks = (0..10)
-                        .map(|i| Ok::<_, BoxError>(Frame::data(Bytes::from(vec![b'0' + i; 50]))));
-                    Body::new(StreamBody::new(futures_util::stream::iter(chunks)))
-                }
-            }),
-        )
-        .layer(layer);
-    let server = serve(app).await;
+    let app = Router::new().route(
+        "/report",
+        post({
+            let runs = runs.clone();
+            move || async move {
+                runs.bump();
+                // Several frames, so the limit is crossed mid-stream.
+                let chunks = (0..10)
+                    .map(|i| Ok::<_, BoxError>(Frame::data(Bytes::from(vec![b'0' + i; 50]))));
+                Body::new(StreamBody::new(futures_util::stream::iter(chunks)))
+            }
+        }),
+    );
+    let (server, handle) = serve_layered(layer, app).await;
     for _ in 0..2 {
         let reply = server.post("/report", Some("r"), "").await;
         assert_eq!(reply.status, StatusCode::OK);
@@ -320,23 +291,20 @@ async fn oversized_response_is_streamed_whole_but_not_stored(store: TestStore) {
 per_store!(panicking_handler_gets_500_and_does_not_wedge_the_key);
 async fn panicking_handler_gets_500_and_does_not_wedge_the_key(store: TestStore) {
     let layer = IdempotencyLayer::builder().store(store).build().unwrap();
-    let handle = layer.handle();
     let runs = Runs::default();
-    let app = Router::new()
-        .route(
-            "/flaky",
-            post({
-                let runs = runs.clone();
-                move || async move {
-                    if runs.bump() == 1 {
-                        panic!("first run fails");
-                    }
-                    (StatusCode::CREATED, "made")
+    let app = Router::new().route(
+        "/flaky",
+        post({
+            let runs = runs.clone();
+            move || async move {
+                if runs.bump() == 1 {
+                    panic!("first run fails");
                 }
-            }),
-        )
-        .layer(layer);
-    let server = serve(app).await;
+                (StatusCode::CREATED, "made")
+            }
+        }),
+    );
+    let (server, handle) = serve_layered(layer, app).await;
     let first = server.post("/flaky", Some("p"), "").await;
     assert_eq!(first.status, StatusCode::INTERNAL_SERVER_ERROR);
     assert_eq!(first.problem().kind, problem::INTERNAL_ERROR);

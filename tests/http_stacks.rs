@@ -234,12 +234,7 @@ async fn store_down_fail_closed_is_503_with_retry_after(store: TestStore) {
         .store(store.clone())
         .build()
         .unwrap();
-    let handle = layer.handle();
-    let runs = Runs::default();
-    let app = Router::new()
-        .route("/orders", orders(runs.clone()))
-        .layer(layer);
-    let server = serve(app).await;
+    let (server, handle, runs) = serve_orders(layer).await;
 
     store.down.store(true, SeqCst);
     let reply = server.post("/orders", Some("k"), "{}").await;
@@ -269,12 +264,7 @@ async fn store_down_fail_open_passes_through_unprotected(store: TestStore) {
         .fail_mode(FailMode::Open)
         .build()
         .unwrap();
-    let handle = layer.handle();
-    let runs = Runs::default();
-    let app = Router::new()
-        .route("/orders", orders(runs.clone()))
-        .layer(layer);
-    let server = serve(app).await;
+    let (server, handle, runs) = serve_orders(layer).await;
 
     store.down.store(true, SeqCst);
     for _ in 0..2 {
@@ -289,11 +279,7 @@ async fn store_down_fail_open_passes_through_unprotected(store: TestStore) {
 #[tokio::test]
 async fn the_entry_bound_evicts_and_counts() {
     let layer = IdempotencyLayer::builder().max_entries(5).build().unwrap();
-    let handle = layer.handle();
-    let app = Router::new()
-        .route("/orders", orders(Runs::default()))
-        .layer(layer);
-    let server = serve(app).await;
+    let (server, handle, _) = serve_orders(layer).await;
     for i in 0..40 {
         server.post("/orders", Some(&format!("k{i}")), "{}").await;
     }
@@ -310,11 +296,8 @@ async fn the_byte_bound_evicts_and_counts() {
         .max_bytes(8 * 1024)
         .build()
         .unwrap();
-    let handle = layer.handle();
-    let app = Router::new()
-        .route("/blob", post(|| async { "x".repeat(1024) }))
-        .layer(layer);
-    let server = serve(app).await;
+    let app = Router::new().route("/blob", post(|| async { "x".repeat(1024) }));
+    let (server, handle) = serve_layered(layer, app).await;
     for i in 0..40 {
         assert_eq!(
             server
@@ -343,7 +326,6 @@ async fn stats_after_a_known_sequence(store: TestStore) {
         .max_request_body(64)
         .build()
         .unwrap();
-    let handle = layer.handle();
     let (runs, gate) = (Runs::default(), Gate::default());
     let app = Router::new()
         .route("/orders", orders(runs.clone()).get(|| async { "list" }))
@@ -351,9 +333,9 @@ async fn stats_after_a_known_sequence(store: TestStore) {
         .route(
             "/fail",
             post(|| async { StatusCode::INTERNAL_SERVER_ERROR }),
-        )
-        .layer(layer);
-    let server = Arc::new(serve(app).await);
+        );
+    let (server, handle) = serve_layered(layer, app).await;
+    let server = Arc::new(server);
 
     server.call(Method::GET, "/orders", Some("x"), "").await; // requests only
     server.post("/orders", None, "{}").await; // requests only
@@ -364,10 +346,7 @@ async fn stats_after_a_known_sequence(store: TestStore) {
     server.post("/orders", Some("a,b"), "{}").await; // rejected_keys
     server.post("/orders", Some("big"), &"x".repeat(65)).await; // too_large
     server.post("/fail", Some("f"), "").await; // executed, not_stored
-    let slow = {
-        let server = server.clone();
-        tokio::spawn(async move { server.post("/slow", Some("s"), "").await }) // executed
-    };
+    let slow = server.spawn_post("/slow", "s", ""); // executed
     gate.entered(1).await;
     server.post("/slow", Some("s"), "").await; // conflicts
     gate.open(1);

@@ -20,7 +20,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
 use tower_idempotency::problem::Problem;
+use tower_idempotency::store::Store;
+use tower_idempotency::{Idempotency, IdempotencyLayer};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type ClientBody = BoxBody<Bytes, BoxError>;
@@ -64,6 +67,24 @@ pub async fn serve(router: Router) -> Server {
         addr,
         client: client(),
     }
+}
+
+/// Serves `router` behind `layer`; answers the server and the layer's handle.
+pub async fn serve_layered<S: Store>(
+    layer: IdempotencyLayer<S>,
+    router: Router,
+) -> (Server, Idempotency<S>) {
+    let handle = layer.handle();
+    (serve(router.layer(layer)).await, handle)
+}
+
+/// The [`orders`] handler at `/orders` behind `layer`: the server, the
+/// layer's handle and the handler's run count.
+pub async fn serve_orders<S: Store>(layer: IdempotencyLayer<S>) -> (Server, Idempotency<S>, Runs) {
+    let runs = Runs::default();
+    let router = Router::new().route("/orders", orders(runs.clone()));
+    let (server, handle) = serve_layered(layer, router).await;
+    (server, handle, runs)
 }
 
 pub fn client() -> Client<HttpConnector, ClientBody> {
@@ -135,6 +156,18 @@ impl Server {
     /// POST `body` to `path`, with `key` as the `Idempotency-Key` if any.
     pub async fn post(&self, path: &str, key: Option<&str>, body: &str) -> Reply {
         self.call(Method::POST, path, key, body).await
+    }
+
+    /// [`post`](Self::post) on a task of its own, so the test can go on while
+    /// the request is in flight.
+    pub fn spawn_post(self: &Arc<Self>, path: &str, key: &str, body: &str) -> JoinHandle<Reply> {
+        let (server, path, key, body) = (
+            self.clone(),
+            path.to_owned(),
+            key.to_owned(),
+            body.to_owned(),
+        );
+        tokio::spawn(async move { server.post(&path, Some(&key), &body).await })
     }
 
     pub async fn call(&self, method: Method, path: &str, key: Option<&str>, body: &str) -> Reply {
