@@ -1,8 +1,12 @@
 //! The `reverse_proxy` example, run for real: the built binary in front of a
 //! real upstream server, over loopback.
 
+#[path = "reverse_proxy/edge.rs"]
+mod edge;
 #[path = "reverse_proxy/harness.rs"]
 mod harness;
+#[path = "reverse_proxy/http2.rs"]
+mod http2;
 #[path = "reverse_proxy/idempotency.rs"]
 mod idempotency;
 #[cfg(feature = "redis")]

@@ -26,7 +26,7 @@ use crate::limits::{EdgeStats, Limits};
 const REQUEST_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\n\
 connection: close\r\n\
 content-type: text/plain\r\n\
-content-length: 36\r\n\
+content-length: 41\r\n\
 \r\n\
 The request head did not arrive in time.\n";
 

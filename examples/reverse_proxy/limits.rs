@@ -145,8 +145,9 @@ pub(crate) async fn serve(
             if let Err(e) = connection.await {
                 tracing::debug!(%remote, error = %e, "connection ended with an error");
             }
-            stats.connections.fetch_sub(1, Ordering::Relaxed);
+            // The slot first: once the gauge drops, a new connection fits.
             drop(slot);
+            stats.connections.fetch_sub(1, Ordering::Relaxed);
         });
     }
     // No new connections from here on: the port refuses them.
