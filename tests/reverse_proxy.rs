@@ -9,6 +9,8 @@ mod harness;
 mod http2;
 #[path = "reverse_proxy/idempotency.rs"]
 mod idempotency;
+#[path = "reverse_proxy/page.rs"]
+mod page;
 #[cfg(feature = "redis")]
 #[path = "reverse_proxy/redis.rs"]
 mod redis_only;

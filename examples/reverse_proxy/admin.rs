@@ -22,6 +22,7 @@ use tower_idempotency::store::Store;
 use tower_idempotency::{CacheInfo, Idempotency, KeyFilter, StatsSnapshot};
 
 use crate::limits::EdgeStats;
+use crate::page::{self, RequestCount};
 use crate::problem::problem;
 
 /// How long `/healthz` waits for the store before calling it down.
@@ -57,7 +58,10 @@ pub(crate) fn router<S: Store>(
     shutting_down: Arc<AtomicBool>,
     edge: Arc<EdgeStats>,
 ) -> Router {
+    let counter = engine.clone();
+    let requests: RequestCount = Box::new(move || counter.stats().requests);
     Router::new()
+        .merge(page::router(requests))
         .route("/stats", get(stats::<S>))
         .route("/metrics", get(metrics::<S>))
         .route("/healthz", get(healthz::<S>))

@@ -8,8 +8,8 @@
 //!
 //! A POST or PATCH carrying `Idempotency-Key` runs upstream once; retries get
 //! the first response back with `idempotent-replayed: true`. The admin server
-//! (`--admin`, default 127.0.0.1:3002) answers `/stats`, `/metrics`,
-//! `/healthz`, `/keys` and `DELETE /keys/{key}`. `RUST_LOG` sets the log level.
+//! (`--admin`, default 127.0.0.1:3002) answers `/` (the operator's page),
+//! `/stats`, `/metrics`, `/healthz`, `/keys` and `DELETE /keys/{key}`. `RUST_LOG` sets the log level.
 
 use std::future::IntoFuture;
 use std::io::Write as _;
@@ -39,6 +39,7 @@ mod connection;
 mod demo;
 mod forward;
 mod limits;
+mod page;
 mod problem;
 mod shutdown;
 
