@@ -6,9 +6,11 @@ Each connection sends `POST /x HTTP/1.1` and a Host line, then nothing (the
 measurement of issue 15, which found all 2,000 still open after 35 s).
 Loopback only; the whole run is bounded by --budget seconds.
 
-    cargo build --release --example reverse_proxy
     python3 benches/half_open.py                      # 2,000 connections, default 10 s timeout
     python3 benches/half_open.py --connections 500 --header-read-timeout 2
+
+It builds the proxy first (`cargo build --release --example reverse_proxy`),
+or runs the one --binary names.
 
 It raises its own open-file limit (the proxy, its child, inherits it) when
 the soft limit is too low for the connections asked for.
@@ -29,12 +31,11 @@ import urllib.request
 HEAD = b"POST /x HTTP/1.1\r\nHost: 127.0.0.1\r\n"
 
 
-def binary(root):
-    for profile in ("release", "debug"):
-        path = os.path.join(root, "target", profile, "examples", "reverse_proxy")
-        if os.path.exists(path):
-            return path
-    sys.exit("build the proxy first: cargo build --release --example reverse_proxy")
+def build(root):
+    subprocess.run(
+        ["cargo", "build", "--release", "--example", "reverse_proxy"], cwd=root, check=True
+    )
+    return os.path.join(root, "target", "release", "examples", "reverse_proxy")
 
 
 def raise_fd_limit(needed):
@@ -94,18 +95,19 @@ def main():
         help="passed to the proxy (default: the proxy's own, 10 s)",
     )
     parser.add_argument("--budget", type=float, default=120, help="bound on the whole run, seconds")
+    parser.add_argument("--binary", help="the proxy to run (default: build it in release mode)")
     args = parser.parse_args()
     timeout = args.header_read_timeout if args.header_read_timeout is not None else 10.0
     if timeout + 30 > args.budget:
         sys.exit("--budget must exceed the header timeout by 30 s")
-    started = time.monotonic()
-
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = args.binary or build(root)
+    started = time.monotonic()
     raise_fd_limit(2 * args.connections + 256)
     proxy_args = []
     if args.header_read_timeout is not None:
         proxy_args = ["--header-read-timeout", str(args.header_read_timeout)]
-    proxy, url, admin = start_proxy(binary(root), proxy_args, 30)
+    proxy, url, admin = start_proxy(path, proxy_args, 30)
     host, port = url.removeprefix("http://").rsplit(":", 1)
     try:
         sockets = []
