@@ -301,6 +301,10 @@ async fn bad_flags_are_refused_at_start_up() {
         &["--upstream", "https://example.com"],
         &["--concurrent", "sometimes"],
         &["--max-entries", "0"],
+        &["--header-read-timeout", "0"],
+        &["--body-read-timeout", "soon"],
+        &["--max-connections", "0"],
+        &["--http2-max-streams", "0"],
     ] {
         let (mut child, ready, _log) = spawn(args).await;
         assert!(ready.is_none(), "{args:?} was accepted");

@@ -99,7 +99,7 @@ async fn half_open_connections_are_closed_after_the_header_timeout() {
 
     let mut half_open = Vec::with_capacity(HALF_OPEN);
     for _ in 0..HALF_OPEN {
-        let mut stream = connect(&proxy).await;
+        let mut stream = connect(proxy).await;
         stream
             .write_all(b"POST /x HTTP/1.1\r\nHost: 127.0.0.1\r\n")
             .await
@@ -129,7 +129,7 @@ async fn half_open_connections_are_closed_after_the_header_timeout() {
         );
         closed_by_proxy(stream).await;
     }
-    assert_eq!(stat(&proxy, "header_timeouts").await, HALF_OPEN as u64);
+    assert_eq!(stat(proxy, "header_timeouts").await, HALF_OPEN as u64);
     eventually("the proxy holds none of them", || async move {
         stat(proxy, "connections").await == 0
     })
@@ -139,10 +139,10 @@ async fn half_open_connections_are_closed_after_the_header_timeout() {
 #[tokio::test]
 async fn a_trickling_body_is_refused_with_408_and_the_key_is_not_held() {
     let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&["--upstream", &upstream.url, "--body-read-timeout", "1"]).await;
+    let proxy = &Proxy::start(&["--upstream", &upstream.url, "--body-read-timeout", "1"]).await;
     let body = r#"{"item":"book"}"#;
 
-    let stream = connect(&proxy).await;
+    let stream = connect(proxy).await;
     let (mut reader, mut writer) = stream.into_split();
     let head = format!(
         "POST /orders HTTP/1.1\r\nHost: 127.0.0.1\r\nIdempotency-Key: slow-body\r\n\
@@ -174,7 +174,7 @@ async fn a_trickling_body_is_refused_with_408_and_the_key_is_not_held() {
     assert!(answer.contains("application/problem+json"), "{answer}");
     assert!(answer.contains(r#""status":408"#), "{answer}");
     assert_eq!(upstream.executions(), 0);
-    assert_eq!(stat(&proxy, "body_timeouts").await, 1);
+    assert_eq!(stat(proxy, "body_timeouts").await, 1);
 
     // The key was never taken: a retry runs.
     let retry = proxy
@@ -188,7 +188,7 @@ async fn a_trickling_body_is_refused_with_408_and_the_key_is_not_held() {
 #[tokio::test]
 async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
     let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&[
+    let proxy = &Proxy::start(&[
         "--upstream",
         &upstream.url,
         "--idle-timeout",
@@ -197,7 +197,7 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
         "60",
     ])
     .await;
-    let mut stream = connect(&proxy).await;
+    let mut stream = connect(proxy).await;
     for _ in 0..2 {
         stream
             .write_all(b"POST /orders HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\n\r\n{}")
@@ -208,8 +208,8 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
     }
     assert_eq!(upstream.executions(), 2);
     closed_by_proxy(&mut stream).await;
-    assert_eq!(stat(&proxy, "idle_closed").await, 1);
-    assert_eq!(stat(&proxy, "header_timeouts").await, 0);
+    assert_eq!(stat(proxy, "idle_closed").await, 1);
+    assert_eq!(stat(proxy, "header_timeouts").await, 0);
 }
 
 #[tokio::test]
@@ -224,16 +224,16 @@ async fn the_connection_cap_refuses_past_it_and_serves_again_once_one_closes() {
         "60",
     ])
     .await;
-    let mut first = connect(&proxy).await;
-    let second = connect(&proxy).await;
+    let mut first = connect(proxy).await;
+    let second = connect(proxy).await;
     eventually("the proxy holds both connections", || async move {
         stat(proxy, "connections").await == 2
     })
     .await;
 
-    let mut third = connect(&proxy).await;
+    let mut third = connect(proxy).await;
     closed_by_proxy(&mut third).await;
-    assert_eq!(stat(&proxy, "connections_refused").await, 1);
+    assert_eq!(stat(proxy, "connections_refused").await, 1);
 
     // A client it holds is still served.
     first
@@ -251,7 +251,7 @@ async fn the_connection_cap_refuses_past_it_and_serves_again_once_one_closes() {
     .await;
     let served = proxy.send(Method::POST, "/orders", None, "{}").await;
     assert_eq!(served.status, StatusCode::CREATED);
-    assert_eq!(stat(&proxy, "connections_refused").await, 1);
+    assert_eq!(stat(proxy, "connections_refused").await, 1);
 
     let metrics = send(Method::GET, &format!("{}/metrics", proxy.admin), None, "").await;
     let text = String::from_utf8_lossy(&metrics.body);
