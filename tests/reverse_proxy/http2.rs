@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
-use crate::edge::connect;
+use crate::edge::{closed_by_proxy, connect};
 use crate::harness::{Proxy, Reply, QUICK};
 use crate::upstream::Upstream;
 
@@ -203,4 +203,49 @@ async fn a_client_over_the_stream_cap_is_held_to_it_and_replays_still_work() {
     assert_eq!(retry.status, StatusCode::CREATED);
     assert!(retry.replayed(), "a retried key replays over HTTP/2");
     assert_eq!(upstream.executions(), 4);
+}
+
+#[tokio::test]
+async fn an_http2_connection_that_opens_no_stream_is_closed_after_the_header_timeout() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(&["--upstream", &upstream.url, "--header-read-timeout", "1"]).await;
+    let mut stream = connect(&proxy).await;
+    let mut hello = PREFACE.to_vec();
+    hello.extend(frame(SETTINGS, 0, 0, &[]));
+    stream.write_all(&hello).await.unwrap();
+    closed_by_proxy(&mut stream).await;
+    assert_eq!(proxy.stats().await["header_timeouts"], 1);
+}
+
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed_after_the_idle_timeout() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(&[
+        "--upstream",
+        &upstream.url,
+        "--idle-timeout",
+        "1",
+        "--header-read-timeout",
+        "60",
+    ])
+    .await;
+    let tcp = connect(&proxy).await;
+    let (sender, connection) = timeout(
+        QUICK,
+        http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)),
+    )
+    .await
+    .expect("handshake in time")
+    .expect("HTTP/2 handshake");
+    let connection = tokio::spawn(connection);
+    let reply = post(sender.clone(), proxy.url.clone(), "/orders", "idle").await;
+    assert_eq!(reply.status, StatusCode::CREATED);
+    // The client keeps its end open; the proxy ends the connection.
+    timeout(QUICK, connection)
+        .await
+        .expect("the proxy closes the idle connection in time")
+        .expect("the connection task ends")
+        .ok();
+    assert_eq!(proxy.stats().await["idle_closed"], 1);
+    drop(sender);
 }
