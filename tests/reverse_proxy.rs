@@ -1,10 +1,16 @@
 //! The `reverse_proxy` example, run for real: the built binary in front of a
 //! real upstream server, over loopback.
 
+#[path = "reverse_proxy/edge.rs"]
+mod edge;
 #[path = "reverse_proxy/harness.rs"]
 mod harness;
+#[path = "reverse_proxy/http2.rs"]
+mod http2;
 #[path = "reverse_proxy/idempotency.rs"]
 mod idempotency;
+#[path = "reverse_proxy/page.rs"]
+mod page;
 #[cfg(feature = "redis")]
 #[path = "reverse_proxy/redis.rs"]
 mod redis_only;
@@ -295,6 +301,10 @@ async fn bad_flags_are_refused_at_start_up() {
         &["--upstream", "https://example.com"],
         &["--concurrent", "sometimes"],
         &["--max-entries", "0"],
+        &["--header-read-timeout", "0"],
+        &["--body-read-timeout", "soon"],
+        &["--max-connections", "0"],
+        &["--http2-max-streams", "0"],
     ] {
         let (mut child, ready, _log) = spawn(args).await;
         assert!(ready.is_none(), "{args:?} was accepted");

@@ -21,6 +21,8 @@ use tower_http::timeout::TimeoutLayer;
 use tower_idempotency::store::Store;
 use tower_idempotency::{CacheInfo, Idempotency, KeyFilter, StatsSnapshot};
 
+use crate::limits::EdgeStats;
+use crate::page::{self, RequestCount};
 use crate::problem::problem;
 
 /// How long `/healthz` waits for the store before calling it down.
@@ -34,6 +36,7 @@ pub(crate) struct AdminState<S> {
     engine: Idempotency<S>,
     waiting: Waiting,
     shutting_down: Arc<AtomicBool>,
+    edge: Arc<EdgeStats>,
 }
 
 impl<S> Clone for AdminState<S> {
@@ -42,17 +45,23 @@ impl<S> Clone for AdminState<S> {
             engine: self.engine.clone(),
             waiting: self.waiting.clone(),
             shutting_down: self.shutting_down.clone(),
+            edge: self.edge.clone(),
         }
     }
 }
 
-/// The admin routes over `engine`; `/healthz` fails once `shutting_down` is set.
+/// The admin routes over `engine` and the edge limits' `edge` counters;
+/// `/healthz` fails once `shutting_down` is set.
 pub(crate) fn router<S: Store>(
     engine: Idempotency<S>,
     waiting: Waiting,
     shutting_down: Arc<AtomicBool>,
+    edge: Arc<EdgeStats>,
 ) -> Router {
+    let counter = engine.clone();
+    let requests: RequestCount = Box::new(move || counter.stats().requests);
     Router::new()
+        .merge(page::router(requests))
         .route("/stats", get(stats::<S>))
         .route("/metrics", get(metrics::<S>))
         .route("/healthz", get(healthz::<S>))
@@ -68,6 +77,7 @@ pub(crate) fn router<S: Store>(
             engine,
             waiting,
             shutting_down,
+            edge,
         })
 }
 
@@ -114,6 +124,12 @@ async fn stats<S: Store>(State(state): State<AdminState<S>>) -> impl IntoRespons
         "store_up": u8::from(info.is_some()),
         // Duplicates waiting on a first request (--concurrent wait) or on a slow store.
         "waiting": (state.waiting)(),
+        // The edge limits (limits.rs).
+        "connections": EdgeStats::get(&state.edge.connections),
+        "connections_refused": EdgeStats::get(&state.edge.connections_refused),
+        "header_timeouts": EdgeStats::get(&state.edge.header_timeouts),
+        "body_timeouts": EdgeStats::get(&state.edge.body_timeouts),
+        "idle_closed": EdgeStats::get(&state.edge.idle_closed),
     }))
 }
 
@@ -121,7 +137,8 @@ async fn stats<S: Store>(State(state): State<AdminState<S>>) -> impl IntoRespons
 async fn metrics<S: Store>(State(state): State<AdminState<S>>) -> Response<Body> {
     let stats = state.engine.stats();
     let info = cache_info(&state.engine).await;
-    let registry = registry(&stats, info, (state.waiting)());
+    let mut registry = registry(&stats, info, (state.waiting)());
+    register_edge(&mut registry, &state.edge);
     let mut text = String::new();
     if let Err(e) = encode(&mut text, &registry) {
         return problem(
@@ -254,6 +271,40 @@ fn registry(s: &StatsSnapshot, info: Option<CacheInfo>, waiting: usize) -> Regis
         registry.register(name, help, ConstGauge::new(value));
     }
     registry
+}
+
+/// The edge limits' counters and the open connections gauge.
+fn register_edge(registry: &mut Registry, edge: &EdgeStats) {
+    let counters = [
+        (
+            "connections_refused",
+            "Connections closed on accept because --max-connections were open",
+            &edge.connections_refused,
+        ),
+        (
+            "header_timeouts",
+            "Connections closed because a request head did not arrive in time",
+            &edge.header_timeouts,
+        ),
+        (
+            "body_timeouts",
+            "Requests refused (408) because their body did not arrive in time",
+            &edge.body_timeouts,
+        ),
+        (
+            "idle_closed",
+            "Keep-alive connections closed for idling too long",
+            &edge.idle_closed,
+        ),
+    ];
+    for (name, help, counter) in counters {
+        registry.register(name, help, ConstCounter::new(EdgeStats::get(counter)));
+    }
+    registry.register(
+        "connections",
+        "Client connections open right now",
+        ConstGauge::new(EdgeStats::get(&edge.connections) as f64),
+    );
 }
 
 /// 200 while serving and the store answers; 503 while it does not (even

@@ -6,6 +6,8 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use http::Uri;
 
+use crate::limits::EdgeArgs;
+
 /// Puts idempotency (the `Idempotency-Key` header) in front of an HTTP
 /// upstream that does not have it: a retried POST or PATCH with the same key
 /// runs upstream once, and every retry gets the first response back.
@@ -89,6 +91,9 @@ pub(crate) struct Args {
     /// On SIGINT/SIGTERM, longest wait for in-flight requests, in seconds.
     #[arg(long, default_value = "30", value_parser = parse_seconds)]
     pub(crate) drain_timeout: Duration,
+
+    #[command(flatten)]
+    pub(crate) edge: EdgeArgs,
 }
 
 /// `--concurrent`.
@@ -101,7 +106,7 @@ pub(crate) enum ConcurrentFlag {
 }
 
 /// A positive number of seconds; fractions allowed (`0.5`).
-fn parse_seconds(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse_seconds(text: &str) -> Result<Duration, String> {
     let seconds: f64 = text
         .parse()
         .map_err(|_| format!("`{text}` is not a number of seconds"))?;

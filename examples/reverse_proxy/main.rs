@@ -8,8 +8,11 @@
 //!
 //! A POST or PATCH carrying `Idempotency-Key` runs upstream once; retries get
 //! the first response back with `idempotent-replayed: true`. The admin server
-//! (`--admin`, default 127.0.0.1:3002) answers `/stats`, `/metrics`,
-//! `/healthz`, `/keys` and `DELETE /keys/{key}`. `RUST_LOG` sets the log level.
+//! (`--admin`, default 127.0.0.1:3002) answers `/` (the operator's page),
+//! `/stats`, `/metrics`, `/healthz`, `/keys` and `DELETE /keys/{key}`.
+//! Clients are held to the edge limits of `limits.rs` (header, body and idle
+//! timeouts, a connection cap, an HTTP/2 stream cap). `RUST_LOG` sets the
+//! log level.
 
 use std::future::IntoFuture;
 use std::io::Write as _;
@@ -33,14 +36,20 @@ use tower_idempotency::{Concurrent, FailMode, Idempotency, IdempotencyLayer};
 use tracing_subscriber::EnvFilter;
 
 mod admin;
+mod body_timeout;
 mod cli;
+mod connection;
 mod demo;
 mod forward;
+mod limits;
+mod page;
 mod problem;
 mod shutdown;
 
+use body_timeout::BodyTimeoutLayer;
 use cli::{Args, ConcurrentFlag};
 use forward::Forwarder;
+use limits::EdgeStats;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -145,20 +154,22 @@ async fn serve<S: Store>(args: Args, engine: Idempotency<S>) -> Result<(), BoxEr
     let admin_addr = admin_listener.local_addr()?;
 
     let shutting_down = Arc::new(AtomicBool::new(false));
+    let edge_stats = Arc::new(EdgeStats::default());
     let forwarder = Forwarder::new(upstream.clone(), args.upstream_timeout);
-    let (app, waiting) = proxy_app(&args, &engine, forwarder)?;
-    let admin_app = admin::router(engine.clone(), waiting, shutting_down.clone());
+    let (app, waiting) = proxy_app(&args, &engine, forwarder, &edge_stats)?;
+    let admin_app = admin::router(
+        engine.clone(),
+        waiting,
+        shutting_down.clone(),
+        edge_stats.clone(),
+    );
 
     let (stop_proxy, proxy_stopped) = watch::channel(false);
     let (stop_admin, admin_stopped) = watch::channel(false);
-    let proxy = tokio::spawn(
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown::changed(proxy_stopped))
-        .into_future(),
-    );
+    let edge = args.edge.clone();
+    let proxy = tokio::spawn(async move {
+        limits::serve(listener, app, &edge, edge_stats, proxy_stopped).await;
+    });
     let admin = tokio::spawn(
         axum::serve(admin_listener, admin_app)
             .with_graceful_shutdown(shutdown::changed(admin_stopped))
@@ -186,8 +197,7 @@ async fn serve<S: Store>(args: Args, engine: Idempotency<S>) -> Result<(), BoxEr
     shutting_down.store(true, Ordering::SeqCst);
     let _ = stop_proxy.send(true);
     match tokio::time::timeout(args.drain_timeout, proxy).await {
-        Ok(Ok(Ok(()))) => tracing::info!("drained"),
-        Ok(Ok(Err(e))) => tracing::error!(error = %e, "proxy server failed"),
+        Ok(Ok(())) => tracing::info!("drained"),
         Ok(Err(e)) => tracing::error!(error = %e, "proxy server task failed"),
         Err(_) => tracing::warn!(
             drain_timeout = ?args.drain_timeout,
@@ -211,6 +221,7 @@ fn proxy_app<S: Store>(
     args: &Args,
     engine: &Idempotency<S>,
     forwarder: Forwarder,
+    edge_stats: &Arc<EdgeStats>,
 ) -> Result<(Router, admin::Waiting), BoxError> {
     let layer = IdempotencyLayer::with_engine(engine.clone())
         .require_key(args.require_key)
@@ -251,6 +262,10 @@ fn proxy_app<S: Store>(
                 ),
         )
         .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(BodyTimeoutLayer::new(
+            args.edge.body_read_timeout,
+            edge_stats.clone(),
+        ))
         .layer(layer)
         .service(forwarder);
     Ok((Router::new().fallback_service(service), waiting))
