@@ -54,7 +54,9 @@ impl RedisStoreBuilder {
     }
 
     /// Keeps up to `max_entries` completed records in process as well, so a
-    /// hot replay costs no round trip (default: no local tier).
+    /// hot replay costs no round trip (default: no local tier). When it is
+    /// full, the least recently used record leaves it first; every new one
+    /// is admitted.
     ///
     /// A record removed through another instance (`remove`, `clear`) stays in
     /// this instance's local tier for up to
