@@ -20,7 +20,7 @@ use super::{
     BeginOutcome, Entry, EntryKind, EntryState, LeaseToken, RemovalCounts, ScanEntry, Store,
     StoreError,
 };
-use crate::engine::ConfigError;
+use crate::engine::{ConfigError, MAX_DURATION};
 use crate::key::Fingerprint;
 use crate::record::{now_ms, SharedRecord};
 use crate::stats::CacheInfo;
@@ -346,6 +346,13 @@ fn take_held(
     }
 }
 
+/// When an entry written at `now` with `ttl` expires: a TTL past
+/// [`MAX_DURATION`] (a store is called with whatever TTL its caller has) is
+/// cut to it, so the addition cannot overflow.
+fn expiry(now: Instant, ttl: Duration) -> Instant {
+    now + ttl.min(MAX_DURATION)
+}
+
 /// A completed record, as the cache holds it: 24 bytes beside moka's own
 /// entry, since there is one per stored response.
 #[derive(Clone)]
@@ -358,7 +365,7 @@ impl Slot {
     fn new(record: SharedRecord, ttl: Duration) -> Self {
         Self {
             record,
-            expires_at: Instant::now() + ttl,
+            expires_at: expiry(Instant::now(), ttl),
         }
     }
 
@@ -463,7 +470,7 @@ impl Store for MemoryStore {
         let marker = Marker {
             fingerprint,
             lease,
-            expires_at: now + lease_ttl,
+            expires_at: expiry(now, lease_ttl),
             created_at_ms: now_ms(),
         };
         match entry {
@@ -506,7 +513,7 @@ impl Store for MemoryStore {
         if marker.lease != lease {
             return Ok(false);
         }
-        marker.expires_at = now + lease_ttl;
+        marker.expires_at = expiry(now, lease_ttl);
         Ok(true)
     }
 
