@@ -48,9 +48,10 @@
 mod config;
 mod handle;
 
+pub(crate) use config::check_duration;
 pub use config::{
     Concurrent, Config, ConfigError, IdempotencyBuilder, IntoStore, LeaseExpiry, DEFAULT_LEASE_TTL,
-    DEFAULT_TTL, DEFAULT_WAIT_TIMEOUT,
+    DEFAULT_TTL, DEFAULT_WAIT_TIMEOUT, MAX_DURATION,
 };
 pub use handle::KeyFilter;
 
@@ -318,7 +319,9 @@ impl<S: Store> Idempotency<S> {
         concurrent: Concurrent,
     ) -> Result<Begin<S>, StoreError> {
         let deadline = match concurrent {
-            Concurrent::Wait { timeout } => Some(tokio::time::Instant::now() + timeout),
+            Concurrent::Wait { timeout } => {
+                Some(tokio::time::Instant::now() + timeout.min(MAX_DURATION))
+            }
             Concurrent::Reject => None,
         };
         let result = self.begin_inner(key, fingerprint, deadline).await;

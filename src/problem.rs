@@ -37,6 +37,10 @@ pub const KEY_REUSED: &str = "tag:tower-idempotency,2026:key-reused";
 pub const CONFLICT: &str = "tag:tower-idempotency,2026:conflict";
 /// 503: the idempotency store could not be reached (`FailMode::Closed`).
 pub const STORE_UNAVAILABLE: &str = "tag:tower-idempotency,2026:store-unavailable";
+/// 500: the idempotency store answered with something it cannot stand by (a
+/// corrupt, foreign or unknown-version value under the key), whatever the
+/// fail mode.
+pub const STORE_FAILED: &str = "tag:tower-idempotency,2026:store-failed";
 /// 500: the service panicked while handling the request.
 pub const INTERNAL_ERROR: &str = "tag:tower-idempotency,2026:internal-error";
 
@@ -169,6 +173,17 @@ pub(crate) fn store_unavailable() -> Response<Bytes> {
         .headers_mut()
         .insert(RETRY_AFTER, HeaderValue::from_static("1"));
     response
+}
+
+pub(crate) fn store_failed() -> Response<Bytes> {
+    Problem::new(
+        STORE_FAILED,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "Idempotency store failed",
+        "The request was not processed: what the idempotency store holds for its \
+         Idempotency-Key cannot be read, so it is not known whether it already ran.",
+    )
+    .into_response()
 }
 
 pub(crate) fn internal_error() -> Response<Bytes> {

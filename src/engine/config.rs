@@ -11,6 +11,39 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(60);
 /// The default wait budget of [`Concurrent::Wait`]: 30 seconds.
 pub const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest duration any setting of this crate takes: a century.
+///
+/// One rule for every duration (record TTL, lease TTL, wait timeout,
+/// auto-cleanup interval, and the Redis store's local-cache TTL and
+/// timeouts): a builder refuses a longer one with a [`ConfigError`] that
+/// names this maximum, so `Duration::MAX` is an error at `build()`, never a
+/// panic when a clock reading plus the duration overflows later. Durations
+/// passed per call instead of set at build (the budget of a
+/// [`Concurrent::Wait`] handed to `begin`, the TTL handed to `put` or to a
+/// store) cannot be refused that way: they are cut to this maximum.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_idempotency::engine::MAX_DURATION;
+/// use tower_idempotency::Idempotency;
+///
+/// let error = Idempotency::builder().ttl(Duration::MAX).build().unwrap_err();
+/// assert!(error.to_string().contains("at most 3153600000 s"));
+/// assert!(Idempotency::builder().ttl(MAX_DURATION).build().is_ok());
+/// ```
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+
+/// Refuses a duration setting over [`MAX_DURATION`], naming the setting and
+/// the maximum.
+pub(crate) fn check_duration(name: &str, value: Duration) -> Result<(), ConfigError> {
+    if value > MAX_DURATION {
+        return Err(ConfigError::new(format!(
+            "{name} must be at most {} s (a century, MAX_DURATION), got {value:?}",
+            MAX_DURATION.as_secs()
+        )));
+    }
+    Ok(())
+}
 
 /// What a duplicate gets while the first request for its key is in flight.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -31,6 +64,14 @@ impl Concurrent {
     pub const fn wait() -> Self {
         Self::Wait {
             timeout: DEFAULT_WAIT_TIMEOUT,
+        }
+    }
+
+    /// Refuses a wait budget over [`MAX_DURATION`].
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        match *self {
+            Self::Wait { timeout } => check_duration("the wait timeout", timeout),
+            Self::Reject => Ok(()),
         }
     }
 }
@@ -79,7 +120,9 @@ impl Config {
         if self.lease_ttl.is_zero() {
             return Err(ConfigError::new("lease_ttl must be greater than zero"));
         }
-        Ok(())
+        check_duration("ttl", self.ttl)?;
+        check_duration("lease_ttl", self.lease_ttl)?;
+        self.concurrent.validate()
     }
 
     /// The TTL in-flight markers are written and renewed with.
@@ -223,8 +266,9 @@ impl<B: IntoStore> IdempotencyBuilder<B> {
     ///
     /// # Errors
     ///
-    /// [`ConfigError`] for a zero TTL, a zero lease TTL or an invalid store
-    /// configuration (such as a zero entry bound).
+    /// [`ConfigError`] for a zero TTL, a zero lease TTL, a duration over
+    /// [`MAX_DURATION`] or an invalid store configuration (such as a zero
+    /// entry bound).
     pub fn build(self) -> Result<Idempotency<B::Store>, ConfigError> {
         self.config.validate()?;
         Ok(Idempotency::from_parts(

@@ -173,13 +173,16 @@ impl<S: Store> Idempotency<S> {
     ///
     /// # Errors
     ///
-    /// [`ConfigError`] for a zero interval or when called outside a Tokio runtime.
+    /// [`ConfigError`] for a zero interval, one over
+    /// [`MAX_DURATION`](crate::engine::MAX_DURATION), or when called outside
+    /// a Tokio runtime.
     pub fn start_auto_cleanup(&self, interval: Duration) -> Result<(), ConfigError> {
         if interval.is_zero() {
             return Err(ConfigError::new(
                 "auto-cleanup interval must be greater than zero",
             ));
         }
+        super::check_duration("the auto-cleanup interval", interval)?;
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|_| ConfigError::new("auto-cleanup needs a Tokio runtime"))?;
         let engine = Arc::downgrade(&self.inner);

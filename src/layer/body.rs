@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use pin_project_lite::pin_project;
@@ -83,47 +83,53 @@ where
     }
 }
 
-/// The data frames of a body, gathered into one `Bytes`: a body of one
-/// frame (most are) is handed on as it came, without a copy; several are
-/// copied once, into a buffer of their exact size (a stored record keeps it).
+/// The data frames of a body, gathered into one `Bytes`, in about the
+/// heap its bytes need whatever their framing. A body of one frame (most
+/// are) is handed on as it came, without a copy. From a second frame on,
+/// every frame is copied into one growing buffer and dropped at once: a
+/// frame kept as it came would cost a handle per frame and keep alive the
+/// whole read buffer it was cut from, so a body sent one byte per chunk
+/// would hold tens of times its size. The buffer grows by doubling, so it
+/// holds at most twice the bytes gathered, and is trimmed to their size when
+/// the body ends (a stored record keeps it).
 #[derive(Debug, Default)]
 pub(crate) struct Gathered {
-    first: Option<Bytes>,
-    more: Vec<Bytes>,
-    len: usize,
+    /// The only frame so far, uncopied.
+    single: Option<Bytes>,
+    /// Every frame, copied, once there were two.
+    joined: Vec<u8>,
 }
 
 impl Gathered {
     /// Bytes gathered so far.
     pub(crate) fn len(&self) -> usize {
-        self.len
+        self.single.as_ref().map_or(self.joined.len(), Bytes::len)
     }
 
     pub(crate) fn push(&mut self, data: Bytes) {
         if data.is_empty() {
             return;
         }
-        self.len += data.len();
-        if self.first.is_none() {
-            self.first = Some(data);
-        } else {
-            self.more.push(data);
+        match self.single.take() {
+            None if self.joined.is_empty() => self.single = Some(data),
+            None => self.joined.extend_from_slice(&data),
+            Some(first) => {
+                self.joined.reserve_exact(first.len() + data.len());
+                self.joined.extend_from_slice(&first);
+                self.joined.extend_from_slice(&data);
+            }
         }
     }
 
     pub(crate) fn into_bytes(self) -> Bytes {
-        let Some(first) = self.first else {
-            return Bytes::new();
-        };
-        if self.more.is_empty() {
-            return first;
+        if let Some(single) = self.single {
+            return single;
         }
-        let mut whole = BytesMut::with_capacity(self.len);
-        whole.extend_from_slice(&first);
-        self.more
-            .iter()
-            .for_each(|data| whole.extend_from_slice(data));
-        whole.freeze()
+        let mut joined = self.joined;
+        // In place for a large buffer (the allocator shrinks its mapping),
+        // and `Bytes` then takes the vector without a copy.
+        joined.shrink_to_fit();
+        Bytes::from(joined)
     }
 }
 
@@ -280,6 +286,61 @@ mod tests {
     use http_body_util::BodyExt;
 
     use super::*;
+
+    const MIB: usize = 1 << 20;
+
+    /// Heap the gathered bytes hold: the uncopied frame, or the buffer.
+    fn held(gathered: &Gathered) -> usize {
+        gathered
+            .single
+            .as_ref()
+            .map_or(gathered.joined.capacity(), Bytes::len)
+    }
+
+    #[test]
+    fn one_byte_frames_cost_at_most_twice_their_size() {
+        let mut gathered = Gathered::default();
+        let mut most = 0;
+        for i in 0..MIB {
+            gathered.push(Bytes::copy_from_slice(&[i as u8]));
+            most = most.max(held(&gathered));
+            // (A vector holds at least 8 bytes once it holds any.)
+            assert!(held(&gathered) <= 2 * gathered.len().max(8), "at {i}");
+        }
+        assert_eq!(gathered.len(), MIB);
+        assert!(most <= 2 * MIB, "{most} bytes held for 1 MiB");
+        let whole = gathered.into_bytes();
+        assert_eq!(whole.len(), MIB);
+        assert!(whole.iter().enumerate().all(|(i, &b)| b == i as u8));
+    }
+
+    #[test]
+    fn many_small_frames_and_a_big_one_cost_at_most_twice_their_size() {
+        let mut gathered = Gathered::default();
+        gathered.push(Bytes::from(vec![1u8; MIB / 2]));
+        for _ in 0..(MIB / 2) / 100 {
+            gathered.push(Bytes::from(vec![2u8; 100]));
+            assert!(held(&gathered) <= 2 * gathered.len());
+        }
+        let len = gathered.len();
+        let whole = gathered.into_bytes();
+        assert_eq!(whole.len(), len);
+        assert_eq!(whole[0], 1);
+        assert_eq!(whole[len - 1], 2);
+    }
+
+    #[test]
+    fn a_single_frame_is_not_copied_and_empty_frames_are_nothing() {
+        let frame = Bytes::from(vec![7u8; MIB]);
+        let mut gathered = Gathered::default();
+        gathered.push(Bytes::new());
+        gathered.push(frame.clone());
+        gathered.push(Bytes::new());
+        assert_eq!(held(&gathered), MIB);
+        let whole = gathered.into_bytes();
+        assert_eq!(whole.as_ptr(), frame.as_ptr(), "the frame itself");
+        assert!(Gathered::default().into_bytes().is_empty());
+    }
 
     #[tokio::test]
     async fn a_channel_dropped_without_end_is_an_error() {

@@ -286,11 +286,16 @@ impl<B: IntoStore, K> IdempotencyLayerBuilder<B, K> {
     ///
     /// # Errors
     ///
-    /// [`ConfigError`] for a zero TTL or lease TTL, a zero store bound, or an
-    /// engine setting given next to [`IdempotencyLayer::with_engine`].
+    /// [`ConfigError`] for a zero TTL or lease TTL, a duration over
+    /// [`MAX_DURATION`](crate::engine::MAX_DURATION), a zero store bound, or
+    /// an engine setting given next to [`IdempotencyLayer::with_engine`].
     pub fn build(self) -> Result<IdempotencyLayer<B::Store, K>, ConfigError> {
         if let Some(error) = self.error {
             return Err(error);
+        }
+        if let Some(concurrent) = &self.http.concurrent {
+            // Checked here too: next to `with_engine`, it is the layer's own.
+            concurrent.validate()?;
         }
         let engine = match self.engine {
             EngineSpec::Build(builder) => builder.build()?,

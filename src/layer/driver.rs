@@ -305,6 +305,12 @@ async fn store_failed<Svc, S, K, ReqBody, ResBody>(
 {
     let settings = &shared.settings;
     match settings.fail_mode {
+        // The store answered, but not what it can stand by: fail-open is for
+        // a store that cannot be reached, never for one that may hold a result.
+        _ if !error.is_unavailable() => {
+            tracing::error!(%error, "idempotency store failed: answering 500");
+            send(reply, answer(problem::store_failed()));
+        }
         FailMode::Closed => {
             tracing::warn!(%error, "idempotency store failed: answering 503");
             send(reply, answer(problem::store_unavailable()));

@@ -23,7 +23,12 @@ pub enum FailMode {
     #[default]
     Closed,
     /// The request is passed to the service unprotected: availability over
-    /// at-most-once.
+    /// at-most-once. Only while the store cannot be reached or does not
+    /// answer in time ([`StoreError::is_unavailable`]); a store that answers
+    /// with a value it cannot read gets the request a 500, never an
+    /// unprotected run.
+    ///
+    /// [`StoreError::is_unavailable`]: crate::store::StoreError::is_unavailable
     Open,
 }
 

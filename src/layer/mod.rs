@@ -96,6 +96,7 @@
 //! | response status 5xx, 408 or 429 (default `store_status`) | returned, not stored, key released |
 //! | response body over `max_response_body` (default 1 MiB) | streamed through, not stored, key released |
 //! | store unreachable | `FailMode::Closed` (default): 503 problem+json with `Retry-After: 1`; `FailMode::Open`: passed through unprotected; both counted in `store_errors` |
+//! | store holds a corrupt, foreign or unknown-version value under the key | 500 problem+json whatever the fail mode (never an unprotected run), counted in `store_errors`, logged with the key |
 //!
 //! Replays drop hop-by-hop headers (and those named by `Connection`),
 //! `Date` (the server writes a fresh one) and, unless

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use moka::notification::RemovalCause;
+use moka::policy::EvictionPolicy;
 use moka::sync::Cache;
 use moka::Expiry;
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -19,7 +20,7 @@ use super::{
     BeginOutcome, Entry, EntryKind, EntryState, LeaseToken, RemovalCounts, ScanEntry, Store,
     StoreError,
 };
-use crate::engine::ConfigError;
+use crate::engine::{ConfigError, MAX_DURATION};
 use crate::key::Fingerprint;
 use crate::record::{now_ms, SharedRecord};
 use crate::stats::CacheInfo;
@@ -61,6 +62,16 @@ pub const DEFAULT_MAX_ENTRIES: u64 = 10_000;
 /// the total weight stays within `max_bytes`: so both bounds hold at once.
 /// Records removed to stay within bounds count as `evicted`, entries whose
 /// TTL ran out as `expired`.
+///
+/// # Eviction rule: the oldest go first
+///
+/// Every completed record is admitted, and the bounds are kept by evicting
+/// the least recently used records (written or replayed longest ago): a
+/// record is evicted only once `max_entries` newer or more recently used
+/// records exist, or, under a byte bound, once the newer ones fill it. So
+/// the retry of a recent request always finds its record, however full the
+/// cache (moka's LRU policy; its default, TinyLFU, may turn a new record
+/// away, and with it the result its retry needs).
 ///
 /// # Example
 ///
@@ -147,8 +158,15 @@ impl MemoryStoreBuilder {
     fn assemble(self) -> MemoryStore {
         let counters = Arc::new(RemovalCounters::default());
         let listener_counters = counters.clone();
-        let builder = Cache::builder().expire_after(SlotExpiry).eviction_listener(
-            move |_key, _slot, cause| match cause {
+        // LRU, not moka's default TinyLFU: TinyLFU's admission filter turns
+        // away a new record that has been seen no more often than the one it
+        // would evict, and a just-completed record has been seen once, like
+        // every other: a full cache would throw away the newest results,
+        // whose retries are the most likely to come.
+        let builder = Cache::builder()
+            .eviction_policy(EvictionPolicy::lru())
+            .expire_after(SlotExpiry)
+            .eviction_listener(move |_key, _slot, cause| match cause {
                 RemovalCause::Expired => {
                     listener_counters.expired.fetch_add(1, Relaxed);
                 }
@@ -156,8 +174,7 @@ impl MemoryStoreBuilder {
                     listener_counters.evicted.fetch_add(1, Relaxed);
                 }
                 RemovalCause::Explicit | RemovalCause::Replaced => {}
-            },
-        );
+            });
         let cache = match self.max_bytes {
             None => builder
                 .max_capacity(self.max_entries)
@@ -329,6 +346,13 @@ fn take_held(
     }
 }
 
+/// When an entry written at `now` with `ttl` expires: a TTL past
+/// [`MAX_DURATION`] (a store is called with whatever TTL its caller has) is
+/// cut to it, so the addition cannot overflow.
+fn expiry(now: Instant, ttl: Duration) -> Instant {
+    now + ttl.min(MAX_DURATION)
+}
+
 /// A completed record, as the cache holds it: 24 bytes beside moka's own
 /// entry, since there is one per stored response.
 #[derive(Clone)]
@@ -341,7 +365,7 @@ impl Slot {
     fn new(record: SharedRecord, ttl: Duration) -> Self {
         Self {
             record,
-            expires_at: Instant::now() + ttl,
+            expires_at: expiry(Instant::now(), ttl),
         }
     }
 
@@ -446,7 +470,7 @@ impl Store for MemoryStore {
         let marker = Marker {
             fingerprint,
             lease,
-            expires_at: now + lease_ttl,
+            expires_at: expiry(now, lease_ttl),
             created_at_ms: now_ms(),
         };
         match entry {
@@ -489,7 +513,7 @@ impl Store for MemoryStore {
         if marker.lease != lease {
             return Ok(false);
         }
-        marker.expires_at = now + lease_ttl;
+        marker.expires_at = expiry(now, lease_ttl);
         Ok(true)
     }
 

@@ -315,4 +315,22 @@ impl StoreError {
     pub fn backend(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
         Self::Backend(error.into())
     }
+
+    /// Whether the store could not be reached or did not answer in time
+    /// ([`Unavailable`](Self::Unavailable)): the only failure on which
+    /// [`FailMode::Open`](crate::FailMode::Open) lets a request through
+    /// unprotected. Anything else means the store answered, with a value it
+    /// cannot read (corrupt, foreign, of an unknown version) or an error: it
+    /// cannot say whether the action already ran, so running it unprotected
+    /// could run it twice. Such a request gets a 500 whatever the fail mode.
+    ///
+    /// ```
+    /// use tower_idempotency::store::StoreError;
+    ///
+    /// assert!(StoreError::unavailable("connection refused").is_unavailable());
+    /// assert!(!StoreError::backend("WRONGTYPE").is_unavailable());
+    /// ```
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Self::Unavailable(_))
+    }
 }

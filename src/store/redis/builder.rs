@@ -6,6 +6,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::convert::map_error;
 use super::{local::LocalTier, notify::Notices, RedisStore};
+use crate::engine::check_duration;
 use crate::store::StoreError;
 use tokio::sync::oneshot;
 
@@ -54,7 +55,9 @@ impl RedisStoreBuilder {
     }
 
     /// Keeps up to `max_entries` completed records in process as well, so a
-    /// hot replay costs no round trip (default: no local tier).
+    /// hot replay costs no round trip (default: no local tier). When it is
+    /// full, the least recently used record leaves it first; every new one
+    /// is admitted.
     ///
     /// A record removed through another instance (`remove`, `clear`) stays in
     /// this instance's local tier for up to
@@ -105,7 +108,9 @@ impl RedisStoreBuilder {
     ///
     /// # Errors
     ///
-    /// [`StoreError::Backend`] for an invalid URL or setting,
+    /// [`StoreError::Backend`] for an invalid URL or setting (a duration over
+    /// [`MAX_DURATION`](crate::engine::MAX_DURATION) among them: its source
+    /// is a [`ConfigError`](crate::ConfigError) naming the maximum),
     /// [`StoreError::Unavailable`] when Redis cannot be reached.
     pub async fn build(self) -> Result<RedisStore, StoreError> {
         let (store, subscribed) = self.assemble()?;
@@ -124,8 +129,8 @@ impl RedisStoreBuilder {
     ///
     /// # Errors
     ///
-    /// [`StoreError::Backend`] for an invalid URL or setting, or outside a
-    /// Tokio runtime.
+    /// [`StoreError::Backend`] for an invalid URL or setting (as for
+    /// [`build`](Self::build)), or outside a Tokio runtime.
     pub fn build_lazy(self) -> Result<RedisStore, StoreError> {
         self.assemble().map(|(store, _subscribed)| store)
     }
@@ -138,6 +143,13 @@ impl RedisStoreBuilder {
             return Err(StoreError::backend(
                 "redis timeouts must be greater than zero",
             ));
+        }
+        for (name, value) in [
+            ("connection_timeout", self.connection_timeout),
+            ("response_timeout", self.response_timeout),
+            ("local_cache_ttl", self.local_cache_ttl),
+        ] {
+            check_duration(name, value).map_err(StoreError::backend)?;
         }
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(StoreError::backend("RedisStore needs a Tokio runtime"));

@@ -164,4 +164,105 @@ mod tests {
         ));
         assert_eq!(peek(b"garbage"), None);
     }
+
+    /// Property tests: the codec takes any bytes (arbitrary, or a valid
+    /// encoding flipped, cut short or extended) and answers a value or an
+    /// error, never a panic; what it answers encodes back to itself.
+    mod properties {
+        use super::*;
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+
+        fn a_marker() -> impl Strategy<Value = Marker> {
+            (any::<u128>(), any::<[u8; 32]>(), any::<u64>()).prop_map(
+                |(lease, fingerprint, created_at_ms)| Marker {
+                    lease: LeaseToken::from_u128(lease),
+                    fingerprint: Fingerprint::from_bytes(fingerprint),
+                    created_at_ms,
+                },
+            )
+        }
+
+        fn a_record() -> impl Strategy<Value = Record> {
+            (any::<[u8; 32]>(), vec(any::<u8>(), 0..48)).prop_map(|(fingerprint, value)| {
+                Record::value(Fingerprint::from_bytes(fingerprint), Bytes::from(value))
+            })
+        }
+
+        /// Decodes and peeks `bytes`, checking what they answer.
+        fn check(bytes: &[u8]) -> Result<(), TestCaseError> {
+            match decode(bytes) {
+                Ok(Stored::Marker(marker)) => {
+                    prop_assert_eq!(&marker.encode()[..], bytes);
+                    prop_assert_eq!(
+                        peek(bytes),
+                        Some((EntryKind::InFlight, marker.created_at_ms))
+                    );
+                }
+                Ok(Stored::Record(record)) => {
+                    prop_assert_eq!(Record::decode(&record.encode()), Ok(record));
+                }
+                Err(_) => {}
+            }
+            let _ = peek(&bytes[..bytes.len().min(PEEK_LEN)]);
+            Ok(())
+        }
+
+        /// Flips bytes of `bytes`, then cuts it at `keep` (if shorter) and
+        /// appends `extra`.
+        fn mutate(bytes: &[u8], flips: &[(usize, u8)], keep: usize, extra: &[u8]) -> Vec<u8> {
+            let mut bytes = bytes.to_vec();
+            for &(at, mask) in flips {
+                let at = at % bytes.len();
+                bytes[at] ^= mask;
+            }
+            bytes.truncate(keep);
+            bytes.extend_from_slice(extra);
+            bytes
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2_000))]
+
+            #[test]
+            fn arbitrary_bytes_never_panic(bytes in vec(any::<u8>(), 0..128)) {
+                check(&bytes)?;
+            }
+
+            #[test]
+            fn bytes_behind_a_marker_header_never_panic(
+                version in any::<u8>(),
+                rest in vec(any::<u8>(), 0..96),
+            ) {
+                let mut bytes = MARKER_MAGIC.to_vec();
+                bytes.push(version);
+                bytes.extend_from_slice(&rest);
+                check(&bytes)?;
+            }
+
+            #[test]
+            fn mutated_markers_never_panic(
+                marker in a_marker(),
+                flips in vec((any::<usize>(), 1u8..=255), 0..4),
+                keep in 0..=MARKER_LEN,
+                extra in vec(any::<u8>(), 0..8),
+            ) {
+                let bytes = marker.encode();
+                check(&bytes)?;
+                check(&mutate(&bytes, &flips, keep, &extra))?;
+            }
+
+            #[test]
+            fn mutated_records_never_panic(
+                record in a_record(),
+                flips in vec((any::<usize>(), 1u8..=255), 0..4),
+                keep in any::<usize>(),
+                extra in vec(any::<u8>(), 0..8),
+            ) {
+                let bytes = record.encode();
+                check(&bytes)?;
+                check(&mutate(&bytes, &flips, keep % (bytes.len() + 1), &extra))?;
+            }
+        }
+    }
 }

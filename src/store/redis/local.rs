@@ -1,8 +1,14 @@
 //! The optional local tier: completed records kept in process, so a hot
 //! replay costs no round trip to Redis.
+//!
+//! Like the memory store, the tier admits every record and evicts the least
+//! recently used first (moka's LRU policy, not TinyLFU, which may turn the
+//! newest record away): the records most likely to be replayed, the recent
+//! ones, are the ones it keeps.
 
 use std::time::{Duration, Instant};
 
+use moka::policy::EvictionPolicy;
 use moka::sync::Cache;
 use moka::Expiry;
 
@@ -46,6 +52,7 @@ impl LocalTier {
     pub(super) fn new(max_entries: u64, max_ttl: Duration) -> Self {
         Self {
             cache: Cache::builder()
+                .eviction_policy(EvictionPolicy::lru())
                 .max_capacity(max_entries)
                 .expire_after(KeepFor)
                 .build(),
