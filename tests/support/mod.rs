@@ -69,18 +69,43 @@ pub(crate) async fn until_ok<T, E: std::fmt::Debug, F: Future<Output = Result<T,
     }
 }
 
-/// A `redis-server` this test started on its own port, without persistence.
+/// A `redis-server` this test started on its own port, without persistence,
+/// killed when dropped. A test may pause it ([`pause`](Self::pause)) without
+/// disturbing the shared Redis other tests use.
 pub(crate) struct OwnRedis {
     port: u16,
+    args: Vec<String>,
     child: Option<Child>,
 }
 
 impl OwnRedis {
     /// Starts `redis-server` on `port` and waits until it answers.
     pub(crate) async fn start(port: u16) -> Self {
-        let mut redis = Self { port, child: None };
+        Self::start_with(port, &[]).await
+    }
+
+    /// Starts `redis-server` on `port` with extra arguments (`"--maxmemory-policy",
+    /// "allkeys-lru"`) and waits until it answers.
+    pub(crate) async fn start_with(port: u16, args: &[&str]) -> Self {
+        let args = args.iter().map(|arg| (*arg).to_owned()).collect();
+        let mut redis = Self {
+            port,
+            args,
+            child: None,
+        };
         redis.restart().await;
         redis
+    }
+
+    /// Stops the server (SIGSTOP): connections stay open, commands sent are
+    /// neither answered nor lost, as with a server stalled by a long command.
+    pub(crate) fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused server go on (SIGCONT): it runs what was sent meanwhile.
+    pub(crate) fn resume(&self) {
+        self.signal("-CONT");
     }
 
     pub(crate) fn url(&self) -> String {
@@ -92,6 +117,7 @@ impl OwnRedis {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
