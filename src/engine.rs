@@ -25,6 +25,20 @@
 //! While a lease is held the engine renews it every third of the lease TTL, so
 //! a slow action is never taken over.
 //!
+//! # When the store stalls
+//!
+//! * A `complete` that fails (the store is unreachable or times out) is
+//!   retried with backoff while the lease is surely still ours: until one
+//!   lease TTL after the store last confirmed it. Each failure counts in
+//!   `store_errors`; a final failure is logged with the key. Duplicates
+//!   waiting in this process get the result only once it is stored.
+//! * A `begin` whose answer never came (it timed out, or its future was
+//!   dropped while the store worked) may still have written the marker. The
+//!   engine made that token and nothing ran under it, so it releases it in
+//!   the background, retrying until the store answers, and the key does not
+//!   stay refused for the lease TTL (or, under [`LeaseExpiry::Block`], the
+//!   record TTL). Releases that failed are retried the same way.
+//!
 //! # Single-flight
 //!
 //! Within one process, duplicates of a key that is being begun or run join
