@@ -148,6 +148,31 @@ impl OwnRedis {
         assert!(status.success(), "kill {signal} {pid} failed");
     }
 
+    /// Makes the server refuse every write with an `OOM` error (as a full
+    /// Redis under `noeviction` does) until [`accept_writes`](Self::accept_writes).
+    pub(crate) async fn refuse_writes(&self) {
+        self.set_maxmemory("1").await;
+    }
+
+    /// Lets the server accept writes again.
+    pub(crate) async fn accept_writes(&self) {
+        self.set_maxmemory("0").await;
+    }
+
+    async fn set_maxmemory(&self, bytes: &str) {
+        let client = redis::Client::open(self.url()).unwrap();
+        until_ok(|| async {
+            let mut connection = client.get_multiplexed_async_connection().await?;
+            redis::cmd("CONFIG")
+                .arg("SET")
+                .arg("maxmemory")
+                .arg(bytes)
+                .query_async::<()>(&mut connection)
+                .await
+        })
+        .await;
+    }
+
     /// Kills the server (SIGKILL) and waits until it is gone.
     pub(crate) async fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

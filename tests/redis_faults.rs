@@ -1,5 +1,6 @@
-//! The engine on a Redis that stalls (the test's own `redis-server`, paused
-//! with SIGSTOP and resumed with SIGCONT): a result the process holds is not
+//! The engine on a Redis that fails for a moment (the test's own
+//! `redis-server`, paused with SIGSTOP and resumed with SIGCONT, or made to
+//! refuse writes as a full Redis does): a result the process holds is not
 //! dropped on one failed write, and a `begin` whose answer was lost does not
 //! wedge its key.
 #![cfg(feature = "redis")]
@@ -116,6 +117,57 @@ async fn a_result_whose_write_failed_is_stored_once_redis_answers_again() {
             }
             other => panic!("the retry got {other:?}"),
         }
+    }
+    assert_eq!(engine.stats().executed, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_whose_write_redis_refused_is_stored_once_it_accepts_writes() {
+    let redis = OwnRedis::start(free_port()).await;
+    let engine = Idempotency::builder()
+        .store(impatient_store(&redis).await)
+        .lease_ttl(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    load_scripts(&engine).await;
+    engine.reset_stats();
+    let fp = Fingerprint::of_bytes(b"order 10");
+    let Begin::Execute(lease) = engine
+        .begin("s:a:refused", fp, Concurrent::Reject)
+        .await
+        .unwrap()
+    else {
+        panic!("the first call runs");
+    };
+    let follower = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.begin("s:a:refused", fp, Concurrent::wait()).await }
+    });
+
+    // Unlike a pause, the refused write is gone: only a retry stores it.
+    redis.refuse_writes().await;
+    let completing = tokio::spawn(lease.complete(value(fp, "sent once")));
+    until(|| engine.stats().store_errors >= 2).await;
+    assert!(!completing.is_finished());
+    assert!(!follower.is_finished());
+
+    redis.accept_writes().await;
+    let stored = timeout(LIMIT, completing).await.unwrap().unwrap();
+    assert!(matches!(stored, Ok(true)), "{stored:?}");
+    match timeout(LIMIT, follower).await.unwrap().unwrap().unwrap() {
+        Begin::Replay {
+            record,
+            coalesced: true,
+        } => assert_eq!(record.as_value().unwrap(), "sent once"),
+        other => panic!("the waiting duplicate got {other:?}"),
+    }
+    match engine
+        .begin("s:a:refused", fp, Concurrent::Reject)
+        .await
+        .unwrap()
+    {
+        Begin::Replay { record, .. } => assert_eq!(record.as_value().unwrap(), "sent once"),
+        other => panic!("the retry got {other:?}"),
     }
     assert_eq!(engine.stats().executed, 1);
 }
