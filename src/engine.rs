@@ -223,6 +223,9 @@ enum FlightOutcome {
     Running,
     /// The leader holds the lease and runs the action.
     Executing,
+    /// The store answered that another process runs the action; the leader
+    /// (under `Wait`) polls it until it ends.
+    InFlightElsewhere,
     Completed(SharedRecord),
     /// Ended without a stored result: waiters start over.
     Released,
@@ -417,7 +420,9 @@ impl<S: Store> Idempotency<S> {
                         FlightOutcome::Completed(record) => {
                             return Ok(replay_or_mismatch(record, fingerprint, false));
                         }
-                        FlightOutcome::Executing => return Ok(conflict),
+                        FlightOutcome::Executing | FlightOutcome::InFlightElsewhere => {
+                            return Ok(conflict)
+                        }
                         // Released: start over.
                         FlightOutcome::Released | FlightOutcome::Running => continue,
                     }
@@ -452,7 +457,7 @@ impl<S: Store> Idempotency<S> {
                 asked: None,
             };
             let led = self
-                .lead(&key, fingerprint, deadline, &mut leading.asked)
+                .lead(&key, &flight, fingerprint, deadline, &mut leading.asked)
                 .await;
             if let Some(token) = leading.asked.take() {
                 // The store failed to answer: the marker may be written.
@@ -501,6 +506,7 @@ impl<S: Store> Idempotency<S> {
     async fn lead(
         &self,
         key: &str,
+        flight: &Flight,
         fingerprint: Fingerprint,
         deadline: Option<tokio::time::Instant>,
         asked: &mut Option<LeaseToken>,
@@ -537,6 +543,8 @@ impl<S: Store> Idempotency<S> {
                     if now >= deadline {
                         return Ok(Led::Conflict);
                     }
+                    // Duplicates under `Reject` need not wait for the polls.
+                    flight.set(FlightOutcome::InFlightElsewhere);
                     // Until the next poll, or until the store announces that
                     // the key changed (Redis pub/sub), whichever is first.
                     self.inner
