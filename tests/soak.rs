@@ -200,10 +200,8 @@ async fn soak<S: Store>(
 /// marker any more (background completions and releases have run).
 async fn what_the_store_holds<S: Store>(engine: &Idempotency<S>) -> Vec<Bytes> {
     loop {
-        let entries = match engine.keys(&KeyFilter::new()).await {
-            Ok(entries) => entries,
-            Err(_) => Vec::new(),
-        };
+        // A store still recovering answers an error: ask again.
+        let entries = engine.keys(&KeyFilter::new()).await.unwrap_or_default();
         if !entries.is_empty() && entries.iter().all(|e| e.kind == EntryKind::Completed) {
             let mut bodies = Vec::new();
             for entry in entries {
@@ -267,16 +265,23 @@ mod redis_stores {
         // Mid-run Redis stops answering for a while (commands sent meanwhile
         // run when it resumes), then refuses every write for a while (they
         // are lost): begins fail (503 or 500), completes are retried.
+        // Once per six seconds or so of the run.
         let duration = duration();
-        let faults = async {
-            tokio::time::sleep(duration * 3 / 10).await;
-            redis.pause();
-            tokio::time::sleep(Duration::from_millis(1500)).await;
-            redis.resume();
-            tokio::time::sleep(duration / 5).await;
-            redis.refuse_writes().await;
-            tokio::time::sleep(Duration::from_millis(1000)).await;
-            redis.accept_writes().await;
+        let cycles = (duration.as_secs() / 6).max(1) as u32;
+        let cycle = duration / cycles;
+        let redis = &redis;
+        let faults = async move {
+            for _ in 0..cycles {
+                tokio::time::sleep(cycle * 3 / 10).await;
+                redis.pause();
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                redis.resume();
+                tokio::time::sleep(cycle / 5).await;
+                redis.refuse_writes().await;
+                tokio::time::sleep(Duration::from_millis(1000)).await;
+                redis.accept_writes().await;
+                tokio::time::sleep(cycle / 2 - Duration::from_millis(2500).min(cycle / 2)).await;
+            }
         };
         // Redis neither evicts (its policy is `noeviction`) nor expires a
         // record within the run: no key may run twice.
