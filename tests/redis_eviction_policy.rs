@@ -3,29 +3,21 @@
 //! `tracing`; `noeviction`, or a Redis that refuses `CONFIG`, does not.
 #![cfg(feature = "redis")]
 
-use std::io;
-use std::sync::{Arc, Mutex};
-
 use tokio::time::timeout;
 use tower_idempotency::RedisStore;
 
 mod support;
 
-use support::{free_port, prefix, OwnRedis, LIMIT};
+use support::{free_port, prefix, Logs, OwnRedis, LIMIT};
 
 /// Everything logged at debug level and above while the store connects to a
 /// Redis started with `args`.
 async fn logs_of_connecting_with(args: &[&str]) -> String {
     let redis = OwnRedis::start_with(free_port(), args).await;
     let logs = Logs::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::DEBUG)
-        .with_ansi(false)
-        .with_writer(logs.clone())
-        .finish();
     // The test's runtime is single-threaded: the store connects on this
     // thread, under this subscriber.
-    let _default = tracing::subscriber::set_default(subscriber);
+    let _default = logs.capture_on_this_thread();
     let store = timeout(
         LIMIT,
         RedisStore::builder(redis.url()).prefix(prefix()).build(),
@@ -66,33 +58,4 @@ async fn a_redis_that_refuses_config_is_noted_at_debug_level_only() {
             .any(|line| line.contains("DEBUG") && line.contains("maxmemory-policy")),
         "{logs}"
     );
-}
-
-/// A `tracing` writer into a shared buffer.
-#[derive(Clone, Default)]
-struct Logs(Arc<Mutex<Vec<u8>>>);
-
-impl Logs {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-impl io::Write for Logs {
-    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
-    type Writer = Self;
-
-    fn make_writer(&'a self) -> Self {
-        self.clone()
-    }
 }

@@ -13,7 +13,7 @@ use tower_idempotency::{Begin, Concurrent, Fingerprint, Idempotency, LeaseExpiry
 
 mod support;
 
-use support::{free_port, prefix, value, OwnRedis, LIMIT};
+use support::{free_port, prefix, value, Logs, OwnRedis, LIMIT};
 
 /// A store on `redis` that gives up on an answer after 300 ms.
 async fn impatient_store(redis: &OwnRedis) -> RedisStore {
@@ -201,15 +201,26 @@ async fn a_write_that_fails_past_the_lease_ttl_gives_up_and_hands_followers_noth
     });
 
     redis.pause();
-    let stored = timeout(LIMIT, lease.complete(value(fp, "unrecorded")))
-        .await
-        .unwrap();
-    // Retried until the lease would have expired, then given up.
+    let logs = Logs::default();
+    let stored = {
+        // `complete` runs on this thread: its log lines are captured.
+        let _capture = logs.capture_on_this_thread();
+        timeout(LIMIT, lease.complete(value(fp, "unrecorded")))
+            .await
+            .unwrap()
+    };
+    // Retried until the lease would have expired, then given up, and said so.
     assert!(
         matches!(stored, Err(StoreError::Unavailable(_))),
         "{stored:?}"
     );
     assert!(engine.stats().store_errors >= 2, "{:?}", engine.stats());
+    let logs = logs.text();
+    assert!(
+        logs.lines()
+            .any(|line| line.contains("ERROR") && line.contains("s:a:lost")),
+        "{logs}"
+    );
     // The follower was not handed a result that was never stored: it started
     // over, and found the store still unreachable.
     let followed = timeout(LIMIT, follower).await.unwrap().unwrap();
