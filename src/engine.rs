@@ -76,6 +76,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use tokio::task::AbortHandle;
+use tracing::Instrument;
 
 use crate::key::Fingerprint;
 use crate::record::{Record, SharedRecord};
@@ -836,26 +837,39 @@ impl<S: Store> Drop for Lease<S> {
         };
         match state {
             LeaseState::Completing(record) => {
-                runtime.spawn(async move {
-                    let _ =
-                        complete_until_lease_expires(&engine, &key, token, &flight, &record, true)
-                            .await;
-                });
+                runtime.spawn(
+                    async move {
+                        let _ = complete_until_lease_expires(
+                            &engine, &key, token, &flight, &record, true,
+                        )
+                        .await;
+                    }
+                    .in_current_span(),
+                );
             }
             // Release before telling the waiters, so the one that starts
             // over finds the key free rather than polling a stale marker.
             LeaseState::Held => {
-                runtime.spawn(async move {
-                    let result = engine.inner.store.release(&key, token).await;
-                    if let Err(error) = engine.counted(result) {
-                        tracing::warn!(%error, key, "idempotency lease release failed; retrying in the background");
-                        let until = flight.lease_ours_until(engine.inner.config.marker_ttl());
-                        engine.release_later(key.clone(), token, until);
-                    }
-                    engine.end_flight(&key, &flight, FlightOutcome::Released);
-                });
+                runtime.spawn(release_now(engine, key, token, flight).in_current_span());
             }
             LeaseState::Finished => {}
         }
     }
+}
+
+/// Releases a dropped lease's key, queueing the release to be retried if the
+/// store fails, then tells the waiters.
+async fn release_now<S: Store>(
+    engine: Idempotency<S>,
+    key: String,
+    token: LeaseToken,
+    flight: Arc<Flight>,
+) {
+    let result = engine.inner.store.release(&key, token).await;
+    if let Err(error) = engine.counted(result) {
+        tracing::warn!(%error, key, "idempotency lease release failed; retrying in the background");
+        let until = flight.lease_ours_until(engine.inner.config.marker_ttl());
+        engine.release_later(key.clone(), token, until);
+    }
+    engine.end_flight(&key, &flight, FlightOutcome::Released);
 }
