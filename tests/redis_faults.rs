@@ -303,3 +303,47 @@ async fn unanswered_begins_do_not_wedge_their_keys_under_takeover() {
 async fn unanswered_begins_do_not_wedge_their_keys_under_block() {
     unanswered_begins_do_not_wedge_their_keys(LeaseExpiry::Block).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_complete_dropped_while_it_retries_goes_on_in_the_background() {
+    let redis = OwnRedis::start(free_port()).await;
+    let engine = Idempotency::builder()
+        .store(impatient_store(&redis).await)
+        .lease_ttl(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    load_scripts(&engine).await;
+    engine.reset_stats();
+    let fp = Fingerprint::of_bytes(b"order 12");
+    let Begin::Execute(lease) = engine
+        .begin("s:a:handed-off", fp, Concurrent::Reject)
+        .await
+        .unwrap()
+    else {
+        panic!("the first call runs");
+    };
+
+    redis.refuse_writes().await;
+    let completing = tokio::spawn(lease.complete(value(fp, "kept")));
+    until(|| engine.stats().store_errors >= 1).await;
+    // The caller goes away mid-retry (a client that disconnected): the
+    // result must not be dropped with it, nor the key released.
+    completing.abort();
+    assert!(timeout(LIMIT, completing).await.unwrap().is_err());
+    redis.accept_writes().await;
+
+    let replayed = timeout(LIMIT, async {
+        loop {
+            match engine.begin("s:a:handed-off", fp, Concurrent::Reject).await {
+                Ok(Begin::Replay { record, .. }) => return record,
+                // Still being stored in the background.
+                Ok(Begin::Conflict { .. }) => tokio::time::sleep(Duration::from_millis(20)).await,
+                other => panic!("the retry got {other:?}: the result was dropped"),
+            }
+        }
+    })
+    .await
+    .expect("the result is stored in the background");
+    assert_eq!(replayed.as_value().unwrap(), "kept");
+    assert_eq!(engine.stats().executed, 1);
+}
