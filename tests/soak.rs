@@ -128,23 +128,22 @@ async fn soak<S: Store>(
         }
     }
     // Runs whose client gave up go on in the background: wait for them.
-    let executed = || engines.iter().map(|e| e.stats().executed).sum::<u64>();
     let settled = timeout(LIMIT, async {
-        while runs.running() > 0 || executed() != runs.count() as u64 {
+        while runs.running() > 0 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
     .await;
     if settled.is_err() {
         failures.push(format!(
-            "not settled after {LIMIT:?}: {} runs running, {} runs, executed {}",
-            runs.running(),
-            runs.count(),
-            executed()
+            "{} runs still running after {LIMIT:?}",
+            runs.running()
         ));
     }
 
-    // Far less than the lease TTL: a marker left behind is not mistaken for
+    // Every run holds its key's marker until its result is stored or its
+    // key released: once no marker is left, every run has ended. Wait far
+    // less than the lease TTL, so a marker left behind is not mistaken for
     // one released.
     let markers_gone = Duration::from_secs(10);
     let stored = match timeout(markers_gone, what_the_store_holds(&engines[0])).await {
