@@ -124,10 +124,6 @@ impl Runs {
         self.0.lock().unwrap().clone()
     }
 
-    pub(crate) fn count(&self) -> usize {
-        self.0.lock().unwrap().len()
-    }
-
     pub(crate) fn running(&self) -> usize {
         let runs = self.0.lock().unwrap();
         runs.iter()
