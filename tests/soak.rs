@@ -149,11 +149,14 @@ async fn soak<S: Store>(
     let stored = match timeout(markers_gone, what_the_store_holds(&engines[0])).await {
         Ok(stored) => stored,
         Err(_) => {
-            let held = engines[0].keys(&KeyFilter::new()).await.map(|entries| {
-                let markers = entries
-                    .into_iter()
-                    .filter(|e| e.kind == EntryKind::InFlight);
-                markers.map(|e| e.key).collect::<Vec<_>>()
+            let keys = timeout(LIMIT, engines[0].keys(&KeyFilter::new())).await;
+            let held = keys.map(|keys| {
+                keys.map(|entries| {
+                    let markers = entries
+                        .into_iter()
+                        .filter(|e| e.kind == EntryKind::InFlight);
+                    markers.map(|e| e.key).collect::<Vec<_>>()
+                })
             });
             failures.push(format!(
                 "in-flight markers still held {markers_gone:?} after the last run: {held:?}"
