@@ -20,7 +20,8 @@
 //!    TTL, only if the lease is still the caller's (fencing).
 //! 3. Dropping a [`Lease`] without completing it releases the marker: on an
 //!    error, a panic (the lease drops while unwinding) or a cancelled future.
-//!    No code path can forget it.
+//!    No code path can forget it. (A `complete` dropped before the store
+//!    confirmed it goes on storing the result in the background instead.)
 //!
 //! While a lease is held the engine renews it every third of the lease TTL, so
 //! a slow action is never taken over.
@@ -45,7 +46,8 @@
 //! the first caller's *flight* instead of going to the store: a thousand
 //! concurrent duplicates cost one store round trip. A follower with another
 //! fingerprint is a mismatch at once; under `Reject` a follower is a conflict
-//! at once; under `Wait` it waits for the flight's outcome, replays a result,
+//! as soon as the leader's first store answer says the key is in flight (or
+//! replays the result that answer found); under `Wait` it waits for the flight's outcome, replays a result,
 //! or starts over (and may become the new leader) when the flight ends
 //! without one.
 //!
