@@ -20,10 +20,25 @@
 //!    TTL, only if the lease is still the caller's (fencing).
 //! 3. Dropping a [`Lease`] without completing it releases the marker: on an
 //!    error, a panic (the lease drops while unwinding) or a cancelled future.
-//!    No code path can forget it.
+//!    No code path can forget it. (A `complete` dropped before the store
+//!    confirmed it goes on storing the result in the background instead.)
 //!
 //! While a lease is held the engine renews it every third of the lease TTL, so
 //! a slow action is never taken over.
+//!
+//! # When the store stalls
+//!
+//! * A `complete` that fails (the store is unreachable or times out) is
+//!   retried with backoff while the lease is surely still ours: until one
+//!   lease TTL after the store last confirmed it. Each failure counts in
+//!   `store_errors`; a final failure is logged with the key. Duplicates
+//!   waiting in this process get the result only once it is stored.
+//! * A `begin` whose answer never came (it timed out, or its future was
+//!   dropped while the store worked) may still have written the marker. The
+//!   engine made that token and nothing ran under it, so it releases it in
+//!   the background, retrying until the store answers, and the key does not
+//!   stay refused for the lease TTL (or, under [`LeaseExpiry::Block`], the
+//!   record TTL). Releases that failed are retried the same way.
 //!
 //! # Single-flight
 //!
@@ -31,7 +46,8 @@
 //! the first caller's *flight* instead of going to the store: a thousand
 //! concurrent duplicates cost one store round trip. A follower with another
 //! fingerprint is a mismatch at once; under `Reject` a follower is a conflict
-//! at once; under `Wait` it waits for the flight's outcome, replays a result,
+//! as soon as the leader's first store answer says the key is in flight (or
+//! replays the result that answer found); under `Wait` it waits for the flight's outcome, replays a result,
 //! or starts over (and may become the new leader) when the flight ends
 //! without one.
 //!
@@ -47,6 +63,7 @@
 
 mod config;
 mod handle;
+mod retry;
 
 pub(crate) use config::check_duration;
 pub use config::{
@@ -62,11 +79,14 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use tokio::task::AbortHandle;
+use tracing::Instrument;
 
 use crate::key::Fingerprint;
 use crate::record::{Record, SharedRecord};
 use crate::stats::Stats;
 use crate::store::{BeginOutcome, LeaseToken, MemoryStore, Store, StoreError};
+
+use self::retry::{complete_until_lease_expires, PendingReleases};
 
 /// The idempotency engine and its handle. Cheap to clone (an `Arc` inside).
 ///
@@ -120,6 +140,8 @@ struct Inner<S> {
     flights: Mutex<HashMap<String, Arc<Flight>>>,
     heartbeat: Mutex<Option<AbortHandle>>,
     auto_cleanup: Mutex<Option<AbortHandle>>,
+    /// Tokens to release once the store answers again.
+    releases: PendingReleases,
 }
 
 impl<S> Drop for Inner<S> {
@@ -129,6 +151,7 @@ impl<S> Drop for Inner<S> {
                 task.abort();
             }
         }
+        self.releases.stop();
     }
 }
 
@@ -137,6 +160,9 @@ struct Flight {
     fingerprint: Fingerprint,
     /// Set once the leader holds the store lease; the heartbeat renews it.
     lease: std::sync::OnceLock<LeaseToken>,
+    /// When the lease was last known to be ours: just before the `begin` that
+    /// acquired it, or the latest `renew` that found it.
+    confirmed_at: Mutex<tokio::time::Instant>,
     /// Where the flight is, and its followers' wake-up. One `Notify`, not a
     /// `watch` channel: a `watch` send wakes eight shards of waiters, sixteen
     /// lock round trips for the two sends of every run, most often with
@@ -150,9 +176,23 @@ impl Flight {
         Self {
             fingerprint,
             lease: std::sync::OnceLock::new(),
+            confirmed_at: Mutex::new(tokio::time::Instant::now()),
             outcome: Mutex::new(FlightOutcome::Running),
             changed: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Records that the store held the lease as of `asked_at` (when the
+    /// request that found it was sent).
+    fn confirm(&self, asked_at: tokio::time::Instant) {
+        let mut confirmed = lock(&self.confirmed_at);
+        *confirmed = (*confirmed).max(asked_at);
+    }
+
+    /// Until when the lease is surely ours, if nothing renews it: `lease_ttl`
+    /// after it was last confirmed.
+    fn lease_ours_until(&self, lease_ttl: Duration) -> tokio::time::Instant {
+        later(*lock(&self.confirmed_at), lease_ttl)
     }
 
     /// Moves the flight on, and wakes its followers.
@@ -187,6 +227,9 @@ enum FlightOutcome {
     Running,
     /// The leader holds the lease and runs the action.
     Executing,
+    /// The store answered that another process runs the action; the leader
+    /// (under `Wait`) polls it until it ends.
+    InFlightElsewhere,
     Completed(SharedRecord),
     /// Ended without a stored result: waiters start over.
     Released,
@@ -260,6 +303,7 @@ impl<S: Store> Idempotency<S> {
                 flights: Mutex::new(HashMap::new()),
                 heartbeat: Mutex::new(None),
                 auto_cleanup: Mutex::new(None),
+                releases: PendingReleases::default(),
             }),
         }
     }
@@ -382,7 +426,9 @@ impl<S: Store> Idempotency<S> {
                         FlightOutcome::Completed(record) => {
                             return Ok(replay_or_mismatch(record, fingerprint, false));
                         }
-                        FlightOutcome::Executing => return Ok(conflict),
+                        FlightOutcome::Executing | FlightOutcome::InFlightElsewhere => {
+                            return Ok(conflict)
+                        }
                         // Released: start over.
                         FlightOutcome::Released | FlightOutcome::Running => continue,
                     }
@@ -408,17 +454,25 @@ impl<S: Store> Idempotency<S> {
 
             // If this future is dropped while the store answers, the guard
             // ends the flight, so followers start over instead of waiting on
-            // a leader that is gone. (A marker the store wrote meanwhile
-            // expires with its lease TTL.)
-            let abandoned = EndFlightOnDrop {
+            // a leader that is gone, and releases the token the store was
+            // asked for: it may have written the marker.
+            let mut leading = Leading {
                 engine: self,
                 key: &key,
                 flight: &flight,
+                asked: None,
             };
-            let led = self.lead(&key, fingerprint, deadline).await;
-            std::mem::forget(abandoned);
+            let led = self
+                .lead(&key, &flight, fingerprint, deadline, &mut leading.asked)
+                .await;
+            if let Some(token) = leading.asked.take() {
+                // The store failed to answer: the marker may be written.
+                self.release_later(key.clone(), token, self.marker_expiry());
+            }
+            std::mem::forget(leading);
             match led {
-                Ok(Led::Acquired(token)) => {
+                Ok(Led::Acquired { token, asked_at }) => {
+                    flight.confirm(asked_at);
                     let _ = flight.lease.set(token);
                     flight.set(FlightOutcome::Executing);
                     self.start_heartbeat();
@@ -427,7 +481,7 @@ impl<S: Store> Idempotency<S> {
                         key,
                         token,
                         flight,
-                        finished: false,
+                        state: LeaseState::Held,
                     }));
                 }
                 Ok(Led::Completed(record)) => {
@@ -452,23 +506,35 @@ impl<S: Store> Idempotency<S> {
 
     /// The leader's part: ask the store, and under `Wait` poll it (with
     /// backoff, within the deadline) while another process holds the lease.
+    /// `asked` holds the token of a `begin` sent and not answered (the store
+    /// failed, or this future is dropped meanwhile): the store may have
+    /// written its marker.
     async fn lead(
         &self,
         key: &str,
+        flight: &Flight,
         fingerprint: Fingerprint,
         deadline: Option<tokio::time::Instant>,
+        asked: &mut Option<LeaseToken>,
     ) -> Result<Led, StoreError> {
         let marker_ttl = self.inner.config.marker_ttl();
         let mut backoff = Duration::from_millis(5);
         loop {
             let token = LeaseToken::random();
-            match self
+            let asked_at = tokio::time::Instant::now();
+            *asked = Some(token);
+            let answer = self
                 .inner
                 .store
                 .begin(key, fingerprint, token, marker_ttl)
-                .await?
-            {
-                BeginOutcome::Acquired => return Ok(Led::Acquired(token)),
+                .await;
+            // Only an unanswered `begin` may have written unseen: any answer,
+            // a decoding error included, says what the key holds.
+            if !matches!(answer, Err(StoreError::Unavailable(_))) {
+                *asked = None;
+            }
+            match answer? {
+                BeginOutcome::Acquired => return Ok(Led::Acquired { token, asked_at }),
                 BeginOutcome::Completed(record) => return Ok(Led::Completed(record)),
                 BeginOutcome::InFlight {
                     fingerprint: held, ..
@@ -483,6 +549,8 @@ impl<S: Store> Idempotency<S> {
                     if now >= deadline {
                         return Ok(Led::Conflict);
                     }
+                    // Duplicates under `Reject` need not wait for the polls.
+                    flight.set(FlightOutcome::InFlightElsewhere);
                     // Until the next poll, or until the store announces that
                     // the key changed (Redis pub/sub), whichever is first.
                     self.inner
@@ -539,6 +607,11 @@ impl<S: Store> Idempotency<S> {
         self.counted(self.inner.store.put(key, Arc::new(record), ttl).await)
     }
 
+    /// When a marker written now would expire, if nothing renewed it.
+    fn marker_expiry(&self) -> tokio::time::Instant {
+        later(tokio::time::Instant::now(), self.inner.config.marker_ttl())
+    }
+
     fn counted<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
         if result.is_err() {
             Stats::incr(&self.inner.stats.store_errors);
@@ -547,22 +620,31 @@ impl<S: Store> Idempotency<S> {
     }
 }
 
-/// Ends a flight whose leader's `begin` future was dropped mid-way.
-struct EndFlightOnDrop<'a, S: Store> {
+/// A leader asking the store. Dropped (its `begin` future was), it ends the
+/// flight and releases the token of a `begin` still unanswered.
+struct Leading<'a, S: Store> {
     engine: &'a Idempotency<S>,
     key: &'a str,
     flight: &'a Arc<Flight>,
+    asked: Option<LeaseToken>,
 }
 
-impl<S: Store> Drop for EndFlightOnDrop<'_, S> {
+impl<S: Store> Drop for Leading<'_, S> {
     fn drop(&mut self) {
+        if let Some(token) = self.asked.take() {
+            let until = self.engine.marker_expiry();
+            self.engine.release_later(self.key.to_owned(), token, until);
+        }
         self.engine
             .end_flight(self.key, self.flight, FlightOutcome::Released);
     }
 }
 
 enum Led {
-    Acquired(LeaseToken),
+    Acquired {
+        token: LeaseToken,
+        asked_at: tokio::time::Instant,
+    },
     Completed(SharedRecord),
     Mismatch,
     Conflict,
@@ -589,18 +671,34 @@ async fn heartbeat<S: Store>(engine: Weak<Inner<S>>, period: Duration) {
         let Some(inner) = engine.upgrade() else {
             return;
         };
-        let held: Vec<(String, LeaseToken)> = lock(&inner.flights)
+        let held: Vec<(String, LeaseToken, Arc<Flight>)> = lock(&inner.flights)
             .iter()
-            .filter_map(|(key, flight)| flight.lease.get().map(|token| (key.clone(), *token)))
+            .filter_map(|(key, flight)| {
+                let token = *flight.lease.get()?;
+                Some((key.clone(), token, flight.clone()))
+            })
             .collect();
         let marker_ttl = inner.config.marker_ttl();
-        for (key, token) in held {
-            if let Err(error) = inner.store.renew(&key, token, marker_ttl).await {
-                Stats::incr(&inner.stats.store_errors);
-                tracing::warn!(%error, key, "idempotency lease renewal failed");
+        for (key, token, flight) in held {
+            let asked_at = tokio::time::Instant::now();
+            match inner.store.renew(&key, token, marker_ttl).await {
+                Ok(true) => flight.confirm(asked_at),
+                Ok(false) => {}
+                Err(error) => {
+                    Stats::incr(&inner.stats.store_errors);
+                    tracing::warn!(%error, key, "idempotency lease renewal failed");
+                }
             }
         }
     }
+}
+
+/// `instant + duration`, or a year on when that would overflow (a TTL of
+/// `Duration::MAX`): far enough never to come in a process's lifetime.
+fn later(instant: tokio::time::Instant, duration: Duration) -> tokio::time::Instant {
+    instant
+        .checked_add(duration)
+        .unwrap_or_else(|| instant + Duration::from_secs(365 * 24 * 60 * 60))
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -621,7 +719,18 @@ pub struct Lease<S: Store> {
     key: String,
     token: LeaseToken,
     flight: Arc<Flight>,
-    finished: bool,
+    state: LeaseState,
+}
+
+/// What dropping the lease must still do.
+enum LeaseState {
+    /// Release the key: the action did not produce a result to keep.
+    Held,
+    /// Finish storing this result in the background: `complete` was dropped
+    /// before the store confirmed it.
+    Completing(SharedRecord),
+    /// Nothing: completed or released.
+    Finished,
 }
 
 impl<S: Store> std::fmt::Debug for Lease<S> {
@@ -654,63 +763,118 @@ impl<S: Store> Lease<S> {
     /// (it expired and another caller took the key over): the record is then
     /// not stored.
     ///
+    /// A write that fails (the store is unreachable or times out) is retried
+    /// with backoff, each failure counted in `store_errors`, for as long as
+    /// the lease is surely still ours: until one lease TTL after the store
+    /// last confirmed it (the `begin`, or the latest renewal). The future
+    /// ends when the record is stored or the retries give up. Dropped before
+    /// then, it goes on storing the record in the background rather than
+    /// releasing the key: the action ran, and its result is the only record
+    /// that it did.
+    ///
+    /// Duplicates waiting in this process are handed `record` only once it
+    /// is stored. Meanwhile they wait (within their own wait budget); if it
+    /// is never stored (lease lost, retries exhausted) they start over as
+    /// after a release, and find the key as the store holds it.
+    ///
     /// # Errors
     ///
-    /// The [`StoreError`] of a store that failed; the marker is then left to
-    /// expire with its lease TTL.
+    /// The last [`StoreError`] once the retries gave up (logged with the
+    /// key). The marker is not released: under `LeaseExpiry::Takeover` it
+    /// expires with its lease TTL and a retry then runs the action again;
+    /// under `LeaseExpiry::Block` it refuses retries until the record TTL.
     pub async fn complete(mut self, record: Record) -> Result<bool, StoreError> {
         let record = Arc::new(record);
-        let inner = &self.engine.inner;
-        let result = inner
-            .store
-            .complete(&self.key, self.token, record.clone(), inner.config.ttl)
-            .await;
-        self.finished = true;
-        let outcome = match &result {
-            Ok(_) => FlightOutcome::Completed(record),
-            Err(_) => FlightOutcome::Released,
-        };
-        self.engine.end_flight(&self.key, &self.flight, outcome);
-        self.engine.counted(result)
+        self.state = LeaseState::Completing(record.clone());
+        let stored = complete_until_lease_expires(
+            &self.engine,
+            &self.key,
+            self.token,
+            &self.flight,
+            &record,
+            false,
+        )
+        .await;
+        self.state = LeaseState::Finished;
+        stored
     }
 
     /// Deletes the marker now, so the next retry runs the action.
     ///
     /// # Errors
     ///
-    /// The [`StoreError`] of a store that failed; the marker is then left to
-    /// expire with its lease TTL.
+    /// The [`StoreError`] of a store that failed; the engine then retries the
+    /// release in the background until the store answers or the marker
+    /// expires.
     pub async fn release(mut self) -> Result<(), StoreError> {
         let result = self.engine.inner.store.release(&self.key, self.token).await;
-        self.finished = true;
+        self.state = LeaseState::Finished;
+        if result.is_err() {
+            self.release_later();
+        }
         self.engine
             .end_flight(&self.key, &self.flight, FlightOutcome::Released);
         self.engine.counted(result).map(drop)
+    }
+
+    /// Hands the release to the engine's background queue.
+    fn release_later(&self) {
+        let marker_ttl = self.engine.inner.config.marker_ttl();
+        let until = self.flight.lease_ours_until(marker_ttl);
+        self.engine
+            .release_later(self.key.clone(), self.token, until);
     }
 }
 
 impl<S: Store> Drop for Lease<S> {
     fn drop(&mut self) {
-        if self.finished {
+        let state = std::mem::replace(&mut self.state, LeaseState::Finished);
+        if matches!(state, LeaseState::Finished) {
             return;
         }
         let engine = self.engine.clone();
         let key = std::mem::take(&mut self.key);
         let token = self.token;
         let flight = self.flight.clone();
-        match tokio::runtime::Handle::try_current() {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            engine.end_flight(&key, &flight, FlightOutcome::Released);
+            return;
+        };
+        match state {
+            LeaseState::Completing(record) => {
+                runtime.spawn(
+                    async move {
+                        let _ = complete_until_lease_expires(
+                            &engine, &key, token, &flight, &record, true,
+                        )
+                        .await;
+                    }
+                    .in_current_span(),
+                );
+            }
             // Release before telling the waiters, so the one that starts
             // over finds the key free rather than polling a stale marker.
-            Ok(runtime) => {
-                runtime.spawn(async move {
-                    let result = engine.inner.store.release(&key, token).await;
-                    if let Err(error) = engine.counted(result) {
-                        tracing::warn!(%error, key, "idempotency lease release failed");
-                    }
-                    engine.end_flight(&key, &flight, FlightOutcome::Released);
-                });
+            LeaseState::Held => {
+                runtime.spawn(release_now(engine, key, token, flight).in_current_span());
             }
-            Err(_) => engine.end_flight(&key, &flight, FlightOutcome::Released),
+            LeaseState::Finished => {}
         }
     }
+}
+
+/// Releases a dropped lease's key, queueing the release to be retried if the
+/// store fails, then tells the waiters.
+async fn release_now<S: Store>(
+    engine: Idempotency<S>,
+    key: String,
+    token: LeaseToken,
+    flight: Arc<Flight>,
+) {
+    let result = engine.inner.store.release(&key, token).await;
+    if let Err(error) = engine.counted(result) {
+        tracing::warn!(%error, key, "idempotency lease release failed; retrying in the background");
+        let until = flight.lease_ours_until(engine.inner.config.marker_ttl());
+        engine.release_later(key.clone(), token, until);
+    }
+    engine.end_flight(&key, &flight, FlightOutcome::Released);
 }

@@ -115,6 +115,7 @@ impl RedisStoreBuilder {
     pub async fn build(self) -> Result<RedisStore, StoreError> {
         let (store, subscribed) = self.assemble()?;
         store.connect().await?;
+        store.warn_if_redis_can_evict().await;
         if let Some(subscribed) = subscribed {
             // Notices flow from here on; if the subscription is slow, they
             // start later and waiters poll meanwhile.

@@ -24,6 +24,12 @@
 //!   an outage, say) costs only latency: the engine also polls the key with
 //!   backoff, within the wait budget.
 //!
+//! * Run Redis with `maxmemory-policy noeviction` (its default). A policy
+//!   that evicts keys with a TTL (`allkeys-*`, `volatile-*`) can drop an
+//!   in-flight marker under memory pressure, which lets a retry run an action
+//!   twice; [`RedisStoreBuilder::build`] reads the policy (`CONFIG GET`, where
+//!   allowed) and warns through `tracing` when it can.
+//!
 //! The connection is to one Redis node (or a proxy). The scripts touch one key
 //! each, as Redis Cluster requires, but a Cluster client is not wired in.
 //!
@@ -48,6 +54,7 @@ use crate::stats::CacheInfo;
 mod builder;
 mod codec;
 mod convert;
+mod eviction;
 mod local;
 mod notify;
 mod scan;
