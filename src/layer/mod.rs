@@ -119,9 +119,10 @@ mod driver;
 mod future;
 #[allow(clippy::module_inception)]
 mod layer;
+mod recording;
 mod replay;
 mod service;
-mod stream;
+mod tee;
 
 pub use body::{BoxError, RequestBody, ResponseBody};
 pub use builder::IdempotencyLayerBuilder;
