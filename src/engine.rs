@@ -699,13 +699,15 @@ impl<S: Store> Drop for Lease<S> {
             // Release before telling the waiters, so the one that starts
             // over finds the key free rather than polling a stale marker.
             Ok(runtime) => {
-                runtime.spawn(async move {
+                let release = async move {
                     let result = engine.inner.store.release(&key, token).await;
                     if let Err(error) = engine.counted(result) {
                         tracing::warn!(%error, key, "idempotency lease release failed");
                     }
                     engine.end_flight(&key, &flight, FlightOutcome::Released);
-                });
+                };
+                // In the span of the request that dropped it, if any.
+                runtime.spawn(tracing::Instrument::in_current_span(release));
             }
             Err(_) => engine.end_flight(&key, &flight, FlightOutcome::Released),
         }

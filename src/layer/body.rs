@@ -239,9 +239,10 @@ where
         match &self.kind {
             ResponseKind::Passthrough { body } => body.is_end_stream(),
             ResponseKind::Full { body } => body.is_end_stream(),
-            ResponseKind::Recorded { recorded } => {
-                recorded.state.as_ref().is_none_or(|state| state.is_end_stream())
-            }
+            ResponseKind::Recorded { recorded } => recorded
+                .state
+                .as_ref()
+                .is_none_or(|state| state.is_end_stream()),
             ResponseKind::Held { data, last } => data.is_none() && last.is_none(),
         }
     }
@@ -365,7 +366,10 @@ where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
-    pub(crate) fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<FrameResult>> {
+    pub(crate) fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<FrameResult>> {
         let mut this = self.project();
         loop {
             if let Some(pending) = this.pending.as_mut() {

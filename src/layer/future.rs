@@ -183,7 +183,10 @@ where
     B::Error: Into<BoxError>,
 {
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<Response<ResponseBody<B>>, E>> {
-        let stage = self.stage.as_mut().expect("a request is polled until handed off");
+        let stage = self
+            .stage
+            .as_mut()
+            .expect("a request is polled until handed off");
         let recorded = |body, tee| (self.recorded)(body, tee, self.span.clone(), self.left);
         stage.as_mut().poll(cx, recorded)
     }
@@ -341,7 +344,8 @@ where
             .get(CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse().ok())
     });
-    let complete = body.is_end_stream() || body.size_hint().exact().is_some_and(|len| len <= HELD_BODY);
+    let complete =
+        body.is_end_stream() || body.size_hint().exact().is_some_and(|len| len <= HELD_BODY);
     let tee = Tee::new(recorder, declared);
     if complete {
         return Next::Stage(Stage::Gathering {

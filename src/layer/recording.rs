@@ -27,7 +27,11 @@ pub(crate) struct Recording<S: Store, K> {
 }
 
 impl<S: Store, K> Recording<S, K> {
-    pub(crate) fn new(lease: Lease<S>, fingerprint: Fingerprint, shared: Arc<Shared<S, K>>) -> Self {
+    pub(crate) fn new(
+        lease: Lease<S>,
+        fingerprint: Fingerprint,
+        shared: Arc<Shared<S, K>>,
+    ) -> Self {
         Self {
             lease,
             fingerprint,
@@ -75,7 +79,10 @@ impl<S: Store, K: Send + Sync + 'static> Recorder for Recording<S, K> {
             body: body.into_bytes(),
         };
         Box::pin(async move {
-            match lease.complete(Record::response(fingerprint, response)).await {
+            match lease
+                .complete(Record::response(fingerprint, response))
+                .await
+            {
                 Ok(true) => {}
                 Ok(false) => {
                     Stats::incr(&shared.engine.counters().not_stored);
