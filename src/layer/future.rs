@@ -138,12 +138,15 @@ pub(crate) struct Protected<F, B, E> {
     left: Left,
     // A function pointer, made where `F: Send + 'static` is known: `Drop`
     // cannot ask for more bounds than the type has.
-    on_drop: Option<fn(Pin<Box<Stage<F, B, E>>>, Span)>,
+    on_drop: Option<Finish<F, B, E>>,
     /// Makes the recorded body (its hand-off needs `B: Send + 'static`).
     recorded: RecordedBody<B>,
 }
 
 type RecordedBody<B> = fn(B, Tee, Span, Left) -> ResponseBody<B>;
+
+/// Hands a request whose client went away to a task.
+type Finish<F, B, E> = fn(Pin<Box<Stage<F, B, E>>>, Span);
 
 impl<F, B, E> Protected<F, B, E>
 where
