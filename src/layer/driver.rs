@@ -29,11 +29,12 @@ use tokio::runtime::Handle;
 use tower_service::Service;
 use tracing::Span;
 
-use super::body::{BoxError, Gathered, Left, RequestBody};
+use super::body::{BoxError, Gathered, RequestBody};
 use super::future::{Begun, Protected};
 use super::layer::{Disconnect, FailMode, Settings, Shared};
 use super::recording::{release, Recording};
 use super::replay::replay;
+use super::tee::Left;
 use crate::engine::{Begin, Lease};
 use crate::key::{canonical_json, Fingerprint, FingerprintMode, KeyParts};
 use crate::problem;

@@ -13,8 +13,8 @@ use http_body::Body;
 use pin_project_lite::pin_project;
 use tracing::Span;
 
-use super::body::{BoxError, Gathered, Left, ResponseBody, TeeBody};
-use super::tee::{hand_off, GiveUp, Pending, Recorder, Tee};
+use super::body::{BoxError, Gathered, ResponseBody};
+use super::tee::{hand_off, GiveUp, Left, Pending, Recorder, Tee, TeeBody};
 use crate::problem;
 
 /// A body of at most this many bytes, its length known up front, is read
