@@ -7,6 +7,7 @@
 #   bash benches/load.sh                 # 10 s per run, 2 threads, 64 connections
 #   DURATION=30s CONNECTIONS=128 bash benches/load.sh
 #   RUNS=first bash benches/load.sh      # only the first-request run
+#   RUNS=first PROXY_BIN=path/to/reverse_proxy bash benches/load.sh  # another build
 #
 # Last, first requests (a new key each: the handler runs and the response is
 # stored) through examples/reverse_proxy on Redis (REDIS_URL, default
@@ -75,8 +76,11 @@ start() {
 # Prints the first-request run: first requests (a new key each) over ONE
 # kept-alive connection through examples/reverse_proxy on Redis.
 first_requests() {
-    echo "building examples/reverse_proxy (release, feature redis)..."
-    cargo build --release --quiet --features redis --example reverse_proxy
+    local proxy=${PROXY_BIN:-target/release/examples/reverse_proxy}
+    if [ -z "${PROXY_BIN:-}" ]; then
+        echo "building examples/reverse_proxy (release, feature redis)..."
+        cargo build --release --quiet --features redis --example reverse_proxy
+    fi
     local hostport=${REDIS_URL#redis://}
     hostport=${hostport%%/*}
     if ! (exec 3<>"/dev/tcp/${hostport%:*}/${hostport##*:}") 2>/dev/null; then
@@ -87,7 +91,7 @@ first_requests() {
     # keeps nothing of this run.
     local prefix
     prefix="load-first-$$-$(date +%s):"
-    start_binary target/release/examples/reverse_proxy "$PROXY_ADDR" \
+    start_binary "$proxy" "$PROXY_ADDR" \
         --admin "$PROXY_ADMIN_ADDR" --redis "$REDIS_URL" --redis-prefix "$prefix" --ttl 60
     cat >"$work/first.lua" <<EOF
 wrk.method = "POST"
