@@ -129,24 +129,32 @@ where
 }
 
 /// A protected request from the inner service's call to the response head
-/// handed on. Boxed, so that a client going away can hand it to a task.
+/// handed on. Its state is boxed (one pointer in the response future), so
+/// that a client going away can hand it to a task.
 pub(crate) struct Protected<F, B, E> {
     // `None` once handed to a task.
-    stage: Option<Pin<Box<Stage<F, B, E>>>>,
-    /// The request's span, for what runs on after its client went away.
-    span: Span,
-    left: Left,
-    // A function pointer, made where `F: Send + 'static` is known: `Drop`
-    // cannot ask for more bounds than the type has.
-    on_drop: Option<Finish<F, B, E>>,
-    /// Makes the recorded body (its hand-off needs `B: Send + 'static`).
-    recorded: RecordedBody<B>,
+    run: Option<Pin<Box<Run<F, B, E>>>>,
 }
 
+pin_project! {
+    struct Run<F, B, E> {
+        // The request's span, for what runs on after its client went away.
+        span: Span,
+        left: Left,
+        // Function pointers, made where `F: Send + 'static` is known: `Drop`
+        // cannot ask for more bounds than the type has.
+        on_drop: Option<Finish<F, B, E>>,
+        recorded: RecordedBody<B>,
+        #[pin]
+        stage: Stage<F, B, E>,
+    }
+}
+
+/// Makes a recorded body (its hand-off needs `B: Send + 'static`).
 type RecordedBody<B> = fn(B, Tee, Span, Left) -> ResponseBody<B>;
 
 /// Hands a request whose client went away to a task.
-type Finish<F, B, E> = fn(Pin<Box<Stage<F, B, E>>>, Span);
+type Finish<F, B, E> = fn(Pin<Box<Run<F, B, E>>>);
 
 impl<F, B, E> Protected<F, B, E>
 where
@@ -164,17 +172,15 @@ where
         span: Span,
         left: Left,
     ) -> Self {
-        let stage = Box::pin(Stage::Running { future, recorder });
-        Self::staged(stage, span, left)
-    }
-
-    fn staged(stage: Pin<Box<Stage<F, B, E>>>, span: Span, left: Left) -> Self {
-        Self {
-            stage: Some(stage),
+        let run = Run {
             span,
             left,
             on_drop: (left == Left::Finish).then_some(finish::<F, B, E>),
             recorded: ResponseBody::recorded,
+            stage: Stage::Running { future, recorder },
+        };
+        Self {
+            run: Some(Box::pin(run)),
         }
     }
 }
@@ -186,38 +192,47 @@ where
     B::Error: Into<BoxError>,
 {
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<Response<ResponseBody<B>>, E>> {
-        let stage = self
-            .stage
+        let run = self
+            .run
             .as_mut()
-            .expect("a request is polled until handed off");
-        let recorded = |body, tee| (self.recorded)(body, tee, self.span.clone(), self.left);
-        stage.as_mut().poll(cx, recorded)
+            .expect("a request is polled until handed off")
+            .as_mut()
+            .project();
+        let (span, left, recorded) = (&*run.span, *run.left, *run.recorded);
+        run.stage
+            .poll(cx, |body, tee| recorded(body, tee, span.clone(), left))
     }
 }
 
 impl<F, B, E> Drop for Protected<F, B, E> {
     fn drop(&mut self) {
-        if let (Some(finish), Some(stage)) = (self.on_drop, self.stage.take()) {
-            finish(stage, std::mem::replace(&mut self.span, Span::none()));
+        if let Some(run) = self.run.take() {
+            if let Some(finish) = run.on_drop {
+                finish(run);
+            }
         }
     }
 }
 
 /// Runs what a client left of its request on a task: the service to its
 /// answer, then the body to its end, so the record is stored.
-fn finish<F, B, E>(stage: Pin<Box<Stage<F, B, E>>>, span: Span)
+fn finish<F, B, E>(mut run: Pin<Box<Run<F, B, E>>>)
 where
     F: Future<Output = Result<Response<B>, E>> + Send + 'static,
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
     E: Send + 'static,
 {
-    if !matches!(*stage, Stage::Running { .. } | Stage::Gathering { .. }) {
+    if !matches!(run.stage, Stage::Running { .. } | Stage::Gathering { .. }) {
         return; // answered, or releasing: nothing runs on
     }
     // Already on the task: dropped there (the runtime shutting down), it is
     // dropped for good.
-    let mut left = Protected::staged(stage, span.clone(), Left::Nothing);
+    let this = run.as_mut().project();
+    *this.on_drop = None;
+    *this.left = Left::Nothing;
+    let span = this.span.clone();
+    let mut left = Protected { run: Some(run) };
     hand_off(span, async move {
         if let Ok(response) = poll_fn(|cx| left.poll(cx)).await {
             let mut body = std::pin::pin!(response.into_body());

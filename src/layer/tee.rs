@@ -128,12 +128,29 @@ pub(crate) enum Left {
 }
 
 /// A first response's body as the client reads it: the inner body and its
-/// tee. Its state is boxed so that a client going away can hand it
-/// to a task (a pinned body cannot move; its box can).
+/// tee. Its state is boxed (one pointer in the response body) so that a
+/// client going away can hand it to a task (a pinned body cannot move; its
+/// box can).
 pub(crate) struct Recorded<B> {
-    state: Option<Pin<Box<TeeBody<B>>>>,
-    span: Span,
-    on_drop: OnDrop<B>,
+    state: Option<Pin<Box<RecordedState<B>>>>,
+}
+
+pin_project! {
+    struct RecordedState<B> {
+        // The request's span, for what runs on after its client went away.
+        span: Span,
+        on_drop: OnDrop<B>,
+        #[pin]
+        body: TeeBody<B>,
+    }
+}
+
+enum OnDrop<B> {
+    // A function pointer, made where `B: Send + 'static` is known: `Drop`
+    // cannot ask for more bounds than the type has.
+    Finish(fn(Pin<Box<RecordedState<B>>>)),
+    StoreOnly,
+    Nothing,
 }
 
 impl<B> Recorded<B> {
@@ -149,10 +166,13 @@ impl<B> Recorded<B> {
             Left::StoreOnly => OnDrop::StoreOnly,
             Left::Nothing => OnDrop::Nothing,
         };
-        Self {
-            state: Some(Box::pin(TeeBody::new(body, tee))),
+        let state = RecordedState {
             span,
             on_drop,
+            body: TeeBody::new(body, tee),
+        };
+        Self {
+            state: Some(Box::pin(state)),
         }
     }
 
@@ -162,7 +182,7 @@ impl<B> Recorded<B> {
         B::Error: Into<BoxError>,
     {
         match self.state.as_mut() {
-            Some(state) => state.as_mut().poll_frame(cx),
+            Some(state) => state.as_mut().project().body.poll_frame(cx),
             None => Poll::Ready(None),
         }
     }
@@ -174,7 +194,7 @@ impl<B> Recorded<B> {
     {
         self.state
             .as_ref()
-            .is_none_or(|state| state.is_end_stream())
+            .is_none_or(|state| state.body.is_end_stream())
     }
 
     pub(crate) fn size_hint(&self) -> SizeHint
@@ -183,22 +203,15 @@ impl<B> Recorded<B> {
     {
         self.state
             .as_ref()
-            .map_or_else(|| SizeHint::with_exact(0), |state| state.size_hint())
+            .map_or_else(|| SizeHint::with_exact(0), |state| state.body.size_hint())
     }
-}
-
-enum OnDrop<B> {
-    // A function pointer, made where `B: Send + 'static` is known: `Drop`
-    // cannot ask for more bounds than the type has.
-    Finish(fn(Pin<Box<TeeBody<B>>>, Span)),
-    StoreOnly,
-    Nothing,
 }
 
 impl<B> fmt::Debug for Recorded<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ended = self.state.as_ref().is_none_or(|s| s.body.ended);
         f.debug_struct("Recorded")
-            .field("ended", &self.state.as_ref().is_none_or(|s| s.ended))
+            .field("ended", &ended)
             .finish_non_exhaustive()
     }
 }
@@ -208,12 +221,12 @@ impl<B> Drop for Recorded<B> {
         let Some(mut state) = self.state.take() else {
             return;
         };
-        let span = std::mem::replace(&mut self.span, Span::none());
-        match self.on_drop {
-            OnDrop::Finish(finish) => finish(state, span),
+        match state.on_drop {
+            OnDrop::Finish(finish) => finish(state),
             OnDrop::StoreOnly => {
-                if let Some(pending) = state.as_mut().project().pending.take() {
-                    hand_off(span, pending);
+                let state = state.as_mut().project();
+                if let Some(pending) = state.body.project().pending.take() {
+                    hand_off(state.span.clone(), pending);
                 }
             }
             OnDrop::Nothing => {}
@@ -223,16 +236,18 @@ impl<B> Drop for Recorded<B> {
 
 /// Reads what is left of a body whose client went away, on a task, so its
 /// record is stored (or its key released) as if the client were there.
-fn finish<B>(mut state: Pin<Box<TeeBody<B>>>, span: Span)
+fn finish<B>(mut state: Pin<Box<RecordedState<B>>>)
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    if !state.tee.is_recording() && state.pending.is_none() {
+    if !state.body.tee.is_recording() && state.body.pending.is_none() {
         return; // nothing to store, nobody to answer
     }
+    let span = state.span.clone();
     hand_off(span, async move {
-        while std::future::poll_fn(|cx| state.as_mut().poll_frame(cx))
+        let mut body = state.as_mut().project().body;
+        while std::future::poll_fn(|cx| body.as_mut().poll_frame(cx))
             .await
             .is_some()
         {}
