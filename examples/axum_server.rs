@@ -117,6 +117,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     } else {
         print_demo(addr, args.concurrent);
     }
+    // TCP_NODELAY: a head and a body written apart must not wait 40 ms
+    // for a delayed ACK (Nagle's algorithm) on a kept-alive connection.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| drop(tcp.set_nodelay(true)));
     axum::serve(listener, app)
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;

@@ -144,6 +144,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             },
             _ = tokio::signal::ctrl_c() => return Ok(()),
         };
+        // A head and a body written apart must not wait 40 ms for a
+        // delayed ACK (Nagle's algorithm) on a kept-alive connection.
+        let _ = stream.set_nodelay(true);
         // hyper calls services by `&self`; the adapter clones the tower
         // stack for each request, so each gets a ready service of its own.
         let service = TowerToHyperService::new(service.clone());

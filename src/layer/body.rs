@@ -1,18 +1,17 @@
 //! The request body the service sees, and the response body the client gets.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use pin_project_lite::pin_project;
-use tokio::sync::mpsc;
+use tracing::Span;
 
-/// The error type of the bodies of this module.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use super::tee::{FrameResult, Left, Recorded, Tee};
+
+pub use super::tee::BoxError;
 
 pin_project! {
     /// The request body handed to the inner service: the client's body,
@@ -133,13 +132,11 @@ impl Gathered {
     }
 }
 
-pub(crate) type FrameResult = Result<Frame<Bytes>, BoxError>;
-
 pin_project! {
     /// The response body the client gets: the inner body untouched (requests
-    /// the layer does not protect), the whole body of a replay or of the
-    /// layer's own problem responses, or the frames of a first response,
-    /// forwarded by the driver task as it records them.
+    /// the layer does not protect, responses it does not store), the whole
+    /// body of a replay or of the layer's own problem responses, or the
+    /// inner body of a first response, recorded as it passes.
     #[derive(Debug)]
     pub struct ResponseBody<B> {
         #[pin]
@@ -153,7 +150,10 @@ pin_project! {
     enum ResponseKind<B> {
         Passthrough { #[pin] body: B },
         Full { #[pin] body: Full<Bytes> },
-        Channel { frames: mpsc::Receiver<FrameResult>, ended: Arc<AtomicBool>, hint: SizeHint },
+        Recorded { recorded: Recorded<B> },
+        // A first response gathered whole before its head was handed on:
+        // its data, then the trailers or the error that ended it.
+        Held { data: Option<Bytes>, last: Option<FrameResult> },
     }
 }
 
@@ -172,22 +172,32 @@ impl<B> ResponseBody<B> {
         }
     }
 
-    /// A body fed by the driver through the returned sender.
-    pub(crate) fn channel(capacity: usize, hint: SizeHint) -> (FrameSender, Self) {
-        let (frames, receiver) = mpsc::channel(capacity);
-        let ended = Arc::new(AtomicBool::new(false));
-        let sender = FrameSender {
-            frames,
-            ended: ended.clone(),
-        };
-        let body = Self {
-            kind: ResponseKind::Channel {
-                frames: receiver,
-                ended,
-                hint,
+    /// A body already read to its end: `data`, then `last` (trailers or
+    /// the error that ended it), if any.
+    pub(crate) fn held(data: Bytes, last: Option<FrameResult>) -> Self {
+        if last.is_none() {
+            return Self::full(data);
+        }
+        Self {
+            kind: ResponseKind::Held {
+                data: Some(data).filter(|data| !data.is_empty()),
+                last,
             },
-        };
-        (sender, body)
+        }
+    }
+
+    /// `body`, recorded by `tee` as the client reads it. `left` says what
+    /// happens to the rest when the client drops the body before its end.
+    pub(crate) fn recorded(body: B, tee: Tee, span: Span, left: Left) -> Self
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        Self {
+            kind: ResponseKind::Recorded {
+                recorded: Recorded::new(body, tee, span, left),
+            },
+        }
     }
 }
 
@@ -206,24 +216,11 @@ where
         match self.project().kind.project() {
             ResponseProj::Passthrough { body } => body.poll_frame(cx).map_err(Into::into),
             ResponseProj::Full { body } => body.poll_frame(cx).map_err(|never| match never {}),
-            ResponseProj::Channel {
-                frames,
-                ended,
-                hint,
-            } => {
-                let frame = ready!(frames.poll_recv(cx));
-                if frame.is_none() && !ended.swap(true, Ordering::Acquire) {
-                    // The driver stopped without ending the body (its task
-                    // was cancelled): a clean end would pass a truncated
-                    // response off as complete.
-                    return Poll::Ready(Some(Err("the response was cut short".into())));
-                }
-                if let Some(Ok(data)) = frame.as_ref().map(|f| f.as_ref().map(Frame::data_ref)) {
-                    let len = data.map_or(0, |d| d.remaining() as u64);
-                    *hint = shrink(hint, len);
-                }
-                Poll::Ready(frame)
-            }
+            ResponseProj::Recorded { recorded } => recorded.poll_frame(cx),
+            ResponseProj::Held { data, last } => Poll::Ready(match data.take() {
+                Some(data) => Some(Ok(Frame::data(data))),
+                None => last.take(),
+            }),
         }
     }
 
@@ -231,9 +228,8 @@ where
         match &self.kind {
             ResponseKind::Passthrough { body } => body.is_end_stream(),
             ResponseKind::Full { body } => body.is_end_stream(),
-            // The driver closes the channel once the record is stored; until
-            // then the end is not known.
-            ResponseKind::Channel { .. } => false,
+            ResponseKind::Recorded { recorded } => recorded.is_end_stream(),
+            ResponseKind::Held { data, last } => data.is_none() && last.is_none(),
         }
     }
 
@@ -241,50 +237,16 @@ where
         match &self.kind {
             ResponseKind::Passthrough { body } => body.size_hint(),
             ResponseKind::Full { body } => body.size_hint(),
-            ResponseKind::Channel { hint, .. } => *hint,
+            ResponseKind::Recorded { recorded } => recorded.size_hint(),
+            ResponseKind::Held { data, .. } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
         }
     }
 }
 
-/// The driver's end of a [`ResponseBody`] channel.
-#[derive(Debug)]
-pub(crate) struct FrameSender {
-    frames: mpsc::Sender<FrameResult>,
-    ended: Arc<AtomicBool>,
-}
-
-impl FrameSender {
-    /// Sends a frame; answers whether the client's body is still there.
-    pub(crate) async fn send(&self, frame: FrameResult) -> bool {
-        self.frames.send(frame).await.is_ok()
-    }
-
-    /// Resolves when the client's body is dropped.
-    pub(crate) async fn closed(&self) {
-        self.frames.closed().await;
-    }
-
-    /// Ends the body cleanly.
-    pub(crate) fn end(self) {
-        // Stored before the sender drops: the receiver sees the flag once it
-        // sees the channel closed.
-        self.ended.store(true, Ordering::Release);
-    }
-}
-
-fn shrink(hint: &SizeHint, by: u64) -> SizeHint {
-    let mut next = SizeHint::new();
-    next.set_lower(hint.lower().saturating_sub(by));
-    if let Some(upper) = hint.upper() {
-        next.set_upper(upper.saturating_sub(by));
-    }
-    next
-}
-
 #[cfg(test)]
 mod tests {
-    use http_body_util::BodyExt;
-
     use super::*;
 
     const MIB: usize = 1 << 20;
@@ -342,21 +304,10 @@ mod tests {
         assert!(Gathered::default().into_bytes().is_empty());
     }
 
-    #[tokio::test]
-    async fn a_channel_dropped_without_end_is_an_error() {
-        let (sender, body) =
-            ResponseBody::<http_body_util::Empty<Bytes>>::channel(1, SizeHint::new());
-        assert!(sender.send(Ok(Frame::data(Bytes::from("part")))).await);
-        drop(sender);
-        assert!(body.collect().await.is_err());
-
-        let (sender, body) =
-            ResponseBody::<http_body_util::Empty<Bytes>>::channel(1, SizeHint::new());
-        let send = tokio::spawn(async move {
-            assert!(sender.send(Ok(Frame::data(Bytes::from("whole")))).await);
-            sender.end();
-        });
-        assert_eq!(body.collect().await.unwrap().to_bytes(), "whole");
-        send.await.unwrap();
+    #[test]
+    fn a_response_body_is_send_and_sync_when_its_inner_body_is() {
+        // Boxed bodies (`BoxBody`, `axum::body::Body`) need both.
+        fn send_and_sync<T: Send + Sync>() {}
+        send_and_sync::<ResponseBody<http_body_util::Full<Bytes>>>();
     }
 }

@@ -1,20 +1,14 @@
-//! A protected request from its body to the stored record.
+//! A protected request from its body to the decision to run it.
 //!
 //! The client's own future buffers the body, fingerprints it and begins: a
-//! replay, a conflict or a mismatch is answered there, with no task. When the
-//! request is to run, one task takes it over from the lease on. Because that
-//! task, not the client's connection, owns the action, one mechanism gives all
-//! three promises of the layer:
-//!
-//! * the response streams to the client frame by frame, through a bounded
-//!   channel, while the task keeps a copy;
-//! * the record is stored before the frame that ends the response is
-//!   forwarded, so a client that saw the whole response and retries gets a
-//!   replay;
-//! * under `Disconnect::Complete` the task runs on when the client goes away
-//!   (the action and its body run to the end and are stored); under
-//!   `Disconnect::Cancel` it watches the client and drops the action, and
-//!   with it the lease.
+//! replay, a conflict or a mismatch is answered there. A request that runs
+//! runs there too: the inner service's future is polled by the layer's
+//! response future, and its body, recorded by a [`Tee`](super::tee::Tee), by
+//! the layer's response body, with no task and no channel in between. Only a
+//! client that goes away before the end (the future or the body dropped)
+//! under `Disconnect::Complete` hands what is left to a task, which finishes
+//! the action and stores its record; under `Disconnect::Cancel` the action is
+//! dropped with it, and its lease released.
 //!
 //! A client that goes away before the lease drops only its own wait: the
 //! engine ends an abandoned `begin` cleanly, and nothing has run yet.
@@ -27,20 +21,20 @@ use std::sync::Arc;
 use std::task::Poll;
 
 use bytes::Bytes;
-use futures_util::FutureExt;
 use http::request::Parts;
 use http::{Request, Response};
 use http_body::Body;
 use http_body_util::BodyExt;
 use tokio::runtime::Handle;
-use tokio::sync::oneshot;
 use tower_service::Service;
+use tracing::Span;
 
-use super::body::{BoxError, Gathered, RequestBody, ResponseBody};
-use super::future::Reply;
+use super::body::{BoxError, Gathered, RequestBody};
+use super::future::{Begun, Protected};
 use super::layer::{Disconnect, FailMode, Settings, Shared};
+use super::recording::{release, Recording};
 use super::replay::replay;
-use super::stream::stream;
+use super::tee::Left;
 use crate::engine::{Begin, Lease};
 use crate::key::{canonical_json, Fingerprint, FingerprintMode, KeyParts};
 use crate::problem;
@@ -50,24 +44,21 @@ use crate::store::{Store, StoreError};
 pub(crate) struct Driver<Svc, S, K> {
     pub(crate) inner: Svc,
     pub(crate) shared: Arc<Shared<S, K>>,
+    /// The request's span: what a client leaves behind runs on inside it.
+    pub(crate) span: Span,
 }
 
-pub(crate) type Sender<B, E> = oneshot::Sender<Reply<B, E>>;
-
-/// The layer's own answer, as a reply.
-pub(crate) fn answer<B, E>(response: Response<Bytes>) -> Reply<B, E> {
-    Ok(response.map(ResponseBody::full))
-}
-
-/// Sends a reply to a client that may be gone; then nobody needs it.
-pub(crate) fn send<B, E>(reply: Sender<B, E>, answer: Reply<B, E>) {
-    let _ = reply.send(answer);
-}
+/// What the protected path answers for a service `Svc` whose responses
+/// carry `ResBody`.
+type Decision<Svc, ReqBody, ResBody> = Begun<
+    <Svc as Service<Request<RequestBody<ReqBody>>>>::Future,
+    ResBody,
+    <Svc as Service<Request<RequestBody<ReqBody>>>>::Error,
+>;
 
 /// Buffers, fingerprints and begins in the client's own future: a replay,
-/// a conflict or a mismatch is answered without a task. Only the execution
-/// (and an unprotected fail-open call) moves to a spawned task, which owns the
-/// action from there on, whatever happens to the client.
+/// a conflict or a mismatch is answered at once; a request that runs is
+/// handed back as the service's future and its recorder.
 // Not an `async fn`: see the comment on the block.
 #[allow(clippy::manual_async_fn)]
 pub(crate) fn drive<Svc, S, K, ReqBody, ResBody>(
@@ -75,10 +66,10 @@ pub(crate) fn drive<Svc, S, K, ReqBody, ResBody>(
     parts: Parts,
     body: ReqBody,
     key: KeyParts,
-) -> impl Future<Output = Reply<ResBody, Svc::Error>>
+) -> impl Future<Output = Decision<Svc, ReqBody, ResBody>>
 where
     Svc: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
-    Svc::Future: Send,
+    Svc::Future: Send + 'static,
     Svc::Error: Send + 'static,
     S: Store,
     K: Send + Sync + 'static,
@@ -98,32 +89,32 @@ where
             Ok(body) => body,
             Err(Unbuffered::TooLarge) => {
                 Stats::incr(&counters.too_large);
-                return answer(problem::too_large(settings.max_request_body));
+                return Begun::Answer(problem::too_large(settings.max_request_body));
             }
             Err(Unbuffered::Unreadable(error)) => {
-                return answer(problem::unreadable_body(&error.to_string()))
+                return Begun::Answer(problem::unreadable_body(&error.to_string()))
             }
         };
         let (fingerprint, storage_key) = identify(&parts, &body, key, settings.fingerprint);
         // A record held in process answers here; only the rest of the
-        // protocol (a flight, the store, the execution) is boxed, so a replay
-        // neither carries nor moves its state.
+        // protocol (a flight, the store) is boxed, so a replay neither
+        // carries nor moves its state.
         match shared.engine.begin_local(&storage_key, fingerprint) {
             Some(begun) => match decided(begun, settings) {
-                Ok(reply) => reply,
+                Ok(response) => Begun::Answer(response),
                 // `begin_local` answers replays and mismatches only: never
                 // a lease. Were it to, dropping it releases the key.
-                Err(_lease) => answer(problem::internal_error()),
+                Err(_lease) => Begun::Answer(problem::internal_error()),
             },
             None => Box::pin(begin_and_run(driver, parts, body, storage_key, fingerprint)).await,
         }
     }
 }
 
-/// The reply to a decision that runs nothing (a replay, a mismatch, a
+/// The answer to a decision that runs nothing (a replay, a mismatch, a
 /// conflict), or the lease of one that runs the request.
-fn decided<S: Store, B, E>(begun: Begin<S>, settings: &Settings) -> Result<Reply<B, E>, Lease<S>> {
-    let response = match begun {
+fn decided<S: Store>(begun: Begin<S>, settings: &Settings) -> Result<Response<Bytes>, Lease<S>> {
+    Ok(match begun {
         Begin::Execute(lease) => return Err(lease),
         Begin::Replay { record, .. } => match record.as_response() {
             Some(stored) => replay(stored, settings),
@@ -137,22 +128,21 @@ fn decided<S: Store, B, E>(begun: Begin<S>, settings: &Settings) -> Result<Reply
             let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
             problem::conflict(secs)
         }
-    };
-    Ok(answer(response))
+    })
 }
 
 /// Begins past the in-process copy (the flight, the store) and answers, or
-/// hands the request to a task that runs it.
+/// calls the service.
 async fn begin_and_run<Svc, S, K, ReqBody, ResBody>(
     driver: Driver<Svc, S, K>,
     parts: Parts,
     body: Bytes,
     storage_key: String,
     fingerprint: Fingerprint,
-) -> Reply<ResBody, Svc::Error>
+) -> Decision<Svc, ReqBody, ResBody>
 where
     Svc: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
-    Svc::Future: Send,
+    Svc::Future: Send + 'static,
     Svc::Error: Send + 'static,
     S: Store,
     K: Send + Sync + 'static,
@@ -161,11 +151,11 @@ where
     ResBody: Body<Data = Bytes> + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
-    // Checked before a lease can exist: waits and the execution need the
-    // runtime's timer and its tasks.
-    let Some(runtime) = runtime() else {
-        return answer(problem::internal_error());
-    };
+    // Checked before a lease can exist: waits need the runtime's timer, and
+    // a client that goes away hands its request to the runtime's tasks.
+    if !has_runtime() {
+        return Begun::Answer(problem::internal_error());
+    }
     let shared = &*driver.shared;
     let settings = &shared.settings;
     let begun = counted_wait(
@@ -175,34 +165,115 @@ where
             .begin_in_store(storage_key, fingerprint, settings.concurrent),
     )
     .await;
-    let lease = match begun {
+    let request = |body| Request::from_parts(parts, RequestBody::buffered(body));
+    match begun {
         Ok(begun) => match decided(begun, settings) {
-            Ok(reply) => return reply,
-            Err(lease) => lease,
+            Ok(response) => Begun::Answer(response),
+            Err(lease) => run(driver, request(body), lease, fingerprint).await,
         },
-        Err(error) => {
-            let request = Request::from_parts(parts, RequestBody::buffered(body));
-            return on_task(runtime, |reply| {
-                store_failed(driver.inner, request, error, driver.shared, reply)
-            })
-            .await;
-        }
-    };
-    let request = Request::from_parts(parts, RequestBody::buffered(body));
-    on_task(runtime, |reply| {
-        execute(driver, request, lease, fingerprint, reply)
-    })
-    .await
+        Err(error) => store_failed(driver, request(body), error),
+    }
 }
 
-/// The Tokio runtime the request's task will run on; without one, the
-/// request is answered 500 (and this says why in the log).
-fn runtime() -> Option<Handle> {
-    let runtime = Handle::try_current().ok();
-    if runtime.is_none() {
+/// Whether a Tokio runtime is there; without one, the request is answered
+/// 500 (and this says why in the log).
+fn has_runtime() -> bool {
+    let found = Handle::try_current().is_ok();
+    if !found {
         tracing::error!("the idempotency layer needs a Tokio runtime for protected requests");
     }
-    runtime
+    found
+}
+
+/// What a client leaves behind when it goes away: run on to the end and
+/// stored, or dropped.
+fn left(settings: &Settings) -> Left {
+    match settings.disconnect {
+        Disconnect::Complete => Left::Finish,
+        Disconnect::Cancel => Left::StoreOnly,
+    }
+}
+
+/// The store could not begin: 503, or the request runs unprotected.
+fn store_failed<Svc, S, K, ReqBody, ResBody>(
+    driver: Driver<Svc, S, K>,
+    request: Request<RequestBody<ReqBody>>,
+    error: StoreError,
+) -> Decision<Svc, ReqBody, ResBody>
+where
+    Svc: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
+    Svc::Future: Send + 'static,
+    Svc::Error: Send + 'static,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    let settings = &driver.shared.settings;
+    match settings.fail_mode {
+        // The store answered, but not what it can stand by: fail-open is for
+        // a store that cannot be reached, never for one that may hold a result.
+        _ if !error.is_unavailable() => {
+            tracing::error!(%error, "idempotency store failed: answering 500");
+            Begun::Answer(problem::store_failed())
+        }
+        FailMode::Closed => {
+            tracing::warn!(%error, "idempotency store failed: answering 503");
+            Begun::Answer(problem::store_unavailable())
+        }
+        FailMode::Open => {
+            tracing::warn!(%error, "idempotency store failed: running the request unprotected");
+            let left = left(settings);
+            let Driver {
+                mut inner, span, ..
+            } = driver;
+            match call(&mut inner, request) {
+                Some(future) => Begun::Run(Protected::new(future, None, span, left)),
+                None => Begun::Answer(problem::internal_error()),
+            }
+        }
+    }
+}
+
+/// Calls the service under the lease; its future is recorded as it runs.
+async fn run<Svc, S, K, ReqBody, ResBody>(
+    driver: Driver<Svc, S, K>,
+    request: Request<RequestBody<ReqBody>>,
+    lease: Lease<S>,
+    fingerprint: Fingerprint,
+) -> Decision<Svc, ReqBody, ResBody>
+where
+    Svc: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
+    Svc::Future: Send + 'static,
+    Svc::Error: Send + 'static,
+    S: Store,
+    K: Send + Sync + 'static,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    let Driver {
+        mut inner,
+        shared,
+        span,
+    } = driver;
+    let Some(future) = call(&mut inner, request) else {
+        tracing::error!(
+            key = lease.key(),
+            "the service panicked: lease released, answering 500"
+        );
+        release(lease).await;
+        return Begun::Answer(problem::internal_error());
+    };
+    let left = left(&shared.settings);
+    let recorder = Box::new(Recording::new(lease, fingerprint, shared));
+    Begun::Run(Protected::new(future, Some(recorder), span, left))
+}
+
+/// Calls the service; `None` if `call` panicked (a panic must not leave the
+/// key held nor the client unanswered).
+fn call<Svc, R>(inner: &mut Svc, request: R) -> Option<Svc::Future>
+where
+    Svc: Service<R>,
+{
+    std::panic::catch_unwind(AssertUnwindSafe(|| inner.call(request))).ok()
 }
 
 enum Unbuffered {
@@ -254,22 +325,6 @@ fn identify(
     (fingerprint, key.into_key(hashed).to_text())
 }
 
-/// Runs `task` on its own, so it goes on when the client goes away, and
-/// awaits the reply it sends.
-async fn on_task<B, E, Fut>(runtime: Handle, task: impl FnOnce(Sender<B, E>) -> Fut) -> Reply<B, E>
-where
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    let (reply, answered) = oneshot::channel();
-    runtime.spawn(task(reply));
-    match answered.await {
-        Ok(reply) => reply,
-        // The task ended without answering: it panicked outside the service
-        // (a bug) or the runtime is shutting down. Its lease dropped with it.
-        Err(_closed) => answer(problem::internal_error()),
-    }
-}
-
 /// Awaits `begin`, counting the request in `Settings::waiting` from its first
 /// `Pending` on: by then a duplicate has joined the flight it waits for.
 async fn counted_wait<T>(settings: &Settings, begin: impl Future<Output = T>) -> T {
@@ -292,100 +347,6 @@ async fn counted_wait<T>(settings: &Settings, begin: impl Future<Output = T>) ->
         ready => ready,
     })
     .await
-}
-
-async fn store_failed<Svc, S, K, ReqBody, ResBody>(
-    mut inner: Svc,
-    request: Request<RequestBody<ReqBody>>,
-    error: StoreError,
-    shared: Arc<Shared<S, K>>,
-    mut reply: Sender<ResBody, Svc::Error>,
-) where
-    Svc: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
-{
-    let settings = &shared.settings;
-    match settings.fail_mode {
-        // The store answered, but not what it can stand by: fail-open is for
-        // a store that cannot be reached, never for one that may hold a result.
-        _ if !error.is_unavailable() => {
-            tracing::error!(%error, "idempotency store failed: answering 500");
-            send(reply, answer(problem::store_failed()));
-        }
-        FailMode::Closed => {
-            tracing::warn!(%error, "idempotency store failed: answering 503");
-            send(reply, answer(problem::store_unavailable()));
-        }
-        FailMode::Open => {
-            tracing::warn!(%error, "idempotency store failed: running the request unprotected");
-            let future = inner.call(request);
-            let result = match settings.disconnect {
-                Disconnect::Complete => future.await,
-                Disconnect::Cancel => tokio::select! {
-                    result = future => result,
-                    () = reply.closed() => return,
-                },
-            };
-            send(reply, result.map(|r| r.map(ResponseBody::passthrough)));
-        }
-    }
-}
-
-async fn execute<Svc, S, K, ReqBody, ResBody>(
-    driver: Driver<Svc, S, K>,
-    request: Request<RequestBody<ReqBody>>,
-    lease: Lease<S>,
-    fingerprint: Fingerprint,
-    mut reply: Sender<ResBody, Svc::Error>,
-) where
-    Svc: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
-    S: Store,
-    ResBody: Body<Data = Bytes>,
-    ResBody::Error: Into<BoxError>,
-{
-    let Driver { mut inner, shared } = driver;
-    let Shared {
-        engine, settings, ..
-    } = &*shared;
-    let cancel = settings.disconnect == Disconnect::Cancel;
-    // A panic in the service must not kill the task with the lease
-    // unreleased and the client unanswered: catch it, release, answer 500.
-    let Ok(future) = std::panic::catch_unwind(AssertUnwindSafe(|| inner.call(request))) else {
-        return panicked(lease, reply).await;
-    };
-    let future = AssertUnwindSafe(future).catch_unwind();
-    let outcome = if cancel {
-        tokio::select! {
-            outcome = future => outcome,
-            () = reply.closed() => return release(lease).await,
-        }
-    } else {
-        future.await
-    };
-    let response = match outcome {
-        Ok(Ok(response)) => response,
-        Ok(Err(error)) => {
-            release(lease).await;
-            send(reply, Err(error));
-            return;
-        }
-        Err(_panic) => return panicked(lease, reply).await,
-    };
-    stream(response, lease, fingerprint, engine, settings, reply).await;
-}
-
-async fn panicked<S: Store, B, E>(lease: Lease<S>, reply: Sender<B, E>) {
-    tracing::error!(
-        key = lease.key(),
-        "the service panicked: lease released, answering 500"
-    );
-    release(lease).await;
-    send(reply, answer(problem::internal_error()));
-}
-
-pub(crate) async fn release<S: Store>(lease: Lease<S>) {
-    if let Err(error) = lease.release().await {
-        tracing::warn!(%error, "idempotency lease release failed; it expires with its TTL");
-    }
 }
 
 #[cfg(test)]

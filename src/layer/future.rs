@@ -1,26 +1,45 @@
 //! [`ResponseFuture`]: the response of [`Idempotent`](super::Idempotent).
 
-use std::future::Future;
+use std::fmt;
+use std::future::{poll_fn, Future};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
-use http::Response;
+use http::header::CONTENT_LENGTH;
+use http::{response, Response};
+use http_body::Body;
 use pin_project_lite::pin_project;
+use tracing::Span;
 
-use super::body::ResponseBody;
+use super::body::{BoxError, Gathered, ResponseBody};
+use super::tee::{hand_off, GiveUp, Left, Pending, Recorder, Tee, TeeBody};
+use crate::problem;
 
-/// What the driver task answers: the response head (its body streams after),
-/// or the inner service's error.
-pub(crate) type Reply<B, E> = Result<Response<ResponseBody<B>>, E>;
+/// A body of at most this many bytes, its length known up front, is read
+/// whole (and stored) before its head is handed on: head and body then leave
+/// in one write, instead of a head that waits alone, under Nagle's
+/// algorithm, for the store's round trip.
+const HELD_BODY: u64 = 64 * 1024;
+
+/// What the protected path decided: an answer of its own (a replay, a
+/// conflict, a refusal), or a request that runs.
+pub(crate) enum Begun<F, B, E> {
+    Answer(Response<Bytes>),
+    Run(Protected<F, B, E>),
+}
+
+/// The decision future of a protected request: buffer, fingerprint, begin.
+pub(crate) type Beginning<F, B, E> = Pin<Box<dyn Future<Output = Begun<F, B, E>> + Send>>;
 
 pin_project! {
     /// The response future of [`Idempotent`](super::Idempotent).
     ///
     /// Requests the layer does not protect poll the inner future in place (no
     /// allocation); the layer's own answers (400, 413) are ready at once;
-    /// protected requests poll one boxed future that buffers and begins, and
-    /// hands the execution, if any, to a task of its own.
+    /// protected requests poll one boxed future that buffers and begins, then
+    /// the inner service's future, in the client's own task.
     pub struct ResponseFuture<F, B, E> {
         #[pin]
         kind: Kind<F, B, E>,
@@ -34,7 +53,8 @@ pin_project! {
         // Boxed: the layer's own answers are rare, and an unboxed response
         // would make every passthrough future as large as one.
         Answered { response: Option<Box<Response<ResponseBody<B>>>> },
-        Driven { future: Pin<Box<dyn Future<Output = Reply<B, E>> + Send>> },
+        Beginning { future: Beginning<F, B, E> },
+        Running { protected: Protected<F, B, E> },
     }
 }
 
@@ -53,19 +73,20 @@ impl<F, B, E> ResponseFuture<F, B, E> {
         }
     }
 
-    pub(crate) fn driven(future: Pin<Box<dyn Future<Output = Reply<B, E>> + Send>>) -> Self {
+    pub(crate) fn beginning(future: Beginning<F, B, E>) -> Self {
         Self {
-            kind: Kind::Driven { future },
+            kind: Kind::Beginning { future },
         }
     }
 }
 
-impl<F, B, E> std::fmt::Debug for ResponseFuture<F, B, E> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl<F, B, E> fmt::Debug for ResponseFuture<F, B, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kind = match &self.kind {
             Kind::Passthrough { .. } => "Passthrough",
             Kind::Answered { .. } => "Answered",
-            Kind::Driven { .. } => "Driven",
+            Kind::Beginning { .. } => "Beginning",
+            Kind::Running { .. } => "Running",
         };
         f.debug_struct("ResponseFuture")
             .field("kind", &kind)
@@ -76,19 +97,363 @@ impl<F, B, E> std::fmt::Debug for ResponseFuture<F, B, E> {
 impl<F, B, E> Future for ResponseFuture<F, B, E>
 where
     F: Future<Output = Result<Response<B>, E>>,
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
 {
     type Output = Result<Response<ResponseBody<B>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().kind.project() {
-            KindProj::Passthrough { future } => {
-                let response = ready!(future.poll(cx))?;
-                Poll::Ready(Ok(response.map(ResponseBody::passthrough)))
+        let mut kind = self.project().kind;
+        loop {
+            let begun = match kind.as_mut().project() {
+                KindProj::Passthrough { future } => {
+                    let response = ready!(future.poll(cx))?;
+                    return Poll::Ready(Ok(response.map(ResponseBody::passthrough)));
+                }
+                KindProj::Answered { response } => {
+                    return Poll::Ready(Ok(*response
+                        .take()
+                        .expect("ResponseFuture polled after completion")))
+                }
+                KindProj::Beginning { future } => ready!(future.as_mut().poll(cx)),
+                KindProj::Running { protected } => return protected.poll(cx),
+            };
+            match begun {
+                Begun::Answer(response) => {
+                    return Poll::Ready(Ok(response.map(ResponseBody::full)));
+                }
+                Begun::Run(protected) => kind.set(Kind::Running { protected }),
             }
-            KindProj::Answered { response } => Poll::Ready(Ok(*response
-                .take()
-                .expect("ResponseFuture polled after completion"))),
-            KindProj::Driven { future } => future.as_mut().poll(cx),
         }
+    }
+}
+
+/// A protected request from the inner service's call to the response head
+/// handed on. Its state is boxed (one pointer in the response future), so
+/// that a client going away can hand it to a task.
+pub(crate) struct Protected<F, B, E> {
+    // `None` once handed to a task.
+    run: Option<Pin<Box<Run<F, B, E>>>>,
+}
+
+pin_project! {
+    struct Run<F, B, E> {
+        // The request's span, for what runs on after its client went away.
+        span: Span,
+        left: Left,
+        // Function pointers, made where `F: Send + 'static` is known: `Drop`
+        // cannot ask for more bounds than the type has.
+        on_drop: Option<Finish<F, B, E>>,
+        recorded: RecordedBody<B>,
+        #[pin]
+        stage: Stage<F, B, E>,
+    }
+}
+
+/// Makes a recorded body (its hand-off needs `B: Send + 'static`).
+type RecordedBody<B> = fn(B, Tee, Span, Left) -> ResponseBody<B>;
+
+/// Hands a request whose client went away to a task.
+type Finish<F, B, E> = fn(Pin<Box<Run<F, B, E>>>);
+
+impl<F, B, E> Protected<F, B, E>
+where
+    F: Future<Output = Result<Response<B>, E>> + Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+    E: Send + 'static,
+{
+    /// The inner service's `future`, recorded by `recorder` (or, without
+    /// one, run unprotected). `left` says what happens when the client goes
+    /// away before the end.
+    pub(crate) fn new(
+        future: F,
+        recorder: Option<Box<dyn Recorder>>,
+        span: Span,
+        left: Left,
+    ) -> Self {
+        let run = Run {
+            span,
+            left,
+            on_drop: (left == Left::Finish).then_some(finish::<F, B, E>),
+            recorded: ResponseBody::recorded,
+            stage: Stage::Running { future, recorder },
+        };
+        Self {
+            run: Some(Box::pin(run)),
+        }
+    }
+}
+
+impl<F, B, E> Protected<F, B, E>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<Response<ResponseBody<B>>, E>> {
+        let run = self
+            .run
+            .as_mut()
+            .expect("a request is polled until handed off")
+            .as_mut()
+            .project();
+        let (span, left, recorded) = (&*run.span, *run.left, *run.recorded);
+        run.stage
+            .poll(cx, |body, tee| recorded(body, tee, span.clone(), left))
+    }
+}
+
+impl<F, B, E> Drop for Protected<F, B, E> {
+    fn drop(&mut self) {
+        if let Some(run) = self.run.take() {
+            if let Some(finish) = run.on_drop {
+                finish(run);
+            }
+        }
+    }
+}
+
+/// Runs what a client left of its request on a task: the service to its
+/// answer, then the body to its end, so the record is stored.
+fn finish<F, B, E>(mut run: Pin<Box<Run<F, B, E>>>)
+where
+    F: Future<Output = Result<Response<B>, E>> + Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+    E: Send + 'static,
+{
+    if !matches!(run.stage, Stage::Running { .. } | Stage::Gathering { .. }) {
+        return; // answered, or releasing: nothing runs on
+    }
+    // Already on the task: dropped there (the runtime shutting down), it is
+    // dropped for good.
+    let this = run.as_mut().project();
+    *this.on_drop = None;
+    *this.left = Left::Nothing;
+    let span = this.span.clone();
+    let mut left = Protected { run: Some(run) };
+    hand_off(span, async move {
+        if let Ok(response) = poll_fn(|cx| left.poll(cx)).await {
+            let mut body = std::pin::pin!(response.into_body());
+            while poll_fn(|cx| body.as_mut().poll_frame(cx)).await.is_some() {}
+        }
+    });
+}
+
+pin_project! {
+    #[project = StageProj]
+    enum Stage<F, B, E> {
+        // The inner service's future; without a recorder the request runs
+        // unprotected (the store failed, `FailMode::Open`).
+        Running { #[pin] future: F, recorder: Option<Box<dyn Recorder>> },
+        // A small body, read whole (its record stored) before the head goes.
+        Gathering { head: Option<response::Parts>, #[pin] body: TeeBody<B>, data: Gathered },
+        // The key is released before the client sees the answer.
+        Releasing { release: Pending, output: Option<Result<Response<ResponseBody<B>>, E>> },
+        Done,
+    }
+}
+
+impl<F, B, E> Stage<F, B, E>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        recorded: impl FnOnce(B, Tee) -> ResponseBody<B>,
+    ) -> Poll<Result<Response<ResponseBody<B>>, E>> {
+        let mut recorded = Some(recorded);
+        loop {
+            let next = match self.as_mut().project() {
+                StageProj::Running { future, recorder } => {
+                    // A panic in the service's future must not leave the key
+                    // held: it is released and the client gets a 500.
+                    let polled = catch_unwind(AssertUnwindSafe(|| future.poll(cx)));
+                    let outcome = match polled {
+                        Ok(Poll::Pending) => return Poll::Pending,
+                        Ok(Poll::Ready(outcome)) => Ok(outcome),
+                        Err(_panic) => Err(()),
+                    };
+                    let recorded = recorded.take().expect("the service answers once");
+                    answered(outcome, recorder.take(), recorded)
+                }
+                StageProj::Gathering {
+                    head,
+                    mut body,
+                    data,
+                } => {
+                    let last = loop {
+                        match ready!(body.as_mut().poll_frame(cx)) {
+                            Some(Ok(frame)) => match frame.into_data() {
+                                Ok(chunk) => data.push(chunk),
+                                Err(trailers) => break Some(Ok(trailers)),
+                            },
+                            Some(Err(error)) => break Some(Err(error)),
+                            None => break None,
+                        }
+                        if body.is_end_stream() {
+                            break None;
+                        }
+                    };
+                    let head = head.take().expect("a gathered head is handed on once");
+                    let data = std::mem::take(data).into_bytes();
+                    Next::Ready(Ok(Response::from_parts(
+                        head,
+                        ResponseBody::held(data, last),
+                    )))
+                }
+                StageProj::Releasing { release, output } => {
+                    ready!(release.as_mut().poll(cx));
+                    Next::Ready(output.take().expect("a released answer is handed on once"))
+                }
+                StageProj::Done => panic!("ResponseFuture polled after completion"),
+            };
+            match next {
+                Next::Ready(output) => {
+                    self.set(Stage::Done);
+                    return Poll::Ready(output);
+                }
+                Next::Stage(stage) => self.set(stage),
+            }
+        }
+    }
+}
+
+enum Next<F, B, E> {
+    Ready(Result<Response<ResponseBody<B>>, E>),
+    Stage(Stage<F, B, E>),
+}
+
+/// What follows the service's answer (`Err(())`: it panicked).
+fn answered<F, B, E>(
+    outcome: Result<Result<Response<B>, E>, ()>,
+    recorder: Option<Box<dyn Recorder>>,
+    recorded: impl FnOnce(B, Tee) -> ResponseBody<B>,
+) -> Next<F, B, E>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let Some(mut recorder) = recorder else {
+        // Unprotected: nothing to record, nothing to release.
+        return Next::Ready(match outcome {
+            Ok(outcome) => outcome.map(|response| response.map(ResponseBody::passthrough)),
+            Err(()) => Ok(internal_error()),
+        });
+    };
+    let response = match outcome {
+        Ok(Ok(response)) => response,
+        Ok(Err(error)) => return releasing(recorder, GiveUp::Failed, Err(error)),
+        Err(()) => return releasing(recorder, GiveUp::Panicked, Ok(internal_error())),
+    };
+    let (head, body) = response.into_parts();
+    if !recorder.keep_head(&head) {
+        // Not stored: the key is freed before the client can see the answer,
+        // so its retry runs the action again instead of meeting a marker.
+        let response = Response::from_parts(head, ResponseBody::passthrough(body));
+        return releasing(recorder, GiveUp::NotStored, Ok(response));
+    }
+    let declared = body.size_hint().exact().or_else(|| {
+        head.headers
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+    });
+    let complete =
+        body.is_end_stream() || body.size_hint().exact().is_some_and(|len| len <= HELD_BODY);
+    let tee = Tee::new(recorder, declared);
+    if complete {
+        return Next::Stage(Stage::Gathering {
+            head: Some(head),
+            body: TeeBody::new(body, tee),
+            data: Gathered::default(),
+        });
+    }
+    Next::Ready(Ok(Response::from_parts(head, recorded(body, tee))))
+}
+
+fn releasing<F, B, E>(
+    recorder: Box<dyn Recorder>,
+    why: GiveUp,
+    output: Result<Response<ResponseBody<B>>, E>,
+) -> Next<F, B, E> {
+    Next::Stage(Stage::Releasing {
+        release: recorder.give_up(why),
+        output: Some(output),
+    })
+}
+
+fn internal_error<B>() -> Response<ResponseBody<B>> {
+    problem::internal_error().map(ResponseBody::full)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use http::Request;
+    use http_body::Frame;
+    use http_body_util::{BodyExt, Full, StreamBody};
+    use tower::{service_fn, ServiceBuilder, ServiceExt};
+
+    use super::*;
+    use crate::store::EntryKind;
+    use crate::{IdempotencyLayer, KeyFilter, RequestBody};
+
+    fn post(key: &str) -> Request<Full<Bytes>> {
+        Request::post("/orders")
+            .header("idempotency-key", key)
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap()
+    }
+
+    async fn completed(layer: &IdempotencyLayer) -> usize {
+        let keys = layer.handle().keys(&KeyFilter::new()).await.unwrap();
+        keys.iter()
+            .filter(|k| k.kind == EntryKind::Completed)
+            .count()
+    }
+
+    #[tokio::test]
+    async fn a_small_body_of_known_length_is_stored_before_its_head_is_handed_on() {
+        let layer = IdempotencyLayer::new();
+        let service = ServiceBuilder::new()
+            .layer(layer.clone())
+            .service(service_fn(|_: Request<RequestBody<Full<Bytes>>>| async {
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"created"))))
+            }));
+        let response = service.oneshot(post("small")).await.unwrap();
+        // Head and body are handed on together: the body is whole, and the
+        // record already stored.
+        assert_eq!(response.body().size_hint().exact(), Some(7));
+        assert_eq!(completed(&layer).await, 1);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "created");
+    }
+
+    #[tokio::test]
+    async fn a_streamed_body_hands_its_head_on_at_once_and_is_stored_at_its_end() {
+        let layer = IdempotencyLayer::new();
+        let service = ServiceBuilder::new()
+            .layer(layer.clone())
+            .service(service_fn(|_: Request<RequestBody<Full<Bytes>>>| async {
+                let frames = ["part1,", "part2"].map(|part| {
+                    Ok::<_, Infallible>(Frame::data(Bytes::from_static(part.as_bytes())))
+                });
+                let body = StreamBody::new(futures_util::stream::iter(frames));
+                Ok::<_, Infallible>(Response::new(body))
+            }));
+        let response = service.oneshot(post("streamed")).await.unwrap();
+        assert_eq!(
+            completed(&layer).await,
+            0,
+            "nothing stored before the body is read"
+        );
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "part1,part2");
+        assert_eq!(completed(&layer).await, 1);
     }
 }

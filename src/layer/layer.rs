@@ -35,8 +35,8 @@ pub enum FailMode {
 /// What happens to a running action when its client goes away.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Disconnect {
-    /// The action and its response body run on to the end in the driver task
-    /// and the result is stored, so the client's retry replays it instead of
+    /// The action and its response body run on to the end, handed to a task
+    /// of their own (in the request's tracing span), and the result is stored, so the client's retry replays it instead of
     /// running it again (the default).
     #[default]
     Complete,

@@ -87,7 +87,7 @@
 //! | retry, different fingerprint (method, path and query, body) | 422 problem+json |
 //! | duplicate in flight, different fingerprint | 422 (mismatch wins over conflict) |
 //! | duplicate in flight | `Concurrent::Reject` (default): 409 problem+json with `Retry-After` (at least 1 s); `Concurrent::Wait { timeout }`: the first's response, replayed and counted as `coalesced`; if the first ends without a stored result, the waiters start over and one runs; past the timeout, 409 |
-//! | client disconnects while its request runs | `Disconnect::Complete` (default): the service and its body run on in the driver task and the result is stored, so the retry replays it; `Disconnect::Cancel`: the service's future and body are dropped and the key released |
+//! | client disconnects while its request runs | `Disconnect::Complete` (default): the service and its body run on, handed to a task (in the request's tracing span), and the result is stored, so the retry replays it; `Disconnect::Cancel`: the service's future and body are dropped and the key released |
 //! | service returns `Err` | key released, the error is returned |
 //! | service panics (in `call`, its future or its body) | key released, 500 problem+json (or, mid-body, the body ends in an error) |
 //! | action runs longer than the lease TTL | the engine renews the lease every third of the lease TTL while the action runs |
@@ -111,8 +111,17 @@
 //! access; their future and body are polled in place. A protected request
 //! buffers its body (up to the limit), hashes it and begins in one boxed
 //! future; a replay, conflict or mismatch is answered from there. A request
-//! that runs is carried by one spawned task that owns the key from the lease
-//! to `complete`, which is what lets it outlive a client that went away.
+//! that runs runs there too: the layer's response future polls the service's
+//! future, and its response body records the service's body as the client
+//! reads it, with no task and no channel in between. Only a client that goes
+//! away before the end under `Disconnect::Complete` hands what is left to a
+//! spawned task, inside the request's tracing span, which finishes the action
+//! and stores its record.
+//!
+//! A small response body whose length is known up front (64 KiB at most) is
+//! read whole and stored before its head is handed on, so head and body
+//! leave in one write; a server without `TCP_NODELAY` would otherwise hold a
+//! body written after the store's round trip for a delayed ACK (40 ms).
 
 mod body;
 mod builder;
@@ -120,9 +129,10 @@ mod driver;
 mod future;
 #[allow(clippy::module_inception)]
 mod layer;
+mod recording;
 mod replay;
 mod service;
-mod stream;
+mod tee;
 
 pub use body::{BoxError, RequestBody, ResponseBody};
 pub use builder::IdempotencyLayerBuilder;

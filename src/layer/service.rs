@@ -135,8 +135,9 @@ where
         let driver = Driver {
             inner,
             shared: self.shared.clone(),
+            span: tracing::Span::current(),
         };
-        ResponseFuture::driven(Box::pin(driver::drive(driver, parts, body, key)))
+        ResponseFuture::beginning(Box::pin(driver::drive(driver, parts, body, key)))
     }
 }
 
