@@ -1,0 +1,436 @@
+//! The store on Postgres (feature `postgres`), for services that keep their
+//! data in Postgres: one table, shared by every instance, and a
+//! [transactional form of `execute`](crate::Idempotency::execute_in_transaction)
+//! that commits the record together with the caller's own writes.
+//!
+//! * One table (name configurable, [`PostgresStoreBuilder::table`]) with one
+//!   row per key: its state (`in_flight` or `completed`), the lease token
+//!   while in flight, the fingerprint, the encoded record once completed
+//!   (the versioned [`Record::encode`] form), its creation time and its
+//!   expiry. [`PostgresStore::migrate`] creates it; the SQL is in
+//!   [`PostgresStore::MIGRATION`] for teams that run their own migrations.
+//! * `begin` is one `INSERT ... ON CONFLICT (key) DO UPDATE ... WHERE
+//!   expired`: it writes the marker when the key is free, takes an expired
+//!   row over, and otherwise changes nothing; then the row that won is read
+//!   (replay, conflict or mismatch). Postgres's unique index makes the
+//!   insert atomic: of any number of concurrent callers on any number of
+//!   instances exactly one acquires.
+//! * `complete`, `renew` and `release` are single statements that act only
+//!   on a live `in_flight` row holding the caller's lease token (fencing).
+//! * Times are the database's clock, so instances agree on expiry. Expired
+//!   rows are ignored by every read, taken over by `begin`, and deleted by
+//!   [`cleanup_expired`](Store::cleanup_expired) (the engine's auto-cleanup
+//!   calls it), which the index on `expires_at` keeps cheap.
+//! * Waiters on another instance (`Concurrent::Wait`) learn of a completion
+//!   by bounded polling: the engine re-reads the key with a backoff from
+//!   5 ms up to 250 ms, within the wait budget. No connection is held open
+//!   for notices.
+//! * Every operation runs on a pooled connection and fails within the
+//!   store's timeout with [`StoreError::Unavailable`] when Postgres cannot be
+//!   reached, refuses connections or was shut down; the pool reconnects by
+//!   itself when it returns. A value this build cannot read (a foreign
+//!   state, a truncated or newer record) is [`StoreError::Corrupt`].
+//!
+//! [`Record::encode`]: crate::Record::encode
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::postgres::PgPool;
+use sqlx::Row;
+
+use self::convert::{map_error, ttl_ms};
+use self::sql::{Statements, Table};
+use super::{
+    BeginOutcome, Entry, EntryState, LeaseToken, RemovalCounts, ScanEntry, Store, StoreError,
+};
+use crate::key::Fingerprint;
+use crate::record::{now_ms, SharedRecord};
+use crate::stats::CacheInfo;
+
+mod builder;
+mod convert;
+mod sql;
+mod transactional;
+
+pub use builder::{PostgresStoreBuilder, DEFAULT_MAX_CONNECTIONS, DEFAULT_TABLE, DEFAULT_TIMEOUT};
+
+/// How many times `begin` goes round when the row it could not take over
+/// is gone by the time it reads it (it expired or was deleted between the
+/// two statements). Each round is a fresh look at a key that is changing
+/// under it, so more than a couple means something keeps deleting the key.
+const BEGIN_ROUNDS: usize = 8;
+
+/// The store on Postgres: markers and records as rows of one table.
+///
+/// Cheap to clone: clones share one connection pool.
+///
+/// # Example
+///
+/// ```no_run
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use tower_idempotency::{Concurrent, Idempotency, PostgresStore};
+///
+/// let store = PostgresStore::builder("postgres://postgres@127.0.0.1/app")
+///     .table("idempotency")
+///     .build()
+///     .await?;
+/// store.migrate().await?;
+/// let engine = Idempotency::builder()
+///     .store(store)
+///     .concurrent(Concurrent::wait())
+///     .build()?;
+/// # drop(engine);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct PostgresStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: PgPool,
+    table: Table,
+    sql: Statements,
+    /// The limit on one operation, whatever Postgres does meanwhile.
+    timeout: Duration,
+    /// Rows deleted by `cleanup_expired`.
+    expired: AtomicU64,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("table", &self.inner.table.name)
+            .field("timeout", &self.inner.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresStore {
+    /// The migration, with `{table}` and `{index}` standing for the quoted
+    /// table name and the quoted name of its expiry index
+    /// (`<table>_expires_at`), for teams that run their own migrations:
+    ///
+    /// ```sql
+    #[doc = include_str!("migration.sql")]
+    /// ```
+    pub const MIGRATION: &'static str = sql::MIGRATION;
+
+    /// A builder for a store on the Postgres at `url`
+    /// (`postgres://user:password@host:port/database`).
+    pub fn builder(url: impl Into<String>) -> PostgresStoreBuilder {
+        PostgresStoreBuilder::new(url)
+    }
+
+    /// A store on a pool you configured yourself, in `table` (optionally
+    /// `schema.table`), with the default timeout. Use the pool your service
+    /// already has, and the transactional form of `execute` runs on it.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Backend`] for an empty table name.
+    pub fn new(pool: PgPool, table: &str) -> Result<Self, StoreError> {
+        Self::assemble(pool, table, DEFAULT_TIMEOUT)
+    }
+
+    fn assemble(pool: PgPool, table: &str, timeout: Duration) -> Result<Self, StoreError> {
+        let table = Table::parse(table)
+            .ok_or_else(|| StoreError::backend(format!("invalid table name {table:?}")))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                pool,
+                sql: Statements::new(&table),
+                table,
+                timeout,
+                expired: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// The connection pool the store uses (for queries and transactions of
+    /// your own).
+    pub fn pool(&self) -> &PgPool {
+        &self.inner.pool
+    }
+
+    /// The table's name as the store's statements write it: quoted, and
+    /// schema-qualified when it was given so.
+    pub fn table(&self) -> &str {
+        &self.inner.table.name
+    }
+
+    /// Creates the table and its expiry index unless they exist
+    /// ([`MIGRATION`](Self::MIGRATION)). Safe to call from every instance at
+    /// start-up: concurrent calls are serialised by an advisory lock.
+    ///
+    /// # Errors
+    ///
+    /// The [`StoreError`] of a failed statement (a missing schema, or no
+    /// right to create tables, is [`StoreError::Backend`]).
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let statements = sql::migration(&self.inner.table);
+        self.run(async {
+            let mut transaction = self.inner.pool.begin().await?;
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+                .bind(&self.inner.table.name)
+                .execute(&mut *transaction)
+                .await?;
+            for statement in &statements {
+                sqlx::query(statement).execute(&mut *transaction).await?;
+            }
+            transaction.commit().await
+        })
+        .await
+    }
+
+    /// Runs one operation within the store's timeout.
+    async fn run<T>(
+        &self,
+        operation: impl Future<Output = Result<T, sqlx::Error>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.inner.timeout, operation).await {
+            Ok(result) => result.map_err(map_error),
+            Err(_elapsed) => Err(StoreError::unavailable(format!(
+                "postgres did not answer within {:?}",
+                self.inner.timeout
+            ))),
+        }
+    }
+
+    /// The live row under `key`: what it holds and its time left.
+    async fn held(&self, key: &str) -> Result<Option<(EntryState, Duration)>, StoreError> {
+        let row = self
+            .run(
+                sqlx::query(&self.inner.sql.get)
+                    .bind(key)
+                    .fetch_optional(&self.inner.pool),
+            )
+            .await?;
+        row.map(|row| convert::held(key, &row)).transpose()
+    }
+
+    /// Replaces the marker held by `lease` with `record`, on `connection`:
+    /// inside the caller's transaction, for the transactional form. Answers
+    /// whether the marker was still the lease's.
+    pub(crate) async fn complete_on<'c>(
+        &self,
+        connection: impl sqlx::PgExecutor<'c>,
+        key: &str,
+        lease: LeaseToken,
+        record: &crate::Record,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let completed = self
+            .run(
+                sqlx::query(&self.inner.sql.complete)
+                    .bind(key)
+                    .bind(lease.to_string())
+                    .bind(record.fingerprint.as_bytes().as_slice())
+                    .bind(record.encode().as_ref())
+                    .bind(created_at(record.created_at_ms))
+                    .bind(ttl_ms(ttl))
+                    .execute(connection),
+            )
+            .await?;
+        Ok(completed.rows_affected() == 1)
+    }
+}
+
+/// A creation time as the `bigint` column takes it.
+fn created_at(ms: u64) -> i64 {
+    i64::try_from(ms).unwrap_or(i64::MAX)
+}
+
+impl Store for PostgresStore {
+    async fn begin(
+        &self,
+        key: &str,
+        fingerprint: Fingerprint,
+        lease: LeaseToken,
+        lease_ttl: Duration,
+    ) -> Result<BeginOutcome, StoreError> {
+        let token = lease.to_string();
+        for _ in 0..BEGIN_ROUNDS {
+            let acquired = self
+                .run(
+                    sqlx::query(&self.inner.sql.acquire)
+                        .bind(key)
+                        .bind(&token)
+                        .bind(fingerprint.as_bytes().as_slice())
+                        .bind(created_at(now_ms()))
+                        .bind(ttl_ms(lease_ttl))
+                        .execute(&self.inner.pool),
+                )
+                .await?;
+            if acquired.rows_affected() == 1 {
+                return Ok(BeginOutcome::Acquired);
+            }
+            // A live row holds the key. Read in a statement of its own: the
+            // insert's snapshot may predate the row it collided with.
+            match self.held(key).await? {
+                Some((EntryState::InFlight { fingerprint, .. }, expires_in)) => {
+                    return Ok(BeginOutcome::InFlight {
+                        fingerprint,
+                        expires_in,
+                    })
+                }
+                Some((EntryState::Completed(record), _)) => {
+                    return Ok(BeginOutcome::Completed(record))
+                }
+                // It expired or was deleted in between: try again.
+                None => {}
+            }
+        }
+        Err(StoreError::backend(format!(
+            "the row of key {key:?} kept changing during begin"
+        )))
+    }
+
+    async fn renew(
+        &self,
+        key: &str,
+        lease: LeaseToken,
+        lease_ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let renewed = self
+            .run(
+                sqlx::query(&self.inner.sql.renew)
+                    .bind(key)
+                    .bind(lease.to_string())
+                    .bind(ttl_ms(lease_ttl))
+                    .execute(&self.inner.pool),
+            )
+            .await?;
+        Ok(renewed.rows_affected() == 1)
+    }
+
+    async fn complete(
+        &self,
+        key: &str,
+        lease: LeaseToken,
+        record: SharedRecord,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        self.complete_on(&self.inner.pool, key, lease, &record, ttl)
+            .await
+    }
+
+    async fn release(&self, key: &str, lease: LeaseToken) -> Result<bool, StoreError> {
+        let released = self
+            .run(
+                sqlx::query(&self.inner.sql.release)
+                    .bind(key)
+                    .bind(lease.to_string())
+                    .execute(&self.inner.pool),
+            )
+            .await?;
+        Ok(released.rows_affected() == 1)
+    }
+
+    async fn put(&self, key: &str, record: SharedRecord, ttl: Duration) -> Result<(), StoreError> {
+        self.run(
+            sqlx::query(&self.inner.sql.put)
+                .bind(key)
+                .bind(record.fingerprint.as_bytes().as_slice())
+                .bind(record.encode().as_ref())
+                .bind(created_at(record.created_at_ms))
+                .bind(ttl_ms(ttl))
+                .execute(&self.inner.pool),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
+        Ok(self
+            .held(key)
+            .await?
+            .map(|(state, expires_in)| Entry { state, expires_in }))
+    }
+
+    async fn remove(&self, key: &str) -> Result<bool, StoreError> {
+        let live: Option<bool> = self
+            .run(
+                sqlx::query_scalar(&self.inner.sql.remove)
+                    .bind(key)
+                    .fetch_optional(&self.inner.pool),
+            )
+            .await?;
+        Ok(live == Some(true))
+    }
+
+    async fn clear(&self) -> Result<(), StoreError> {
+        self.run(sqlx::query(&self.inner.sql.clear).execute(&self.inner.pool))
+            .await?;
+        Ok(())
+    }
+
+    async fn scan(&self) -> Result<Vec<ScanEntry>, StoreError> {
+        let rows = self
+            .run(sqlx::query(&self.inner.sql.scan).fetch_all(&self.inner.pool))
+            .await?;
+        let mut entries = Vec::with_capacity(rows.len());
+        for row in rows {
+            let key: String = row.try_get("key").map_err(map_error)?;
+            let state: &str = row.try_get("state").map_err(map_error)?;
+            let Some(kind) = convert::kind(state) else {
+                return Err(StoreError::Corrupt {
+                    key,
+                    source: crate::record::DecodeError::NotARecord,
+                });
+            };
+            let created_at_ms: i64 = row.try_get("created_at_ms").map_err(map_error)?;
+            entries.push(ScanEntry {
+                expires_in: convert::expires_in(&row)?,
+                created_at_ms: u64::try_from(created_at_ms).unwrap_or(0),
+                key,
+                kind,
+            });
+        }
+        Ok(entries)
+    }
+
+    async fn len(&self) -> Result<u64, StoreError> {
+        let count: i64 = self
+            .run(sqlx::query_scalar(&self.inner.sql.len).fetch_one(&self.inner.pool))
+            .await?;
+        Ok(u64::try_from(count).unwrap_or(0))
+    }
+
+    async fn info(&self) -> Result<CacheInfo, StoreError> {
+        let bytes: i64 = self
+            .run(sqlx::query_scalar(&self.inner.sql.stored_bytes).fetch_one(&self.inner.pool))
+            .await?;
+        Ok(CacheInfo {
+            entries: self.len().await?,
+            max_entries: None,
+            weighted_bytes: u64::try_from(bytes).unwrap_or(0),
+        })
+    }
+
+    fn removal_counts(&self) -> RemovalCounts {
+        RemovalCounts {
+            expired: self.inner.expired.load(Relaxed),
+            evicted: 0,
+        }
+    }
+
+    async fn cleanup_expired(&self) -> Result<(), StoreError> {
+        let deleted = self
+            .run(sqlx::query(&self.inner.sql.cleanup).execute(&self.inner.pool))
+            .await?;
+        self.inner.expired.fetch_add(deleted.rows_affected(), Relaxed);
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.run(sqlx::query("SELECT 1").execute(&self.inner.pool))
+            .await?;
+        Ok(())
+    }
+}
