@@ -30,7 +30,11 @@ impl<S: Store> Lease<S> {
     /// # Errors
     ///
     /// The [`StoreError`] that `write` answered.
-    pub async fn complete_with<F, Fut>(mut self, record: Record, write: F) -> Result<bool, StoreError>
+    pub async fn complete_with<F, Fut>(
+        mut self,
+        record: Record,
+        write: F,
+    ) -> Result<bool, StoreError>
     where
         F: FnOnce(SharedRecord, Duration) -> Fut,
         Fut: Future<Output = Result<bool, StoreError>>,

@@ -424,7 +424,9 @@ impl Store for PostgresStore {
         let deleted = self
             .run(sqlx::query(&self.inner.sql.cleanup).execute(&self.inner.pool))
             .await?;
-        self.inner.expired.fetch_add(deleted.rows_affected(), Relaxed);
+        self.inner
+            .expired
+            .fetch_add(deleted.rows_affected(), Relaxed);
         Ok(())
     }
 

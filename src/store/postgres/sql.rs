@@ -97,7 +97,8 @@ pub(super) struct Statements {
 impl Statements {
     pub(super) fn new(table: &Table) -> Self {
         let t = &table.name;
-        let until = |param: u8| format!("clock_timestamp() + ${param}::bigint * interval '1 millisecond'");
+        let until =
+            |param: u8| format!("clock_timestamp() + ${param}::bigint * interval '1 millisecond'");
         Self {
             acquire: format!(
                 "INSERT INTO {t} AS held \
