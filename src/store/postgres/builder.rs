@@ -11,8 +11,8 @@ use crate::store::StoreError;
 /// The default table name.
 pub const DEFAULT_TABLE: &str = "idempotency";
 /// The default limit on one store operation, waiting for a pooled
-/// connection included: 5 seconds.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+/// connection included: 2 seconds.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 /// The default size of the connection pool: 10.
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 10;
 
@@ -54,7 +54,7 @@ impl PostgresStoreBuilder {
     }
 
     /// The limit on one operation, waiting for a connection included
-    /// (default 5 s). Past it the operation fails with
+    /// (default 2 s). Past it the operation fails with
     /// [`StoreError::Unavailable`].
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
