@@ -2,6 +2,7 @@
 //! commit in one Postgres transaction.
 
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sqlx::{Postgres, Transaction};
@@ -20,9 +21,11 @@ impl Idempotency<PostgresStore> {
     /// exactly once, even across a crash.
     ///
     /// `action` gets the open transaction, does its writes in it and returns
-    /// its value; it must not commit (it cannot: it only borrows the
-    /// transaction). The engine then writes the record into the same
-    /// transaction and commits once.
+    /// its value as a boxed future (`|transaction| Box::pin(async move {
+    /// ... })`, the form of sqlx's own `Connection::transaction`, which keeps
+    /// the call `Send` for `tokio::spawn` and axum handlers). It must not
+    /// commit (it cannot: it only borrows the transaction). The engine then
+    /// writes the record into the same transaction and commits once.
     ///
     /// * If `action` fails, panics, or this future is dropped (or the process
     ///   dies) before the commit, the transaction rolls back: neither the
@@ -61,11 +64,13 @@ impl Idempotency<PostgresStore> {
     ///
     /// let key = IdempotencyKey::new("checkout-81", "create_order", "orders");
     /// let order_id: i64 = engine
-    ///     .execute_in_transaction(&key, async |transaction| {
-    ///         sqlx::query_scalar("INSERT INTO orders (item) VALUES ($1) RETURNING id")
-    ///             .bind("book")
-    ///             .fetch_one(&mut **transaction)
-    ///             .await
+    ///     .execute_in_transaction(&key, |transaction| {
+    ///         Box::pin(async move {
+    ///             sqlx::query_scalar("INSERT INTO orders (item) VALUES ($1) RETURNING id")
+    ///                 .bind("book")
+    ///                 .fetch_one(&mut **transaction)
+    ///                 .await
+    ///         })
     ///     })
     ///     .await?;
     /// # let _ = order_id;
@@ -79,7 +84,7 @@ impl Idempotency<PostgresStore> {
     ) -> Result<T, ExecuteError<E>>
     where
         T: Serialize + DeserializeOwned,
-        F: AsyncFnOnce(&mut Transaction<'static, Postgres>) -> Result<T, E>,
+        F: for<'t> FnOnce(&'t mut Transaction<'static, Postgres>) -> BoxFuture<'t, Result<T, E>>,
     {
         let text = key.to_text();
         let fingerprint = fingerprint(key, &text);
