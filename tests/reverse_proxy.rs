@@ -5,6 +5,12 @@
 mod harness;
 #[path = "reverse_proxy/idempotency.rs"]
 mod idempotency;
+#[cfg(feature = "postgres")]
+#[path = "reverse_proxy/postgres.rs"]
+mod postgres_only;
+#[cfg(feature = "postgres")]
+#[path = "stores/postgres.rs"]
+mod postgres_support;
 #[cfg(feature = "redis")]
 #[path = "reverse_proxy/redis.rs"]
 mod redis_only;
