@@ -263,3 +263,97 @@ async fn connections_terminated_by_the_server_are_replaced_without_an_error() {
     assert_eq!(runs.load(SeqCst), 2);
     assert_eq!(engine.stats().store_errors, 0);
 }
+
+/// Writes rows whose expiry is already past, as a store would find them
+/// once their TTL ran out.
+async fn write_expired_rows(store: &PostgresStore, keys: &[&str]) {
+    for key in keys {
+        let insert = format!(
+            "INSERT INTO {} (key, state, fingerprint, record, created_at_ms, expires_at) \
+             VALUES ($1, 'completed', $2, NULL, 0, clock_timestamp() - interval '1 second')",
+            store.table()
+        );
+        within(
+            sqlx::query(&insert)
+                .bind(*key)
+                .bind(vec![0_u8; 32])
+                .execute(store.pool()),
+        )
+        .await
+        .unwrap();
+    }
+}
+
+async fn rows(store: &PostgresStore) -> i64 {
+    within(
+        sqlx::query_scalar(&format!("SELECT count(*) FROM {}", store.table()))
+            .fetch_one(store.pool()),
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_rows_are_ignored_and_cleaned_up_through_the_index() {
+    let table = random_table("expiry");
+    let _cleanup = DropTables::new(&table);
+    let store = store(&table).await;
+    let index: Option<String> = within(
+        sqlx::query_scalar("SELECT indexdef FROM pg_indexes WHERE indexname = $1")
+            .bind(format!("{table}_expires_at"))
+            .fetch_optional(store.pool()),
+    )
+    .await
+    .unwrap();
+    assert!(
+        index.is_some_and(|definition| definition.contains("(expires_at)")),
+        "the migration indexes the expiry"
+    );
+
+    let engine = Idempotency::builder().store(store.clone()).build().unwrap();
+    write_expired_rows(&store, &["s:a:one", "s:a:two"]).await;
+    assert!(within(store.get("s:a:one")).await.unwrap().is_none());
+    assert!(within(store.scan()).await.unwrap().is_empty());
+    assert_eq!(within(store.len()).await.unwrap(), 0);
+    assert_eq!(rows(&store).await, 2, "expired rows stay until a cleanup");
+
+    within(engine.cleanup_expired()).await.unwrap();
+    assert_eq!(rows(&store).await, 0);
+    assert_eq!(engine.stats().expired, 2);
+
+    // The auto-cleanup task does the same on its own.
+    write_expired_rows(&store, &["s:a:three"]).await;
+    engine
+        .start_auto_cleanup(Duration::from_millis(20))
+        .unwrap();
+    within(async {
+        while rows(&store).await > 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert_eq!(engine.stats().expired, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn instances_that_migrate_at_once_all_succeed() {
+    let table = random_table("migrate");
+    let _cleanup = DropTables::new(&table);
+    let url = database_url();
+    let mut instances = JoinSet::new();
+    for _ in 0..8 {
+        let (url, table) = (url.clone(), table.clone());
+        instances.spawn(async move {
+            let store = PostgresStore::builder(url)
+                .table(table)
+                .max_connections(1)
+                .build()
+                .await?;
+            store.migrate().await
+        });
+    }
+    while let Some(migrated) = within(instances.join_next()).await {
+        migrated.unwrap().unwrap();
+    }
+    assert_eq!(rows(&store(&table).await).await, 0);
+}

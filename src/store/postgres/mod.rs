@@ -9,12 +9,13 @@
 //!   (the versioned [`Record::encode`] form), its creation time and its
 //!   expiry. [`PostgresStore::migrate`] creates it; the SQL is in
 //!   [`PostgresStore::MIGRATION`] for teams that run their own migrations.
-//! * `begin` is one `INSERT ... ON CONFLICT (key) DO UPDATE ... WHERE
-//!   expired`: it writes the marker when the key is free, takes an expired
-//!   row over, and otherwise changes nothing; then the row that won is read
-//!   (replay, conflict or mismatch). Postgres's unique index makes the
-//!   insert atomic: of any number of concurrent callers on any number of
-//!   instances exactly one acquires.
+//! * `begin` reads the live row under the key (a replay, a conflict or a
+//!   mismatch costs that one read, and writes nothing); when there is none,
+//!   one `INSERT ... ON CONFLICT (key) DO UPDATE ... WHERE expired` writes
+//!   the marker, taking an expired row over, or changes nothing when another
+//!   caller's row won the key meanwhile (then that row is read). The primary
+//!   key makes the insert atomic: of any number of concurrent callers on any
+//!   number of instances exactly one acquires.
 //! * `complete`, `renew` and `release` are single statements that act only
 //!   on a live `in_flight` row holding the caller's lease token (fencing).
 //! * Times are the database's clock, so instances agree on expiry. Expired
@@ -30,6 +31,16 @@
 //!   reached, refuses connections or was shut down; the pool reconnects by
 //!   itself when it returns. A value this build cannot read (a foreign
 //!   state, a truncated or newer record) is [`StoreError::Corrupt`].
+//!
+//!
+//! # Exactly once for work in the same database
+//!
+//! [`Idempotency::execute_in_transaction`](crate::Idempotency::execute_in_transaction)
+//! hands its closure a transaction on the store's pool and writes the record
+//! into that same transaction: the closure's writes and the record commit
+//! together or not at all. An HTTP handler gets the same promise by calling
+//! it (see `examples/postgres_orders.rs`); the layer itself records
+//! responses in statements of its own, outside any handler's transaction.
 //!
 //! [`Record::encode`]: crate::Record::encode
 
@@ -57,10 +68,11 @@ mod transactional;
 
 pub use builder::{PostgresStoreBuilder, DEFAULT_MAX_CONNECTIONS, DEFAULT_TABLE, DEFAULT_TIMEOUT};
 
-/// How many times `begin` goes round when the row it could not take over
-/// is gone by the time it reads it (it expired or was deleted between the
-/// two statements). Each round is a fresh look at a key that is changing
-/// under it, so more than a couple means something keeps deleting the key.
+/// How many times `begin` goes round when the key changes between its read
+/// and its insert (another caller's row wins the key, or expires or is
+/// deleted before it is read). Each round is a fresh look at a key that is
+/// changing under it, so more than a couple means something keeps deleting
+/// the key.
 const BEGIN_ROUNDS: usize = 8;
 
 /// The store on Postgres: markers and records as rows of one table.
@@ -217,7 +229,7 @@ impl PostgresStore {
     /// Replaces the marker held by `lease` with `record`, on `connection`:
     /// inside the caller's transaction, for the transactional form. Answers
     /// whether the marker was still the lease's.
-    pub(crate) async fn complete_on<'c>(
+    async fn complete_on<'c>(
         &self,
         connection: impl sqlx::PgExecutor<'c>,
         key: &str,
@@ -256,6 +268,21 @@ impl Store for PostgresStore {
     ) -> Result<BeginOutcome, StoreError> {
         let token = lease.to_string();
         for _ in 0..BEGIN_ROUNDS {
+            // A live row answers at once, with a read: a replay or a conflict
+            // writes nothing (the insert below would lock the row, and a
+            // lock is a write that waits for the WAL to be flushed).
+            match self.held(key).await? {
+                Some((EntryState::InFlight { fingerprint, .. }, expires_in)) => {
+                    return Ok(BeginOutcome::InFlight {
+                        fingerprint,
+                        expires_in,
+                    })
+                }
+                Some((EntryState::Completed(record), _)) => {
+                    return Ok(BeginOutcome::Completed(record))
+                }
+                None => {}
+            }
             let acquired = self
                 .run(
                     sqlx::query(&self.inner.sql.acquire)
@@ -270,21 +297,9 @@ impl Store for PostgresStore {
             if acquired.rows_affected() == 1 {
                 return Ok(BeginOutcome::Acquired);
             }
-            // A live row holds the key. Read in a statement of its own: the
-            // insert's snapshot may predate the row it collided with.
-            match self.held(key).await? {
-                Some((EntryState::InFlight { fingerprint, .. }, expires_in)) => {
-                    return Ok(BeginOutcome::InFlight {
-                        fingerprint,
-                        expires_in,
-                    })
-                }
-                Some((EntryState::Completed(record), _)) => {
-                    return Ok(BeginOutcome::Completed(record))
-                }
-                // It expired or was deleted in between: try again.
-                None => {}
-            }
+            // Another caller's row won the key between the read and the
+            // insert: read it (in a statement of its own, whose snapshot
+            // includes it).
         }
         Err(StoreError::backend(format!(
             "the row of key {key:?} kept changing during begin"
