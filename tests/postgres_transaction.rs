@@ -316,3 +316,35 @@ async fn concurrent_duplicates_on_two_instances_write_one_order() {
     assert_eq!(runs.load(SeqCst), 1);
     assert_eq!(shop.count().await, 1);
 }
+
+/// A lease taken over while the action runs (here: another holder's token
+/// written over the marker) cannot commit: the action's writes roll back
+/// and the call fails, so only the new holder's work is ever kept.
+#[tokio::test]
+async fn a_lease_taken_over_before_the_commit_rolls_the_work_back() {
+    let shop = Orders::new().await;
+    let (orders, pool) = (shop.orders.clone(), shop.engine.store().pool().clone());
+    let take_over = format!(
+        "UPDATE {} SET lease_token = 'ffffffffffffffffffffffffffffffff'",
+        shop.engine.store().table()
+    );
+    let lost = within(
+        shop.engine
+            .execute_in_transaction(&key("k7"), move |transaction| {
+                Box::pin(async move {
+                    let id = insert_order(transaction, &orders).await?;
+                    sqlx::query(&take_over).execute(&pool).await?;
+                    Ok::<i64, sqlx::Error>(id)
+                })
+            }),
+    )
+    .await;
+    assert!(matches!(lost, Err(ExecuteError::Store(_))), "{lost:?}");
+    assert_eq!(shop.count().await, 0, "work under a lost lease was kept");
+    assert_eq!(
+        within(shop.engine.check_executed::<i64>(&key("k7")))
+            .await
+            .unwrap(),
+        None
+    );
+}
