@@ -8,7 +8,7 @@ use sqlx::Row;
 
 use crate::key::Fingerprint;
 use crate::record::{DecodeError, Record};
-use crate::store::{EntryKind, EntryState, LeaseToken, StoreError};
+use crate::store::{EntryKind, EntryState, LeaseToken, ScanEntry, StoreError};
 
 /// A TTL as the statements take it: whole milliseconds, at least one, at
 /// most a century (so `clock_timestamp() + ttl` never overflows).
@@ -23,7 +23,7 @@ fn millis(ms: i64) -> Duration {
 }
 
 /// The kind a row's `state` column names.
-pub(super) fn kind(state: &str) -> Option<EntryKind> {
+fn kind(state: &str) -> Option<EntryKind> {
     match state {
         "in_flight" => Some(EntryKind::InFlight),
         "completed" => Some(EntryKind::Completed),
@@ -63,9 +63,23 @@ pub(super) fn held(key: &str, row: &PgRow) -> Result<(EntryState, Duration), Sto
     Ok((held, expires_in))
 }
 
-/// The time a row has left, from its `expires_in_ms` column.
-pub(super) fn expires_in(row: &PgRow) -> Result<Duration, StoreError> {
-    row.try_get("expires_in_ms").map(millis).map_err(map_error)
+/// One row of `scan`: key, kind, time left and creation time, no payload.
+pub(super) fn scan_entry(row: &PgRow) -> Result<ScanEntry, StoreError> {
+    let key: String = row.try_get("key").map_err(map_error)?;
+    let state: &str = row.try_get("state").map_err(map_error)?;
+    let Some(kind) = kind(state) else {
+        return Err(StoreError::Corrupt {
+            key,
+            source: DecodeError::NotARecord,
+        });
+    };
+    let created_at_ms: i64 = row.try_get("created_at_ms").map_err(map_error)?;
+    Ok(ScanEntry {
+        expires_in: millis(row.try_get("expires_in_ms").map_err(map_error)?),
+        created_at_ms: u64::try_from(created_at_ms).unwrap_or(0),
+        key,
+        kind,
+    })
 }
 
 /// Connection failures, timeouts, a server shutting down or refusing

@@ -32,7 +32,6 @@
 //!   itself when it returns. A value this build cannot read (a foreign
 //!   state, a truncated or newer record) is [`StoreError::Corrupt`].
 //!
-//!
 //! # Exactly once for work in the same database
 //!
 //! [`Idempotency::execute_in_transaction`](crate::Idempotency::execute_in_transaction)
@@ -50,7 +49,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::postgres::PgPool;
-use sqlx::Row;
 
 use self::convert::{map_error, ttl_ms};
 use self::sql::{Statements, Table};
@@ -63,6 +61,7 @@ use crate::stats::CacheInfo;
 
 mod builder;
 mod convert;
+mod migration;
 mod sql;
 mod transactional;
 
@@ -124,15 +123,6 @@ impl std::fmt::Debug for PostgresStore {
 }
 
 impl PostgresStore {
-    /// The migration, with `{table}` and `{index}` standing for the quoted
-    /// table name and the quoted name of its expiry index
-    /// (`<table>_expires_at`), for teams that run their own migrations:
-    ///
-    /// ```sql
-    #[doc = include_str!("migration.sql")]
-    /// ```
-    pub const MIGRATION: &'static str = sql::MIGRATION;
-
     /// A builder for a store on the Postgres at `url`
     /// (`postgres://user:password@host:port/database`).
     pub fn builder(url: impl Into<String>) -> PostgresStoreBuilder {
@@ -174,30 +164,6 @@ impl PostgresStore {
     /// schema-qualified when it was given so.
     pub fn table(&self) -> &str {
         &self.inner.table.name
-    }
-
-    /// Creates the table and its expiry index unless they exist
-    /// ([`MIGRATION`](Self::MIGRATION)). Safe to call from every instance at
-    /// start-up: concurrent calls are serialised by an advisory lock.
-    ///
-    /// # Errors
-    ///
-    /// The [`StoreError`] of a failed statement (a missing schema, or no
-    /// right to create tables, is [`StoreError::Backend`]).
-    pub async fn migrate(&self) -> Result<(), StoreError> {
-        let statements = sql::migration(&self.inner.table);
-        self.run(async {
-            let mut transaction = self.inner.pool.begin().await?;
-            sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
-                .bind(&self.inner.table.name)
-                .execute(&mut *transaction)
-                .await?;
-            for statement in &statements {
-                sqlx::query(statement).execute(&mut *transaction).await?;
-            }
-            transaction.commit().await
-        })
-        .await
     }
 
     /// Runs one operation within the store's timeout.
@@ -389,25 +355,7 @@ impl Store for PostgresStore {
         let rows = self
             .run(sqlx::query(&self.inner.sql.scan).fetch_all(&self.inner.pool))
             .await?;
-        let mut entries = Vec::with_capacity(rows.len());
-        for row in rows {
-            let key: String = row.try_get("key").map_err(map_error)?;
-            let state: &str = row.try_get("state").map_err(map_error)?;
-            let Some(kind) = convert::kind(state) else {
-                return Err(StoreError::Corrupt {
-                    key,
-                    source: crate::record::DecodeError::NotARecord,
-                });
-            };
-            let created_at_ms: i64 = row.try_get("created_at_ms").map_err(map_error)?;
-            entries.push(ScanEntry {
-                expires_in: convert::expires_in(&row)?,
-                created_at_ms: u64::try_from(created_at_ms).unwrap_or(0),
-                key,
-                kind,
-            });
-        }
-        Ok(entries)
+        rows.iter().map(convert::scan_entry).collect()
     }
 
     async fn len(&self) -> Result<u64, StoreError> {

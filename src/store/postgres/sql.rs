@@ -1,26 +1,10 @@
-//! The SQL of the store: the migration, and one statement per operation, each
+//! The SQL of the store: one statement per operation, each
 //! written once per table when the store is built.
 //!
 //! Every time is the database's clock (`clock_timestamp()`, not `now()`,
 //! which inside a transaction is the transaction's start), so instances whose
 //! clocks disagree still agree on what has expired. TTLs travel as whole
 //! milliseconds (`$n::bigint * interval '1 millisecond'`).
-
-/// The migration, with `{table}` and `{index}` for the quoted names of the
-/// table and of its expiry index. Its statements contain no `;` of their own.
-pub(super) const MIGRATION: &str = include_str!("migration.sql");
-
-/// The statements of [`MIGRATION`] for `table`.
-pub(super) fn migration(table: &Table) -> Vec<String> {
-    MIGRATION
-        .replace("{index}", &table.index)
-        .replace("{table}", &table.name)
-        .split(';')
-        .map(str::trim)
-        .filter(|statement| !statement.is_empty())
-        .map(str::to_owned)
-        .collect()
-}
 
 /// The quoted names of the store's table and of its expiry index.
 #[derive(Debug, Clone, PartialEq, Eq)]
