@@ -38,8 +38,19 @@
 //! hands its closure a transaction on the store's pool and writes the record
 //! into that same transaction: the closure's writes and the record commit
 //! together or not at all. An HTTP handler gets the same promise by calling
-//! it (see `examples/postgres_orders.rs`); the layer itself records
-//! responses in statements of its own, outside any handler's transaction.
+//! it with a key taken from the request (see `examples/postgres_orders.rs`).
+//! The layer records responses in statements of its own, outside the
+//! handler's transaction; behind it the promise still holds, because a
+//! retry whose response record was lost (a crash after the handler's
+//! commit) re-enters the handler, whose own record replays.
+//!
+//! The layer does not commit a handler's transaction together with the
+//! response it stores. That would need the layer to hand the handler its
+//! lease (the key and token, as a request extension where it calls the
+//! inner service) and to keep the handler's transaction, and a pooled
+//! connection, open after the handler returned, while the response body
+//! streams to the client, until the record is written; the closure form
+//! gives the same exactly-once effect on the database without either.
 //!
 //! [`Record::encode`]: crate::Record::encode
 
