@@ -24,8 +24,11 @@
 //!   calls it), which the index on `expires_at` keeps cheap.
 //! * Waiters on another instance (`Concurrent::Wait`) learn of a completion
 //!   by bounded polling: the engine re-reads the key with a backoff from
-//!   5 ms up to 250 ms, within the wait budget. No connection is held open
-//!   for notices.
+//!   5 ms up to 250 ms, within the wait budget. Not `LISTEN`/`NOTIFY`: a
+//!   notifying transaction takes a lock on the database-wide notification
+//!   queue at commit, which would serialise every completion (the callers'
+//!   own commits, with the transactional form) for the sake of waiters, a
+//!   rare case; and no connection is held open for notices.
 //! * Every operation runs on a pooled connection and fails within the
 //!   store's timeout with [`StoreError::Unavailable`] when Postgres cannot be
 //!   reached, refuses connections or was shut down; the pool reconnects by
