@@ -4,7 +4,8 @@
 //!
 //! `cargo bench --bench stores --all-features` adds the Redis groups when
 //! Redis answers on 127.0.0.1:6379 (or `$REDIS_URL`); otherwise it says so
-//! and skips them.
+//! and skips them; likewise the Postgres groups (first request, replay, and
+//! the transactional form) on 127.0.0.1:5432 (or `$DATABASE_URL`).
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
@@ -213,12 +214,76 @@ fn redis(_: &mut Criterion) {
     eprintln!("note: built without feature `redis`: Redis groups skipped");
 }
 
+#[cfg(feature = "postgres")]
+fn postgres(c: &mut Criterion) {
+    use tower_idempotency::{IdempotencyKey, PostgresStore};
+
+    let rt = runtime();
+    let url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let table = format!("bench_{}", std::process::id());
+    let store = rt.block_on(async {
+        let store = PostgresStore::builder(url.clone())
+            .table(table.clone())
+            .build()
+            .await?;
+        store.migrate().await?;
+        Ok::<_, tower_idempotency::store::StoreError>(store)
+    });
+    let store = match store {
+        Ok(store) => store,
+        Err(error) => {
+            eprintln!("note: Postgres at {url} is not usable ({error}): Postgres groups skipped");
+            return;
+        }
+    };
+    let pool = store.pool().clone();
+    let engine = Idempotency::builder()
+        .store(store)
+        .build()
+        .expect("engine on Postgres");
+    let mut group = c.benchmark_group("stores");
+    group.throughput(Throughput::Elements(1));
+    engine_paths(&mut group, &rt, "postgres", &engine);
+
+    // The transactional form on a new key: begin, a transaction with no
+    // writes of its own, the record written into it, one commit.
+    let next = AtomicU64::new(0);
+    group.bench_function("postgres/transactional_miss", |b| {
+        b.to_async(&rt).iter(|| async {
+            let key = IdempotencyKey::new(
+                format!("bench-{}", next.fetch_add(1, Relaxed)),
+                "act",
+                "tgt",
+            );
+            engine
+                .execute_in_transaction(&key, |_transaction| {
+                    Box::pin(async { Ok::<_, std::convert::Infallible>(1_u32) })
+                })
+                .await
+                .expect("execute_in_transaction")
+        });
+    });
+    group.finish();
+    // Leave nothing behind in a database that others use.
+    let dropped =
+        rt.block_on(sqlx::query(&format!("DROP TABLE IF EXISTS \"{table}\"")).execute(&pool));
+    if let Err(error) = dropped {
+        eprintln!("note: could not drop the bench table {table}: {error}");
+    }
+}
+
+#[cfg(not(feature = "postgres"))]
+fn postgres(_: &mut Criterion) {
+    eprintln!("note: built without feature `postgres`: Postgres groups skipped");
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3))
         .sample_size(30);
-    targets = memory, redis
+    targets = memory, redis, postgres
 }
 criterion_main!(benches);

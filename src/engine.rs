@@ -61,6 +61,7 @@
 //! TTL and retries are refused, so nothing runs twice but the key is unusable
 //! until then.
 
+mod complete_with;
 mod config;
 mod handle;
 mod retry;

@@ -87,14 +87,14 @@ impl<E> From<StoreError> for ExecuteError<E> {
 
 /// The fingerprint every call of this API uses for `key`, so `execute`,
 /// `mark_executed` and retries agree: the key already names the params.
-fn fingerprint(key: &IdempotencyKey, text: &str) -> Fingerprint {
+pub(crate) fn fingerprint(key: &IdempotencyKey, text: &str) -> Fingerprint {
     match key.params_hash() {
         Some(hash) => Fingerprint::of_bytes(hash.as_bytes()),
         None => Fingerprint::of_bytes(text.as_bytes()),
     }
 }
 
-fn decode<T: DeserializeOwned, E>(record: &Record) -> Result<T, ExecuteError<E>> {
+pub(crate) fn decode<T: DeserializeOwned, E>(record: &Record) -> Result<T, ExecuteError<E>> {
     let value = record.as_value().ok_or(ExecuteError::NotAValue)?;
     serde_json::from_slice(value).map_err(ExecuteError::Decode)
 }

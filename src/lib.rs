@@ -13,7 +13,8 @@
 //!   maintenance). The whole protocol lives in one file, [`engine`].
 //! * [`store`]: the [`Store`](store::Store) trait, the embedded moka
 //!   [`MemoryStore`](store::MemoryStore) and, with feature `redis`, the shared
-//!   Redis store.
+//!   Redis store; with feature `postgres`, the Postgres store and its
+//!   transactional form of `execute`.
 //! * [`key`]: [`IdempotencyKey`], [`Fingerprint`] and key extractors
 //!   ([`HeaderKey`]).
 //! * [`record`]: what a completed action leaves behind.
@@ -40,6 +41,9 @@ pub use layer::{
 };
 pub use record::{Record, StoredResponse};
 pub use stats::{CacheInfo, StatsSnapshot};
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use store::PostgresStore;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use store::RedisStore;

@@ -1,4 +1,4 @@
-//! Both stores of the crate held to the same store contract.
+//! Every store of the crate held to the same store contract.
 #![cfg(feature = "test-util")]
 
 use std::time::Duration;
@@ -63,6 +63,54 @@ mod redis_store {
                 .build()
                 .await
                 .expect("Redis answers on REDIS_URL or 127.0.0.1:6379")
+        });
+        tokio::time::timeout(BUDGET, suite.run())
+            .await
+            .expect("the conformance suite hung");
+    }
+}
+
+#[cfg(feature = "postgres")]
+#[path = "stores/postgres.rs"]
+mod postgres;
+
+#[cfg(feature = "postgres")]
+mod postgres_store {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use tower_idempotency::store::{conformance::Suite, PostgresStore};
+
+    use super::{postgres, BUDGET};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn postgres_store_keeps_the_store_contract() {
+        // Every store the suite makes gets a table of its own.
+        let tables = Arc::new(postgres::DropTables::default());
+        let made = tables.clone();
+        let suite = Suite::new(move || {
+            let table = postgres::random_table("conformance");
+            made.add(&table);
+            async move { postgres::store(&table).await }
+        })
+        .corrupt_with(|store: &PostgresStore, key: &str, bytes: Bytes| {
+            let insert = format!(
+                "INSERT INTO {} (key, state, fingerprint, record, created_at_ms, expires_at) \
+                 VALUES ($1, 'completed', $2, $3, 0, clock_timestamp() + interval '60 seconds') \
+                 ON CONFLICT (key) DO UPDATE SET state = 'completed', record = EXCLUDED.record, \
+                 expires_at = EXCLUDED.expires_at",
+                store.table()
+            );
+            let (pool, key) = (store.pool().clone(), key.to_owned());
+            async move {
+                sqlx::query(&insert)
+                    .bind(key)
+                    .bind(vec![0_u8; 32])
+                    .bind(bytes.to_vec())
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+            }
         });
         tokio::time::timeout(BUDGET, suite.run())
             .await

@@ -11,6 +11,12 @@ mod http2;
 mod idempotency;
 #[path = "reverse_proxy/page.rs"]
 mod page;
+#[cfg(feature = "postgres")]
+#[path = "reverse_proxy/postgres.rs"]
+mod postgres_only;
+#[cfg(feature = "postgres")]
+#[path = "stores/postgres.rs"]
+mod postgres_support;
 #[cfg(feature = "redis")]
 #[path = "reverse_proxy/redis.rs"]
 mod redis_only;

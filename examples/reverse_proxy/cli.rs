@@ -44,6 +44,16 @@ pub(crate) struct Args {
     #[arg(long, default_value = "idem:")]
     pub(crate) redis_prefix: String,
 
+    /// Keep records in Postgres (postgres://user@host:port/database) instead
+    /// of the embedded in-memory store, so several proxies share them.
+    #[arg(long, conflicts_with = "redis")]
+    pub(crate) postgres: Option<String>,
+
+    /// The Postgres table of records (created at start if missing);
+    /// instances on the same table share keys.
+    #[arg(long, default_value = "idempotency")]
+    pub(crate) postgres_table: String,
+
     /// How long a stored response is replayed, in seconds.
     #[arg(long, default_value = "86400", value_parser = parse_seconds)]
     pub(crate) ttl: Duration,

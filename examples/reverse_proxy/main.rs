@@ -43,6 +43,8 @@ mod demo;
 mod forward;
 mod limits;
 mod page;
+#[cfg(feature = "postgres")]
+mod postgres;
 mod problem;
 mod shutdown;
 
@@ -79,6 +81,22 @@ async fn run(args: Args) -> Result<(), BoxError> {
             timeout: args.wait_timeout,
         },
     };
+    if let Some(url) = args.postgres.clone() {
+        #[cfg(feature = "postgres")]
+        {
+            let engine = postgres::engine(&url, &args, concurrent).await?;
+            return serve(args, engine).await;
+        }
+        #[cfg(not(feature = "postgres"))]
+        {
+            let _ = url;
+            return Err(
+                "--postgres: this build has no Postgres store; run the example \
+                        with `--features postgres`, or drop --postgres"
+                    .into(),
+            );
+        }
+    }
     if let Some(url) = args.redis.clone() {
         #[cfg(feature = "redis")]
         {

@@ -30,6 +30,9 @@ fn binary() -> &'static PathBuf {
         if cfg!(feature = "test-util") {
             features.push("test-util");
         }
+        if cfg!(feature = "postgres") {
+            features.push("postgres");
+        }
         let mut build = std::process::Command::new(env!("CARGO"));
         build
             .args(["build", "--example", "reverse_proxy"])

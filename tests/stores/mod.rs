@@ -4,7 +4,9 @@
 //! `per_store!(name, flavor = ...)` above `async fn name(store: TestStore)`
 //! makes the tests `name::memory`, `name::redis` and `name::redis_local_tier`
 //! (Redis with its in-process cache of completed records in front; both
-//! with the `redis` feature), each under `#[tokio::test(flavor = ...)]`.
+//! with the `redis` feature), each under `#[tokio::test(flavor = ...)]`,
+//! and `name::postgres` (feature `postgres`: a real `PostgresStore` on
+//! `DATABASE_URL` in a fresh random table, dropped when the test ends).
 //! [`TestStore`] delegates every [`Store`] call to a real `MemoryStore` or a
 //! real `RedisStore` on `REDIS_URL` (default 127.0.0.1:6379), under a fresh
 //! random prefix whose keys are deleted when the test ends, pass or fail.
@@ -20,6 +22,11 @@ use tower_idempotency::{CacheInfo, Fingerprint};
 
 #[cfg(feature = "redis")]
 use tower_idempotency::store::RedisStore;
+
+#[cfg(feature = "postgres")]
+pub mod postgres;
+#[cfg(feature = "postgres")]
+use tower_idempotency::PostgresStore;
 
 /// `per_store!(name, tokio-test-args)` runs `async fn name(store: TestStore)`
 /// as the tests `name::memory`, `name::redis` and `name::redis_local_tier`,
@@ -46,6 +53,13 @@ macro_rules! per_store {
                 let (store, _cleanup) = $crate::stores::TestStore::redis(true).await;
                 super::$name(store).await
             }
+
+            #[cfg(feature = "postgres")]
+            #[tokio::test$(($($arg)*))?]
+            async fn postgres() {
+                let (store, _cleanup) = $crate::stores::TestStore::postgres().await;
+                super::$name(store).await
+            }
         }
     };
 }
@@ -57,6 +71,8 @@ pub enum TestStore {
     Memory(MemoryStore),
     #[cfg(feature = "redis")]
     Redis(RedisStore),
+    #[cfg(feature = "postgres")]
+    Postgres(PostgresStore),
 }
 
 impl TestStore {
@@ -79,6 +95,15 @@ impl TestStore {
         (store, cleanup)
     }
 
+    /// A store on the shared Postgres in a fresh random table, and the
+    /// guard that drops the table when dropped.
+    #[cfg(feature = "postgres")]
+    pub async fn postgres() -> (Self, postgres::DropTables) {
+        let table = postgres::random_table("suite");
+        let cleanup = postgres::DropTables::new(&table);
+        (Self::Postgres(postgres::store(&table).await), cleanup)
+    }
+
     /// The same backend as another process would open it: the embedded
     /// store is shared as is; Redis gets a new connection (owned by the
     /// calling runtime) under the same prefix.
@@ -87,6 +112,11 @@ impl TestStore {
             Self::Memory(store) => Self::Memory(store.clone()),
             #[cfg(feature = "redis")]
             Self::Redis(store) => Self::Redis(connect(store.prefix(), false).await),
+            #[cfg(feature = "postgres")]
+            Self::Postgres(store) => {
+                let table = store.table().trim_matches('"').to_owned();
+                Self::Postgres(postgres::store(&table).await)
+            }
         }
     }
 }
@@ -165,6 +195,8 @@ macro_rules! delegate {
             TestStore::Memory($store) => $call,
             #[cfg(feature = "redis")]
             TestStore::Redis($store) => $call,
+            #[cfg(feature = "postgres")]
+            TestStore::Postgres($store) => $call,
         }
     };
 }

@@ -1,0 +1,110 @@
+//! Configuration and connection of a [`PostgresStore`].
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgPool, PgPoolOptions};
+
+use super::convert::map_error;
+use super::PostgresStore;
+use crate::store::StoreError;
+
+/// The default table name.
+pub const DEFAULT_TABLE: &str = "idempotency";
+/// The default limit on one store operation, waiting for a pooled
+/// connection included: 2 seconds.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
+/// The default size of the connection pool: 10.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 10;
+
+/// Builds a [`PostgresStore`]; made by [`PostgresStore::builder`].
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct PostgresStoreBuilder {
+    url: String,
+    table: String,
+    max_connections: u32,
+    timeout: Duration,
+}
+
+impl PostgresStoreBuilder {
+    pub(super) fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            table: DEFAULT_TABLE.to_owned(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+
+    /// The table that holds the markers and records (default
+    /// `"idempotency"`), optionally schema-qualified (`"app.idempotency"`).
+    /// Stores on different tables share a database without seeing each
+    /// other.
+    pub fn table(mut self, table: impl Into<String>) -> Self {
+        self.table = table.into();
+        self
+    }
+
+    /// The most connections the store's pool opens (default 10). The
+    /// transactional form of `execute` holds one for the length of its
+    /// closure.
+    pub fn max_connections(mut self, max: u32) -> Self {
+        self.max_connections = max;
+        self
+    }
+
+    /// The limit on one operation, waiting for a connection included
+    /// (default 2 s). Past it the operation fails with
+    /// [`StoreError::Unavailable`].
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Connects to Postgres and builds the store. It does not create the
+    /// table: call [`PostgresStore::migrate`], or apply the SQL it documents.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Backend`] for an invalid URL or setting,
+    /// [`StoreError::Unavailable`] when Postgres cannot be reached.
+    pub async fn build(self) -> Result<PostgresStore, StoreError> {
+        let store = self.build_lazy()?;
+        crate::store::Store::ping(&store).await?;
+        Ok(store)
+    }
+
+    /// Builds the store without connecting: the first operation connects. A
+    /// service can so start while Postgres is down. Call it inside a Tokio
+    /// runtime.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Backend`] for an invalid URL or setting, or outside a
+    /// Tokio runtime.
+    pub fn build_lazy(self) -> Result<PostgresStore, StoreError> {
+        if self.timeout.is_zero() {
+            return Err(StoreError::backend(
+                "the postgres timeout must be greater than zero",
+            ));
+        }
+        if self.max_connections == 0 {
+            return Err(StoreError::backend(
+                "the postgres pool needs at least one connection",
+            ));
+        }
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(StoreError::backend("PostgresStore needs a Tokio runtime"));
+        }
+        let pool: PgPool = PgPoolOptions::new()
+            .max_connections(self.max_connections)
+            .acquire_timeout(self.timeout)
+            // Pooled connections are checked before use (the pool's
+            // default), so a connection the server dropped is replaced
+            // instead of failing a request.
+            .test_before_acquire(true)
+            .connect_lazy(&self.url)
+            .map_err(map_error)?;
+        PostgresStore::assemble(pool, &self.table, self.timeout)
+    }
+}

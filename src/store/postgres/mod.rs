@@ -1,0 +1,415 @@
+//! The store on Postgres (feature `postgres`), for services that keep their
+//! data in Postgres: one table, shared by every instance, and a
+//! [transactional form of `execute`](crate::Idempotency::execute_in_transaction)
+//! that commits the record together with the caller's own writes.
+//!
+//! * One table (name configurable, [`PostgresStoreBuilder::table`]) with one
+//!   row per key: its state (`in_flight` or `completed`), the lease token
+//!   while in flight, the fingerprint, the encoded record once completed
+//!   (the versioned [`Record::encode`] form), its creation time and its
+//!   expiry. [`PostgresStore::migrate`] creates it; the SQL is in
+//!   [`PostgresStore::MIGRATION`] for teams that run their own migrations.
+//! * `begin` reads the live row under the key (a replay, a conflict or a
+//!   mismatch costs that one read, and writes nothing); when there is none,
+//!   one `INSERT ... ON CONFLICT (key) DO UPDATE ... WHERE expired` writes
+//!   the marker, taking an expired row over, or changes nothing when another
+//!   caller's row won the key meanwhile (then that row is read). The primary
+//!   key makes the insert atomic: of any number of concurrent callers on any
+//!   number of instances exactly one acquires.
+//! * `complete`, `renew` and `release` are single statements that act only
+//!   on a live `in_flight` row holding the caller's lease token (fencing).
+//! * Times are the database's clock, so instances agree on expiry. Expired
+//!   rows are ignored by every read, taken over by `begin`, and deleted by
+//!   [`cleanup_expired`](Store::cleanup_expired) (the engine's auto-cleanup
+//!   calls it), which the index on `expires_at` keeps cheap.
+//! * Waiters on another instance (`Concurrent::Wait`) learn of a completion
+//!   by bounded polling: the engine re-reads the key with a backoff from
+//!   5 ms up to 250 ms, within the wait budget. Not `LISTEN`/`NOTIFY`: a
+//!   notifying transaction takes a lock on the database-wide notification
+//!   queue at commit, which would serialise every completion (the callers'
+//!   own commits, with the transactional form) for the sake of waiters, a
+//!   rare case; and no connection is held open for notices.
+//! * Every operation runs on a pooled connection and fails within the
+//!   store's timeout with [`StoreError::Unavailable`] when Postgres cannot be
+//!   reached, refuses connections or was shut down; the pool reconnects by
+//!   itself when it returns. A value this build cannot read (a foreign
+//!   state, a truncated or newer record) is [`StoreError::Corrupt`].
+//!
+//! # Exactly once for work in the same database
+//!
+//! [`Idempotency::execute_in_transaction`](crate::Idempotency::execute_in_transaction)
+//! hands its closure a transaction on the store's pool and writes the record
+//! into that same transaction: the closure's writes and the record commit
+//! together or not at all. An HTTP handler gets the same promise by calling
+//! it with a key taken from the request (see `examples/postgres_orders.rs`).
+//! The layer records responses in statements of its own, outside the
+//! handler's transaction; behind it the promise still holds, because a
+//! retry whose response record was lost (a crash after the handler's
+//! commit) re-enters the handler, whose own record replays.
+//!
+//! The layer does not commit a handler's transaction together with the
+//! response it stores. That would need the layer to hand the handler its
+//! lease (the key and token, as a request extension where it calls the
+//! inner service) and to keep the handler's transaction, and a pooled
+//! connection, open after the handler returned, while the response body
+//! streams to the client, until the record is written; the closure form
+//! gives the same exactly-once effect on the database without either.
+//!
+//! [`Record::encode`]: crate::Record::encode
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::postgres::PgPool;
+
+use self::convert::{map_error, ttl_ms};
+use self::sql::{Statements, Table};
+use super::{
+    BeginOutcome, Entry, EntryState, LeaseToken, RemovalCounts, ScanEntry, Store, StoreError,
+};
+use crate::key::Fingerprint;
+use crate::record::{now_ms, SharedRecord};
+use crate::stats::CacheInfo;
+
+mod builder;
+mod convert;
+mod migration;
+mod sql;
+mod transactional;
+
+pub use builder::{PostgresStoreBuilder, DEFAULT_MAX_CONNECTIONS, DEFAULT_TABLE, DEFAULT_TIMEOUT};
+
+/// How many times `begin` goes round when the key changes between its read
+/// and its insert (another caller's row wins the key, or expires or is
+/// deleted before it is read). Each round is a fresh look at a key that is
+/// changing under it, so more than a couple means something keeps deleting
+/// the key.
+const BEGIN_ROUNDS: usize = 8;
+
+/// The store on Postgres: markers and records as rows of one table.
+///
+/// Cheap to clone: clones share one connection pool.
+///
+/// # Example
+///
+/// ```no_run
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use tower_idempotency::{Concurrent, Idempotency, PostgresStore};
+///
+/// let store = PostgresStore::builder("postgres://postgres@127.0.0.1/app")
+///     .table("idempotency")
+///     .build()
+///     .await?;
+/// store.migrate().await?;
+/// let engine = Idempotency::builder()
+///     .store(store)
+///     .concurrent(Concurrent::wait())
+///     .build()?;
+/// # drop(engine);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct PostgresStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: PgPool,
+    table: Table,
+    sql: Statements,
+    /// The limit on one operation, whatever Postgres does meanwhile.
+    timeout: Duration,
+    /// Rows deleted by `cleanup_expired`.
+    expired: AtomicU64,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("table", &self.inner.table.name)
+            .field("timeout", &self.inner.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresStore {
+    /// A builder for a store on the Postgres at `url`
+    /// (`postgres://user:password@host:port/database`).
+    pub fn builder(url: impl Into<String>) -> PostgresStoreBuilder {
+        PostgresStoreBuilder::new(url)
+    }
+
+    /// A store on a pool you configured yourself, in `table` (optionally
+    /// `schema.table`), with the default timeout. Use the pool your service
+    /// already has, and the transactional form of `execute` runs on it.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Backend`] for an empty table name.
+    pub fn new(pool: PgPool, table: &str) -> Result<Self, StoreError> {
+        Self::assemble(pool, table, DEFAULT_TIMEOUT)
+    }
+
+    fn assemble(pool: PgPool, table: &str, timeout: Duration) -> Result<Self, StoreError> {
+        let table = Table::parse(table)
+            .ok_or_else(|| StoreError::backend(format!("invalid table name {table:?}")))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                pool,
+                sql: Statements::new(&table),
+                table,
+                timeout,
+                expired: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// The connection pool the store uses (for queries and transactions of
+    /// your own).
+    pub fn pool(&self) -> &PgPool {
+        &self.inner.pool
+    }
+
+    /// The table's name as the store's statements write it: quoted, and
+    /// schema-qualified when it was given so.
+    pub fn table(&self) -> &str {
+        &self.inner.table.name
+    }
+
+    /// Runs one operation within the store's timeout.
+    async fn run<T>(
+        &self,
+        operation: impl Future<Output = Result<T, sqlx::Error>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.inner.timeout, operation).await {
+            Ok(result) => result.map_err(map_error),
+            Err(_elapsed) => Err(StoreError::unavailable(format!(
+                "postgres did not answer within {:?}",
+                self.inner.timeout
+            ))),
+        }
+    }
+
+    /// The live row under `key`: what it holds and its time left.
+    async fn held(&self, key: &str) -> Result<Option<(EntryState, Duration)>, StoreError> {
+        let row = self
+            .run(
+                sqlx::query(&self.inner.sql.get)
+                    .bind(key)
+                    .fetch_optional(&self.inner.pool),
+            )
+            .await?;
+        row.map(|row| convert::held(key, &row)).transpose()
+    }
+
+    /// Replaces the marker held by `lease` with `record`, on `connection`:
+    /// inside the caller's transaction, for the transactional form. Answers
+    /// whether the marker was still the lease's.
+    async fn complete_on<'c>(
+        &self,
+        connection: impl sqlx::PgExecutor<'c>,
+        key: &str,
+        lease: LeaseToken,
+        record: &crate::Record,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let completed = self
+            .run(
+                sqlx::query(&self.inner.sql.complete)
+                    .bind(key)
+                    .bind(lease.to_string())
+                    .bind(record.fingerprint.as_bytes().as_slice())
+                    .bind(record.encode().as_ref())
+                    .bind(created_at(record.created_at_ms))
+                    .bind(ttl_ms(ttl))
+                    .execute(connection),
+            )
+            .await?;
+        Ok(completed.rows_affected() == 1)
+    }
+}
+
+/// A creation time as the `bigint` column takes it.
+fn created_at(ms: u64) -> i64 {
+    i64::try_from(ms).unwrap_or(i64::MAX)
+}
+
+impl Store for PostgresStore {
+    async fn begin(
+        &self,
+        key: &str,
+        fingerprint: Fingerprint,
+        lease: LeaseToken,
+        lease_ttl: Duration,
+    ) -> Result<BeginOutcome, StoreError> {
+        let token = lease.to_string();
+        for _ in 0..BEGIN_ROUNDS {
+            // A live row answers at once, with a read: a replay or a conflict
+            // writes nothing (the insert below would lock the row, and a
+            // lock is a write that waits for the WAL to be flushed).
+            match self.held(key).await? {
+                Some((EntryState::InFlight { fingerprint, .. }, expires_in)) => {
+                    return Ok(BeginOutcome::InFlight {
+                        fingerprint,
+                        expires_in,
+                    })
+                }
+                Some((EntryState::Completed(record), _)) => {
+                    return Ok(BeginOutcome::Completed(record))
+                }
+                None => {}
+            }
+            let acquired = self
+                .run(
+                    sqlx::query(&self.inner.sql.acquire)
+                        .bind(key)
+                        .bind(&token)
+                        .bind(fingerprint.as_bytes().as_slice())
+                        .bind(created_at(now_ms()))
+                        .bind(ttl_ms(lease_ttl))
+                        .execute(&self.inner.pool),
+                )
+                .await?;
+            if acquired.rows_affected() == 1 {
+                return Ok(BeginOutcome::Acquired);
+            }
+            // Another caller's row won the key between the read and the
+            // insert: read it (in a statement of its own, whose snapshot
+            // includes it).
+        }
+        Err(StoreError::backend(format!(
+            "the row of key {key:?} kept changing during begin"
+        )))
+    }
+
+    async fn renew(
+        &self,
+        key: &str,
+        lease: LeaseToken,
+        lease_ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let renewed = self
+            .run(
+                sqlx::query(&self.inner.sql.renew)
+                    .bind(key)
+                    .bind(lease.to_string())
+                    .bind(ttl_ms(lease_ttl))
+                    .execute(&self.inner.pool),
+            )
+            .await?;
+        Ok(renewed.rows_affected() == 1)
+    }
+
+    async fn complete(
+        &self,
+        key: &str,
+        lease: LeaseToken,
+        record: SharedRecord,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        self.complete_on(&self.inner.pool, key, lease, &record, ttl)
+            .await
+    }
+
+    async fn release(&self, key: &str, lease: LeaseToken) -> Result<bool, StoreError> {
+        let released = self
+            .run(
+                sqlx::query(&self.inner.sql.release)
+                    .bind(key)
+                    .bind(lease.to_string())
+                    .execute(&self.inner.pool),
+            )
+            .await?;
+        Ok(released.rows_affected() == 1)
+    }
+
+    async fn put(&self, key: &str, record: SharedRecord, ttl: Duration) -> Result<(), StoreError> {
+        self.run(
+            sqlx::query(&self.inner.sql.put)
+                .bind(key)
+                .bind(record.fingerprint.as_bytes().as_slice())
+                .bind(record.encode().as_ref())
+                .bind(created_at(record.created_at_ms))
+                .bind(ttl_ms(ttl))
+                .execute(&self.inner.pool),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
+        Ok(self
+            .held(key)
+            .await?
+            .map(|(state, expires_in)| Entry { state, expires_in }))
+    }
+
+    async fn remove(&self, key: &str) -> Result<bool, StoreError> {
+        let live: Option<bool> = self
+            .run(
+                sqlx::query_scalar(&self.inner.sql.remove)
+                    .bind(key)
+                    .fetch_optional(&self.inner.pool),
+            )
+            .await?;
+        Ok(live == Some(true))
+    }
+
+    async fn clear(&self) -> Result<(), StoreError> {
+        self.run(sqlx::query(&self.inner.sql.clear).execute(&self.inner.pool))
+            .await?;
+        Ok(())
+    }
+
+    async fn scan(&self) -> Result<Vec<ScanEntry>, StoreError> {
+        let rows = self
+            .run(sqlx::query(&self.inner.sql.scan).fetch_all(&self.inner.pool))
+            .await?;
+        rows.iter().map(convert::scan_entry).collect()
+    }
+
+    async fn len(&self) -> Result<u64, StoreError> {
+        let count: i64 = self
+            .run(sqlx::query_scalar(&self.inner.sql.len).fetch_one(&self.inner.pool))
+            .await?;
+        Ok(u64::try_from(count).unwrap_or(0))
+    }
+
+    async fn info(&self) -> Result<CacheInfo, StoreError> {
+        let bytes: i64 = self
+            .run(sqlx::query_scalar(&self.inner.sql.stored_bytes).fetch_one(&self.inner.pool))
+            .await?;
+        Ok(CacheInfo {
+            entries: self.len().await?,
+            max_entries: None,
+            weighted_bytes: u64::try_from(bytes).unwrap_or(0),
+        })
+    }
+
+    fn removal_counts(&self) -> RemovalCounts {
+        RemovalCounts {
+            expired: self.inner.expired.load(Relaxed),
+            evicted: 0,
+        }
+    }
+
+    async fn cleanup_expired(&self) -> Result<(), StoreError> {
+        let deleted = self
+            .run(sqlx::query(&self.inner.sql.cleanup).execute(&self.inner.pool))
+            .await?;
+        self.inner
+            .expired
+            .fetch_add(deleted.rows_affected(), Relaxed);
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.run(sqlx::query("SELECT 1").execute(&self.inner.pool))
+            .await?;
+        Ok(())
+    }
+}

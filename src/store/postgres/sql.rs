@@ -1,0 +1,151 @@
+//! The SQL of the store: one statement per operation, each
+//! written once per table when the store is built.
+//!
+//! Every time is the database's clock (`clock_timestamp()`, not `now()`,
+//! which inside a transaction is the transaction's start), so instances whose
+//! clocks disagree still agree on what has expired. TTLs travel as whole
+//! milliseconds (`$n::bigint * interval '1 millisecond'`).
+
+/// The quoted names of the store's table and of its expiry index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Table {
+    pub(super) name: String,
+    pub(super) index: String,
+}
+
+impl Table {
+    /// `table`, or `schema.table`, quoted as Postgres identifiers, so any
+    /// name is safe in the statements. `None` for an empty part.
+    pub(super) fn parse(table: &str) -> Option<Self> {
+        let (schema, bare) = match table.split_once('.') {
+            Some((schema, bare)) => (Some(schema), bare),
+            None => (None, table),
+        };
+        if bare.is_empty() || schema.is_some_and(str::is_empty) {
+            return None;
+        }
+        let qualify = |name: &str| match schema {
+            Some(schema) => format!("{}.{}", quote(schema), quote(name)),
+            None => quote(name),
+        };
+        Some(Self {
+            name: qualify(bare),
+            // An index lives in its table's schema: only its own name is given.
+            index: quote(&format!("{bare}_expires_at")),
+        })
+    }
+}
+
+fn quote(identifier: &str) -> String {
+    format!("\"{}\"", identifier.replace('"', "\"\""))
+}
+
+/// The columns a read answers, in this order, decoded by `row.rs`.
+const HELD: &str = "state, lease_token, fingerprint, record, created_at_ms, \
+     GREATEST(0, (EXTRACT(EPOCH FROM expires_at - clock_timestamp()) * 1000)::bigint) AS expires_in_ms";
+
+/// The columns `scan` answers besides the key: no payload.
+const LISTED: &str = "state, created_at_ms, \
+     GREATEST(0, (EXTRACT(EPOCH FROM expires_at - clock_timestamp()) * 1000)::bigint) AS expires_in_ms";
+
+/// A live row: expired rows are ignored by every read.
+const LIVE: &str = "expires_at > clock_timestamp()";
+
+/// Every statement of the store, for one table.
+#[derive(Debug)]
+pub(super) struct Statements {
+    /// `$1` key, `$2` lease, `$3` fingerprint, `$4` created_at_ms, `$5` lease
+    /// TTL: writes the marker when the key is free or its row has expired
+    /// (takeover); affects no row when a live row holds the key.
+    pub(super) acquire: String,
+    /// `$1` key: the live row.
+    pub(super) get: String,
+    /// `$1` key, `$2` lease, `$3` lease TTL.
+    pub(super) renew: String,
+    /// `$1` key, `$2` lease, `$3` fingerprint, `$4` record, `$5`
+    /// created_at_ms, `$6` TTL: the marker becomes the record, fenced.
+    pub(super) complete: String,
+    /// `$1` key, `$2` lease.
+    pub(super) release: String,
+    /// `$1` key, `$2` fingerprint, `$3` record, `$4` created_at_ms, `$5` TTL.
+    pub(super) put: String,
+    /// `$1` key: answers whether the deleted row was live.
+    pub(super) remove: String,
+    pub(super) clear: String,
+    pub(super) scan: String,
+    pub(super) len: String,
+    pub(super) stored_bytes: String,
+    pub(super) cleanup: String,
+}
+
+impl Statements {
+    pub(super) fn new(table: &Table) -> Self {
+        let t = &table.name;
+        let until =
+            |param: u8| format!("clock_timestamp() + ${param}::bigint * interval '1 millisecond'");
+        Self {
+            acquire: format!(
+                "INSERT INTO {t} AS held \
+                 (key, state, lease_token, fingerprint, record, created_at_ms, expires_at) \
+                 VALUES ($1, 'in_flight', $2, $3, NULL, $4, {until5}) \
+                 ON CONFLICT (key) DO UPDATE SET state = 'in_flight', \
+                 lease_token = EXCLUDED.lease_token, fingerprint = EXCLUDED.fingerprint, \
+                 record = NULL, created_at_ms = EXCLUDED.created_at_ms, \
+                 expires_at = EXCLUDED.expires_at \
+                 WHERE held.expires_at <= clock_timestamp()",
+                until5 = until(5)
+            ),
+            get: format!("SELECT {HELD} FROM {t} WHERE key = $1 AND {LIVE}"),
+            renew: format!(
+                "UPDATE {t} SET expires_at = {until3} \
+                 WHERE key = $1 AND state = 'in_flight' AND lease_token = $2 AND {LIVE}",
+                until3 = until(3)
+            ),
+            complete: format!(
+                "UPDATE {t} SET state = 'completed', lease_token = NULL, fingerprint = $3, \
+                 record = $4, created_at_ms = $5, expires_at = {until6} \
+                 WHERE key = $1 AND state = 'in_flight' AND lease_token = $2 AND {LIVE}",
+                until6 = until(6)
+            ),
+            release: format!(
+                "DELETE FROM {t} \
+                 WHERE key = $1 AND state = 'in_flight' AND lease_token = $2 AND {LIVE}"
+            ),
+            put: format!(
+                "INSERT INTO {t} \
+                 (key, state, lease_token, fingerprint, record, created_at_ms, expires_at) \
+                 VALUES ($1, 'completed', NULL, $2, $3, $4, {until5}) \
+                 ON CONFLICT (key) DO UPDATE SET state = 'completed', lease_token = NULL, \
+                 fingerprint = EXCLUDED.fingerprint, record = EXCLUDED.record, \
+                 created_at_ms = EXCLUDED.created_at_ms, expires_at = EXCLUDED.expires_at",
+                until5 = until(5)
+            ),
+            remove: format!("DELETE FROM {t} WHERE key = $1 RETURNING {LIVE} AS live"),
+            clear: format!("DELETE FROM {t}"),
+            scan: format!("SELECT key, {LISTED} FROM {t} WHERE {LIVE}"),
+            len: format!("SELECT count(*) FROM {t} WHERE {LIVE}"),
+            stored_bytes: format!(
+                "SELECT COALESCE(sum(octet_length(record)), 0)::bigint FROM {t} WHERE {LIVE}"
+            ),
+            cleanup: format!("DELETE FROM {t} WHERE expires_at <= clock_timestamp()"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Table;
+
+    #[test]
+    fn table_names_are_quoted_and_may_carry_a_schema() {
+        let plain = Table::parse("idempotency").unwrap();
+        assert_eq!(plain.name, "\"idempotency\"");
+        assert_eq!(plain.index, "\"idempotency_expires_at\"");
+        let qualified = Table::parse("app.idem\"x").unwrap();
+        assert_eq!(qualified.name, "\"app\".\"idem\"\"x\"");
+        assert_eq!(qualified.index, "\"idem\"\"x_expires_at\"");
+        assert_eq!(Table::parse(""), None);
+        assert_eq!(Table::parse("app."), None);
+        assert_eq!(Table::parse(".t"), None);
+    }
+}
