@@ -4,7 +4,7 @@
 #
 #   .ci/redis-cluster.sh start [BASE_PORT]   # default 7000; does nothing when the cluster answers
 #   .ci/redis-cluster.sh stop  [BASE_PORT]   # shuts the six nodes down, deletes their data
-#   .ci/redis-cluster.sh status [BASE_PORT]  # exit 0 when the cluster answers and is complete
+#   .ci/redis-cluster.sh status [BASE_PORT]  # exit 0 when the cluster answers and is ok
 #
 # Environment: REDIS_CLUSTER_NODE_TIMEOUT (ms, default 2000): how long a node
 # may be silent before it counts as failed, so a failover takes a few seconds.
@@ -27,15 +27,23 @@ cli() { redis-cli -h 127.0.0.1 -p "$1" "${@:2}" 2>/dev/null; }
 
 answers() { cli "$1" ping | grep -q PONG; }
 
-# Every node answers, sees the whole cluster as ok with six nodes, and every
-# replica is linked to its primary (so WAIT has replicas to count).
-complete() {
-  local port info replication
+# Every node answers and sees the whole cluster as ok, with six nodes.
+healthy() {
+  local port info
   for port in "${ports[@]}"; do
     info=$(cli "$port" cluster info) || return 1
     grep -q '^cluster_state:ok' <<<"$info" || return 1
     grep -q '^cluster_known_nodes:6' <<<"$info" || return 1
     grep -q '^cluster_slots_assigned:16384' <<<"$info" || return 1
+  done
+}
+
+# Healthy, and every replica is linked to its primary (so WAIT has replicas
+# to count): what a new cluster waits for.
+complete() {
+  healthy || return 1
+  local port replication
+  for port in "${ports[@]}"; do
     replication=$(cli "$port" info replication) || return 1
     if grep -q '^role:master' <<<"$replication"; then
       grep -q '^connected_slaves:1' <<<"$replication" || return 1
@@ -74,12 +82,12 @@ stop() {
 }
 
 start() {
-  if complete; then
+  if healthy; then
     return 0
   fi
-  # Nodes that answer but do not form a complete cluster may be converging
-  # (another caller is creating it): give them a moment before starting over.
-  if all_answer && wait_until complete 50; then
+  # Nodes that answer but do not form a healthy cluster may be converging
+  # (a failover under way): give them a moment before starting over.
+  if all_answer && wait_until healthy 50; then
     return 0
   fi
   stop
@@ -119,7 +127,7 @@ flock 9
 case "$command_name" in
   start) start && echo "redis-cluster: ok on 127.0.0.1:$base..$((base + 5))" ;;
   stop) stop ;;
-  status) complete ;;
+  status) healthy ;;
   *)
     echo "usage: $0 start|stop|status [BASE_PORT]" >&2
     exit 2

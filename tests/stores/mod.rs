@@ -8,7 +8,12 @@
 //! [`TestStore`] delegates every [`Store`] call to a real `MemoryStore` or a
 //! real `RedisStore` on `REDIS_URL` (default 127.0.0.1:6379), under a fresh
 //! random prefix whose keys are deleted when the test ends, pass or fail.
+//! `name::redis_cluster` runs it on the shared Redis Cluster (see
+//! [`cluster`]), three primaries that the store's keys spread over.
 #![allow(dead_code, unreachable_pub)]
+
+#[cfg(feature = "redis")]
+pub mod cluster;
 
 use std::time::Duration;
 
@@ -46,6 +51,13 @@ macro_rules! per_store {
                 let (store, _cleanup) = $crate::stores::TestStore::redis(true).await;
                 super::$name(store).await
             }
+
+            #[cfg(feature = "redis")]
+            #[tokio::test$(($($arg)*))?]
+            async fn redis_cluster() {
+                let (store, _cleanup) = $crate::stores::TestStore::redis_cluster().await;
+                super::$name(store).await
+            }
         }
     };
 }
@@ -57,6 +69,9 @@ pub enum TestStore {
     Memory(MemoryStore),
     #[cfg(feature = "redis")]
     Redis(RedisStore),
+    /// A store on the shared Redis Cluster.
+    #[cfg(feature = "redis")]
+    RedisCluster(RedisStore),
 }
 
 impl TestStore {
@@ -79,6 +94,17 @@ impl TestStore {
         (store, cleanup)
     }
 
+    /// A store on the shared Redis Cluster under a fresh random prefix, and
+    /// the guard that deletes the prefix's keys on every primary when
+    /// dropped.
+    #[cfg(feature = "redis")]
+    pub async fn redis_cluster() -> (Self, cluster::ClusterCleanup) {
+        let prefix = format!("test:suite:{:016x}:", rand::random::<u64>());
+        let urls = cluster::shared_cluster_urls();
+        let store = Self::RedisCluster(cluster::cluster_store(&urls, &prefix, false).await);
+        (store, cluster::ClusterCleanup { urls, prefix })
+    }
+
     /// The same backend as another process would open it: the embedded
     /// store is shared as is; Redis gets a new connection (owned by the
     /// calling runtime) under the same prefix.
@@ -87,6 +113,11 @@ impl TestStore {
             Self::Memory(store) => Self::Memory(store.clone()),
             #[cfg(feature = "redis")]
             Self::Redis(store) => Self::Redis(connect(store.prefix(), false).await),
+            #[cfg(feature = "redis")]
+            Self::RedisCluster(store) => {
+                let urls = cluster::shared_cluster_urls();
+                Self::RedisCluster(cluster::cluster_store(&urls, store.prefix(), false).await)
+            }
         }
     }
 }
@@ -165,6 +196,8 @@ macro_rules! delegate {
             TestStore::Memory($store) => $call,
             #[cfg(feature = "redis")]
             TestStore::Redis($store) => $call,
+            #[cfg(feature = "redis")]
+            TestStore::RedisCluster($store) => $call,
         }
     };
 }
