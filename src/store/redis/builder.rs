@@ -5,6 +5,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClientBuilder, ClusterConfig};
 
+use super::cluster::Shards;
 use super::connection::RedisConnection;
 use super::convert::map_error;
 use super::replicas::ReplicaAck;
@@ -268,8 +269,8 @@ impl RedisStoreBuilder {
                 let config = ClusterConfig::new()
                     .set_connection_timeout(self.connection_timeout)
                     .set_response_timeout(response_timeout);
-                let cluster = client.get_pending_async_connection_with_config(config);
-                Ok((cluster.into(), clients))
+                let shards = Shards::new(client, config, timeout);
+                Ok((RedisConnection::sharded(shards), clients))
             }
         }
     }

@@ -6,12 +6,16 @@
 //! listing (`SCAN`) is per node: it walks every primary in turn.
 
 use std::fmt;
+use std::sync::Arc;
 
 use futures_util::FutureExt;
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult, Value};
+
+use super::builder::{DEFAULT_CONNECTION_TIMEOUT, DEFAULT_RESPONSE_TIMEOUT};
+use super::cluster::{slot_ranges, ClusterHandle, Shards};
 
 /// Slots of a Redis Cluster: a key's slot is CRC16 of the key modulo 16384.
 const CLUSTER_SLOTS: i64 = 16_384;
@@ -44,14 +48,16 @@ pub struct RedisConnection {
 #[derive(Clone)]
 enum Kind {
     Node(ConnectionManager),
-    Cluster(ClusterConnection),
+    /// A cluster connection, and the per-shard ones for commands on one key
+    /// when the store opened them.
+    Cluster(Arc<ClusterHandle>, Option<Arc<Shards>>),
 }
 
 impl fmt::Debug for RedisConnection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kind = match self.kind {
             Kind::Node(_) => "node",
-            Kind::Cluster(_) => "cluster",
+            Kind::Cluster(..) => "cluster",
         };
         f.debug_struct("RedisConnection")
             .field("kind", &kind)
@@ -67,18 +73,41 @@ impl From<ConnectionManager> for RedisConnection {
     }
 }
 
+/// A cluster connection made by the caller; each command waits for its
+/// answer at most the default connection and response timeouts together.
 impl From<ClusterConnection> for RedisConnection {
     fn from(connection: ClusterConnection) -> Self {
-        Self {
-            kind: Kind::Cluster(connection),
-        }
+        let limit = DEFAULT_CONNECTION_TIMEOUT + DEFAULT_RESPONSE_TIMEOUT;
+        Self::cluster(Arc::new(ClusterHandle::fixed(connection, limit)))
     }
 }
 
 impl RedisConnection {
+    fn cluster(handle: Arc<ClusterHandle>) -> Self {
+        Self {
+            kind: Kind::Cluster(handle, None),
+        }
+    }
+
+    /// A cluster connection that sends the commands on each key through the
+    /// connection of the key's shard (see [`Shards`]).
+    pub(super) fn sharded(shards: Shards) -> Self {
+        Self {
+            kind: Kind::Cluster(shards.admin(), Some(Arc::new(shards))),
+        }
+    }
+
+    /// The connection for commands on the Redis key `key`.
+    pub(super) async fn for_key(&self, key: &str) -> Self {
+        match &self.kind {
+            Kind::Cluster(_, Some(shards)) => Self::cluster(shards.for_key(key.as_bytes()).await),
+            _ => self.clone(),
+        }
+    }
+
     /// Whether this is a connection to a Redis Cluster.
     pub fn is_cluster(&self) -> bool {
-        matches!(self.kind, Kind::Cluster(_))
+        matches!(self.kind, Kind::Cluster(..))
     }
 
     /// Every primary, each as a connection that sends its commands to that
@@ -87,18 +116,18 @@ impl RedisConnection {
     /// primary (slots unassigned, or a failed primary not yet replaced), so
     /// that a listing never silently leaves a primary out.
     pub(super) async fn primaries(&self) -> RedisResult<Vec<Primary>> {
-        let Kind::Cluster(cluster) = &self.kind else {
+        let Kind::Cluster(cluster, _) = &self.kind else {
             return Ok(vec![Primary {
                 connection: self.clone(),
                 address: None,
             }]);
         };
-        let mut cluster = cluster.clone();
         let table = cluster
-            .route_command(
-                redis::cmd("CLUSTER").arg("SLOTS").clone(),
-                RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
-            )
+            .run(move |mut connection| async move {
+                let slots = redis::cmd("CLUSTER").arg("SLOTS").clone();
+                let random = RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random);
+                connection.route_command(slots, random).await
+            })
             .await?;
         let addresses = primaries_of(table)?;
         Ok(addresses
@@ -115,7 +144,9 @@ impl ConnectionLike for RedisConnection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match &mut self.kind {
             Kind::Node(connection) => connection.req_packed_command(cmd),
-            Kind::Cluster(connection) => connection.req_packed_command(cmd),
+            Kind::Cluster(cluster, _) => cluster
+                .run(move |mut connection| async move { connection.req_packed_command(cmd).await })
+                .boxed(),
         }
     }
 
@@ -127,14 +158,21 @@ impl ConnectionLike for RedisConnection {
     ) -> RedisFuture<'a, Vec<Value>> {
         match &mut self.kind {
             Kind::Node(connection) => connection.req_packed_commands(pipeline, offset, count),
-            Kind::Cluster(connection) => connection.req_packed_commands(pipeline, offset, count),
+            Kind::Cluster(cluster, _) => cluster
+                .run(move |mut connection| async move {
+                    connection
+                        .req_packed_commands(pipeline, offset, count)
+                        .await
+                })
+                .boxed(),
         }
     }
 
     fn get_db(&self) -> i64 {
         match &self.kind {
             Kind::Node(connection) => connection.get_db(),
-            Kind::Cluster(connection) => connection.get_db(),
+            // A cluster has only database 0.
+            Kind::Cluster(..) => 0,
         }
     }
 }
@@ -171,8 +209,11 @@ impl ConnectionLike for Primary {
             return self.connection.req_packed_command(cmd);
         };
         match &mut self.connection.kind {
-            Kind::Cluster(cluster) => cluster
-                .route_command(cmd.clone(), RoutingInfo::SingleNode(route))
+            Kind::Cluster(cluster, _) => cluster
+                .run(move |mut connection| async move {
+                    let route = RoutingInfo::SingleNode(route);
+                    connection.route_command(cmd.clone(), route).await
+                })
                 .boxed(),
             Kind::Node(node) => node.req_packed_command(cmd),
         }
@@ -188,8 +229,10 @@ impl ConnectionLike for Primary {
             return self.connection.req_packed_commands(pipeline, offset, count);
         };
         match &mut self.connection.kind {
-            Kind::Cluster(cluster) => cluster
-                .route_pipeline(pipeline.clone(), offset, count, route)
+            Kind::Cluster(cluster, _) => cluster
+                .run(move |mut connection| async move {
+                    (connection.route_pipeline(pipeline.clone(), offset, count, route)).await
+                })
                 .boxed(),
             Kind::Node(node) => node.req_packed_commands(pipeline, offset, count),
         }
@@ -200,31 +243,15 @@ impl ConnectionLike for Primary {
     }
 }
 
-/// The distinct primaries of a `CLUSTER SLOTS` answer (`[[start, end,
-/// [host, port, id, ...], replicas...], ...]`), when they cover every slot.
+/// The distinct primaries of a `CLUSTER SLOTS` answer, when they cover
+/// every slot.
 fn primaries_of(table: Value) -> RedisResult<Vec<(String, u16)>> {
-    let malformed = || RedisError::from((ErrorKind::Parse, "unexpected CLUSTER SLOTS answer"));
-    let Value::Array(ranges) = table else {
-        return Err(malformed());
-    };
     let mut primaries: Vec<(String, u16)> = Vec::new();
     let mut covered = 0;
-    for range in ranges {
-        let Value::Array(range) = range else {
-            return Err(malformed());
-        };
-        let [Value::Int(start), Value::Int(end), Value::Array(primary), ..] = range.as_slice()
-        else {
-            return Err(malformed());
-        };
-        let [Value::BulkString(host), Value::Int(port), ..] = primary.as_slice() else {
-            return Err(malformed());
-        };
-        let host = String::from_utf8_lossy(host).into_owned();
-        let port = u16::try_from(*port).map_err(|_| malformed())?;
-        covered += end - start + 1;
-        if !primaries.contains(&(host.clone(), port)) {
-            primaries.push((host, port));
+    for (start, end, primary) in slot_ranges(table)? {
+        covered += i64::from(end) - i64::from(start) + 1;
+        if !primaries.contains(&primary) {
+            primaries.push(primary);
         }
     }
     if covered < CLUSTER_SLOTS {

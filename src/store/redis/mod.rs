@@ -93,6 +93,7 @@ use crate::record::{now_ms, SharedRecord};
 use crate::stats::CacheInfo;
 
 mod builder;
+mod cluster;
 mod codec;
 mod connection;
 mod convert;
@@ -282,12 +283,13 @@ impl RedisStore {
         key: &str,
         args: &[&[u8]],
     ) -> Result<Value, StoreError> {
+        let redis_key = self.redis_key(key);
+        let mut connection = self.connection().for_key(&redis_key).await;
         let mut invocation = script.prepare_invoke();
-        invocation.key(self.redis_key(key));
+        invocation.key(redis_key);
         for arg in args {
             invocation.arg(*arg);
         }
-        let mut connection = self.connection();
         self.run(invocation.invoke_async(&mut connection)).await
     }
 
@@ -396,10 +398,11 @@ impl Store for RedisStore {
     }
 
     async fn put(&self, key: &str, record: SharedRecord, ttl: Duration) -> Result<(), StoreError> {
-        let mut connection = self.connection();
+        let redis_key = self.redis_key(key);
+        let mut connection = self.connection().for_key(&redis_key).await;
         let mut command = redis::cmd("SET");
         command
-            .arg(self.redis_key(key))
+            .arg(redis_key)
             .arg(record.encode().as_ref())
             .arg("PX")
             .arg(px(ttl));
@@ -451,9 +454,10 @@ impl Store for RedisStore {
         if let Some(local) = &self.inner.local {
             local.invalidate(key);
         }
-        let mut connection = self.connection();
+        let redis_key = self.redis_key(key);
+        let mut connection = self.connection().for_key(&redis_key).await;
         let mut command = redis::cmd("DEL");
-        command.arg(self.redis_key(key));
+        command.arg(redis_key);
         let removed: u64 = self.run(command.query_async(&mut connection)).await?;
         Ok(removed > 0)
     }

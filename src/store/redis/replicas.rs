@@ -110,7 +110,7 @@ impl RedisStore {
             .cmd("WAIT")
             .arg(ack.replicas)
             .arg(timeout_ms);
-        let mut connection = self.connection();
+        let mut connection = self.connection().for_key(redis_key).await;
         match tokio::time::timeout(self.inner.timeout, pipe.query_async(&mut connection)).await {
             Ok(answer) => answer,
             Err(_elapsed) => Err(redis::RedisError::from((
