@@ -316,3 +316,178 @@ async fn a_killed_primary_fails_its_slots_only_and_they_work_again_after_the_fai
     );
     assert!(closed_reruns <= killed_keys("/closed"));
 }
+
+/// Records that `complete` answered for, each with when it answered.
+type Acknowledged = std::sync::Arc<std::sync::Mutex<Vec<(String, Instant)>>>;
+
+/// Writes records on `store` from `writers` tasks until `stop`: each key
+/// begun then completed; keys whose `complete` answered `true` are noted.
+fn write_until(
+    store: &RedisStore,
+    writers: usize,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> (Acknowledged, Vec<tokio::task::JoinHandle<()>>) {
+    use std::sync::atomic::Ordering;
+    use tower_idempotency::store::{BeginOutcome, LeaseToken, Store};
+    let acknowledged = Acknowledged::default();
+    let tasks = (0..writers)
+        .map(|writer| {
+            let (store, stop, acknowledged) = (store.clone(), stop.clone(), acknowledged.clone());
+            tokio::spawn(async move {
+                let fp = tower_idempotency::Fingerprint::of_bytes(b"order");
+                let mut i = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    i += 1;
+                    let key = format!("w{writer}-{i}:create:acct");
+                    let lease = LeaseToken::random();
+                    let begun = timeout(
+                        Duration::from_secs(10),
+                        store.begin(&key, fp, lease, Duration::from_secs(60)),
+                    )
+                    .await;
+                    if !matches!(begun, Ok(Ok(BeginOutcome::Acquired))) {
+                        continue;
+                    }
+                    let record = std::sync::Arc::new(tower_idempotency::Record::value(
+                        fp,
+                        bytes::Bytes::from_static(b"done"),
+                    ));
+                    let completed = timeout(
+                        Duration::from_secs(10),
+                        store.complete(&key, lease, record, Duration::from_secs(600)),
+                    )
+                    .await;
+                    if matches!(completed, Ok(Ok(true))) {
+                        acknowledged.lock().unwrap().push((key, Instant::now()));
+                    }
+                }
+            })
+        })
+        .collect();
+    (acknowledged, tasks)
+}
+
+/// How many of the records acknowledged before `killed_at` the store no
+/// longer holds, and how many there were.
+async fn lost(
+    store: &RedisStore,
+    acknowledged: &Acknowledged,
+    killed_at: Instant,
+) -> (usize, usize) {
+    use tower_idempotency::store::{EntryState, Store};
+    let keys: Vec<String> = acknowledged
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, at)| *at < killed_at)
+        .map(|(key, _)| key.clone())
+        .collect();
+    let mut lost = 0;
+    for key in &keys {
+        let entry = timeout(Duration::from_secs(10), store.get(key))
+            .await
+            .expect("get answered")
+            .expect("the store answers after the failover");
+        if !matches!(
+            entry.map(|entry| entry.state),
+            Some(EntryState::Completed(_))
+        ) {
+            lost += 1;
+        }
+    }
+    (lost, keys.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_replica_ack_every_acknowledged_record_survives_the_failover() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tower_idempotency::store::Store;
+    let cluster = private_cluster().await;
+    let urls = cluster.urls();
+    let acked = timeout(
+        Duration::from_secs(20),
+        RedisStore::cluster_builder(urls.clone())
+            .prefix("acked:")
+            .replica_ack(1, Duration::from_secs(2))
+            .build(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let plain = cluster_store(&urls, "plain:", false).await;
+    let victim = cluster.ports()[0];
+    assert!(
+        cluster.primaries().contains(&victim),
+        "the victim is a primary"
+    );
+    let ask = cluster.ports()[1];
+    // A slot of each of the three ranges `redis-cli --cluster create` makes.
+    let victim_slot = [0, 5461, 10923]
+        .into_iter()
+        .find(|slot| cluster.primary_of_slot(ask, *slot).ok().flatten() == Some(victim))
+        .expect("the victim serves slots");
+
+    // Writers on both stores; the kill comes once both have written a while.
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let (acked_writes, mut tasks) = write_until(&acked, 16, &stop);
+    let (plain_writes, plain_tasks) = write_until(&plain, 16, &stop);
+    tasks.extend(plain_tasks);
+    timeout(Duration::from_secs(60), async {
+        while acked_writes.lock().unwrap().len() < 300 || plain_writes.lock().unwrap().len() < 300 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("both stores wrote 300 records within 60 s");
+    cluster.kill(victim);
+    let killed_at = Instant::now();
+    // Let the writers run into the outage a little, then stop them.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::SeqCst);
+    for task in tasks {
+        timeout(Duration::from_secs(30), task)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    // Wait (bounded) until the victim's slots have a new primary and the
+    // stores read them again.
+    let deadline = Instant::now() + FAILOVER_LIMIT;
+    while cluster
+        .primary_of_slot(ask, victim_slot)
+        .ok()
+        .flatten()
+        .is_none_or(|primary| primary == victim)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no failover within {FAILOVER_LIMIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for store in [&acked, &plain] {
+        while timeout(Duration::from_secs(10), store.ping())
+            .await
+            .map_or(true, |pinged| pinged.is_err())
+        {
+            assert!(Instant::now() < deadline, "the store did not recover");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    let (acked_lost, acked_total) = lost(&acked, &acked_writes, killed_at).await;
+    let (plain_lost, plain_total) = lost(&plain, &plain_writes, killed_at).await;
+    eprintln!(
+        "records acknowledged before the kill and lost in the failover: \
+         with replica_ack(1, 2s) {acked_lost} of {acked_total} \
+         ({} writes unacknowledged by replicas), without {plain_lost} of {plain_total}",
+        acked.unacknowledged_writes()
+    );
+    assert!(acked_total >= 300 && plain_total >= 300);
+    // Only a write the replica did not acknowledge in time may be lost.
+    assert!(
+        acked_lost as u64 <= acked.unacknowledged_writes(),
+        "{acked_lost} acknowledged records lost"
+    );
+}
