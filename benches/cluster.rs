@@ -66,8 +66,9 @@ fn cluster(c: &mut Criterion) {
     let mut group = c.benchmark_group("cluster");
     group.throughput(Throughput::Elements(CALLERS as u64));
     for (name, builder) in setups {
-        let built =
-            rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), builder.build()).await });
+        let built = rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(5), builder.build()).await
+        });
         let store = match built {
             Ok(Ok(store)) => store,
             Ok(Err(error)) => {

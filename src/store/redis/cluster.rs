@@ -187,7 +187,7 @@ impl Shards {
             })
             .await
             .and_then(slot_ranges)?;
-        let mut addresses: Vec<&(String, u16)> = Vec::new();
+        let mut addresses: Vec<&Address> = Vec::new();
         let mut ranges = Vec::with_capacity(primaries.len());
         for (start, end, primary) in &primaries {
             let shard = match addresses.iter().position(|known| *known == primary) {
@@ -214,8 +214,11 @@ impl Shards {
     }
 }
 
+/// A node's host and port.
+pub(super) type Address = (String, u16);
+
 /// The slot ranges of a `CLUSTER SLOTS` answer and the primary of each.
-pub(super) fn slot_ranges(table: Value) -> RedisResult<Vec<(u16, u16, (String, u16))>> {
+pub(super) fn slot_ranges(table: Value) -> RedisResult<Vec<(u16, u16, Address)>> {
     let malformed = || RedisError::from((ErrorKind::Parse, "unexpected CLUSTER SLOTS answer"));
     let Value::Array(ranges) = table else {
         return Err(malformed());
