@@ -224,6 +224,7 @@ async fn a_killed_primary_fails_its_slots_only_and_they_work_again_after_the_fai
     let mut during = Tally::new();
     let mut rounds = 0;
     let mut saw_ping_fail = false;
+    let mut saw_listing_fail = false;
     let promoted = loop {
         assert!(
             killed_at.elapsed() < FAILOVER_LIMIT,
@@ -234,6 +235,17 @@ async fn a_killed_primary_fails_its_slots_only_and_they_work_again_after_the_fai
             .is_ok_and(|pinged| pinged.is_err())
         {
             saw_ping_fail = true;
+        }
+        // Listing never answers part of the keys: it fails while a primary
+        // is down.
+        if let Ok(listed) = timeout(Duration::from_secs(10), handle.keys(&KeyFilter::new())).await {
+            match listed {
+                Err(tower_idempotency::store::StoreError::Unavailable(_)) => {
+                    saw_listing_fail = true
+                }
+                Err(other) => panic!("listing failed otherwise: {other}"),
+                Ok(listed) => assert_eq!(listed.len(), 2 * KEYS, "a listing is whole or an error"),
+            }
         }
         let tally = round(&server, &sides).await;
         rounds += 1;
@@ -285,6 +297,7 @@ async fn a_killed_primary_fails_its_slots_only_and_they_work_again_after_the_fai
         );
     }
     assert!(saw_ping_fail, "ping (/healthz) reported the cluster down");
+    assert!(saw_listing_fail, "listing reported the cluster down");
 
     // After the failover the same keys work again, on the same server:
     // a retry replays, and the store answers ping.
