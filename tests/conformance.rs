@@ -5,6 +5,10 @@ use std::time::Duration;
 
 use tower_idempotency::store::{conformance::Suite, MemoryStore};
 
+#[cfg(feature = "redis")]
+#[path = "stores/cluster.rs"]
+mod cluster_support;
+
 /// The whole suite must finish well within this; a hang is a failure.
 const BUDGET: Duration = Duration::from_secs(60);
 
@@ -63,6 +67,41 @@ mod redis_store {
                 .build()
                 .await
                 .expect("Redis answers on REDIS_URL or 127.0.0.1:6379")
+        });
+        tokio::time::timeout(BUDGET, suite.run())
+            .await
+            .expect("the conformance suite hung");
+    }
+
+    /// The same contract on a Redis Cluster: every operation on one key's
+    /// primary, listing and clearing over every primary.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn redis_cluster_store_keeps_the_store_contract() {
+        let urls = crate::cluster_support::shared_cluster_urls();
+        let prefix = format!("test:conformance:{:x}:", rand::random::<u64>());
+        let _cleanup = crate::cluster_support::ClusterCleanup {
+            urls: urls.clone(),
+            prefix: prefix.clone(),
+        };
+        let suite = Suite::new(move || {
+            let (urls, prefix) = (
+                urls.clone(),
+                format!("{prefix}{:x}:", rand::random::<u32>()),
+            );
+            async move { crate::cluster_support::cluster_store(&urls, &prefix, false).await }
+        })
+        .corrupt_with(|store: &RedisStore, key: &str, bytes: Bytes| {
+            let (mut connection, key) = (store.connection(), store.redis_key(key));
+            async move {
+                redis::cmd("SET")
+                    .arg(key)
+                    .arg(bytes.as_ref())
+                    .arg("PX")
+                    .arg(60_000)
+                    .query_async::<()>(&mut connection)
+                    .await
+                    .unwrap();
+            }
         });
         tokio::time::timeout(BUDGET, suite.run())
             .await

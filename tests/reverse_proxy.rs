@@ -1,6 +1,12 @@
 //! The `reverse_proxy` example, run for real: the built binary in front of a
 //! real upstream server, over loopback.
 
+#[cfg(feature = "redis")]
+#[path = "reverse_proxy/cluster.rs"]
+mod cluster;
+#[cfg(feature = "redis")]
+#[path = "stores/cluster.rs"]
+mod cluster_support;
 #[path = "reverse_proxy/edge.rs"]
 mod edge;
 #[path = "reverse_proxy/harness.rs"]

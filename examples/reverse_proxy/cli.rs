@@ -46,13 +46,31 @@ pub(crate) struct Args {
 
     /// Keep records in Postgres (postgres://user@host:port/database) instead
     /// of the embedded in-memory store, so several proxies share them.
-    #[arg(long, conflicts_with = "redis")]
+    #[arg(long, conflicts_with_all = ["redis", "redis_cluster"])]
     pub(crate) postgres: Option<String>,
 
     /// The Postgres table of records (created at start if missing);
     /// instances on the same table share keys.
     #[arg(long, default_value = "idempotency")]
     pub(crate) postgres_table: String,
+
+    /// Keep records in a Redis Cluster instead: its seed nodes, comma
+    /// separated (redis://10.0.0.1:6379,redis://10.0.0.2:6379).
+    #[arg(long, value_delimiter = ',', num_args = 1.., conflicts_with = "redis")]
+    pub(crate) redis_cluster: Vec<String>,
+
+    /// With --redis or --redis-cluster: a request's marker and its stored
+    /// response count as written once this many replicas hold them (Redis
+    /// WAIT), so they survive a failover. Without it replication is
+    /// asynchronous.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) redis_replicas: Option<u32>,
+
+    /// How long a write waits for --redis-replicas, in seconds; when they do
+    /// not answer in time the request goes on (the write holds on the
+    /// primary only; a warning is logged).
+    #[arg(long, default_value = "0.1", value_parser = parse_seconds)]
+    pub(crate) redis_replicas_timeout: Duration,
 
     /// How long a stored response is replayed, in seconds.
     #[arg(long, default_value = "86400", value_parser = parse_seconds)]

@@ -97,15 +97,17 @@ async fn run(args: Args) -> Result<(), BoxError> {
             );
         }
     }
-    if let Some(url) = args.redis.clone() {
+    if args.redis_replicas.is_some() && args.redis.is_none() && args.redis_cluster.is_empty() {
+        return Err("--redis-replicas needs --redis or --redis-cluster".into());
+    }
+    if args.redis.is_some() || !args.redis_cluster.is_empty() {
         #[cfg(feature = "redis")]
         {
-            let engine = redis_engine(&url, &args, concurrent).await?;
+            let engine = redis_engine(&args, concurrent).await?;
             return serve(args, engine).await;
         }
         #[cfg(not(feature = "redis"))]
         {
-            let _ = url;
             return Err(
                 "--redis: this build has no Redis store; run the example with \
                         `--features redis`, or drop --redis for the embedded store"
@@ -122,19 +124,29 @@ async fn run(args: Args) -> Result<(), BoxError> {
     serve(args, engine).await
 }
 
-/// An engine on Redis. It starts even when Redis is down (requests then get
-/// 503, or pass unprotected with --fail-open, and /healthz answers 503 until
-/// Redis answers), so a proxy does not crash-loop through a Redis restart.
+/// An engine on Redis (one server, or a Cluster). It starts even when Redis
+/// is down (requests then get 503, or pass unprotected with --fail-open, and
+/// /healthz answers 503 until Redis answers; on a cluster, while some slot has
+/// no primary that answers), so a proxy does not crash-loop through a Redis
+/// restart.
 #[cfg(feature = "redis")]
 async fn redis_engine(
-    url: &str,
     args: &Args,
     concurrent: Concurrent,
 ) -> Result<Idempotency<tower_idempotency::RedisStore>, BoxError> {
-    let store = tower_idempotency::RedisStore::builder(url)
-        .prefix(args.redis_prefix.clone())
-        .build_lazy()
-        .map_err(|e| format!("--redis: {e}"))?;
+    use tower_idempotency::RedisStore;
+    let (flag, builder) = match &args.redis {
+        Some(url) => ("--redis", RedisStore::builder(url)),
+        None => (
+            "--redis-cluster",
+            RedisStore::cluster_builder(args.redis_cluster.clone()),
+        ),
+    };
+    let mut builder = builder.prefix(args.redis_prefix.clone());
+    if let Some(replicas) = args.redis_replicas {
+        builder = builder.replica_ack(replicas, args.redis_replicas_timeout);
+    }
+    let store = builder.build_lazy().map_err(|e| format!("{flag}: {e}"))?;
     let engine = Idempotency::builder()
         .ttl(args.ttl)
         .lease_ttl(args.lease_ttl)

@@ -10,7 +10,12 @@
 //! [`TestStore`] delegates every [`Store`] call to a real `MemoryStore` or a
 //! real `RedisStore` on `REDIS_URL` (default 127.0.0.1:6379), under a fresh
 //! random prefix whose keys are deleted when the test ends, pass or fail.
+//! `name::redis_cluster` runs it on the shared Redis Cluster (see
+//! [`cluster`]), three primaries that the store's keys spread over.
 #![allow(dead_code, unreachable_pub)]
+
+#[cfg(feature = "redis")]
+pub mod cluster;
 
 use std::time::Duration;
 
@@ -60,6 +65,13 @@ macro_rules! per_store {
                 let (store, _cleanup) = $crate::stores::TestStore::postgres().await;
                 super::$name(store).await
             }
+
+            #[cfg(feature = "redis")]
+            #[tokio::test$(($($arg)*))?]
+            async fn redis_cluster() {
+                let (store, _cleanup) = $crate::stores::TestStore::redis_cluster().await;
+                super::$name(store).await
+            }
         }
     };
 }
@@ -73,6 +85,9 @@ pub enum TestStore {
     Redis(RedisStore),
     #[cfg(feature = "postgres")]
     Postgres(PostgresStore),
+    /// A store on the shared Redis Cluster.
+    #[cfg(feature = "redis")]
+    RedisCluster(RedisStore),
 }
 
 impl TestStore {
@@ -104,6 +119,17 @@ impl TestStore {
         (Self::Postgres(postgres::store(&table).await), cleanup)
     }
 
+    /// A store on the shared Redis Cluster under a fresh random prefix, and
+    /// the guard that deletes the prefix's keys on every primary when
+    /// dropped.
+    #[cfg(feature = "redis")]
+    pub async fn redis_cluster() -> (Self, cluster::ClusterCleanup) {
+        let prefix = format!("test:suite:{:016x}:", rand::random::<u64>());
+        let urls = cluster::shared_cluster_urls();
+        let store = Self::RedisCluster(cluster::cluster_store(&urls, &prefix, false).await);
+        (store, cluster::ClusterCleanup { urls, prefix })
+    }
+
     /// The same backend as another process would open it: the embedded
     /// store is shared as is; Redis gets a new connection (owned by the
     /// calling runtime) under the same prefix.
@@ -116,6 +142,11 @@ impl TestStore {
             Self::Postgres(store) => {
                 let table = store.table().trim_matches('"').to_owned();
                 Self::Postgres(postgres::store(&table).await)
+            }
+            #[cfg(feature = "redis")]
+            Self::RedisCluster(store) => {
+                let urls = cluster::shared_cluster_urls();
+                Self::RedisCluster(cluster::cluster_store(&urls, store.prefix(), false).await)
             }
         }
     }
@@ -197,6 +228,8 @@ macro_rules! delegate {
             TestStore::Redis($store) => $call,
             #[cfg(feature = "postgres")]
             TestStore::Postgres($store) => $call,
+            #[cfg(feature = "redis")]
+            TestStore::RedisCluster($store) => $call,
         }
     };
 }

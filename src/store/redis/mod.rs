@@ -8,14 +8,16 @@
 //! * Values are versioned binary encodings: records as [`Record::encode`]
 //!   writes them, markers in their own small encoding; Redis expires both
 //!   (`PX`). A value this build cannot read is a [`StoreError::Corrupt`].
-//! * A reconnecting [`ConnectionManager`] carries the commands; while Redis
-//!   cannot be reached every operation fails within the connection and
-//!   response timeouts with [`StoreError::Unavailable`], and the store
-//!   reconnects by itself when Redis returns.
+//! * A reconnecting connection manager carries the commands to one Redis
+//!   node; with [`RedisStore::cluster_builder`] the cluster client carries them
+//!   to a Redis Cluster (see below). While Redis cannot be reached every
+//!   operation fails within the connection and response timeouts with
+//!   [`StoreError::Unavailable`], and the store reconnects by itself when
+//!   Redis returns.
 //! * `scan`, `len`, `info` and `clear` walk the keyspace with `SCAN MATCH
-//!   prefix*` (never `KEYS`, so Redis is never blocked), which costs time in
-//!   proportion to the whole database: they are for administration, not for
-//!   the request path. Values under the prefix that are not this crate's are
+//!   prefix*` (never `KEYS`, so Redis is never blocked) on every primary,
+//!   which costs time in proportion to the whole database: they are for
+//!   administration, not for the request path. Values under the prefix that are not this crate's are
 //!   left out of `scan` (with a warning), and `info` has no entry bound.
 //! * A duplicate waiting (`Concurrent::Wait`) on another instance is woken
 //!   when the lease holder completes or releases the key: the scripts
@@ -30,8 +32,53 @@
 //!   twice; [`RedisStoreBuilder::build`] reads the policy (`CONFIG GET`, where
 //!   allowed) and warns through `tracing` when it can.
 //!
-//! The connection is to one Redis node (or a proxy). The scripts touch one key
-//! each, as Redis Cluster requires, but a Cluster client is not wired in.
+//! # Redis Cluster
+//!
+//! [`RedisStore::cluster_builder`] connects to a Redis Cluster from one or
+//! more seed nodes. Each operation is still one script on one key, which the
+//! cluster client sends to the primary of the key's slot; it follows `MOVED`
+//! and `ASK` redirections and refreshes its slot table when slots move or a
+//! replica is promoted, so the store recovers from a failover by itself.
+//!
+//! * While a primary is down and not yet replaced, operations on the keys of
+//!   its slots fail with [`StoreError::Unavailable`] (the layer's
+//!   [`FailMode`](crate::FailMode) applies: 503, or passed through); keys of
+//!   the other primaries keep working, provided the cluster runs with
+//!   `cluster-require-full-coverage no` (with `yes`, the default, Redis
+//!   itself refuses every key while any slot is down).
+//! * Listing and maintenance (`scan`, `len`, `info`, `clear`: the handle's
+//!   `keys`, `find_by_*`, `expiring_within`, `clear`, `cache_info`) run `SCAN`
+//!   on every primary of the cluster's slot table, and fail with
+//!   [`StoreError::Unavailable`] while some slot has no primary that answers,
+//!   rather than list part of the keys. `ping` (the proxy's `/healthz`) does
+//!   the same check.
+//! * Change notices use classic pub/sub, which a cluster forwards to every
+//!   node: the store subscribes on one seed node (the next seed when that one
+//!   fails) and hears completions on every primary. Not sharded pub/sub: a
+//!   script may only publish on shard channels of its own key's slot, which
+//!   would take one subscription per waited key. A notice lost during a
+//!   failover costs only latency (the engine polls).
+//!
+//! # Acknowledged by replicas
+//!
+//! Redis replicates asynchronously: without
+//! [`replica_ack`](RedisStoreBuilder::replica_ack), a primary that fails
+//! right after `complete` answered may lose the record, and a retry after the
+//! failover runs the action again; a lost `begin` marker lets a concurrent
+//! duplicate run. With `replica_ack(n, timeout)`, `begin` and `complete` send
+//! `WAIT n timeout` after their script, on the same connection to the same
+//! primary, and answer once `n` replicas hold the write:
+//!
+//! * `n` replicas acknowledged: the write survives the failure of its primary
+//!   (Redis promotes a replica that holds it, if one of those `n` is
+//!   promoted; with one replica per primary, `n = 1` makes that certain).
+//! * Fewer within `timeout`: the result is still returned to the caller (the
+//!   write holds on the primary), logged as a warning, and counted in
+//!   [`RedisStore::unacknowledged_writes`]; a failover before replication
+//!   catches up may lose it, and a retry may run the action again.
+//! * Each such write waits for a replica round trip, and while replicas are
+//!   missing, for the whole `timeout`; commands queued behind it on the same
+//!   connection wait too.
 //!
 //! [`Record::encode`]: crate::Record::encode
 
@@ -39,24 +86,27 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
 use redis::{RedisResult, Value};
 
 use self::codec::{Marker, Stored};
 use self::convert::{expires_in, map_error, px};
 use self::local::LocalTier;
 use self::notify::Notices;
+use self::replicas::ReplicaAck;
 use super::{BeginOutcome, Entry, EntryState, LeaseToken, ScanEntry, Store, StoreError};
 use crate::key::Fingerprint;
 use crate::record::{now_ms, SharedRecord};
 use crate::stats::CacheInfo;
 
 mod builder;
+mod cluster;
 mod codec;
+mod connection;
 mod convert;
 mod eviction;
 mod local;
 mod notify;
+mod replicas;
 mod scan;
 mod scripts;
 
@@ -64,6 +114,7 @@ pub use builder::{
     RedisStoreBuilder, DEFAULT_CONNECTION_TIMEOUT, DEFAULT_LOCAL_CACHE_TTL, DEFAULT_PREFIX,
     DEFAULT_RESPONSE_TIMEOUT,
 };
+pub use connection::RedisConnection;
 
 /// The shared store: markers and records in Redis under a key prefix.
 ///
@@ -95,7 +146,7 @@ pub struct RedisStore {
 }
 
 struct Inner {
-    connection: ConnectionManager,
+    connection: RedisConnection,
     prefix: String,
     /// Where `complete` and `release` announce the keys they changed.
     channel: String,
@@ -103,6 +154,7 @@ struct Inner {
     local: Option<LocalTier>,
     /// The limit on one operation, whatever Redis does meanwhile.
     timeout: Duration,
+    replica_ack: Option<ReplicaAck>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -112,6 +164,8 @@ impl std::fmt::Debug for RedisStore {
             .field("notifications", &self.inner.notices.is_some())
             .field("local_cache", &self.inner.local.is_some())
             .field("timeout", &self.inner.timeout)
+            .field("cluster", &self.inner.connection.is_cluster())
+            .field("replica_ack", &self.inner.replica_ack)
             .finish_non_exhaustive()
     }
 }
@@ -122,26 +176,60 @@ impl RedisStore {
         RedisStoreBuilder::new(url)
     }
 
-    /// A store on a connection manager you configured yourself, under
-    /// `prefix`, without a local tier or change notices (waiters on other
-    /// instances poll). Operations give up after the default connection and
-    /// response timeouts together (2 s).
-    pub fn new(connection: ConnectionManager, prefix: impl Into<String>) -> Self {
+    /// A builder for a store on the Redis Cluster that `seeds` belong to
+    /// (`redis://host:port` each; one that answers is enough, more let the
+    /// store start while some are down). See [Redis Cluster](self#redis-cluster).
+    ///
+    /// ```no_run
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::time::Duration;
+    /// use tower_idempotency::RedisStore;
+    ///
+    /// let store = RedisStore::cluster_builder([
+    ///     "redis://10.0.0.1:6379",
+    ///     "redis://10.0.0.2:6379",
+    ///     "redis://10.0.0.3:6379",
+    /// ])
+    /// .replica_ack(1, Duration::from_millis(100))
+    /// .build()
+    /// .await?;
+    /// # drop(store);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn cluster_builder<I>(seeds: I) -> RedisStoreBuilder
+    where
+        I: IntoIterator,
+        I::Item: Into<String>,
+    {
+        RedisStoreBuilder::cluster(seeds.into_iter().map(Into::into).collect())
+    }
+
+    /// A store on a connection you configured yourself (a
+    /// [`ConnectionManager`](redis::aio::ConnectionManager), or a
+    /// [`ClusterConnection`](redis::cluster_async::ClusterConnection)), under
+    /// `prefix`, without a local tier, change notices (waiters on other
+    /// instances poll) or replica acknowledgement. Operations give up after
+    /// the default connection and response timeouts together (2 s).
+    pub fn new(connection: impl Into<RedisConnection>, prefix: impl Into<String>) -> Self {
         Self::assemble(
-            connection,
+            connection.into(),
             prefix.into(),
             None,
             None,
             DEFAULT_CONNECTION_TIMEOUT + DEFAULT_RESPONSE_TIMEOUT,
+            None,
         )
     }
 
     fn assemble(
-        connection: ConnectionManager,
+        connection: RedisConnection,
         prefix: String,
         notices: Option<Arc<Notices>>,
         local: Option<LocalTier>,
         timeout: Duration,
+        replica_ack: Option<ReplicaAck>,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -151,6 +239,7 @@ impl RedisStore {
                 notices,
                 local,
                 timeout,
+                replica_ack,
             }),
         }
     }
@@ -166,7 +255,7 @@ impl RedisStore {
     }
 
     /// The connection the store uses (for commands of your own).
-    pub fn connection(&self) -> ConnectionManager {
+    pub fn connection(&self) -> RedisConnection {
         self.inner.connection.clone()
     }
 
@@ -174,10 +263,13 @@ impl RedisStore {
         self.ping_redis().await
     }
 
+    /// Every primary answers (one node, or each primary of every slot).
     async fn ping_redis(&self) -> Result<(), StoreError> {
-        let mut connection = self.connection();
-        self.run(redis::cmd("PING").query_async::<()>(&mut connection))
-            .await
+        for mut primary in self.primaries().await? {
+            self.run(redis::cmd("PING").query_async::<()>(&mut primary))
+                .await?;
+        }
+        Ok(())
     }
 
     /// Runs one command within the operation timeout.
@@ -198,12 +290,13 @@ impl RedisStore {
         key: &str,
         args: &[&[u8]],
     ) -> Result<Value, StoreError> {
+        let redis_key = self.redis_key(key);
+        let mut connection = self.connection().for_key(&redis_key).await;
         let mut invocation = script.prepare_invoke();
-        invocation.key(self.redis_key(key));
+        invocation.key(redis_key);
         for arg in args {
             invocation.arg(*arg);
         }
-        let mut connection = self.connection();
         self.run(invocation.invoke_async(&mut connection)).await
     }
 
@@ -248,7 +341,7 @@ impl Store for RedisStore {
         }
         .encode();
         let answer = self
-            .script(&scripts::BEGIN, key, &[&marker, &px(lease_ttl)])
+            .write_script(&scripts::BEGIN, key, &[&marker, &px(lease_ttl)])
             .await?;
         if answer == Value::Int(1) {
             return Ok(BeginOutcome::Acquired);
@@ -289,7 +382,7 @@ impl Store for RedisStore {
         let prefix = codec::lease_prefix(lease);
         let encoded = record.encode();
         let answer = self
-            .script(
+            .write_script(
                 &scripts::COMPLETE,
                 key,
                 &[&prefix, &encoded, &px(ttl), self.inner.channel.as_bytes()],
@@ -312,10 +405,11 @@ impl Store for RedisStore {
     }
 
     async fn put(&self, key: &str, record: SharedRecord, ttl: Duration) -> Result<(), StoreError> {
-        let mut connection = self.connection();
+        let redis_key = self.redis_key(key);
+        let mut connection = self.connection().for_key(&redis_key).await;
         let mut command = redis::cmd("SET");
         command
-            .arg(self.redis_key(key))
+            .arg(redis_key)
             .arg(record.encode().as_ref())
             .arg("PX")
             .arg(px(ttl));
@@ -367,9 +461,10 @@ impl Store for RedisStore {
         if let Some(local) = &self.inner.local {
             local.invalidate(key);
         }
-        let mut connection = self.connection();
+        let redis_key = self.redis_key(key);
+        let mut connection = self.connection().for_key(&redis_key).await;
         let mut command = redis::cmd("DEL");
-        command.arg(self.redis_key(key));
+        command.arg(redis_key);
         let removed: u64 = self.run(command.query_async(&mut connection)).await?;
         Ok(removed > 0)
     }
@@ -378,8 +473,8 @@ impl Store for RedisStore {
         if let Some(local) = &self.inner.local {
             local.clear();
         }
-        let keys = self.scan_keys().await?;
-        self.delete_keys(&keys).await
+        let listed = self.scan_keys().await?;
+        self.delete_keys(listed).await
     }
 
     async fn scan(&self) -> Result<Vec<ScanEntry>, StoreError> {
@@ -388,7 +483,8 @@ impl Store for RedisStore {
     }
 
     async fn len(&self) -> Result<u64, StoreError> {
-        Ok(self.scan_keys().await?.len() as u64)
+        let listed = self.scan_keys().await?;
+        Ok(listed.iter().map(|primary| primary.keys.len() as u64).sum())
     }
 
     async fn info(&self) -> Result<CacheInfo, StoreError> {

@@ -2,11 +2,14 @@
 //!
 //! The `complete` and `release` scripts publish the Redis key they changed on
 //! the store's channel. Each store with notices on keeps one subscriber
-//! connection (re-established after an outage) and wakes the local waiters of
-//! that key, so a duplicate waiting on another instance learns of the result
+//! connection (re-established after an outage, to the next node given when
+//! there are several) and wakes the local waiters of that key, so a duplicate waiting on another instance learns of the result
 //! at once instead of at its next poll. A notice lost (published before the
 //! waiter registered, or during an outage) costs only latency: the engine
 //! polls with backoff anyway.
+//!
+//! In a Redis Cluster a classic `PUBLISH` reaches every node, so one
+//! subscription on any node (a seed node) hears the changes of all primaries.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -31,11 +34,12 @@ struct Waiter {
 }
 
 impl Notices {
-    /// Subscribes to `channel` on `client` in a task of its own (which lives
-    /// as long as the answer). The receiver fires once the first subscription
-    /// holds, so that a caller can wait until notices flow.
+    /// Subscribes to `channel` on the first of `nodes` that answers, in a
+    /// task of its own (which lives as long as the answer). The receiver
+    /// fires once the first subscription holds, so that a caller can wait
+    /// until notices flow.
     pub(super) fn spawn(
-        client: redis::Client,
+        nodes: Vec<redis::Client>,
         channel: String,
         timeout: Duration,
     ) -> (Arc<Self>, oneshot::Receiver<()>) {
@@ -45,7 +49,7 @@ impl Notices {
         });
         let (subscribed, first) = oneshot::channel();
         let task = tokio::spawn(listen(
-            client,
+            nodes,
             channel,
             timeout,
             Arc::downgrade(&notices),
@@ -101,7 +105,7 @@ impl Drop for Notices {
 }
 
 async fn listen(
-    client: redis::Client,
+    nodes: Vec<redis::Client>,
     channel: String,
     timeout: Duration,
     notices: Weak<Notices>,
@@ -109,7 +113,8 @@ async fn listen(
 ) {
     let mut subscribed = Some(subscribed);
     let mut backoff = Duration::from_millis(50);
-    loop {
+    // Rotates through the nodes: a node that failed is tried again last.
+    for client in nodes.iter().cycle() {
         let connected = tokio::time::timeout(timeout, async {
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(&channel).await?;

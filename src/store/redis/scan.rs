@@ -1,9 +1,12 @@
 //! Listing and deleting the keys under the prefix: `SCAN`, never `KEYS`, so
-//! Redis is never blocked by a long listing.
+//! Redis is never blocked by a long listing, on every primary in turn (a
+//! cluster's keys are spread over its primaries, and a `SCAN` cursor belongs
+//! to the node that answered it).
 
 use redis::{RedisResult, Value};
 
 use super::codec::{self, PEEK_LEN};
+use super::connection::Primary;
 use super::convert::{expires_in, map_error};
 use super::RedisStore;
 use crate::record::DecodeError;
@@ -12,11 +15,33 @@ use crate::store::{ScanEntry, StoreError};
 /// Keys asked for per `SCAN` call, and per pipeline of per-key commands.
 const BATCH: usize = 500;
 
+/// The keys under the prefix that one primary holds.
+pub(super) struct PrimaryKeys {
+    primary: Primary,
+    pub(super) keys: Vec<Vec<u8>>,
+}
+
 impl RedisStore {
-    /// Every Redis key under the prefix, each once.
-    pub(super) async fn scan_keys(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+    /// Every primary: the one node, or each primary of a cluster, which must
+    /// then serve every slot.
+    pub(super) async fn primaries(&self) -> Result<Vec<Primary>, StoreError> {
+        let connection = self.connection();
+        self.run(connection.primaries()).await
+    }
+
+    /// Every Redis key under the prefix, each once, by the primary that
+    /// holds it.
+    pub(super) async fn scan_keys(&self) -> Result<Vec<PrimaryKeys>, StoreError> {
+        let mut all = Vec::new();
+        for primary in self.primaries().await? {
+            let keys = self.scan_primary(primary.clone()).await?;
+            all.push(PrimaryKeys { primary, keys });
+        }
+        Ok(all)
+    }
+
+    async fn scan_primary(&self, mut primary: Primary) -> Result<Vec<Vec<u8>>, StoreError> {
         let pattern = format!("{}*", glob_escape(&self.inner.prefix));
-        let mut connection = self.connection();
         let mut keys = Vec::new();
         let mut cursor = 0u64;
         loop {
@@ -28,7 +53,7 @@ impl RedisStore {
                 .arg("COUNT")
                 .arg(BATCH);
             let (next, batch): (u64, Vec<Vec<u8>>) =
-                self.run(command.query_async(&mut connection)).await?;
+                self.run(command.query_async(&mut primary)).await?;
             keys.extend(batch);
             if next == 0 {
                 break;
@@ -41,15 +66,17 @@ impl RedisStore {
         Ok(keys)
     }
 
-    /// Deletes `keys`, one single-key command each, pipelined.
-    pub(super) async fn delete_keys(&self, keys: &[Vec<u8>]) -> Result<(), StoreError> {
-        let mut connection = self.connection();
-        for chunk in keys.chunks(BATCH) {
-            let mut pipe = redis::pipe();
-            for key in chunk {
-                pipe.cmd("DEL").arg(key).ignore();
+    /// Deletes `keys`, one single-key command each, pipelined to the primary
+    /// that listed them.
+    pub(super) async fn delete_keys(&self, listed: Vec<PrimaryKeys>) -> Result<(), StoreError> {
+        for PrimaryKeys { mut primary, keys } in listed {
+            for chunk in keys.chunks(BATCH) {
+                let mut pipe = redis::pipe();
+                for key in chunk {
+                    pipe.cmd("DEL").arg(key).ignore();
+                }
+                self.run(pipe.query_async::<()>(&mut primary)).await?;
             }
-            self.run(pipe.query_async::<()>(&mut connection)).await?;
         }
         Ok(())
     }
@@ -57,9 +84,23 @@ impl RedisStore {
     /// Kind, creation time and time left of each key: the first bytes of its
     /// value and its PTTL. Keys that expired meanwhile and values that are
     /// not this crate's are left out.
-    pub(super) async fn peek_keys(&self, keys: Vec<Vec<u8>>) -> Result<Vec<ScanEntry>, StoreError> {
-        let mut connection = self.connection();
-        let mut entries = Vec::with_capacity(keys.len());
+    pub(super) async fn peek_keys(
+        &self,
+        listed: Vec<PrimaryKeys>,
+    ) -> Result<Vec<ScanEntry>, StoreError> {
+        let mut entries = Vec::new();
+        for PrimaryKeys { mut primary, keys } in listed {
+            self.peek_primary(&mut primary, &keys, &mut entries).await?;
+        }
+        Ok(entries)
+    }
+
+    async fn peek_primary(
+        &self,
+        primary: &mut Primary,
+        keys: &[Vec<u8>],
+        entries: &mut Vec<ScanEntry>,
+    ) -> Result<(), StoreError> {
         for chunk in keys.chunks(BATCH) {
             let mut pipe = redis::pipe();
             for key in chunk {
@@ -68,8 +109,7 @@ impl RedisStore {
             }
             // A key of another Redis type fails its GETRANGE, not the batch.
             pipe.ignore_errors();
-            let answers: Vec<RedisResult<Value>> =
-                self.run(pipe.query_async(&mut connection)).await?;
+            let answers: Vec<RedisResult<Value>> = self.run(pipe.query_async(primary)).await?;
             for (key, answer) in chunk.iter().zip(answers.chunks(2)) {
                 let Some(key) = std::str::from_utf8(key)
                     .ok()
@@ -103,7 +143,7 @@ impl RedisStore {
                 });
             }
         }
-        Ok(entries)
+        Ok(())
     }
 }
 
