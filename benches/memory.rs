@@ -199,11 +199,8 @@ async fn engine_level() {
                     header::CONTENT_TYPE,
                     HeaderValue::from_static("application/json"),
                 );
-                let response = StoredResponse {
-                    status: StatusCode::CREATED,
-                    headers,
-                    body: json_body(&i.to_string()),
-                };
+                let body = json_body(&i.to_string());
+                let response = StoredResponse::new(StatusCode::CREATED, &headers, &body);
                 let stored = lease.complete(Record::response(fingerprint, response));
                 assert!(stored.await.expect("complete"));
             }

@@ -34,11 +34,7 @@ struct Recording<S: Store> {
 
 impl<S: Store> Recording<S> {
     async fn complete(self, engine: &Idempotency<S>) {
-        let response = StoredResponse {
-            status: self.status,
-            headers: self.headers,
-            body: self.body.into_bytes(),
-        };
+        let response = StoredResponse::new(self.status, &self.headers, &self.body.into_bytes());
         match self
             .lease
             .complete(Record::response(self.fingerprint, response))
