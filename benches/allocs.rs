@@ -19,7 +19,9 @@
 //! cargo bench --bench allocs
 //! ```
 //!
-//! It prints a markdown table.
+//! It prints a markdown table. The last four rows are the same paths
+//! through axum (the handler and routers of the peer benches, the layer on
+//! the `Router`), where the bare row also counts axum's routing.
 
 use std::alloc::System;
 use std::convert::Infallible;
@@ -31,11 +33,14 @@ use stats_alloc::{Region, StatsAlloc, INSTRUMENTED_SYSTEM};
 use tower::{Layer, ServiceExt};
 use tower_idempotency::IdempotencyLayer;
 
+// The axum routers of the peer benches; this bench uses a few of them.
+#[allow(dead_code)]
+#[path = "support/routers.rs"]
+mod routers;
+
 #[global_allocator]
 static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
 
-/// What the inner service answers: a small JSON body.
-const ANSWER: &[u8] = br#"{"id":42,"status":"created"}"#;
 /// Requests counted per path.
 const REQUESTS: usize = 20_000;
 /// Requests sent before counting: past the store's default 10,000-entry
@@ -47,7 +52,7 @@ async fn answer<B>(_request: Request<B>) -> Result<Response<Full<Bytes>>, Infall
     Ok(Response::builder()
         .status(StatusCode::CREATED)
         .header(header::CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from_static(ANSWER)))
+        .body(Full::new(Bytes::from_static(routers::ANSWER)))
         .expect("static response"))
 }
 
@@ -64,9 +69,9 @@ fn request(body: &Bytes, key: Option<&str>) -> Request<Full<Bytes>> {
 
 /// Sends one request and reads the whole response, as a client would;
 /// answers whether it was a replay.
-async fn send<S, B>(service: &S, request: Request<Full<Bytes>>) -> bool
+async fn send<S, R, B>(service: &S, request: Request<R>) -> bool
 where
-    S: tower::Service<Request<Full<Bytes>>, Response = Response<B>> + Clone,
+    S: tower::Service<Request<R>, Response = Response<B>> + Clone,
     S::Error: std::fmt::Debug,
     B: http_body::Body,
     B::Error: std::fmt::Debug,
@@ -80,7 +85,7 @@ where
         .await
         .expect("body")
         .to_bytes();
-    assert_eq!(&body[..], ANSWER);
+    assert_eq!(&body[..], routers::ANSWER);
     replayed
 }
 
@@ -94,9 +99,9 @@ struct PerRequest {
 /// Sends `requests` (built beforehand, so building them is not counted)
 /// and answers what they cost per request. `replays` says whether each
 /// answer must be a replay.
-async fn count<S, B>(service: &S, requests: Vec<Request<Full<Bytes>>>, replays: bool) -> PerRequest
+async fn count<S, R, B>(service: &S, requests: Vec<Request<R>>, replays: bool) -> PerRequest
 where
-    S: tower::Service<Request<Full<Bytes>>, Response = Response<B>> + Clone,
+    S: tower::Service<Request<R>, Response = Response<B>> + Clone,
     S::Error: std::fmt::Debug,
     B: http_body::Body,
     B::Error: std::fmt::Debug,
@@ -156,18 +161,69 @@ async fn run() -> Vec<(&'static str, PerRequest)> {
     rows
 }
 
-fn main() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    let rows = rt.block_on(run());
+/// The same paths through axum: the handler of the peer benches on a
+/// `Router`, bare and behind the layer (`Router::layer`).
+async fn run_axum() -> Vec<(&'static str, PerRequest)> {
+    let body = Bytes::from(vec![b'x'; 1024]);
+    let cookie = http::HeaderValue::from_static("session=none");
+    let keyless = |n: usize| {
+        (0..n)
+            .map(|_| {
+                let mut request = routers::order(&body, "", &cookie);
+                request.headers_mut().remove("idempotency-key");
+                request
+            })
+            .collect::<Vec<_>>()
+    };
+    let mut next_key = 0usize;
+    let mut keyed = |n: usize| {
+        let first = next_key;
+        next_key += n;
+        (first..first + n)
+            .map(|i| routers::order(&body, &format!("axum-{i:012x}"), &cookie))
+            .collect::<Vec<_>>()
+    };
+    let mut rows = Vec::new();
+    let bare = routers::bare_router();
+    count(&bare, keyless(WARM_UP), false).await;
+    rows.push(("axum: bare", count(&bare, keyless(REQUESTS), false).await));
+    // What any layer on a `Router` costs axum (a boxed service per route,
+    // its clone and future per call), apart from what the layer does.
+    let identity = axum::Router::new()
+        .route("/orders", axum::routing::post(routers::create))
+        .layer(tower::util::MapRequestLayer::new(
+            |request: http::Request<axum::body::Body>| request,
+        ));
+    count(&identity, keyless(WARM_UP), false).await;
+    rows.push((
+        "axum: a no-op layer",
+        count(&identity, keyless(REQUESTS), false).await,
+    ));
+    let ours = routers::ours_router();
+    count(&ours, keyless(WARM_UP), false).await;
+    rows.push((
+        "axum: passthrough",
+        count(&ours, keyless(REQUESTS), false).await,
+    ));
+    count(&ours, keyed(WARM_UP), false).await;
+    rows.push((
+        "axum: first request",
+        count(&ours, keyed(REQUESTS), false).await,
+    ));
+    let replay = |n: usize| {
+        (0..n)
+            .map(|_| routers::order(&body, "replay", &cookie))
+            .collect::<Vec<_>>()
+    };
+    count(&ours, replay(1), false).await;
+    count(&ours, replay(WARM_UP), true).await;
+    rows.push(("axum: replay", count(&ours, replay(REQUESTS), true).await));
+    rows
+}
+
+fn print_rows(rows: &[(&str, PerRequest)]) {
     let bare = rows[0].1.allocations;
-    println!("Heap allocations per request, 1 KiB request body, {REQUESTS} requests per path");
-    println!();
-    println!("| path | allocations | above bare | reallocations | bytes allocated |");
-    println!("|---|---:|---:|---:|---:|");
-    for (path, per) in &rows {
+    for (path, per) in rows {
         println!(
             "| {path} | {:.1} | {:.1} | {:.1} | {:.0} |",
             per.allocations,
@@ -176,4 +232,19 @@ fn main() {
             per.bytes
         );
     }
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let rows = rt.block_on(run());
+    let axum_rows = rt.block_on(run_axum());
+    println!("Heap allocations per request, 1 KiB request body, {REQUESTS} requests per path");
+    println!();
+    println!("| path | allocations | above bare | reallocations | bytes allocated |");
+    println!("|---|---:|---:|---:|---:|");
+    print_rows(&rows);
+    print_rows(&axum_rows);
 }
