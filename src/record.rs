@@ -34,7 +34,7 @@ use crate::key::Fingerprint;
 
 mod response;
 
-pub use response::{Fields, StoredResponse};
+pub use response::{Fields, StoredHead, StoredResponse};
 
 const MAGIC: &[u8; 3] = b"TIR";
 /// The encoding version this crate writes. It reads this one and every

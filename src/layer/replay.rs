@@ -5,7 +5,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::Response;
 
 use super::layer::Settings;
-use crate::record::StoredResponse;
+use crate::record::{StoredHead, StoredResponse};
 
 /// The header that marks a replayed response.
 pub(crate) const REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
@@ -55,17 +55,12 @@ fn connection_listed<'a>(values: impl Iterator<Item = &'a HeaderValue>) -> Vec<H
         .collect()
 }
 
-/// The headers a replay may carry (see [`replayable`]), with `room` for as
-/// many more fields.
-pub(crate) fn stored_headers(headers: &HeaderMap, settings: &Settings, room: usize) -> HeaderMap {
-    let listed = connection_listed(headers.get_all(header::CONNECTION).iter());
-    let mut kept = HeaderMap::with_capacity(headers.len() + room);
-    for (name, value) in headers {
-        if replayable(name, &listed, settings) {
-            kept.append(name.clone(), value.clone());
-        }
-    }
-    kept
+/// What is stored of a response's head: its status and the fields a replay
+/// may carry (see [`replayable`]).
+pub(crate) fn stored_head(head: &http::response::Parts, settings: &Settings) -> StoredHead {
+    let listed = connection_listed(head.headers.get_all(header::CONNECTION).iter());
+    let keep = |name: &HeaderName| replayable(name, &listed, settings);
+    StoredHead::filtered(head.status, &head.headers, keep, 0)
 }
 
 /// The replay of a stored response: its status, its fields as read from the

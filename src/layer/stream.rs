@@ -6,17 +6,17 @@ use std::pin::pin;
 
 use bytes::Bytes;
 use futures_util::FutureExt;
-use http::header::{self, HeaderMap};
+use http::header;
 use http::Response;
 use http_body::Body;
 
 use super::body::{BoxError, FrameResult, FrameSender, Gathered, ResponseBody};
 use super::driver::{release, send, Sender};
 use super::layer::{Disconnect, Settings};
-use super::replay::{storable, stored_headers};
+use super::replay::{storable, stored_head};
 use crate::engine::{Idempotency, Lease};
 use crate::key::Fingerprint;
-use crate::record::{Record, StoredResponse};
+use crate::record::{Record, StoredHead};
 use crate::stats::Stats;
 use crate::store::Store;
 
@@ -27,14 +27,13 @@ const FRAMES_IN_FLIGHT: usize = 8;
 struct Recording<S: Store> {
     lease: Lease<S>,
     fingerprint: Fingerprint,
-    status: http::StatusCode,
-    headers: HeaderMap,
+    head: StoredHead,
     body: Gathered,
 }
 
 impl<S: Store> Recording<S> {
     async fn complete(self, engine: &Idempotency<S>) {
-        let response = StoredResponse::new(self.status, &self.headers, &self.body.into_bytes());
+        let response = self.head.finish(&self.body.into_bytes());
         match self
             .lease
             .complete(Record::response(self.fingerprint, response))
@@ -69,9 +68,7 @@ pub(crate) async fn stream<S, ResBody, E>(
         Some(Recording {
             lease,
             fingerprint,
-            status: head.status,
-            // Sized to what it holds: it is kept for the record's TTL.
-            headers: stored_headers(&head.headers, settings, 0),
+            head: stored_head(&head, settings),
             body: Gathered::default(),
         })
     } else {

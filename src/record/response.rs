@@ -12,12 +12,13 @@
 //! status u16 | field count varint | (name len varint, name, value len varint, value)* | body
 //! ```
 //!
-//! The buffer is only ever built by [`StoredResponse::new`] or checked by
-//! [`StoredResponse::from_buffer`], so reading it back cannot fail.
+//! The buffer is only ever built by [`StoredResponse::new`] and
+//! [`StoredHead`], or checked by [`StoredResponse::from_buffer`], so reading
+//! it back cannot fail.
 
 use std::fmt;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use super::DecodeError;
@@ -48,21 +49,7 @@ impl StoredResponse {
     /// A stored response of `status`, `headers` and `body`, copied into one
     /// buffer of exactly their size and framing.
     pub fn new(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Self {
-        let mut len = 2 + varint_len(headers.len() as u64) + body.len();
-        for (name, value) in headers {
-            len += framed_len(name.as_str().len()) + framed_len(value.len());
-        }
-        let mut buffer = BytesMut::with_capacity(len);
-        buffer.put_u16(status.as_u16());
-        put_varint(&mut buffer, headers.len() as u64);
-        for (name, value) in headers {
-            put_framed(&mut buffer, name.as_str().as_bytes());
-            put_framed(&mut buffer, value.as_bytes());
-        }
-        buffer.put_slice(body);
-        Self {
-            buffer: buffer.freeze(),
-        }
+        StoredHead::filtered(status, headers, |_| true, body.len()).finish(body)
     }
 
     /// A stored response from a buffer laid out as [`new`](Self::new) lays it
@@ -153,6 +140,67 @@ impl fmt::Debug for StoredResponse {
     }
 }
 
+/// The status and header fields of a response whose body is still on its
+/// way, laid out as the [`StoredResponse`] it becomes: what the layer keeps
+/// of a first response while the response streams, instead of a copy of its
+/// header map.
+///
+/// ```
+/// use http::{header, HeaderMap, HeaderValue, StatusCode};
+/// use tower_idempotency::record::StoredHead;
+///
+/// let mut headers = HeaderMap::new();
+/// headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+/// let head = StoredHead::new(StatusCode::OK, &headers);
+/// let stored = head.finish(b"done");
+/// assert_eq!(stored.headers(), headers);
+/// assert_eq!(stored.body(), "done");
+/// ```
+#[derive(Debug, Clone)]
+pub struct StoredHead {
+    buffer: Vec<u8>,
+}
+
+impl StoredHead {
+    /// The head of a response of `status` with `headers`.
+    pub fn new(status: StatusCode, headers: &HeaderMap) -> Self {
+        Self::filtered(status, headers, |_| true, 0)
+    }
+
+    /// The head of a response of `status` with the fields of `headers` that
+    /// `keep` keeps, in a buffer with room for `room` bytes of body.
+    pub(crate) fn filtered(
+        status: StatusCode,
+        headers: &HeaderMap,
+        keep: impl Fn(&HeaderName) -> bool,
+        room: usize,
+    ) -> Self {
+        let fields = || headers.iter().filter(|(name, _)| keep(name));
+        let (count, fields_len) = fields().fold((0u64, 0), |(count, len), (name, value)| {
+            let len = len + framed_len(name.as_str().len()) + framed_len(value.len());
+            (count + 1, len)
+        });
+        let mut buffer = Vec::with_capacity(2 + varint_len(count) + fields_len + room);
+        buffer.extend_from_slice(&status.as_u16().to_be_bytes());
+        put_varint(&mut buffer, count);
+        for (name, value) in fields() {
+            put_framed(&mut buffer, name.as_str().as_bytes());
+            put_framed(&mut buffer, value.as_bytes());
+        }
+        Self { buffer }
+    }
+
+    /// The stored response of this head and `body`, in a buffer of exactly
+    /// their size (kept for the record's TTL, so no slack).
+    pub fn finish(mut self, body: &[u8]) -> StoredResponse {
+        self.buffer.reserve_exact(body.len());
+        self.buffer.extend_from_slice(body);
+        StoredResponse {
+            buffer: Bytes::from(self.buffer),
+        }
+    }
+}
+
 /// The header fields of a [`StoredResponse`], in the order they were stored.
 #[derive(Debug, Clone)]
 pub struct Fields<'a> {
@@ -216,17 +264,17 @@ fn framed_len(len: usize) -> usize {
     varint_len(len as u64) + len
 }
 
-fn put_varint(buffer: &mut BytesMut, mut n: u64) {
+fn put_varint(buffer: &mut Vec<u8>, mut n: u64) {
     while n >= 0x80 {
-        buffer.put_u8((n as u8 & 0x7f) | 0x80);
+        buffer.push((n as u8 & 0x7f) | 0x80);
         n >>= 7;
     }
-    buffer.put_u8(n as u8);
+    buffer.push(n as u8);
 }
 
-fn put_framed(buffer: &mut BytesMut, bytes: &[u8]) {
+fn put_framed(buffer: &mut Vec<u8>, bytes: &[u8]) {
     put_varint(buffer, bytes.len() as u64);
-    buffer.put_slice(bytes);
+    buffer.extend_from_slice(bytes);
 }
 
 fn read_u16(rest: &mut &[u8]) -> Option<u16> {
@@ -285,6 +333,17 @@ mod tests {
                 .map(|(n, v)| n.as_str().len() + v.len())
                 .sum();
             assert_eq!(stored.stored_size(), body.len() + sizes);
+        }
+    }
+
+    #[test]
+    fn a_head_finished_with_its_body_is_the_response() {
+        for body in [&b""[..], b"{\"id\":1}", &[7u8; 70_000]] {
+            let (headers, stored) = sample(body);
+            let head = StoredHead::new(StatusCode::ACCEPTED, &headers);
+            let finished = head.finish(body);
+            assert_eq!(finished, stored);
+            assert_eq!(finished.buffer().len(), stored.buffer().len());
         }
     }
 
