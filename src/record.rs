@@ -213,7 +213,12 @@ fn decode_response_v1(buf: &mut &[u8]) -> Result<StoredResponse, DecodeError> {
     if count > buf.len() / 6 {
         return Err(DecodeError::Truncated);
     }
-    let mut headers = HeaderMap::with_capacity(count);
+    // A header map holds 32,768 distinct names at most and panics past them
+    // (`with_capacity`, `append`): a value with more is no record of ours.
+    // The map grows as headers come, so a count that lies costs nothing up
+    // front.
+    let too_many = || DecodeError::TooManyHeaders(count);
+    let mut headers = HeaderMap::with_capacity(count.min(64));
     for _ in 0..count {
         let name_len = u16::from_be_bytes(take::<2>(buf)?) as usize;
         let name = take_slice(buf, name_len)?;
@@ -221,7 +226,7 @@ fn decode_response_v1(buf: &mut &[u8]) -> Result<StoredResponse, DecodeError> {
         let value_len = u32::from_be_bytes(take::<4>(buf)?) as usize;
         let value = take_slice(buf, value_len)?;
         let value = HeaderValue::from_bytes(value).map_err(|_| DecodeError::InvalidHeader)?;
-        headers.append(name, value);
+        headers.try_append(name, value).map_err(|_| too_many())?;
     }
     let body_len = u64::from_be_bytes(take::<8>(buf)?);
     let body = take_slice(buf, usize::try_from(body_len).unwrap_or(usize::MAX))?;
@@ -281,6 +286,9 @@ pub enum DecodeError {
     /// A stored header name or value is not valid HTTP.
     #[error("stored record has an invalid header")]
     InvalidHeader,
+    /// The record holds more headers than a header map can.
+    #[error("stored record claims {0} headers, more than a header map holds")]
+    TooManyHeaders(usize),
 }
 
 #[cfg(test)]

@@ -66,15 +66,18 @@ pub(crate) fn stored_head(head: &http::response::Parts, settings: &Settings) -> 
 /// The replay of a stored response: its status, its fields as read from the
 /// record (values are slices of it, not copies) and its body, marked replayed.
 pub(crate) fn replay(stored: &StoredResponse, settings: &Settings) -> Response<Bytes> {
-    // With room for the replay mark, so adding it never grows the map.
-    let mut headers = HeaderMap::with_capacity(stored.fields_len() + 1);
+    // With room for the replay mark, so adding it never grows the map (up
+    // to a size any response has: past it the map grows as fields come).
+    let mut headers = HeaderMap::with_capacity(stored.fields_len().min(64) + 1);
     let mut fields = stored.fields();
     let mut connection = false;
     // Filter again: the record may come from another writer or configuration.
     for (name, value) in fields.by_ref() {
         connection |= name == header::CONNECTION;
         if replayable(&name, &[], settings) {
-            headers.append(name, value);
+            // Never fails: a stored response holds at most as many fields as
+            // a header map (decoding refuses more).
+            let _ = headers.try_append(name, value);
         }
     }
     if connection {

@@ -23,6 +23,11 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use super::DecodeError;
 
+/// The most header fields a decoded response may hold: far more than any
+/// server sends (hyper reads 100 by default), and few enough that a header
+/// map holds them.
+const MAX_FIELDS: u64 = 16_384;
+
 /// An HTTP response as it is stored and replayed: status, headers (hop-by-hop
 /// headers and `Date` already removed) and the whole body, in one buffer.
 ///
@@ -64,6 +69,13 @@ impl StoredResponse {
         let status = read_u16(&mut rest).ok_or(DecodeError::Truncated)?;
         StatusCode::from_u16(status).map_err(|_| DecodeError::InvalidStatus(status))?;
         let count = read_varint(&mut rest).ok_or(DecodeError::Truncated)?;
+        // Replays build a header map of these fields, which panics past
+        // 32,768 names: a record with more fields than that is refused here.
+        if count > MAX_FIELDS {
+            return Err(DecodeError::TooManyHeaders(
+                usize::try_from(count).unwrap_or(usize::MAX),
+            ));
+        }
         for _ in 0..count {
             let name = read_framed(&mut rest).ok_or(DecodeError::Truncated)?;
             HeaderName::from_bytes(name).map_err(|_| DecodeError::InvalidHeader)?;
@@ -104,9 +116,11 @@ impl StoredResponse {
 
     /// The stored headers, as a map.
     pub fn headers(&self) -> HeaderMap {
-        let mut headers = HeaderMap::with_capacity(self.fields_len());
+        let mut headers = HeaderMap::with_capacity(self.fields_len().min(64));
         for (name, value) in self.fields() {
-            headers.append(name, value);
+            // Never fails: a stored response holds at most `MAX_FIELDS`
+            // fields, or those of a header map.
+            let _ = headers.try_append(name, value);
         }
         headers
     }
@@ -372,6 +386,12 @@ mod tests {
         assert_eq!(
             StoredResponse::from_buffer(bad_status.into()),
             Err(DecodeError::InvalidStatus(1000))
+        );
+        let mut too_many = vec![0, 200];
+        too_many.extend_from_slice(&[0x80, 0x80, 0x04]); // a count of 65,536
+        assert_eq!(
+            StoredResponse::from_buffer(too_many.into()),
+            Err(DecodeError::TooManyHeaders(65_536))
         );
         let mut bad_name = buffer.to_vec();
         // The first name starts after the status, the count and its length.
