@@ -10,7 +10,6 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
 use http::{header, HeaderMap, HeaderValue, StatusCode};
 use tokio::runtime::Runtime;
@@ -24,11 +23,7 @@ fn response() -> StoredResponse {
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    StoredResponse {
-        status: StatusCode::CREATED,
-        headers,
-        body: Bytes::from(vec![b'x'; 1024]),
-    }
+    StoredResponse::new(StatusCode::CREATED, &headers, &[b'x'; 1024])
 }
 
 fn runtime() -> Runtime {

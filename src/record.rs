@@ -5,17 +5,24 @@
 //! embedded store keeps records as they are (behind an `Arc`); stores that
 //! cross a process boundary use [`Record::encode`] and [`Record::decode`].
 //!
-//! # Encoding, version 1
+//! # Encoding, version 2 (written)
 //!
 //! ```text
-//! magic "TIR" | version u8 = 1 | kind u8 (1 response, 2 value)
+//! magic "TIR" | version u8 = 2 | kind u8 (1 response, 2 value)
 //! fingerprint [u8; 32] | created_at_ms u64
-//! kind 1: status u16 | header count u32 | (name len u16, name, value len u32, value)* | body len u64, body
+//! kind 1: buffer len u64, the stored response's buffer (see StoredResponse):
+//!         status u16 | field count varint | (name len varint, name, value len varint, value)* | body
 //! kind 2: value len u64, value
 //! ```
 //!
-//! All integers are big-endian. Decoding never panics: a short, foreign or
-//! newer value is a [`DecodeError`].
+//! # Encoding, version 1 (still read)
+//!
+//! The same header, then for kind 1: status u16 | header count u32 |
+//! (name len u16, name, value len u32, value)* | body len u64, body; kind 2
+//! as in version 2.
+//!
+//! Fixed-size integers are big-endian; varints are LEB128. Decoding never
+//! panics: a short, foreign or newer value is a [`DecodeError`].
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -25,9 +32,16 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use crate::key::Fingerprint;
 
+mod response;
+
+pub use response::{Fields, StoredHead, StoredResponse};
+
 const MAGIC: &[u8; 3] = b"TIR";
-/// The encoding version this crate writes and reads.
-pub const ENCODING_VERSION: u8 = 1;
+/// The encoding version this crate writes. It reads this one and every
+/// earlier one.
+pub const ENCODING_VERSION: u8 = 2;
+/// The first version, whose responses carry fixed-size lengths.
+const VERSION_1: u8 = 1;
 const KIND_RESPONSE: u8 = 1;
 const KIND_VALUE: u8 = 2;
 
@@ -61,29 +75,6 @@ pub enum Payload {
     Response(StoredResponse),
     /// An encoded value, kept by the closure API.
     Value(Bytes),
-}
-
-/// An HTTP response as it is stored and replayed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredResponse {
-    /// The response status.
-    pub status: StatusCode,
-    /// The headers to replay (hop-by-hop headers and `Date` already removed).
-    pub headers: HeaderMap,
-    /// The whole response body.
-    pub body: Bytes,
-}
-
-impl StoredResponse {
-    /// Bytes this response occupies once stored: body, header names and values.
-    pub fn stored_size(&self) -> usize {
-        self.body.len()
-            + self
-                .headers
-                .iter()
-                .map(|(name, value)| name.as_str().len() + value.len())
-                .sum::<usize>()
-    }
 }
 
 impl Record {
@@ -131,7 +122,11 @@ impl Record {
 
     /// Encodes the record in the current versioned binary format.
     pub fn encode(&self) -> Bytes {
-        let mut out = BytesMut::with_capacity(64 + self.stored_size());
+        let payload_len = match &self.payload {
+            Payload::Response(response) => 8 + response.buffer().len(),
+            Payload::Value(value) => 8 + value.len(),
+        };
+        let mut out = BytesMut::with_capacity(HEADER_LEN + payload_len);
         out.put_slice(MAGIC);
         out.put_u8(ENCODING_VERSION);
         match &self.payload {
@@ -142,16 +137,8 @@ impl Record {
         out.put_u64(self.created_at_ms);
         match &self.payload {
             Payload::Response(response) => {
-                out.put_u16(response.status.as_u16());
-                out.put_u32(response.headers.len() as u32);
-                for (name, value) in &response.headers {
-                    out.put_u16(name.as_str().len() as u16);
-                    out.put_slice(name.as_str().as_bytes());
-                    out.put_u32(value.len() as u32);
-                    out.put_slice(value.as_bytes());
-                }
-                out.put_u64(response.body.len() as u64);
-                out.put_slice(&response.body);
+                out.put_u64(response.buffer().len() as u64);
+                out.put_slice(response.buffer());
             }
             Payload::Value(value) => {
                 out.put_u64(value.len() as u64);
@@ -174,46 +161,22 @@ impl Record {
         }
         buf.advance(MAGIC.len());
         let version = buf.get_u8();
-        if version != ENCODING_VERSION {
+        if !is_known_version(version) {
             return Err(DecodeError::UnknownVersion(version));
         }
         let kind = buf.get_u8();
         let fingerprint = Fingerprint::from_bytes(take::<32>(&mut buf)?);
         let created_at_ms = u64::from_be_bytes(take::<8>(&mut buf)?);
         let payload = match kind {
+            KIND_RESPONSE if version == VERSION_1 => {
+                let response = decode_response_v1(&mut buf)?;
+                Payload::Response(response)
+            }
             KIND_RESPONSE => {
-                let status = u16::from_be_bytes(take::<2>(&mut buf)?);
-                let status =
-                    StatusCode::from_u16(status).map_err(|_| DecodeError::InvalidStatus(status))?;
-                let count = u32::from_be_bytes(take::<4>(&mut buf)?) as usize;
-                // Each header takes at least 6 bytes; refuse counts the value cannot hold.
-                if count > buf.len() / 6 {
-                    return Err(DecodeError::Truncated);
-                }
-                // A header map holds 32,768 distinct names at most and panics
-                // past them (`with_capacity`, `append`): a value with more is
-                // no record of ours. The map grows as headers come, so a
-                // count that lies costs nothing up front.
-                let too_many = || DecodeError::TooManyHeaders(count);
-                let mut headers = HeaderMap::with_capacity(count.min(64));
-                for _ in 0..count {
-                    let name_len = u16::from_be_bytes(take::<2>(&mut buf)?) as usize;
-                    let name = take_slice(&mut buf, name_len)?;
-                    let name =
-                        HeaderName::from_bytes(name).map_err(|_| DecodeError::InvalidHeader)?;
-                    let value_len = u32::from_be_bytes(take::<4>(&mut buf)?) as usize;
-                    let value = take_slice(&mut buf, value_len)?;
-                    let value =
-                        HeaderValue::from_bytes(value).map_err(|_| DecodeError::InvalidHeader)?;
-                    headers.try_append(name, value).map_err(|_| too_many())?;
-                }
-                let body_len = u64::from_be_bytes(take::<8>(&mut buf)?);
-                let body = take_slice(&mut buf, usize::try_from(body_len).unwrap_or(usize::MAX))?;
-                Payload::Response(StoredResponse {
-                    status,
-                    headers,
-                    body: Bytes::copy_from_slice(body),
-                })
+                let len = u64::from_be_bytes(take::<8>(&mut buf)?);
+                let buffer = take_slice(&mut buf, usize::try_from(len).unwrap_or(usize::MAX))?;
+                let buffer = Bytes::copy_from_slice(buffer);
+                Payload::Response(StoredResponse::from_buffer(buffer)?)
             }
             KIND_VALUE => {
                 let len = u64::from_be_bytes(take::<8>(&mut buf)?);
@@ -231,6 +194,43 @@ impl Record {
             payload,
         })
     }
+}
+
+/// Whether this build reads records of encoding `version`.
+pub(crate) fn is_known_version(version: u8) -> bool {
+    version == ENCODING_VERSION || version == VERSION_1
+}
+
+/// Magic, version, kind, fingerprint and creation time.
+const HEADER_LEN: usize = 3 + 1 + 1 + 32 + 8;
+
+/// A response in the version 1 layout.
+fn decode_response_v1(buf: &mut &[u8]) -> Result<StoredResponse, DecodeError> {
+    let status = u16::from_be_bytes(take::<2>(buf)?);
+    let status = StatusCode::from_u16(status).map_err(|_| DecodeError::InvalidStatus(status))?;
+    let count = u32::from_be_bytes(take::<4>(buf)?) as usize;
+    // Each header takes at least 6 bytes; refuse counts the value cannot hold.
+    if count > buf.len() / 6 {
+        return Err(DecodeError::Truncated);
+    }
+    // A header map holds 32,768 distinct names at most and panics past them
+    // (`with_capacity`, `append`): a value with more is no record of ours.
+    // The map grows as headers come, so a count that lies costs nothing up
+    // front.
+    let too_many = || DecodeError::TooManyHeaders(count);
+    let mut headers = HeaderMap::with_capacity(count.min(64));
+    for _ in 0..count {
+        let name_len = u16::from_be_bytes(take::<2>(buf)?) as usize;
+        let name = take_slice(buf, name_len)?;
+        let name = HeaderName::from_bytes(name).map_err(|_| DecodeError::InvalidHeader)?;
+        let value_len = u32::from_be_bytes(take::<4>(buf)?) as usize;
+        let value = take_slice(buf, value_len)?;
+        let value = HeaderValue::from_bytes(value).map_err(|_| DecodeError::InvalidHeader)?;
+        headers.try_append(name, value).map_err(|_| too_many())?;
+    }
+    let body_len = u64::from_be_bytes(take::<8>(buf)?);
+    let body = take_slice(buf, usize::try_from(body_len).unwrap_or(usize::MAX))?;
+    Ok(StoredResponse::new(status, &headers, body))
 }
 
 /// A shared, immutable record: what stores hand out and frontends replay.
@@ -302,18 +302,57 @@ mod tests {
         headers.append("x-multi", HeaderValue::from_static("b"));
         Record::response(
             Fingerprint::of_bytes(b"fp"),
-            StoredResponse {
-                status: StatusCode::CREATED,
-                headers,
-                body: Bytes::from_static(b"{\"id\":1}"),
-            },
+            StoredResponse::new(StatusCode::CREATED, &headers, b"{\"id\":1}"),
         )
+    }
+
+    /// What version 1 wrote for a response record.
+    fn encode_v1(record: &Record) -> Vec<u8> {
+        let response = record.as_response().unwrap();
+        let mut out = BytesMut::new();
+        out.put_slice(MAGIC);
+        out.put_u8(VERSION_1);
+        out.put_u8(KIND_RESPONSE);
+        out.put_slice(record.fingerprint.as_bytes());
+        out.put_u64(record.created_at_ms);
+        out.put_u16(response.status().as_u16());
+        out.put_u32(response.fields_len() as u32);
+        for (name, value) in response.fields() {
+            out.put_u16(name.as_str().len() as u16);
+            out.put_slice(name.as_str().as_bytes());
+            out.put_u32(value.len() as u32);
+            out.put_slice(value.as_bytes());
+        }
+        let body = response.body();
+        out.put_u64(body.len() as u64);
+        out.put_slice(&body);
+        out.to_vec()
     }
 
     #[test]
     fn response_round_trips() {
         let record = sample();
         assert_eq!(Record::decode(&record.encode()), Ok(record));
+    }
+
+    #[test]
+    fn value_round_trips() {
+        let record = Record::value(Fingerprint::of_bytes(b"fp"), Bytes::from_static(b"42"));
+        assert_eq!(Record::decode(&record.encode()), Ok(record));
+    }
+
+    #[test]
+    fn version_1_still_decodes() {
+        let record = sample();
+        let v1 = encode_v1(&record);
+        assert_eq!(Record::decode(&v1), Ok(record.clone()));
+        for len in 0..v1.len() {
+            assert!(Record::decode(&v1[..len]).is_err(), "prefix of {len} bytes");
+        }
+        // Re-encoded, it is written in the current version, and smaller.
+        let v2 = record.encode();
+        assert_eq!(v2[3], ENCODING_VERSION);
+        assert!(v2.len() < v1.len());
     }
 
     #[test]

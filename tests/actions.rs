@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use stores::{per_store, TestStore};
 use tokio::sync::{Notify, Semaphore};
@@ -300,11 +299,7 @@ per_store!(http_records_and_other_fingerprints_are_not_values);
 async fn http_records_and_other_fingerprints_are_not_values(store: TestStore) {
     let engine = Idempotency::builder().store(store).build().unwrap();
     let key = IdempotencyKey::new("client-key", "POST /orders", "scope");
-    let response = StoredResponse {
-        status: http::StatusCode::CREATED,
-        headers: http::HeaderMap::new(),
-        body: Bytes::from_static(b"{}"),
-    };
+    let response = StoredResponse::new(http::StatusCode::CREATED, &http::HeaderMap::new(), b"{}");
     let fingerprint = Fingerprint::of_request(&http::Method::POST, "/orders", b"{}");
     bounded(engine.put(
         &key.to_string(),

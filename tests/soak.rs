@@ -212,7 +212,7 @@ async fn what_the_store_holds<S: Store>(engine: &Idempotency<S>) -> Vec<Bytes> {
                     ..
                 })) = engine.record(&entry.key).await
                 {
-                    bodies.extend(record.as_response().map(|response| response.body.clone()));
+                    bodies.extend(record.as_response().map(|response| response.body()));
                 }
             }
             return bodies;

@@ -7,7 +7,7 @@ use http::header::{HeaderName, AUTHORIZATION};
 use http::request::Parts;
 use sha2::{Digest, Sha256};
 
-use super::{hex_lower, KeyExtractor, KeyParts, KeyRejection};
+use super::{hex_lower, storage_key_rest_len, KeyExtractor, KeyParts, KeyRejection};
 
 /// The longest key accepted, in characters (quotes of the Structured Field
 /// form not counted).
@@ -114,14 +114,18 @@ impl KeyExtractor for HeaderKey {
                 "the request has several Idempotency-Key fields; send exactly one",
             ));
         }
-        let signal = parse_key(value.as_bytes())?;
         let target = match &self.scope {
             Some(scope) => scope(parts),
             None => authorization_scope(parts),
         };
+        let action = action(&parts.method, parts.uri.path());
+        // Room after the signal for the rest of the storage key, so the
+        // layer writes it there without another allocation.
+        let room = storage_key_rest_len(&action, &target, false);
+        let signal = parse_key_with_room(value.as_bytes(), room)?;
         Ok(Some(KeyParts {
             signal,
-            action: action(&parts.method, parts.uri.path()),
+            action,
             target,
             params_in_key: false,
         }))
@@ -172,6 +176,11 @@ fn authorization_scope(parts: &Parts) -> String {
 /// assert!(parse_key(b"\"open").is_err());
 /// ```
 pub fn parse_key(value: &[u8]) -> Result<String, KeyRejection> {
+    parse_key_with_room(value, 0)
+}
+
+/// [`parse_key`], in a string with capacity for `room` bytes more.
+fn parse_key_with_room(value: &[u8], room: usize) -> Result<String, KeyRejection> {
     // HTTP trims optional whitespace around a field value; so does RFC 9651.
     let value = value.trim_ascii();
     let key = if value.first() == Some(&b'"') {
@@ -183,7 +192,7 @@ pub fn parse_key(value: &[u8]) -> Result<String, KeyRejection> {
                 ))
             })?;
         match item.bare_item.as_string() {
-            Some(string) => string.as_str().to_owned(),
+            Some(string) => with_room(string.as_str(), room),
             None => {
                 return Err(KeyRejection::new(
                     "the Idempotency-Key must be a string, such as \"8e03978e-40d5\"",
@@ -198,7 +207,7 @@ pub fn parse_key(value: &[u8]) -> Result<String, KeyRejection> {
             )));
         }
         // Only ASCII bytes passed the check above.
-        String::from_utf8_lossy(value).into_owned()
+        with_room(&String::from_utf8_lossy(value), room)
     };
     match key.len() {
         0 => Err(KeyRejection::new("the Idempotency-Key is empty")),
@@ -207,6 +216,12 @@ pub fn parse_key(value: &[u8]) -> Result<String, KeyRejection> {
         ))),
         _ => Ok(key),
     }
+}
+
+fn with_room(key: &str, room: usize) -> String {
+    let mut text = String::with_capacity(key.len() + room);
+    text.push_str(key);
+    text
 }
 
 fn is_bare_char(b: u8) -> bool {

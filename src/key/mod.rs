@@ -189,11 +189,17 @@ pub fn params_hash(params: &[u8]) -> String {
     hex_lower(&digest[..8])
 }
 
+/// Whether a key component escapes `b` (`:` separates components, `%` starts
+/// an escape).
+fn needs_escape(b: u8) -> bool {
+    b == b':' || b == b'%'
+}
+
 /// `component` with `:` and `%` escaped, piece by piece to `out`.
 fn escape_into(component: &str, mut out: impl FnMut(&str)) {
     let mut rest = component;
     // A byte search: `:` and `%` are ASCII, so never inside a wider char.
-    while let Some(pos) = rest.bytes().position(|b| b == b':' || b == b'%') {
+    while let Some(pos) = rest.bytes().position(needs_escape) {
         out(&rest[..pos]);
         out(if rest.as_bytes()[pos] == b':' {
             "%3A"
@@ -286,6 +292,41 @@ impl KeyParts {
             key
         }
     }
+
+    /// The storage key's text, as `into_key(body).to_text()` writes it, but
+    /// written on after the signal in the signal's own buffer: with no
+    /// allocation when the extractor left room there for the rest (as
+    /// [`HeaderKey`] does) and the signal needs no escape.
+    pub(crate) fn into_storage_key(self, body: &[u8]) -> String {
+        if self.signal.bytes().any(needs_escape) {
+            return self.into_key(body).to_text();
+        }
+        let Self {
+            signal: mut text,
+            action,
+            target,
+            params_in_key,
+        } = self;
+        text.reserve(storage_key_rest_len(&action, &target, params_in_key));
+        text.push(':');
+        push_escaped(&mut text, &action);
+        text.push(':');
+        push_escaped(&mut text, &target);
+        if params_in_key {
+            text.push(':');
+            push_hex_lower(&mut text, &Sha256::digest(body)[..8]);
+        }
+        text
+    }
+}
+
+/// What a storage key holds after its signal: the separators, the escaped
+/// action and target, and the params hash when params are in the key.
+pub(crate) fn storage_key_rest_len(action: &str, target: &str, params_in_key: bool) -> usize {
+    let escaped = |component: &str| {
+        component.len() + 2 * component.bytes().filter(|&b| needs_escape(b)).count()
+    };
+    2 + escaped(action) + escaped(target) + if params_in_key { 17 } else { 0 }
 }
 
 /// A request whose key is present but malformed; the layer answers 400 with
@@ -379,13 +420,17 @@ pub enum FingerprintMode {
 }
 
 pub(crate) fn hex_lower(bytes: &[u8]) -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(bytes.len() * 2);
+    push_hex_lower(&mut out, bytes);
+    out
+}
+
+fn push_hex_lower(out: &mut String, bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     for b in bytes {
         out.push(HEX[(b >> 4) as usize] as char);
         out.push(HEX[(b & 0xf) as usize] as char);
     }
-    out
 }
 
 #[cfg(test)]
@@ -408,6 +453,32 @@ mod tests {
             IdempotencyKey::new("", "", "%%::"),
         ] {
             assert_eq!(key.to_text(), key.to_string());
+        }
+    }
+
+    #[test]
+    fn the_storage_key_is_the_keys_text() {
+        for (signal, action, target, params_in_key) in [
+            ("8e03978e", "POST /orders", "", false),
+            ("8e03978e", "POST /a:b%c", "0123456789abcdef", false),
+            ("k", "create_task", "trello:board", true),
+            ("needs:escape%", "act", "t", true),
+            ("", "", "", false),
+        ] {
+            let parts = KeyParts {
+                signal: signal.to_owned(),
+                action: action.to_owned(),
+                target: target.to_owned(),
+                params_in_key,
+            };
+            let body = b"{\"title\":\"Ship it\"}";
+            let expected = parts.clone().into_key(body).to_text();
+            let rest = storage_key_rest_len(action, target, params_in_key);
+            let text = parts.into_storage_key(body);
+            assert_eq!(text, expected);
+            if !signal.contains([':', '%']) {
+                assert_eq!(text.len(), signal.len() + rest, "{text}");
+            }
         }
     }
 

@@ -322,7 +322,7 @@ fn identify(
     };
     let hashed = canonical.as_deref().unwrap_or(body);
     let fingerprint = Fingerprint::of_request(&parts.method, path_and_query, hashed);
-    (fingerprint, key.into_key(hashed).to_text())
+    (fingerprint, key.into_storage_key(hashed))
 }
 
 /// Awaits `begin`, counting the request in `Settings::waiting` from its first

@@ -4,15 +4,14 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{HeaderMap, StatusCode};
 
 use super::body::Gathered;
 use super::layer::Shared;
-use super::replay::{storable, stored_headers};
+use super::replay::{storable, stored_head};
 use super::tee::{GiveUp, Pending, Recorder};
 use crate::engine::Lease;
 use crate::key::Fingerprint;
-use crate::record::{Record, StoredResponse};
+use crate::record::{Record, StoredHead};
 use crate::stats::Stats;
 use crate::store::Store;
 
@@ -22,7 +21,7 @@ pub(crate) struct Recording<S: Store, K> {
     fingerprint: Fingerprint,
     shared: Arc<Shared<S, K>>,
     /// The stored status and headers, once the head is known and storable.
-    head: Option<(StatusCode, HeaderMap)>,
+    head: Option<StoredHead>,
     body: Gathered,
 }
 
@@ -49,7 +48,7 @@ impl<S: Store, K: Send + Sync + 'static> Recorder for Recording<S, K> {
             return false;
         }
         // Sized to what it holds: it is kept for the record's TTL.
-        self.head = Some((head.status, stored_headers(&head.headers, settings, 0)));
+        self.head = Some(stored_head(head, settings));
         true
     }
 
@@ -69,15 +68,11 @@ impl<S: Store, K: Send + Sync + 'static> Recorder for Recording<S, K> {
             head,
             body,
         } = *self;
-        let Some((status, headers)) = head else {
+        let Some(head) = head else {
             // A body recorded without its head is a bug: release, store nothing.
             return Box::pin(release(lease));
         };
-        let response = StoredResponse {
-            status,
-            headers,
-            body: body.into_bytes(),
-        };
+        let response = head.finish(&body.into_bytes());
         Box::pin(async move {
             match lease
                 .complete(Record::response(fingerprint, response))

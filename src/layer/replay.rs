@@ -5,7 +5,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::Response;
 
 use super::layer::Settings;
-use crate::record::StoredResponse;
+use crate::record::{StoredHead, StoredResponse};
 
 /// The header that marks a replayed response.
 pub(crate) const REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
@@ -35,41 +35,68 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
-/// The headers a replay may carry: no hop-by-hop headers (those named by
-/// `Connection` included), no `Date` (the server writes a fresh one), no
-/// `Set-Cookie` unless asked, and no stale replay mark; with `room` for as
-/// many more fields.
-pub(crate) fn stored_headers(headers: &HeaderMap, settings: &Settings, room: usize) -> HeaderMap {
-    let listed: Vec<HeaderName> = headers
-        .iter()
-        .filter(|(name, _)| *name == header::CONNECTION)
-        .filter_map(|(_, v)| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    let mut kept = HeaderMap::with_capacity(headers.len() + room);
-    for (name, value) in headers {
-        let dropped = HOP_BY_HOP.contains(name)
-            || listed.contains(name)
-            || name == header::DATE
-            || name == REPLAYED
-            || (name == header::SET_COOKIE && !settings.replay_set_cookie);
-        if !dropped {
-            kept.append(name.clone(), value.clone());
-        }
-    }
-    kept
+/// Whether a replay may carry a field named `name`: no hop-by-hop field
+/// (those `listed` by `Connection` included), no `Date` (the server writes a
+/// fresh one), no `Set-Cookie` unless asked, and no stale replay mark.
+fn replayable(name: &HeaderName, listed: &[HeaderName], settings: &Settings) -> bool {
+    !(HOP_BY_HOP.contains(name)
+        || listed.contains(name)
+        || name == header::DATE
+        || name == REPLAYED
+        || (name == header::SET_COOKIE && !settings.replay_set_cookie))
 }
 
+/// The field names a `Connection` field lists (hop-by-hop by that listing).
+fn connection_listed<'a>(values: impl Iterator<Item = &'a HeaderValue>) -> Vec<HeaderName> {
+    values
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect()
+}
+
+/// What is stored of a response's head: its status and the fields a replay
+/// may carry (see [`replayable`]).
+pub(crate) fn stored_head(head: &http::response::Parts, settings: &Settings) -> StoredHead {
+    let listed = connection_listed(head.headers.get_all(header::CONNECTION).iter());
+    let keep = |name: &HeaderName| replayable(name, &listed, settings);
+    StoredHead::filtered(head.status, &head.headers, keep, 0)
+}
+
+/// The replay of a stored response: its status, its fields as read from the
+/// record (values are slices of it, not copies) and its body, marked replayed.
 pub(crate) fn replay(stored: &StoredResponse, settings: &Settings) -> Response<Bytes> {
-    let mut response = Response::new(stored.body.clone());
-    *response.status_mut() = stored.status;
+    // With room for the replay mark, so adding it never grows the map (up
+    // to a size any response has: past it the map grows as fields come).
+    let mut headers = HeaderMap::with_capacity(stored.fields_len().min(64) + 1);
+    let mut fields = stored.fields();
+    let mut connection = false;
     // Filter again: the record may come from another writer or configuration.
-    // With room for the replay mark, so adding it never grows the map.
-    *response.headers_mut() = stored_headers(&stored.headers, settings, 1);
-    response
-        .headers_mut()
-        .insert(REPLAYED, HeaderValue::from_static("true"));
+    for (name, value) in fields.by_ref() {
+        connection |= name == header::CONNECTION;
+        if replayable(&name, &[], settings) {
+            // Never fails: a stored response holds at most as many fields as
+            // a header map (decoding refuses more).
+            let _ = headers.try_append(name, value);
+        }
+    }
+    if connection {
+        // Only a record stored by another writer holds one: drop what it lists.
+        let values: Vec<HeaderValue> = stored
+            .fields()
+            .filter(|(name, _)| name == header::CONNECTION)
+            .map(|(_, value)| value)
+            .collect();
+        for name in &connection_listed(values.iter()) {
+            headers.remove(name);
+        }
+    }
+    // Fails only for a response of 32,768 distinct names, which a header
+    // map holds without room for one more: it goes unmarked.
+    let _ = headers.try_insert(REPLAYED, HeaderValue::from_static("true"));
+    let mut response = Response::new(fields.body());
+    *response.status_mut() = stored.status();
+    *response.headers_mut() = headers;
     response
 }
 
@@ -87,5 +114,31 @@ mod tests {
         assert!(no_store(&headers));
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         assert!(!no_store(&headers));
+    }
+
+    /// A record written by another writer may hold what a replay must not
+    /// carry; the replay filters it out and marks itself.
+    #[test]
+    fn replay_filters_a_foreign_record() {
+        let settings = super::super::builder::HttpOptions::default()
+            .into_settings(crate::engine::Concurrent::Reject);
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        headers.insert(header::CONNECTION, HeaderValue::from_static("x-hop, close"));
+        headers.insert("x-hop", HeaderValue::from_static("1"));
+        headers.insert(header::DATE, HeaderValue::from_static("yesterday"));
+        headers.insert(header::SET_COOKIE, HeaderValue::from_static("a=b"));
+        headers.insert(REPLAYED, HeaderValue::from_static("false"));
+        headers.append("x-kept", HeaderValue::from_static("1"));
+        headers.append("x-kept", HeaderValue::from_static("2"));
+        let stored = StoredResponse::new(http::StatusCode::CREATED, &headers, b"done");
+        let replayed = replay(&stored, &settings);
+        assert_eq!(replayed.status(), http::StatusCode::CREATED);
+        assert_eq!(replayed.body(), "done");
+        let names: Vec<_> = replayed.headers().keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["content-type", "x-kept", "idempotent-replayed"]);
+        let kept: Vec<_> = replayed.headers().get_all("x-kept").iter().collect();
+        assert_eq!(kept, ["1", "2"]);
+        assert_eq!(replayed.headers()[REPLAYED], "true");
     }
 }

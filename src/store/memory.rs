@@ -14,7 +14,7 @@ use moka::notification::RemovalCause;
 use moka::policy::EvictionPolicy;
 use moka::sync::Cache;
 use moka::Expiry;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 
 use super::{
     BeginOutcome, Entry, EntryKind, EntryState, LeaseToken, RemovalCounts, ScanEntry, Store,
@@ -322,16 +322,16 @@ fn make_room(markers: &mut Markers, now: Instant, counters: &RemovalCounters) {
     markers.reserve(markers.len().max(1));
 }
 
-/// Takes `key`'s marker out of its stripe when it is live and held by
-/// `lease`; leaves any other live marker in place, and drops an expired one
-/// (counted as expired).
+/// Takes `key`'s marker, and the key as the marker held it, out of its
+/// stripe when it is live and held by `lease`; leaves any other live marker
+/// in place, and drops an expired one (counted as expired).
 fn take_held(
     markers: &mut Markers,
     key: &str,
     lease: LeaseToken,
     now: Instant,
     counters: &RemovalCounters,
-) -> Option<Marker> {
+) -> Option<(String, Marker)> {
     // One lookup on the usual path (the holder's own call); another
     // holder's marker goes back, with the key already allocated.
     let (key, marker) = markers.remove_entry(key)?;
@@ -339,7 +339,7 @@ fn take_held(
         counters.expired(1);
         None
     } else if marker.lease == lease {
-        Some(marker)
+        Some((key, marker))
     } else {
         markers.insert(key, marker);
         None
@@ -353,30 +353,48 @@ fn expiry(now: Instant, ttl: Duration) -> Instant {
     now + ttl.min(MAX_DURATION)
 }
 
-/// A completed record, as the cache holds it: 24 bytes beside moka's own
-/// entry, since there is one per stored response.
+/// A completed record, as the cache holds it: 16 bytes beside moka's own
+/// entry, since there is one per stored response (an `Instant` would make it
+/// 24).
 #[derive(Clone)]
 struct Slot {
     record: SharedRecord,
-    expires_at: Instant,
+    /// When the record expires, in nanoseconds since [`epoch`].
+    expires_at: u64,
+}
+
+/// The instant slots count their expiry from: the first time one was made.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// `at` in nanoseconds since [`epoch`] (0 before it; 584 years fit).
+fn since_epoch(at: Instant) -> u64 {
+    u64::try_from(at.saturating_duration_since(epoch()).as_nanos()).unwrap_or(u64::MAX)
 }
 
 impl Slot {
     fn new(record: SharedRecord, ttl: Duration) -> Self {
+        let ttl = u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX);
         Self {
             record,
-            expires_at: expiry(Instant::now(), ttl),
+            expires_at: since_epoch(Instant::now()).saturating_add(ttl),
         }
     }
 
+    fn expires_in(&self, now: Instant) -> Duration {
+        Duration::from_nanos(self.expires_at.saturating_sub(since_epoch(now)))
+    }
+
     fn is_live(&self, now: Instant) -> bool {
-        self.expires_at > now
+        self.expires_at > since_epoch(now)
     }
 
     fn to_entry(&self, now: Instant) -> Entry {
         Entry {
             state: EntryState::Completed(self.record.clone()),
-            expires_in: self.expires_at.saturating_duration_since(now),
+            expires_in: self.expires_in(now),
         }
     }
 }
@@ -387,7 +405,7 @@ struct SlotExpiry;
 /// before the insert, so moka never keeps one past it).
 impl Expiry<String, Slot> for SlotExpiry {
     fn expire_after_create(&self, _key: &String, slot: &Slot, at: Instant) -> Option<Duration> {
-        Some(slot.expires_at.saturating_duration_since(at))
+        Some(slot.expires_in(at))
     }
 
     fn expire_after_update(
@@ -397,7 +415,7 @@ impl Expiry<String, Slot> for SlotExpiry {
         at: Instant,
         _remaining: Option<Duration>,
     ) -> Option<Duration> {
-        Some(slot.expires_at.saturating_duration_since(at))
+        Some(slot.expires_in(at))
     }
 }
 
@@ -526,11 +544,12 @@ impl Store for MemoryStore {
     ) -> Result<bool, StoreError> {
         let mut markers = self.stripes.lock(key);
         let now = Instant::now();
-        if take_held(&mut markers, key, lease, now, &self.counters).is_none() {
+        let Some((key, _marker)) = take_held(&mut markers, key, lease, now, &self.counters) else {
             return Ok(false);
-        }
-        // Under the lock still: no `begin` sees the key free in between.
-        self.cache.insert(key.to_owned(), Slot::new(record, ttl));
+        };
+        // Under the lock still: no `begin` sees the key free in between. The
+        // marker's key becomes the record's: no second copy of it.
+        self.cache.insert(key, Slot::new(record, ttl));
         Ok(true)
     }
 
@@ -607,7 +626,7 @@ impl Store for MemoryStore {
             |(key, slot)| ScanEntry {
                 key: key.as_ref().clone(),
                 kind: EntryKind::Completed,
-                expires_in: slot.expires_at.saturating_duration_since(now),
+                expires_in: slot.expires_in(now),
                 created_at_ms: slot.record.created_at_ms,
             },
         ));

@@ -13,7 +13,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::key::Fingerprint;
-use crate::record::{DecodeError, Record};
+use crate::record::{is_known_version, DecodeError, Record};
 use crate::store::{EntryKind, LeaseToken};
 
 const MARKER_MAGIC: &[u8; 3] = b"TIM";
@@ -101,7 +101,7 @@ pub(super) fn peek(head: &[u8]) -> Option<(EntryKind, u64)> {
         let marker = Marker::decode(head).ok()?;
         return Some((EntryKind::InFlight, marker.created_at_ms));
     }
-    if head.starts_with(RECORD_MAGIC) && head.get(3) == Some(&crate::record::ENCODING_VERSION) {
+    if head.starts_with(RECORD_MAGIC) && head.get(3).is_some_and(|&v| is_known_version(v)) {
         let created = head.get(RECORD_CREATED_AT..RECORD_CREATED_AT + 8)?;
         return Some((EntryKind::Completed, u64::from_be_bytes(array(created))));
     }
@@ -148,6 +148,24 @@ mod tests {
             peek(head),
             Some((EntryKind::Completed, record.created_at_ms))
         );
+    }
+
+    #[test]
+    fn response_records_round_trip_and_peek_in_both_versions() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("content-type", http::HeaderValue::from_static("text/plain"));
+        let response = crate::StoredResponse::new(http::StatusCode::OK, &headers, b"hi");
+        let record = Record::response(Fingerprint::of_bytes(b"fp"), response);
+        let bytes = record.encode();
+        assert!(matches!(decode(&bytes), Ok(Stored::Record(r)) if r == record));
+        let completed = Some((EntryKind::Completed, record.created_at_ms));
+        assert_eq!(peek(&bytes[..PEEK_LEN]), completed);
+        // A record written by version 1 has the same header.
+        let mut older = bytes.to_vec();
+        older[3] = 1;
+        assert_eq!(peek(&older[..PEEK_LEN]), completed);
+        older[3] = crate::record::ENCODING_VERSION + 1;
+        assert_eq!(peek(&older[..PEEK_LEN]), None);
     }
 
     #[test]

@@ -1,0 +1,414 @@
+//! This crate's layer and `axum-idempotent` as a server sees them: 16 client
+//! tasks on a 2-worker Tokio runtime, each sending one request after the
+//! other through the same router (`oneshot`, in process), with throughput
+//! and per-request latency (p50, p99); and, beside it, one client on a
+//! current-thread runtime (the sequential run), so the two can be compared
+//! in one run.
+//!
+//! Paths, at 0 B, 1 KiB and 64 KiB request bodies:
+//!
+//! * `bare`: the axum handler alone;
+//! * `passthrough`: this crate's layer, a POST without a key;
+//! * `first request`: a new key per request (the handler runs, the response
+//!   is stored), for this crate and for the peer;
+//! * `replay`: each client repeats its own key, answered from the store,
+//!   for this crate and for the peer.
+//!
+//! The routers and the peer's setup (header mode, inside a `ruts` session
+//! layer inside a cookie manager, a client logging in once and every 100
+//! keys on the miss path) are those of `peer.rs`. Only the requests to
+//! `/orders` are counted: throughput is every client's requests over the
+//! round's wall time, which on the peer's first-request path includes a
+//! login every 100 keys (about 1 % of its requests). Each figure
+//! is the median of 3 rounds of `ROUND_MS` milliseconds (default 400), after
+//! a warm-up of a quarter round.
+//!
+//! ```sh
+//! cargo bench --bench concurrent            # about a minute
+//! ROUND_MS=1000 cargo bench --bench concurrent
+//! ```
+//!
+//! It prints markdown tables, then the issue's targets, met or missed. Beside
+//! throughput it gives the process's CPU time per request (all threads, from
+//! `/proc/self/stat`, 10 ms ticks): on a machine shared with other work,
+//! throughput follows what the others leave over, CPU time much less so.
+
+#[path = "support/routers.rs"]
+mod routers;
+
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::http::HeaderValue;
+use axum::Router;
+use tokio::runtime::Runtime;
+use tokio::sync::Barrier;
+
+use routers::{bare_router, order, ours_router, peer_router, send, Client, SIZES};
+
+/// Client tasks in the concurrent run.
+const CLIENTS: usize = 16;
+/// Worker threads of the concurrent run's runtime.
+const WORKERS: usize = 2;
+const ROUNDS: usize = 3;
+
+/// What a client sends.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// No key (on the bare router: no layer at all).
+    NoKey,
+    /// A new key per request.
+    First,
+    /// The client's own key, used once before the run.
+    Replay,
+}
+
+/// One measured configuration.
+#[derive(Clone, Copy)]
+struct Case {
+    name: &'static str,
+    router: usize,
+    logs_in: bool,
+    path: Path,
+}
+
+const BARE: usize = 0;
+const OURS: usize = 1;
+const PEER: usize = 2;
+
+const CASES: [Case; 6] = [
+    Case {
+        name: "bare",
+        router: BARE,
+        logs_in: false,
+        path: Path::NoKey,
+    },
+    Case {
+        name: "passthrough (no key)",
+        router: OURS,
+        logs_in: false,
+        path: Path::NoKey,
+    },
+    Case {
+        name: "first request",
+        router: OURS,
+        logs_in: false,
+        path: Path::First,
+    },
+    Case {
+        name: "axum-idempotent first request",
+        router: PEER,
+        logs_in: true,
+        path: Path::First,
+    },
+    Case {
+        name: "replay",
+        router: OURS,
+        logs_in: false,
+        path: Path::Replay,
+    },
+    Case {
+        name: "axum-idempotent replay",
+        router: PEER,
+        logs_in: true,
+        path: Path::Replay,
+    },
+];
+
+/// One round's figures.
+#[derive(Clone, Copy, Default)]
+struct Figures {
+    ops_per_sec: f64,
+    p50_us: f64,
+    p99_us: f64,
+    /// The process's CPU time (every thread) per request: on a machine
+    /// shared with other work, steadier than throughput.
+    cpu_us: f64,
+}
+
+/// CPU time this process has used (user and system, every thread), from
+/// `/proc/self/stat`, in 10 ms ticks; `None` where there is no such file.
+fn cpu_time() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The fields after the command name, which is in parentheses.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
+}
+
+/// A client: once every client is ready, sends requests of `case` until
+/// `stop`, and answers how long each took.
+async fn client(
+    router: Router,
+    case: Case,
+    body: Bytes,
+    id: String,
+    ready: Arc<Barrier>,
+    stop: Arc<AtomicBool>,
+) -> Vec<u64> {
+    let mut client = Client::new(&router, case.logs_in).await;
+    let no_cookie = HeaderValue::from_static("session=none");
+    let replay_key = format!("replay-{id}");
+    if case.path == Path::Replay {
+        assert!(!send(&router, order(&body, &replay_key, &client.cookie)).await);
+    }
+    let mut latencies_ns = Vec::with_capacity(1 << 16);
+    let mut n = 0u64;
+    ready.wait().await;
+    while !stop.load(Relaxed) {
+        let request = match case.path {
+            Path::NoKey => {
+                let mut request = order(&body, "", &no_cookie);
+                request.headers_mut().remove("idempotency-key");
+                request
+            }
+            Path::First => order(&body, &format!("first-{id}-{n}"), &client.cookie),
+            Path::Replay => order(&body, &replay_key, &client.cookie),
+        };
+        let start = Instant::now();
+        let replayed = send(&router, request).await;
+        latencies_ns.push(start.elapsed().as_nanos() as u64);
+        assert_eq!(
+            replayed,
+            case.path == Path::Replay,
+            "{}: a replay if and only if the key was used before",
+            case.name
+        );
+        n += 1;
+        if case.path == Path::First {
+            client.next_key().await;
+        }
+        // A request that never waits never yields: let the other clients,
+        // and the timer that ends the round, have the worker (as a server's
+        // connection task does between requests).
+        tokio::task::yield_now().await;
+    }
+    latencies_ns
+}
+
+/// Runs `clients` clients of `case` on `rt` for `length` (once they are
+/// all ready: logged in, their replay key stored), and answers the round's
+/// figures.
+fn round(
+    rt: &Runtime,
+    router: &Router,
+    case: Case,
+    body: &Bytes,
+    clients: usize,
+    length: Duration,
+    tag: &str,
+) -> Figures {
+    let stop = Arc::new(AtomicBool::new(false));
+    let ready = Arc::new(Barrier::new(clients + 1));
+    let tasks: Vec<_> = (0..clients)
+        .map(|c| {
+            rt.spawn(client(
+                router.clone(),
+                case,
+                body.clone(),
+                format!("{tag}-{c}"),
+                ready.clone(),
+                stop.clone(),
+            ))
+        })
+        .collect();
+    let (latencies, elapsed, cpu) = rt.block_on(async {
+        ready.wait().await;
+        let start = Instant::now();
+        let cpu_start = cpu_time();
+        tokio::time::sleep(length).await;
+        stop.store(true, Relaxed);
+        let mut latencies = Vec::new();
+        for task in tasks {
+            latencies.extend(task.await.expect("client task"));
+        }
+        let cpu = cpu_time()
+            .zip(cpu_start)
+            .map(|(end, start)| end.saturating_sub(start));
+        (latencies, start.elapsed(), cpu)
+    });
+    let mut all = latencies;
+    all.sort_unstable();
+    let at = |q: f64| all[((all.len() - 1) as f64 * q) as usize] as f64 / 1_000.0;
+    Figures {
+        ops_per_sec: all.len() as f64 / elapsed.as_secs_f64(),
+        p50_us: at(0.50),
+        p99_us: at(0.99),
+        cpu_us: cpu.map_or(f64::NAN, |cpu| cpu.as_secs_f64() * 1e6 / all.len() as f64),
+    }
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// Median figures of `ROUNDS` rounds of every case at every size.
+fn run(rt: &Runtime, clients: usize, round_len: Duration) -> Vec<(usize, Vec<Figures>)> {
+    let mut tag = 0u64;
+    let mut results = Vec::new();
+    for (size_index, (_, size)) in SIZES.iter().enumerate() {
+        let body = Bytes::from(vec![b'x'; *size]);
+        let mut per_case = Vec::new();
+        for case in CASES {
+            // A router of its own per case: a replay run never meets a store
+            // that a first-request run filled to its bound.
+            let router = rt.block_on(async {
+                match case.router {
+                    BARE => bare_router(),
+                    OURS => ours_router(),
+                    _ => peer_router(false),
+                }
+            });
+            let mut next_tag = || {
+                tag += 1;
+                format!("{clients}-{tag}")
+            };
+            round(
+                rt,
+                &router,
+                case,
+                &body,
+                clients,
+                round_len / 4,
+                &next_tag(),
+            );
+            let rounds: Vec<Figures> = (0..ROUNDS)
+                .map(|_| round(rt, &router, case, &body, clients, round_len, &next_tag()))
+                .collect();
+            eprintln!(
+                "{clients} client(s), {}, {}: {:.0} ops/s",
+                SIZES[size_index].0,
+                case.name,
+                median(rounds.iter().map(|f| f.ops_per_sec).collect())
+            );
+            per_case.push(Figures {
+                ops_per_sec: median(rounds.iter().map(|f| f.ops_per_sec).collect()),
+                p50_us: median(rounds.iter().map(|f| f.p50_us).collect()),
+                p99_us: median(rounds.iter().map(|f| f.p99_us).collect()),
+                cpu_us: median(rounds.iter().map(|f| f.cpu_us).collect()),
+            });
+        }
+        results.push((size_index, per_case));
+    }
+    results
+}
+
+fn human_ops(ops: f64) -> String {
+    if ops >= 1e6 {
+        format!("{:.2} M", ops / 1e6)
+    } else {
+        format!("{:.0} k", ops / 1e3)
+    }
+}
+
+fn print_table(title: &str, results: &[(usize, Vec<Figures>)]) {
+    println!("### {title}");
+    println!();
+    println!(
+        "| body | path | ops/s | p50 µs | p99 µs | CPU µs/request | ops/s vs bare | ops/s vs peer | CPU µs vs peer |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    for (size_index, figures) in results {
+        let label = SIZES[*size_index].0;
+        let bare = figures[0].ops_per_sec;
+        for (i, (case, f)) in CASES.iter().zip(figures).enumerate() {
+            let (peer, cpu_peer) = match i {
+                2 | 4 => {
+                    let peer = &figures[i + 1];
+                    (
+                        format!("{:.2}x", f.ops_per_sec / peer.ops_per_sec),
+                        format!("{:.2}x", f.cpu_us / peer.cpu_us),
+                    )
+                }
+                _ => (String::new(), String::new()),
+            };
+            println!(
+                "| {label} | {} | {} | {:.2} | {:.1} | {:.2} | {:.2}x | {peer} | {cpu_peer} |",
+                case.name,
+                human_ops(f.ops_per_sec),
+                f.p50_us,
+                f.p99_us,
+                f.cpu_us,
+                f.ops_per_sec / bare,
+            );
+        }
+    }
+    println!();
+}
+
+/// The issue's targets, on the concurrent run at 1 KiB.
+fn print_targets(results: &[(usize, Vec<Figures>)]) {
+    let Some((_, f)) = results.iter().find(|(i, _)| SIZES[*i].0 == "1KiB") else {
+        return;
+    };
+    let verdict = |met: bool| if met { "met" } else { "missed" };
+    let first = f[2].ops_per_sec / f[3].ops_per_sec;
+    let first_p99 = f[2].p99_us / f[3].p99_us;
+    let replay = f[4].ops_per_sec / f[5].ops_per_sec;
+    let no_key = f[1].ops_per_sec / f[0].ops_per_sec;
+    // Throughput a dedicated machine would reach is about its cores over
+    // the CPU time per request: the same ratios from CPU time, steadier
+    // than throughput where other work shares the machine.
+    let first_cpu = f[3].cpu_us / f[2].cpu_us;
+    let replay_cpu = f[5].cpu_us / f[4].cpu_us;
+    let no_key_cpu = f[0].cpu_us / f[1].cpu_us;
+    println!("### Targets (concurrent run, 1 KiB)");
+    println!();
+    println!("| target | figure | verdict | from CPU time per request |");
+    println!("|---|---:|---|---:|");
+    println!(
+        "| first request >= 1.5x axum-idempotent's first-request throughput | {first:.2}x | {} | {first_cpu:.2}x |",
+        verdict(first >= 1.5)
+    );
+    println!(
+        "| first request p99 within 2x of axum-idempotent's | {first_p99:.2}x | {} | |",
+        verdict(first_p99 <= 2.0)
+    );
+    println!(
+        "| replay >= 2x axum-idempotent's replay throughput | {replay:.2}x | {} | {replay_cpu:.2}x |",
+        verdict(replay >= 2.0)
+    );
+    println!(
+        "| POST without a key >= 0.95x bare | {no_key:.2}x | {} | {no_key_cpu:.2}x |",
+        verdict(no_key >= 0.95)
+    );
+    println!();
+}
+
+fn main() {
+    let round_len = Duration::from_millis(
+        std::env::var("ROUND_MS")
+            .ok()
+            .and_then(|ms| ms.parse().ok())
+            .unwrap_or(400),
+    );
+    let concurrent = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(WORKERS)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let results = run(&concurrent, CLIENTS, round_len);
+    drop(concurrent);
+    let sequential = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let sequential_results = run(&sequential, 1, round_len);
+    println!(
+        "Medians of {ROUNDS} rounds of {} ms; {CLIENTS} clients on {WORKERS} workers, then 1 client on a current-thread runtime.",
+        round_len.as_millis()
+    );
+    println!();
+    print_table(
+        &format!("Concurrent: {CLIENTS} client tasks, {WORKERS}-worker runtime"),
+        &results,
+    );
+    print_table(
+        "Sequential: 1 client, current-thread runtime",
+        &sequential_results,
+    );
+    print_targets(&results);
+}
