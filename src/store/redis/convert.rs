@@ -37,6 +37,14 @@ pub(super) fn map_error(error: RedisError) -> StoreError {
         || error.is_unrecoverable_error()
         || matches!(
             error.kind(),
+            // A cluster between slot tables (a failover, a resharding): no
+            // node to send to yet, or a redirection the client could not
+            // follow. Nothing was read, so the fail mode applies.
+            ErrorKind::ClusterConnectionNotFound
+                | ErrorKind::Server(ServerErrorKind::Moved | ServerErrorKind::Ask)
+        )
+        || matches!(
+            error.kind(),
             ErrorKind::Server(
                 ServerErrorKind::TryAgain
                     | ServerErrorKind::MasterDown
