@@ -376,7 +376,9 @@ fn since_epoch(at: Instant) -> u64 {
 
 impl Slot {
     fn new(record: SharedRecord, ttl: Duration) -> Self {
-        let ttl = u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX);
+        // A store is called with whatever TTL its caller has: past
+        // MAX_DURATION it is cut to it, as markers' are.
+        let ttl = u64::try_from(ttl.min(MAX_DURATION).as_nanos()).unwrap_or(u64::MAX);
         Self {
             record,
             expires_at: since_epoch(Instant::now()).saturating_add(ttl),
