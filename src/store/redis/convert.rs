@@ -26,8 +26,9 @@ pub(super) fn px(ttl: Duration) -> Vec<u8> {
         .into_bytes()
 }
 
-/// Connection failures, timeouts and a server that cannot serve now are
-/// `Unavailable` (the layer's fail mode applies); the rest is `Backend`.
+/// Connection failures, timeouts and a server that cannot serve now (loading,
+/// failing over, out of memory) are `Unavailable` (the layer's fail mode
+/// applies); the rest is `Backend`.
 pub(super) fn map_error(error: RedisError) -> StoreError {
     use redis::{ErrorKind, ServerErrorKind};
     let unavailable = error.is_io_error()
@@ -53,7 +54,12 @@ pub(super) fn map_error(error: RedisError) -> StoreError {
                     | ServerErrorKind::ReadOnly
             )
         );
-    if unavailable {
+    // A Redis out of memory (`OOM`, under `maxmemory` with `noeviction`) or
+    // unable to persist (`MISCONF`) refuses writes for now: like a server
+    // that cannot be reached, it read and wrote nothing, so the fail mode
+    // applies rather than the 500 of a value the store cannot stand by.
+    let refusing_writes = matches!(error.code(), Some("OOM" | "MISCONF"));
+    if unavailable || refusing_writes {
         StoreError::unavailable(error)
     } else {
         StoreError::backend(error)
