@@ -100,7 +100,7 @@ async fn requests_in_flight_never_evict_a_completed_record() {
     let mut leases = Vec::new();
     for i in 0..1_000 {
         match engine
-            .begin(format!("s{i}:a:t"), fp("run"), Concurrent::Reject)
+            .begin_with(format!("s{i}:a:t"), fp("run"), Concurrent::Reject)
             .await
             .unwrap()
         {
@@ -113,7 +113,7 @@ async fn requests_in_flight_never_evict_a_completed_record() {
     assert_eq!(info.entries, 1_001, "{info:?}");
     assert_eq!(engine.stats().evicted, 0, "{:?}", engine.stats());
     match engine
-        .begin("s:a:kept", fp("kept"), Concurrent::Reject)
+        .begin_with("s:a:kept", fp("kept"), Concurrent::Reject)
         .await
         .unwrap()
     {

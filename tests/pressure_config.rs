@@ -71,11 +71,6 @@ fn the_layer_builder_refuses_each_duration_past_the_maximum() {
             .concurrent(wait(too_long))
             .build();
         refuses(&built.unwrap_err(), "wait timeout");
-        // Next to a ready engine, the wait policy is the layer's own setting.
-        let built = IdempotencyLayer::with_engine(Idempotency::new())
-            .concurrent(wait(too_long))
-            .build();
-        refuses(&built.unwrap_err(), "wait timeout");
     }
 }
 
@@ -111,14 +106,16 @@ async fn an_engine_at_the_maximum_runs_waits_and_replays() {
             .build()
             .unwrap();
         let policy = engine.config().concurrent;
-        let Begin::Execute(lease) = within(engine.begin("s:a:t", fp(), policy)).await.unwrap()
+        let Begin::Execute(lease) = within(engine.begin_with("s:a:t", fp(), policy))
+            .await
+            .unwrap()
         else {
             panic!("the first call runs");
         };
         // A duplicate waits for the run, with a century-long budget.
         let waiter = tokio::spawn({
             let engine = engine.clone();
-            async move { engine.begin("s:a:t", fp(), policy).await }
+            async move { engine.begin_with("s:a:t", fp(), policy).await }
         });
         // On this one-thread runtime the duplicate runs now, up to its wait.
         tokio::task::yield_now().await;
@@ -140,7 +137,7 @@ async fn an_engine_at_the_maximum_runs_waits_and_replays() {
 #[tokio::test]
 async fn durations_passed_per_call_are_cut_to_the_maximum() {
     let engine = Idempotency::new();
-    let Begin::Execute(lease) = within(engine.begin("s:a:t", fp(), wait(Duration::MAX)))
+    let Begin::Execute(lease) = within(engine.begin_with("s:a:t", fp(), wait(Duration::MAX)))
         .await
         .unwrap()
     else {
@@ -148,7 +145,7 @@ async fn durations_passed_per_call_are_cut_to_the_maximum() {
     };
     let waiter = tokio::spawn({
         let engine = engine.clone();
-        async move { engine.begin("s:a:t", fp(), wait(Duration::MAX)).await }
+        async move { engine.begin_with("s:a:t", fp(), wait(Duration::MAX)).await }
     });
     tokio::task::yield_now().await;
     assert!(within(lease.complete(value("done"))).await.unwrap());

@@ -26,7 +26,7 @@ async fn a_corrupt_value_is_a_typed_error() {
         .await
         .unwrap();
     let fp = Fingerprint::of_bytes(b"x");
-    let begun = engine.begin("s:a:bad", fp, Concurrent::Reject).await;
+    let begun = engine.begin_with("s:a:bad", fp, Concurrent::Reject).await;
     assert!(
         matches!(&begun, Err(StoreError::Corrupt { key, .. }) if key == "s:a:bad"),
         "{begun:?}"
@@ -39,7 +39,7 @@ async fn a_corrupt_value_is_a_typed_error() {
     assert!(engine.remove("s:a:bad").await.unwrap());
     assert!(matches!(
         engine
-            .begin("s:a:bad", fp, Concurrent::Reject)
+            .begin_with("s:a:bad", fp, Concurrent::Reject)
             .await
             .unwrap(),
         Begin::Execute(_)
@@ -65,7 +65,7 @@ async fn a_key_of_another_redis_type_is_corrupt_and_does_not_break_listing() {
         .await
         .unwrap();
 
-    let begun = engine.begin("s:a:hash", fp, Concurrent::Reject).await;
+    let begun = engine.begin_with("s:a:hash", fp, Concurrent::Reject).await;
     assert!(
         matches!(begun, Err(StoreError::Corrupt { .. })),
         "{begun:?}"
@@ -100,7 +100,7 @@ async fn a_store_on_your_own_connection_manager_works() {
     let engine = engine(RedisStore::new(manager, prefix()), Concurrent::Reject);
     let fp = Fingerprint::of_bytes(b"x");
     let Begin::Execute(lease) = engine
-        .begin("s:a:own", fp, Concurrent::Reject)
+        .begin_with("s:a:own", fp, Concurrent::Reject)
         .await
         .unwrap()
     else {
@@ -109,7 +109,7 @@ async fn a_store_on_your_own_connection_manager_works() {
     assert!(lease.complete(value(fp, "own")).await.unwrap());
     assert!(matches!(
         engine
-            .begin("s:a:own", fp, Concurrent::Reject)
+            .begin_with("s:a:own", fp, Concurrent::Reject)
             .await
             .unwrap(),
         Begin::Replay { .. }
@@ -151,7 +151,7 @@ async fn handle_methods_work_on_redis_and_stay_within_the_prefix() {
         .await
         .unwrap();
     let Begin::Execute(_running) = engine
-        .begin(key("evt-3", "notify", "slack"), fp, Concurrent::Reject)
+        .begin_with(key("evt-3", "notify", "slack"), fp, Concurrent::Reject)
         .await
         .unwrap()
     else {
@@ -242,7 +242,7 @@ async fn the_local_tier_replays_without_a_round_trip_until_removed() {
     let engine = engine(store.clone(), Concurrent::Reject);
     let fp = Fingerprint::of_bytes(b"x");
     let Begin::Execute(lease) = engine
-        .begin("s:a:hot", fp, Concurrent::Reject)
+        .begin_with("s:a:hot", fp, Concurrent::Reject)
         .await
         .unwrap()
     else {
@@ -259,7 +259,7 @@ async fn the_local_tier_replays_without_a_round_trip_until_removed() {
         .unwrap();
     assert!(matches!(
         engine
-            .begin("s:a:hot", fp, Concurrent::Reject)
+            .begin_with("s:a:hot", fp, Concurrent::Reject)
             .await
             .unwrap(),
         Begin::Replay { .. }
@@ -268,7 +268,7 @@ async fn the_local_tier_replays_without_a_round_trip_until_removed() {
     engine.remove("s:a:hot").await.unwrap();
     assert!(matches!(
         engine
-            .begin("s:a:hot", fp, Concurrent::Reject)
+            .begin_with("s:a:hot", fp, Concurrent::Reject)
             .await
             .unwrap(),
         Begin::Execute(_)

@@ -45,6 +45,16 @@ pub(crate) fn check_duration(name: &str, value: Duration) -> Result<(), ConfigEr
     Ok(())
 }
 
+/// Refuses a zero auto-cleanup interval, or one over [`MAX_DURATION`].
+pub(super) fn check_cleanup_interval(interval: Duration) -> Result<(), ConfigError> {
+    if interval.is_zero() {
+        return Err(ConfigError::new(
+            "auto-cleanup interval must be greater than zero",
+        ));
+    }
+    check_duration("the auto-cleanup interval", interval)
+}
+
 /// What a duplicate gets while the first request for its key is in flight.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Concurrent {
@@ -99,6 +109,9 @@ pub struct Config {
     pub concurrent: Concurrent,
     /// What happens to an abandoned lease.
     pub lease_expiry: LeaseExpiry,
+    /// How often the store's maintenance runs in the background (`None`: it
+    /// does not; see [`Idempotency::start_auto_cleanup`]).
+    pub cleanup_interval: Option<Duration>,
 }
 
 impl Default for Config {
@@ -108,12 +121,13 @@ impl Default for Config {
             lease_ttl: DEFAULT_LEASE_TTL,
             concurrent: Concurrent::Reject,
             lease_expiry: LeaseExpiry::Takeover,
+            cleanup_interval: None,
         }
     }
 }
 
 impl Config {
-    fn validate(&self) -> Result<(), ConfigError> {
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
         if self.ttl.is_zero() {
             return Err(ConfigError::new("ttl must be greater than zero"));
         }
@@ -122,6 +136,9 @@ impl Config {
         }
         check_duration("ttl", self.ttl)?;
         check_duration("lease_ttl", self.lease_ttl)?;
+        if let Some(interval) = self.cleanup_interval {
+            check_cleanup_interval(interval)?;
+        }
         self.concurrent.validate()
     }
 
@@ -134,7 +151,8 @@ impl Config {
     }
 }
 
-/// An invalid configuration, refused when the engine or layer is built.
+/// An invalid configuration, refused when the engine or layer is built, or
+/// by [`Idempotency::configure`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid idempotency configuration: {0}")]
 pub struct ConfigError(String);

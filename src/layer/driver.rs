@@ -16,7 +16,7 @@
 use std::future::{poll_fn, Future};
 use std::panic::AssertUnwindSafe;
 use std::pin::pin;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::task::Poll;
 
@@ -159,10 +159,8 @@ where
     let shared = &*driver.shared;
     let settings = &shared.settings;
     let begun = counted_wait(
-        settings,
-        shared
-            .engine
-            .begin_in_store(storage_key, fingerprint, settings.concurrent),
+        &shared.waiting,
+        shared.engine.begin_in_store(storage_key, fingerprint, None),
     )
     .await;
     let request = |body| Request::from_parts(parts, RequestBody::buffered(body));
@@ -325,13 +323,13 @@ fn identify(
     (fingerprint, key.into_key(hashed).to_text())
 }
 
-/// Awaits `begin`, counting the request in `Settings::waiting` from its first
+/// Awaits `begin`, counting the request in `waiting` from its first
 /// `Pending` on: by then a duplicate has joined the flight it waits for.
-async fn counted_wait<T>(settings: &Settings, begin: impl Future<Output = T>) -> T {
-    struct Waiting<'a>(&'a Settings);
+async fn counted_wait<T>(waiting: &AtomicUsize, begin: impl Future<Output = T>) -> T {
+    struct Waiting<'a>(&'a AtomicUsize);
     impl Drop for Waiting<'_> {
         fn drop(&mut self) {
-            self.0.waiting.fetch_sub(1, Relaxed);
+            self.0.fetch_sub(1, Relaxed);
         }
     }
     let mut begin = pin!(begin);
@@ -339,8 +337,8 @@ async fn counted_wait<T>(settings: &Settings, begin: impl Future<Output = T>) ->
     poll_fn(|cx| match begin.as_mut().poll(cx) {
         Poll::Pending => {
             if guard.is_none() {
-                settings.waiting.fetch_add(1, Relaxed);
-                guard = Some(Waiting(settings));
+                waiting.fetch_add(1, Relaxed);
+                guard = Some(Waiting(waiting));
             }
             Poll::Pending
         }

@@ -240,17 +240,17 @@ mod tests {
     }
 
     #[test]
-    fn engine_settings_next_to_an_engine_are_refused() {
+    fn a_layer_around_an_engine_keeps_that_engine() {
         let engine = Idempotency::new();
-        let built = IdempotencyLayer::with_engine(engine.clone())
-            .ttl(Duration::from_secs(5))
-            .build();
-        assert!(built.is_err());
-        let layer = IdempotencyLayer::with_engine(engine)
+        let layer = IdempotencyLayer::with_engine(engine.clone())
             .require_key(true)
             .build()
             .unwrap();
         assert_eq!(layer.handle().config().ttl, crate::engine::DEFAULT_TTL);
+        engine
+            .configure(|config| config.ttl = Duration::from_secs(5))
+            .unwrap();
+        assert_eq!(layer.handle().config().ttl, Duration::from_secs(5));
     }
 
     #[test]
