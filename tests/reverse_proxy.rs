@@ -1,6 +1,8 @@
 //! The `reverse_proxy` example, run for real: the built binary in front of a
 //! real upstream server, over loopback.
 
+#[path = "reverse_proxy/config.rs"]
+mod config;
 #[path = "reverse_proxy/edge.rs"]
 mod edge;
 #[path = "reverse_proxy/harness.rs"]
