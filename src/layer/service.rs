@@ -14,6 +14,7 @@ use super::body::{BoxError, RequestBody, ResponseBody};
 use super::driver::{self, Driver};
 use super::future::ResponseFuture;
 use super::layer::Shared;
+use super::IdempotencyLayerBuilder;
 use crate::engine::Idempotency;
 use crate::key::{HeaderKey, KeyExtractor};
 use crate::problem;
@@ -44,6 +45,38 @@ impl<Svc, S, K> Idempotent<Svc, S, K> {
     /// The inner service.
     pub fn get_ref(&self) -> &Svc {
         &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut Svc {
+        &mut self.inner
+    }
+
+    /// The inner service, unwrapped.
+    pub fn into_inner(self) -> Svc {
+        self.inner
+    }
+}
+
+impl Idempotent<()> {
+    /// A builder for the layer that makes this service: the same as
+    /// [`IdempotencyLayer::builder`](super::IdempotencyLayer::builder), in the
+    /// spelling of tower's middlewares.
+    ///
+    /// ```
+    /// use tower::ServiceBuilder;
+    /// use tower_idempotency::Idempotent;
+    ///
+    /// let layer = Idempotent::layer().require_key(true).build().unwrap();
+    /// let service = ServiceBuilder::new().layer(layer).service(tower::service_fn(
+    ///     |_: http::Request<tower_idempotency::RequestBody<String>>| async {
+    ///         Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+    ///     },
+    /// ));
+    /// # drop(service);
+    /// ```
+    pub fn layer() -> IdempotencyLayerBuilder {
+        super::IdempotencyLayer::builder()
     }
 }
 
