@@ -67,6 +67,7 @@ mod configure;
 mod handle;
 mod retry;
 
+#[cfg(feature = "redis")]
 pub(crate) use config::check_duration;
 pub use config::{
     Concurrent, Config, ConfigError, IdempotencyBuilder, IntoStore, LeaseExpiry, DEFAULT_LEASE_TTL,
@@ -846,14 +847,11 @@ impl<S: Store> Lease<S> {
         &self.key
     }
 
-    /// The lease's token.
-    pub fn token(&self) -> LeaseToken {
+    /// The lease's token (the transactional form of `execute` writes under
+    /// it).
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn token(&self) -> LeaseToken {
         self.token
-    }
-
-    /// The engine the lease belongs to.
-    pub fn engine(&self) -> &Idempotency<S> {
-        &self.engine
     }
 
     /// Stores `record` as the key's result and hands it to the duplicates
