@@ -219,6 +219,9 @@ async fn a_cleanup_interval_starts_changes_and_stops_the_task() {
     assert_eq!(engine.config().cleanup_interval, None);
 }
 
+/// One change to the configuration.
+type Change = Box<dyn FnOnce(&mut Config)>;
+
 #[tokio::test]
 async fn an_invalid_value_is_refused_and_changes_nothing() {
     let engine = Idempotency::builder()
@@ -231,7 +234,7 @@ async fn an_invalid_value_is_refused_and_changes_nothing() {
         .unwrap();
     let before = engine.config();
     let too_long = MAX_DURATION + Duration::from_secs(1);
-    let changes: [(&str, Box<dyn FnOnce(&mut Config)>); 7] = [
+    let changes: [(&str, Change); 7] = [
         ("ttl", Box::new(|c| c.ttl = Duration::ZERO)),
         ("ttl", Box::new(move |c| c.ttl = too_long)),
         ("lease_ttl", Box::new(|c| c.lease_ttl = Duration::ZERO)),
