@@ -847,10 +847,9 @@ impl<S: Store> Lease<S> {
         &self.key
     }
 
-    /// The lease's token (the transactional form of `execute` writes under
-    /// it).
-    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
-    pub(crate) fn token(&self) -> LeaseToken {
+    /// The lease's token: what a [`complete_with`](Self::complete_with)
+    /// write checks the marker against.
+    pub fn token(&self) -> LeaseToken {
         self.token
     }
 
