@@ -105,7 +105,9 @@ pub struct Config {
     pub ttl: Duration,
     /// How long an in-flight marker lives without renewal.
     pub lease_ttl: Duration,
-    /// The default policy for duplicates of an in-flight key.
+    /// The policy for duplicates of an in-flight key: the one place it is
+    /// decided. [`Idempotency::begin`] and the HTTP layer read it at each
+    /// call; [`Idempotency::execute`] waits under either policy (see there).
     pub concurrent: Concurrent,
     /// What happens to an abandoned lease.
     pub lease_expiry: LeaseExpiry,
