@@ -630,7 +630,12 @@ impl<S: Store> Idempotency<S> {
     /// # Errors
     ///
     /// The [`StoreError`] of a store that failed.
-    pub async fn put(&self, key: &str, record: Record, ttl: Duration) -> Result<(), StoreError> {
+    pub(crate) async fn put(
+        &self,
+        key: &str,
+        record: Record,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
         if ttl.is_zero() {
             return Ok(());
         }

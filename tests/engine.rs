@@ -389,22 +389,30 @@ per_store!(queries_and_maintenance_work_through_the_handle);
 async fn queries_and_maintenance_work_through_the_handle(store: TestStore) {
     let engine = on(&store).build().unwrap();
     let hour = Duration::from_secs(3600);
-    engine
-        .put("evt1:create_task:trello", value(fp("a"), "1"), hour)
+    store
+        .put(
+            "evt1:create_task:trello",
+            Arc::new(value(fp("a"), "1")),
+            hour,
+        )
         .await
         .unwrap();
     // Distinct creation times (milliseconds), so "oldest" is well defined.
     tokio::time::sleep(Duration::from_millis(3)).await;
-    engine
+    store
         .put(
             "evt1:send:slack",
-            value(fp("b"), "2"),
+            Arc::new(value(fp("b"), "2")),
             Duration::from_secs(5),
         )
         .await
         .unwrap();
-    engine
-        .put("evt2:create_task:drive", value(fp("c"), "3"), hour)
+    store
+        .put(
+            "evt2:create_task:drive",
+            Arc::new(value(fp("c"), "3")),
+            hour,
+        )
         .await
         .unwrap();
 

@@ -87,7 +87,8 @@ async fn auto_cleanup_refuses_an_interval_past_the_maximum() {
     engine.start_auto_cleanup(MAX_DURATION).unwrap();
     assert!(engine.auto_cleanup_running());
     // Its first round runs at once, and the engine keeps working beside it.
-    within(engine.put("s:a:t", value("kept"), MAX_DURATION))
+    let kept = tower_idempotency::IdempotencyKey::new("s", "a", "t");
+    within(engine.mark_executed(&kept, "kept", MAX_DURATION))
         .await
         .unwrap();
     within(engine.cleanup_expired()).await.unwrap();
@@ -157,9 +158,13 @@ async fn durations_passed_per_call_are_cut_to_the_maximum() {
         }
     ));
 
-    within(engine.put("s:a:put", value("put"), Duration::MAX))
-        .await
-        .unwrap();
+    within(engine.mark_executed(
+        &tower_idempotency::IdempotencyKey::new("s", "a", "put"),
+        "put",
+        Duration::MAX,
+    ))
+    .await
+    .unwrap();
     let entry = within(engine.record("s:a:put")).await.unwrap().unwrap();
     assert!(entry.expires_in <= MAX_DURATION);
 
@@ -272,10 +277,14 @@ mod redis_store {
             assert_eq!(card, "card-1");
         }
         assert_eq!(runs, 1);
-        // A TTL past the maximum, handed to `put`, is cut to it.
-        within(engine.put("s:a:put", value("put"), Duration::MAX))
-            .await
-            .unwrap();
+        // A TTL past the maximum, handed to `mark_executed`, is cut to it.
+        within(engine.mark_executed(
+            &tower_idempotency::IdempotencyKey::new("s", "a", "put"),
+            "put",
+            Duration::MAX,
+        ))
+        .await
+        .unwrap();
         let entry = within(engine.record("s:a:put")).await.unwrap().unwrap();
         assert!(entry.expires_in <= MAX_DURATION);
         within(engine.clear()).await.unwrap();

@@ -60,8 +60,12 @@ async fn a_key_of_another_redis_type_is_corrupt_and_does_not_break_listing() {
         .await
         .unwrap();
     let fp = Fingerprint::of_bytes(b"x");
-    engine
-        .put("s:a:fine", value(fp, "fine"), Duration::from_secs(60))
+    store
+        .put(
+            "s:a:fine",
+            Arc::new(value(fp, "fine")),
+            Duration::from_secs(60),
+        )
         .await
         .unwrap();
 
@@ -133,21 +137,35 @@ async fn invalid_settings_are_refused_at_build() {
 
 #[tokio::test]
 async fn handle_methods_work_on_redis_and_stay_within_the_prefix() {
-    let neighbour = engine(store(&prefix()).await, Concurrent::Reject);
-    let engine = engine(store(&prefix()).await, Concurrent::Reject);
+    let neighbour_store = store(&prefix()).await;
+    let neighbour = engine(neighbour_store.clone(), Concurrent::Reject);
+    let own_store = store(&prefix()).await;
+    let engine = engine(own_store.clone(), Concurrent::Reject);
     let fp = Fingerprint::of_bytes(b"x");
     let key = |signal, action, target| IdempotencyKey::new(signal, action, target).to_string();
     let (short, long) = (Duration::from_secs(30), Duration::from_secs(3600));
-    engine
-        .put(&key("evt-1", "create_task", "trello"), value(fp, "1"), long)
+    own_store
+        .put(
+            &key("evt-1", "create_task", "trello"),
+            Arc::new(value(fp, "1")),
+            long,
+        )
         .await
         .unwrap();
-    engine
-        .put(&key("evt-1", "notify", "slack"), value(fp, "2"), short)
+    own_store
+        .put(
+            &key("evt-1", "notify", "slack"),
+            Arc::new(value(fp, "2")),
+            short,
+        )
         .await
         .unwrap();
-    engine
-        .put(&key("evt-2", "create_task", "jira"), value(fp, "3"), long)
+    own_store
+        .put(
+            &key("evt-2", "create_task", "jira"),
+            Arc::new(value(fp, "3")),
+            long,
+        )
         .await
         .unwrap();
     let Begin::Execute(_running) = engine
@@ -157,8 +175,12 @@ async fn handle_methods_work_on_redis_and_stay_within_the_prefix() {
     else {
         panic!("the first call runs");
     };
-    neighbour
-        .put(&key("evt-1", "create_task", "trello"), value(fp, "n"), long)
+    neighbour_store
+        .put(
+            &key("evt-1", "create_task", "trello"),
+            Arc::new(value(fp, "n")),
+            long,
+        )
         .await
         .unwrap();
 

@@ -19,7 +19,7 @@ pub const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_secs(30);
 /// names this maximum, so `Duration::MAX` is an error at `build()`, never a
 /// panic when a clock reading plus the duration overflows later. Durations
 /// passed per call instead of set at build (the budget of a
-/// [`Concurrent::Wait`] handed to `begin`, the TTL handed to `put` or to a
+/// [`Concurrent::Wait`] handed to `begin_with`, the TTL handed to `mark_executed` or to a
 /// store) cannot be refused that way: they are cut to this maximum.
 ///
 /// ```
