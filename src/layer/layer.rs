@@ -5,9 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
 use http::{Method, StatusCode};
-use tower_layer::Layer;
 
-use super::Idempotent;
 use crate::engine::Idempotency;
 use crate::key::{FingerprintMode, HeaderKey};
 use crate::store::MemoryStore;
@@ -143,7 +141,7 @@ impl<S, K: fmt::Debug> fmt::Debug for Shared<S, K> {
 /// assert_eq!(handle.stats().requests, 0);
 /// ```
 pub struct IdempotencyLayer<S = MemoryStore, K = HeaderKey> {
-    shared: Arc<Shared<S, K>>,
+    pub(super) shared: Arc<Shared<S, K>>,
 }
 
 impl<S, K> Clone for IdempotencyLayer<S, K> {
@@ -202,13 +200,5 @@ impl<S, K> IdempotencyLayer<S, K> {
     /// store operation is slow.
     pub fn waiting(&self) -> usize {
         self.shared.waiting.load(Relaxed)
-    }
-}
-
-impl<Svc, S, K> Layer<Svc> for IdempotencyLayer<S, K> {
-    type Service = Idempotent<Svc, S, K>;
-
-    fn layer(&self, inner: Svc) -> Self::Service {
-        Idempotent::new(inner, self.shared.clone())
     }
 }

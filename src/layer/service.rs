@@ -8,12 +8,13 @@ use bytes::Bytes;
 use http::header::CONTENT_LENGTH;
 use http::{Request, Response};
 use http_body::Body;
+use tower_layer::Layer;
 use tower_service::Service;
 
 use super::body::{BoxError, RequestBody, ResponseBody};
 use super::driver::{self, Driver};
 use super::future::ResponseFuture;
-use super::layer::Shared;
+use super::layer::{IdempotencyLayer, Shared};
 use super::IdempotencyLayerBuilder;
 use crate::engine::Idempotency;
 use crate::key::{HeaderKey, KeyExtractor};
@@ -76,7 +77,15 @@ impl Idempotent<()> {
     /// # drop(service);
     /// ```
     pub fn layer() -> IdempotencyLayerBuilder {
-        super::IdempotencyLayer::builder()
+        IdempotencyLayer::builder()
+    }
+}
+
+impl<Svc, S, K> Layer<Svc> for IdempotencyLayer<S, K> {
+    type Service = Idempotent<Svc, S, K>;
+
+    fn layer(&self, inner: Svc) -> Self::Service {
+        Idempotent::new(inner, self.shared.clone())
     }
 }
 
