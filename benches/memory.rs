@@ -181,7 +181,7 @@ async fn engine_level() -> f64 {
         .build()
         .expect("engine");
     let warm = Fingerprint::of_bytes(b"warm");
-    if let Ok(Begin::Execute(lease)) = engine.begin("warm", warm, Concurrent::Reject).await {
+    if let Ok(Begin::Execute(lease)) = engine.begin_with("warm", warm, Concurrent::Reject).await {
         let _ = lease.complete(Record::value(warm, Bytes::new())).await;
     }
     engine.cleanup_expired().await.expect("cleanup");
@@ -192,8 +192,9 @@ async fn engine_level() -> f64 {
             for i in 0..ENTRIES {
                 let key = IdempotencyKey::new(client_key(i), "POST /orders", "").to_string();
                 let fingerprint = Fingerprint::of_bytes(&i.to_be_bytes());
-                let Ok(Begin::Execute(lease)) =
-                    engine.begin(key, fingerprint, Concurrent::Reject).await
+                let Ok(Begin::Execute(lease)) = engine
+                    .begin_with(key, fingerprint, Concurrent::Reject)
+                    .await
                 else {
                     panic!("entry {i} is new");
                 };

@@ -50,7 +50,7 @@ fn engine_paths<S: Store>(
         b.to_async(rt).iter(|| async {
             let key = format!("bench:miss:{}", next.fetch_add(1, Relaxed));
             let Begin::Execute(lease) = engine
-                .begin(key, fingerprint, Concurrent::Reject)
+                .begin_with(key, fingerprint, Concurrent::Reject)
                 .await
                 .expect("begin")
             else {
@@ -67,7 +67,7 @@ fn engine_paths<S: Store>(
     // Replay: the same completed key every call.
     rt.block_on(async {
         let Begin::Execute(lease) = engine
-            .begin("bench:replay", fingerprint, Concurrent::Reject)
+            .begin_with("bench:replay", fingerprint, Concurrent::Reject)
             .await
             .expect("begin")
         else {
@@ -81,7 +81,7 @@ fn engine_paths<S: Store>(
     group.bench_function(format!("{store}/replay"), |b| {
         b.to_async(rt).iter(|| async {
             match engine
-                .begin("bench:replay", fingerprint, Concurrent::Reject)
+                .begin_with("bench:replay", fingerprint, Concurrent::Reject)
                 .await
                 .expect("begin")
             {

@@ -63,9 +63,11 @@
 
 mod complete_with;
 mod config;
+mod configure;
 mod handle;
 mod retry;
 
+#[cfg(feature = "redis")]
 pub(crate) use config::check_duration;
 pub use config::{
     Concurrent, Config, ConfigError, IdempotencyBuilder, IntoStore, LeaseExpiry, DEFAULT_LEASE_TTL,
@@ -76,7 +78,7 @@ pub use handle::KeyFilter;
 use std::collections::HashMap;
 use std::pin::pin;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use tokio::task::AbortHandle;
@@ -95,16 +97,16 @@ use self::retry::{complete_until_lease_expires, PendingReleases};
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() {
 /// use bytes::Bytes;
-/// use tower_idempotency::{Begin, Concurrent, Fingerprint, Idempotency, Record};
+/// use tower_idempotency::{Begin, Fingerprint, Idempotency, Record};
 ///
 /// let engine = Idempotency::new();
 /// let fp = Fingerprint::of_bytes(b"request");
 ///
-/// let Begin::Execute(lease) = engine.begin("sig:act:tgt", fp, Concurrent::Reject).await.unwrap()
+/// let Begin::Execute(lease) = engine.begin("sig:act:tgt", fp).await.unwrap()
 /// else { panic!("first call runs") };
 /// lease.complete(Record::value(fp, Bytes::from_static(b"done"))).await.unwrap();
 ///
-/// match engine.begin("sig:act:tgt", fp, Concurrent::Reject).await.unwrap() {
+/// match engine.begin("sig:act:tgt", fp).await.unwrap() {
 ///     Begin::Replay { record, .. } => assert_eq!(record.as_value().unwrap(), "done"),
 ///     _ => panic!("second call replays"),
 /// }
@@ -127,14 +129,16 @@ impl<S> Clone for Idempotency<S> {
 impl<S> std::fmt::Debug for Idempotency<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Idempotency")
-            .field("config", &self.inner.config)
+            .field("config", &self.inner.config())
             .finish_non_exhaustive()
     }
 }
 
 struct Inner<S> {
     store: S,
-    config: Config,
+    /// Read once per `begin` (a copy under a read lock); written only by
+    /// [`Idempotency::configure`].
+    config: RwLock<Config>,
     stats: Stats,
     /// Store removal counts at the last `reset_stats`.
     removals_baseline: [AtomicU64; 2],
@@ -143,6 +147,15 @@ struct Inner<S> {
     auto_cleanup: Mutex<Option<AbortHandle>>,
     /// Tokens to release once the store answers again.
     releases: PendingReleases,
+}
+
+impl<S> Inner<S> {
+    fn config(&self) -> Config {
+        *self
+            .config
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 impl<S> Drop for Inner<S> {
@@ -298,7 +311,7 @@ impl<S: Store> Idempotency<S> {
         Self {
             inner: Arc::new(Inner {
                 store,
-                config,
+                config: RwLock::new(config),
                 stats: Stats::default(),
                 removals_baseline: [AtomicU64::new(0), AtomicU64::new(0)],
                 flights: Mutex::new(HashMap::new()),
@@ -309,9 +322,10 @@ impl<S: Store> Idempotency<S> {
         }
     }
 
-    /// The effective configuration.
+    /// The effective configuration: as built, with the changes made by
+    /// [`configure`](Self::configure) since.
     pub fn config(&self) -> Config {
-        self.inner.config
+        self.inner.config()
     }
 
     /// The store.
@@ -323,7 +337,9 @@ impl<S: Store> Idempotency<S> {
         &self.inner.stats
     }
 
-    /// Begins the action named by `key` for a request with `fingerprint`.
+    /// Begins the action named by `key` for a request with `fingerprint`,
+    /// under the engine's [`Concurrent`] policy (its [`config`](Self::config)
+    /// when the call is made).
     ///
     /// # Errors
     ///
@@ -332,9 +348,34 @@ impl<S: Store> Idempotency<S> {
         &self,
         key: impl Into<String>,
         fingerprint: Fingerprint,
+    ) -> Result<Begin<S>, StoreError> {
+        self.begin_under(key.into(), fingerprint, None).await
+    }
+
+    /// [`begin`](Self::begin) under `concurrent` for this call instead of the
+    /// engine's policy: for a frontend whose answer to a duplicate differs
+    /// from the configured one (as [`execute`](Self::execute) always waits,
+    /// having no "come back later" to give its caller).
+    ///
+    /// # Errors
+    ///
+    /// The [`StoreError`] of a store that failed (counted in `store_errors`).
+    pub async fn begin_with(
+        &self,
+        key: impl Into<String>,
+        fingerprint: Fingerprint,
         concurrent: Concurrent,
     ) -> Result<Begin<S>, StoreError> {
-        let key = key.into();
+        self.begin_under(key.into(), fingerprint, Some(concurrent))
+            .await
+    }
+
+    async fn begin_under(
+        &self,
+        key: String,
+        fingerprint: Fingerprint,
+        concurrent: Option<Concurrent>,
+    ) -> Result<Begin<S>, StoreError> {
         if let Some(begun) = self.begin_local(&key, fingerprint) {
             return Ok(begun);
         }
@@ -356,13 +397,14 @@ impl<S: Store> Idempotency<S> {
     }
 
     /// [`begin`](Self::begin) past the in-process copy: the flight, then the
-    /// store.
+    /// store. `concurrent`: the policy of this call, `None` for the engine's.
     pub(crate) async fn begin_in_store(
         &self,
         key: String,
         fingerprint: Fingerprint,
-        concurrent: Concurrent,
+        concurrent: Option<Concurrent>,
     ) -> Result<Begin<S>, StoreError> {
+        let concurrent = concurrent.unwrap_or_else(|| self.inner.config().concurrent);
         let deadline = match concurrent {
             Concurrent::Wait { timeout } => {
                 Some(tokio::time::Instant::now() + timeout.min(MAX_DURATION))
@@ -388,121 +430,98 @@ impl<S: Store> Idempotency<S> {
         }
     }
 
+    /// Joins the key's flight as a follower, or starts it and leads it; a
+    /// follower sent to start over (the flight ended without a result) goes
+    /// round again, and may lead the next flight.
     async fn begin_inner(
         &self,
         key: String,
         fingerprint: Fingerprint,
         deadline: Option<tokio::time::Instant>,
     ) -> Result<Begin<S>, StoreError> {
-        let conflict = Begin::Conflict {
-            retry_after: Duration::from_secs(1),
-        };
         let mut waited = false;
         loop {
-            let (flight, leading) = {
-                let mut flights = lock(&self.inner.flights);
-                match flights.get(&key) {
-                    Some(flight) => (flight.clone(), false),
-                    None => {
-                        let flight = Arc::new(Flight::new(fingerprint));
-                        flights.insert(key.clone(), flight.clone());
-                        (flight, true)
-                    }
-                }
-            };
-
-            if !leading {
-                if flight.fingerprint != fingerprint {
-                    return Ok(Begin::Mismatch);
-                }
-                let Some(deadline) = deadline else {
-                    // Under `Reject` a duplicate conflicts with a run, not
-                    // with a leader that is still asking the store: most
-                    // often that leader finds the stored result, and this
-                    // caller replays it too. The wait lasts one store answer.
-                    let answered = flight
-                        .wait_for(|o| !matches!(o, FlightOutcome::Running))
+            match self.join_flight(&key, fingerprint) {
+                Joined::Leading(flight) => {
+                    return self
+                        .lead_flight(key, flight, fingerprint, deadline, waited)
                         .await;
-                    match answered {
-                        FlightOutcome::Completed(record) => {
-                            return Ok(replay_or_mismatch(record, fingerprint, false));
-                        }
-                        FlightOutcome::Executing | FlightOutcome::InFlightElsewhere => {
-                            return Ok(conflict)
-                        }
-                        // Released: start over.
-                        FlightOutcome::Released | FlightOutcome::Running => continue,
-                    }
-                };
-                let ended = tokio::time::timeout_at(
-                    deadline,
-                    flight.wait_for(|o| {
-                        matches!(o, FlightOutcome::Completed(_) | FlightOutcome::Released)
-                    }),
-                )
-                .await;
-                match ended {
-                    Err(_elapsed) => return Ok(conflict),
-                    Ok(FlightOutcome::Completed(record)) => {
-                        return Ok(replay_or_mismatch(record, fingerprint, true));
-                    }
-                    // Released: start over.
-                    Ok(_) => {}
                 }
-                waited = true;
-                continue;
-            }
-
-            // If this future is dropped while the store answers, the guard
-            // ends the flight, so followers start over instead of waiting on
-            // a leader that is gone, and releases the token the store was
-            // asked for: it may have written the marker.
-            let mut leading = Leading {
-                engine: self,
-                key: &key,
-                flight: &flight,
-                asked: None,
-            };
-            let led = self
-                .lead(&key, &flight, fingerprint, deadline, &mut leading.asked)
-                .await;
-            if let Some(token) = leading.asked.take() {
-                // The store failed to answer: the marker may be written.
-                self.release_later(key.clone(), token, self.marker_expiry());
-            }
-            std::mem::forget(leading);
-            match led {
-                Ok(Led::Acquired { token, asked_at }) => {
-                    flight.confirm(asked_at);
-                    let _ = flight.lease.set(token);
-                    flight.set(FlightOutcome::Executing);
-                    self.start_heartbeat();
-                    return Ok(Begin::Execute(Lease {
-                        engine: self.clone(),
-                        key,
-                        token,
-                        flight,
-                        state: LeaseState::Held,
-                    }));
-                }
-                Ok(Led::Completed(record)) => {
-                    self.end_flight(&key, &flight, FlightOutcome::Completed(record.clone()));
-                    return Ok(replay_or_mismatch(record, fingerprint, waited));
-                }
-                Ok(Led::Mismatch) => {
-                    self.end_flight(&key, &flight, FlightOutcome::Released);
-                    return Ok(Begin::Mismatch);
-                }
-                Ok(Led::Conflict) => {
-                    self.end_flight(&key, &flight, FlightOutcome::Released);
-                    return Ok(conflict);
-                }
-                Err(error) => {
-                    self.end_flight(&key, &flight, FlightOutcome::Released);
-                    return Err(error);
-                }
+                Joined::Following(flight) => match follow(&flight, fingerprint, deadline).await {
+                    Followed::Answer(begun) => return Ok(begun),
+                    Followed::StartOver { waited: now } => waited |= now,
+                },
             }
         }
+    }
+
+    /// The key's flight in this process: the one running, or a new one this
+    /// caller leads.
+    fn join_flight(&self, key: &str, fingerprint: Fingerprint) -> Joined {
+        let mut flights = lock(&self.inner.flights);
+        match flights.get(key) {
+            Some(flight) => Joined::Following(flight.clone()),
+            None => {
+                let flight = Arc::new(Flight::new(fingerprint));
+                flights.insert(key.to_owned(), flight.clone());
+                Joined::Leading(flight)
+            }
+        }
+    }
+
+    /// The leader's turn: asks the store (see [`lead`](Self::lead)), turns
+    /// its answer into the caller's, and ends the flight unless the caller
+    /// now holds the lease.
+    async fn lead_flight(
+        &self,
+        key: String,
+        flight: Arc<Flight>,
+        fingerprint: Fingerprint,
+        deadline: Option<tokio::time::Instant>,
+        waited: bool,
+    ) -> Result<Begin<S>, StoreError> {
+        // If this future is dropped while the store answers, the guard ends
+        // the flight, so followers start over instead of waiting on a leader
+        // that is gone, and releases the token the store was asked for: it
+        // may have written the marker.
+        let mut leading = Leading {
+            engine: self,
+            key: &key,
+            flight: &flight,
+            asked: None,
+        };
+        let led = self
+            .lead(&key, &flight, fingerprint, deadline, &mut leading.asked)
+            .await;
+        if let Some(token) = leading.asked.take() {
+            // The store failed to answer: the marker may be written.
+            self.release_later(key.clone(), token, self.marker_expiry());
+        }
+        std::mem::forget(leading);
+        let (outcome, begun) = match led {
+            Ok(Led::Acquired { token, asked_at }) => {
+                flight.confirm(asked_at);
+                let _ = flight.lease.set(token);
+                flight.set(FlightOutcome::Executing);
+                self.start_heartbeat();
+                return Ok(Begin::Execute(Lease {
+                    engine: self.clone(),
+                    key,
+                    token,
+                    flight,
+                    state: LeaseState::Held,
+                }));
+            }
+            Ok(Led::Completed(record)) => (
+                FlightOutcome::Completed(record.clone()),
+                Ok(replay_or_mismatch(record, fingerprint, waited)),
+            ),
+            Ok(Led::Mismatch) => (FlightOutcome::Released, Ok(Begin::Mismatch)),
+            Ok(Led::Conflict) => (FlightOutcome::Released, Ok(conflict())),
+            Err(error) => (FlightOutcome::Released, Err(error)),
+        };
+        self.end_flight(&key, &flight, outcome);
+        begun
     }
 
     /// The leader's part: ask the store, and under `Wait` poll it (with
@@ -518,7 +537,7 @@ impl<S: Store> Idempotency<S> {
         deadline: Option<tokio::time::Instant>,
         asked: &mut Option<LeaseToken>,
     ) -> Result<Led, StoreError> {
-        let marker_ttl = self.inner.config.marker_ttl();
+        let marker_ttl = self.inner.config().marker_ttl();
         let mut backoff = Duration::from_millis(5);
         loop {
             let token = LeaseToken::random();
@@ -579,6 +598,16 @@ impl<S: Store> Idempotency<S> {
         flight.set(outcome);
     }
 
+    /// Restarts the heartbeat with the current lease TTL's period, when it
+    /// ran: the leases it renews are then renewed in time for the new TTL.
+    fn restart_heartbeat(&self) {
+        let running = lock(&self.inner.heartbeat).take();
+        if let Some(task) = running {
+            task.abort();
+            self.start_heartbeat();
+        }
+    }
+
     /// Makes sure the task that renews every held lease each third of the
     /// lease TTL runs: one per engine, started on first use, started again if
     /// the runtime it ran on has gone. It stops when the engine is dropped.
@@ -591,7 +620,7 @@ impl<S: Store> Idempotency<S> {
             return;
         };
         let engine = Arc::downgrade(&self.inner);
-        let period = (self.inner.config.lease_ttl / 3).max(Duration::from_millis(1));
+        let period = (self.inner.config().lease_ttl / 3).max(Duration::from_millis(1));
         *task = Some(runtime.spawn(heartbeat(engine, period)).abort_handle());
     }
 
@@ -601,7 +630,12 @@ impl<S: Store> Idempotency<S> {
     /// # Errors
     ///
     /// The [`StoreError`] of a store that failed.
-    pub async fn put(&self, key: &str, record: Record, ttl: Duration) -> Result<(), StoreError> {
+    pub(crate) async fn put(
+        &self,
+        key: &str,
+        record: Record,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
         if ttl.is_zero() {
             return Ok(());
         }
@@ -610,7 +644,10 @@ impl<S: Store> Idempotency<S> {
 
     /// When a marker written now would expire, if nothing renewed it.
     fn marker_expiry(&self) -> tokio::time::Instant {
-        later(tokio::time::Instant::now(), self.inner.config.marker_ttl())
+        later(
+            tokio::time::Instant::now(),
+            self.inner.config().marker_ttl(),
+        )
     }
 
     fn counted<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
@@ -651,6 +688,72 @@ enum Led {
     Conflict,
 }
 
+/// Where [`Idempotency::join_flight`] put the caller.
+enum Joined {
+    Leading(Arc<Flight>),
+    Following(Arc<Flight>),
+}
+
+/// How a follower's wait ended.
+enum Followed<S: Store> {
+    /// The caller's answer, from the flight's outcome.
+    Answer(Begin<S>),
+    /// The flight ended without a result: begin again. `waited`: the caller
+    /// waited under `Wait` (a replay found next is then coalesced).
+    StartOver { waited: bool },
+}
+
+/// The answer to a duplicate that found a conflict.
+fn conflict<S: Store>() -> Begin<S> {
+    Begin::Conflict {
+        retry_after: Duration::from_secs(1),
+    }
+}
+
+/// The follower's turn: the answer a duplicate gets from the flight it
+/// joined. No store round trip of its own.
+async fn follow<S: Store>(
+    flight: &Flight,
+    fingerprint: Fingerprint,
+    deadline: Option<tokio::time::Instant>,
+) -> Followed<S> {
+    if flight.fingerprint != fingerprint {
+        return Followed::Answer(Begin::Mismatch);
+    }
+    let Some(deadline) = deadline else {
+        // Under `Reject` a duplicate conflicts with a run, not with a leader
+        // that is still asking the store: most often that leader finds the
+        // stored result, and this caller replays it too. The wait lasts one
+        // store answer.
+        let answered = flight
+            .wait_for(|o| !matches!(o, FlightOutcome::Running))
+            .await;
+        return match answered {
+            FlightOutcome::Completed(record) => {
+                Followed::Answer(replay_or_mismatch(record, fingerprint, false))
+            }
+            FlightOutcome::Executing | FlightOutcome::InFlightElsewhere => {
+                Followed::Answer(conflict())
+            }
+            FlightOutcome::Released | FlightOutcome::Running => {
+                Followed::StartOver { waited: false }
+            }
+        };
+    };
+    let ended = tokio::time::timeout_at(
+        deadline,
+        flight.wait_for(|o| matches!(o, FlightOutcome::Completed(_) | FlightOutcome::Released)),
+    )
+    .await;
+    match ended {
+        Err(_elapsed) => Followed::Answer(conflict()),
+        Ok(FlightOutcome::Completed(record)) => {
+            Followed::Answer(replay_or_mismatch(record, fingerprint, true))
+        }
+        Ok(_) => Followed::StartOver { waited: true },
+    }
+}
+
 fn replay_or_mismatch<S: Store>(
     record: SharedRecord,
     fingerprint: Fingerprint,
@@ -679,7 +782,7 @@ async fn heartbeat<S: Store>(engine: Weak<Inner<S>>, period: Duration) {
                 Some((key.clone(), token, flight.clone()))
             })
             .collect();
-        let marker_ttl = inner.config.marker_ttl();
+        let marker_ttl = inner.config().marker_ttl();
         for (key, token, flight) in held {
             let asked_at = tokio::time::Instant::now();
             match inner.store.renew(&key, token, marker_ttl).await {
@@ -749,14 +852,10 @@ impl<S: Store> Lease<S> {
         &self.key
     }
 
-    /// The lease's token.
+    /// The lease's token: what a [`complete_with`](Self::complete_with)
+    /// write checks the marker against.
     pub fn token(&self) -> LeaseToken {
         self.token
-    }
-
-    /// The engine the lease belongs to.
-    pub fn engine(&self) -> &Idempotency<S> {
-        &self.engine
     }
 
     /// Stores `record` as the key's result and hands it to the duplicates
@@ -820,7 +919,7 @@ impl<S: Store> Lease<S> {
 
     /// Hands the release to the engine's background queue.
     fn release_later(&self) {
-        let marker_ttl = self.engine.inner.config.marker_ttl();
+        let marker_ttl = self.engine.inner.config().marker_ttl();
         let until = self.flight.lease_ours_until(marker_ttl);
         self.engine
             .release_later(self.key.clone(), self.token, until);
@@ -874,7 +973,7 @@ async fn release_now<S: Store>(
     let result = engine.inner.store.release(&key, token).await;
     if let Err(error) = engine.counted(result) {
         tracing::warn!(%error, key, "idempotency lease release failed; retrying in the background");
-        let until = flight.lease_ours_until(engine.inner.config.marker_ttl());
+        let until = flight.lease_ours_until(engine.inner.config().marker_ttl());
         engine.release_later(key.clone(), token, until);
     }
     engine.end_flight(&key, &flight, FlightOutcome::Released);

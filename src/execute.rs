@@ -18,7 +18,7 @@ use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::engine::{Begin, Concurrent, Idempotency};
+use crate::engine::{Begin, Concurrent, Idempotency, DEFAULT_WAIT_TIMEOUT};
 use crate::key::{Fingerprint, IdempotencyKey};
 use crate::record::Record;
 use crate::store::{EntryState, Store, StoreError};
@@ -100,12 +100,30 @@ pub(crate) fn decode<T: DeserializeOwned, E>(record: &Record) -> Result<T, Execu
 }
 
 impl<S: Store> Idempotency<S> {
+    /// How the closure API treats a duplicate of a call in flight: it waits,
+    /// whatever the engine's policy, for the engine's `Wait` budget or, under
+    /// [`Concurrent::Reject`], for [`DEFAULT_WAIT_TIMEOUT`]. `Reject` is an
+    /// HTTP answer (409, come back later); a caller of `execute` has no such
+    /// answer to pass on, and its retry is the duplicate itself.
+    pub(crate) fn execute_policy(&self) -> Concurrent {
+        match self.config().concurrent {
+            wait @ Concurrent::Wait { .. } => wait,
+            Concurrent::Reject => Concurrent::Wait {
+                timeout: DEFAULT_WAIT_TIMEOUT,
+            },
+        }
+    }
+
     /// Runs `action` unless a call with the same `key` already succeeded
     /// within the TTL, and returns the first successful result.
     ///
-    /// * A duplicate that arrives while the first call runs waits for it (for
-    ///   the engine's [`Concurrent::Wait`] budget, or 30 s when the engine's
-    ///   policy is `Reject`) and gets its result.
+    /// * A duplicate that arrives while the first call runs waits for it and
+    ///   gets its result, under either policy: for the engine's
+    ///   [`Concurrent::Wait`] budget, or, when the engine's policy is
+    ///   `Reject`, for [`DEFAULT_WAIT_TIMEOUT`] (30 s). `Reject` is the HTTP
+    ///   layer's answer (409, retry later); here the duplicate *is* the
+    ///   retry, and a conflict error would only make its caller retry again.
+    ///   Past the budget: [`ExecuteError::Timeout`].
     /// * An `Err` from `action` is returned as [`ExecuteError::Action`] and
     ///   not stored: the key is freed and the next call runs the action again
     ///   (a duplicate that was waiting starts over and runs its own).
@@ -160,11 +178,10 @@ impl<S: Store> Idempotency<S> {
     {
         let text = key.to_text();
         let fingerprint = fingerprint(key, &text);
-        let concurrent = match self.config().concurrent {
-            wait @ Concurrent::Wait { .. } => wait,
-            Concurrent::Reject => Concurrent::wait(),
-        };
-        let lease = match self.begin(text, fingerprint, concurrent).await? {
+        let lease = match self
+            .begin_with(text, fingerprint, self.execute_policy())
+            .await?
+        {
             Begin::Execute(lease) => lease,
             Begin::Replay { record, .. } => return decode(&record),
             Begin::Mismatch => return Err(ExecuteError::Mismatch),

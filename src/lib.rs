@@ -30,8 +30,8 @@ mod stats;
 pub mod store;
 
 pub use engine::{
-    Begin, Concurrent, Config, ConfigError, Idempotency, IdempotencyBuilder, IntoStore, KeyFilter,
-    Lease, LeaseExpiry,
+    Begin, Concurrent, Config, ConfigError, Idempotency, IdempotencyBuilder, KeyFilter, Lease,
+    LeaseExpiry,
 };
 pub use execute::ExecuteError;
 pub use key::{ActionKey, Fingerprint, FingerprintMode, HeaderKey, IdempotencyKey};

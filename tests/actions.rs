@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use stores::{per_store, TestStore};
 use tokio::sync::{Notify, Semaphore};
+use tower_idempotency::store::Store;
 use tower_idempotency::{
     Concurrent, ExecuteError, Fingerprint, Idempotency, IdempotencyKey, Record, StoredResponse,
 };
@@ -297,13 +298,13 @@ async fn a_value_of_another_type_is_a_decode_error(store: TestStore) {
 
 per_store!(http_records_and_other_fingerprints_are_not_values);
 async fn http_records_and_other_fingerprints_are_not_values(store: TestStore) {
-    let engine = Idempotency::builder().store(store).build().unwrap();
+    let engine = Idempotency::builder().store(store.clone()).build().unwrap();
     let key = IdempotencyKey::new("client-key", "POST /orders", "scope");
     let response = StoredResponse::new(http::StatusCode::CREATED, &http::HeaderMap::new(), b"{}");
     let fingerprint = Fingerprint::of_request(&http::Method::POST, "/orders", b"{}");
-    bounded(engine.put(
+    bounded(store.put(
         &key.to_string(),
-        Record::response(fingerprint, response),
+        Arc::new(Record::response(fingerprint, response)),
         Duration::from_secs(60),
     ))
     .await

@@ -103,7 +103,7 @@ fn value(fingerprint: Fingerprint, text: &'static str) -> Record {
 /// Begins the key `s:a:t` with the fingerprint of `x` under `Concurrent::Reject`.
 async fn begin(engine: &Idempotency<TestStore>) -> Begin<TestStore> {
     engine
-        .begin("s:a:t", fp("x"), Concurrent::Reject)
+        .begin_with("s:a:t", fp("x"), Concurrent::Reject)
         .await
         .unwrap()
 }
@@ -143,7 +143,7 @@ async fn a_thousand_waiting_duplicates_cost_one_execution_and_one_store_begin(st
         tasks.push(tokio::spawn(async move {
             all_started.wait().await;
             match engine
-                .begin("sig:pay:acct", fp("same"), Concurrent::wait())
+                .begin_with("sig:pay:acct", fp("same"), Concurrent::wait())
                 .await?
             {
                 Begin::Execute(lease) => {
@@ -190,7 +190,9 @@ async fn under_reject_duplicates_of_an_in_flight_key_conflict(store: TestStore) 
     for _ in 0..499 {
         let engine = engine.clone();
         tasks.push(tokio::spawn(async move {
-            engine.begin("s:a:t", fp("x"), Concurrent::Reject).await
+            engine
+                .begin_with("s:a:t", fp("x"), Concurrent::Reject)
+                .await
         }));
     }
     for task in tasks {
@@ -209,19 +211,21 @@ per_store!(a_duplicate_with_another_fingerprint_is_a_mismatch_in_flight_and_afte
 async fn a_duplicate_with_another_fingerprint_is_a_mismatch_in_flight_and_after(store: TestStore) {
     let engine = on(&store).build().unwrap();
     let Begin::Execute(lease) = engine
-        .begin("s:a:t", fp("one"), Concurrent::wait())
+        .begin_with("s:a:t", fp("one"), Concurrent::wait())
         .await
         .unwrap()
     else {
         panic!("first runs")
     };
-    let in_flight = engine.begin("s:a:t", fp("two"), Concurrent::wait());
+    let in_flight = engine.begin_with("s:a:t", fp("two"), Concurrent::wait());
     assert!(matches!(
         timeout(LIMIT, in_flight).await.unwrap().unwrap(),
         Begin::Mismatch
     ));
     lease.complete(value(fp("one"), "ok")).await.unwrap();
-    let after = engine.begin("s:a:t", fp("two"), Concurrent::Reject).await;
+    let after = engine
+        .begin_with("s:a:t", fp("two"), Concurrent::Reject)
+        .await;
     assert!(matches!(after.unwrap(), Begin::Mismatch));
     assert_eq!(engine.stats().mismatches, 2);
 }
@@ -234,7 +238,7 @@ per_store!(
 async fn a_dropped_lease_lets_a_waiting_duplicate_run_the_action(store: TestStore) {
     let engine = on(&store).build().unwrap();
     let Begin::Execute(lease) = engine
-        .begin("s:a:t", fp("x"), Concurrent::wait())
+        .begin_with("s:a:t", fp("x"), Concurrent::wait())
         .await
         .unwrap()
     else {
@@ -243,7 +247,10 @@ async fn a_dropped_lease_lets_a_waiting_duplicate_run_the_action(store: TestStor
     let waiter = tokio::spawn({
         let engine = engine.clone();
         async move {
-            match engine.begin("s:a:t", fp("x"), Concurrent::wait()).await? {
+            match engine
+                .begin_with("s:a:t", fp("x"), Concurrent::wait())
+                .await?
+            {
                 Begin::Execute(lease) => lease.complete(value(fp("x"), "second")).await,
                 other => panic!("the waiter should run the action, got {other:?}"),
             }
@@ -382,22 +389,30 @@ per_store!(queries_and_maintenance_work_through_the_handle);
 async fn queries_and_maintenance_work_through_the_handle(store: TestStore) {
     let engine = on(&store).build().unwrap();
     let hour = Duration::from_secs(3600);
-    engine
-        .put("evt1:create_task:trello", value(fp("a"), "1"), hour)
+    store
+        .put(
+            "evt1:create_task:trello",
+            Arc::new(value(fp("a"), "1")),
+            hour,
+        )
         .await
         .unwrap();
     // Distinct creation times (milliseconds), so "oldest" is well defined.
     tokio::time::sleep(Duration::from_millis(3)).await;
-    engine
+    store
         .put(
             "evt1:send:slack",
-            value(fp("b"), "2"),
+            Arc::new(value(fp("b"), "2")),
             Duration::from_secs(5),
         )
         .await
         .unwrap();
-    engine
-        .put("evt2:create_task:drive", value(fp("c"), "3"), hour)
+    store
+        .put(
+            "evt2:create_task:drive",
+            Arc::new(value(fp("c"), "3")),
+            hour,
+        )
         .await
         .unwrap();
 
@@ -451,15 +466,18 @@ async fn a_begin_dropped_while_the_store_answers_does_not_wedge_the_key(store: T
     // ...and that caller gives up (a timeout drops its `begin` mid-poll).
     let gave_up = timeout(
         Duration::from_millis(50),
-        engine.begin("s:a:t", fp("x"), Concurrent::wait()),
+        engine.begin_with("s:a:t", fp("x"), Concurrent::wait()),
     )
     .await;
     assert!(gave_up.is_err(), "the first caller was still polling");
     // The next caller is not stuck behind the abandoned flight: once the
     // dead holder's lease runs out, it runs the action.
-    let next = timeout(LIMIT, engine.begin("s:a:t", fp("x"), Concurrent::wait()))
-        .await
-        .expect("not wedged")
-        .unwrap();
+    let next = timeout(
+        LIMIT,
+        engine.begin_with("s:a:t", fp("x"), Concurrent::wait()),
+    )
+    .await
+    .expect("not wedged")
+    .unwrap();
     assert!(matches!(next, Begin::Execute(_)), "{next:?}");
 }

@@ -2,11 +2,12 @@
 //! cleanup task and the configuration it refuses. Everything the engine
 //! promises whatever the store is in `engine.rs`, run on both stores.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::time::timeout;
-use tower_idempotency::store::{BeginOutcome, EntryState, LeaseToken, Store};
+use tower_idempotency::store::{BeginOutcome, EntryState, LeaseToken, MemoryStore, Store};
 use tower_idempotency::{Begin, Concurrent, Fingerprint, Idempotency, Record};
 
 const LIMIT: Duration = Duration::from_secs(20);
@@ -21,9 +22,14 @@ fn value(fingerprint: Fingerprint, text: &'static str) -> Record {
 
 #[tokio::test]
 async fn auto_cleanup_counts_expired_entries_and_stops_on_request() {
-    let engine = Idempotency::new();
-    engine
-        .put("s:a:t", value(fp("x"), "ok"), Duration::from_millis(20))
+    let store = MemoryStore::new();
+    let engine = Idempotency::builder().store(store.clone()).build().unwrap();
+    store
+        .put(
+            "s:a:t",
+            Arc::new(value(fp("x"), "ok")),
+            Duration::from_millis(20),
+        )
         .await
         .unwrap();
     engine
@@ -45,12 +51,13 @@ async fn auto_cleanup_counts_expired_entries_and_stops_on_request() {
 
 #[tokio::test]
 async fn the_entry_bound_evicts_and_counts() {
-    let engine = Idempotency::builder().max_entries(100).build().unwrap();
+    let store = MemoryStore::builder().max_entries(100).build().unwrap();
+    let engine = Idempotency::builder().store(store.clone()).build().unwrap();
     for i in 0..1_000 {
-        engine
+        store
             .put(
                 &format!("s{i}:a:t"),
-                value(fp("x"), "ok"),
+                Arc::new(value(fp("x"), "ok")),
                 Duration::from_secs(60),
             )
             .await
@@ -65,17 +72,18 @@ async fn the_entry_bound_evicts_and_counts() {
 
 #[tokio::test]
 async fn the_byte_bound_evicts_large_records() {
-    let engine = Idempotency::builder()
+    let store = MemoryStore::builder()
         .max_entries(1_000)
         .max_bytes(64 * 1024)
         .build()
         .unwrap();
+    let engine = Idempotency::builder().store(store.clone()).build().unwrap();
     let body = Bytes::from(vec![b'x'; 8 * 1024]);
     for i in 0..64 {
-        engine
+        store
             .put(
                 &format!("s{i}:a:t"),
-                Record::value(fp("x"), body.clone()),
+                Arc::new(Record::value(fp("x"), body.clone())),
                 Duration::from_secs(60),
             )
             .await
@@ -90,17 +98,18 @@ async fn the_byte_bound_evicts_large_records() {
 
 #[tokio::test]
 async fn requests_in_flight_never_evict_a_completed_record() {
-    let engine = Idempotency::builder().max_entries(10).build().unwrap();
+    let store = MemoryStore::builder().max_entries(10).build().unwrap();
+    let engine = Idempotency::builder().store(store.clone()).build().unwrap();
     let kept = value(fp("kept"), "kept");
-    engine
-        .put("s:a:kept", kept.clone(), Duration::from_secs(60))
+    store
+        .put("s:a:kept", Arc::new(kept.clone()), Duration::from_secs(60))
         .await
         .unwrap();
     // A hundred times the entry bound in flight at once.
     let mut leases = Vec::new();
     for i in 0..1_000 {
         match engine
-            .begin(format!("s{i}:a:t"), fp("run"), Concurrent::Reject)
+            .begin_with(format!("s{i}:a:t"), fp("run"), Concurrent::Reject)
             .await
             .unwrap()
         {
@@ -113,7 +122,7 @@ async fn requests_in_flight_never_evict_a_completed_record() {
     assert_eq!(info.entries, 1_001, "{info:?}");
     assert_eq!(engine.stats().evicted, 0, "{:?}", engine.stats());
     match engine
-        .begin("s:a:kept", fp("kept"), Concurrent::Reject)
+        .begin_with("s:a:kept", fp("kept"), Concurrent::Reject)
         .await
         .unwrap()
     {

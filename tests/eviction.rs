@@ -29,7 +29,7 @@ fn fingerprint(i: u64) -> Fingerprint {
 
 /// Begins and completes record `i` through `engine`: one run of its action.
 async fn run<S: Store>(engine: &Idempotency<S>, i: u64) {
-    let begun = within(engine.begin(key(i), fingerprint(i), Concurrent::Reject))
+    let begun = within(engine.begin_with(key(i), fingerprint(i), Concurrent::Reject))
         .await
         .unwrap();
     let Begin::Execute(lease) = begun else {
@@ -41,7 +41,7 @@ async fn run<S: Store>(engine: &Idempotency<S>, i: u64) {
 
 /// Whether `engine` hands record `i`'s own result to a retry of it.
 async fn replays<S: Store>(engine: &Idempotency<S>, i: u64) -> bool {
-    match within(engine.begin(key(i), fingerprint(i), Concurrent::Reject))
+    match within(engine.begin_with(key(i), fingerprint(i), Concurrent::Reject))
         .await
         .unwrap()
     {

@@ -275,8 +275,9 @@ fn die_holding_the_lease(store: &TestStore, expiry: LeaseExpiry, lease_ttl: Dura
                 .unwrap();
             let key = IdempotencyKey::new("k", "POST /orders", "").to_string();
             let fingerprint = Fingerprint::of_request(&Method::POST, "/orders", b"{}");
-            let Ok(Begin::Execute(lease)) =
-                engine.begin(key, fingerprint, Concurrent::Reject).await
+            let Ok(Begin::Execute(lease)) = engine
+                .begin_with(key, fingerprint, Concurrent::Reject)
+                .await
             else {
                 panic!("the dead process held the key first");
             };

@@ -22,7 +22,7 @@ async fn reject_conflicts_at_once_while_a_wait_duplicate_polls_another_instance(
     let fp = Fingerprint::of_bytes(b"order 11");
     // Another instance runs the key.
     let Begin::Execute(lease) = elsewhere
-        .begin("s:a:mixed", fp, Concurrent::Reject)
+        .begin_with("s:a:mixed", fp, Concurrent::Reject)
         .await
         .unwrap()
     else {
@@ -35,13 +35,13 @@ async fn reject_conflicts_at_once_while_a_wait_duplicate_polls_another_instance(
         let wait = Concurrent::Wait {
             timeout: Duration::from_secs(60),
         };
-        async move { here.begin("s:a:mixed", fp, wait).await }
+        async move { here.begin_with("s:a:mixed", fp, wait).await }
     });
     // On this single thread the waiter runs until it sleeps between polls.
     tokio::task::yield_now().await;
     assert!(!waiter.is_finished());
 
-    let rejected = timeout(LIMIT, here.begin("s:a:mixed", fp, Concurrent::Reject))
+    let rejected = timeout(LIMIT, here.begin_with("s:a:mixed", fp, Concurrent::Reject))
         .await
         .unwrap()
         .unwrap();

@@ -71,11 +71,6 @@ fn the_layer_builder_refuses_each_duration_past_the_maximum() {
             .concurrent(wait(too_long))
             .build();
         refuses(&built.unwrap_err(), "wait timeout");
-        // Next to a ready engine, the wait policy is the layer's own setting.
-        let built = IdempotencyLayer::with_engine(Idempotency::new())
-            .concurrent(wait(too_long))
-            .build();
-        refuses(&built.unwrap_err(), "wait timeout");
     }
 }
 
@@ -92,7 +87,8 @@ async fn auto_cleanup_refuses_an_interval_past_the_maximum() {
     engine.start_auto_cleanup(MAX_DURATION).unwrap();
     assert!(engine.auto_cleanup_running());
     // Its first round runs at once, and the engine keeps working beside it.
-    within(engine.put("s:a:t", value("kept"), MAX_DURATION))
+    let kept = tower_idempotency::IdempotencyKey::new("s", "a", "t");
+    within(engine.mark_executed(&kept, "kept", MAX_DURATION))
         .await
         .unwrap();
     within(engine.cleanup_expired()).await.unwrap();
@@ -111,14 +107,16 @@ async fn an_engine_at_the_maximum_runs_waits_and_replays() {
             .build()
             .unwrap();
         let policy = engine.config().concurrent;
-        let Begin::Execute(lease) = within(engine.begin("s:a:t", fp(), policy)).await.unwrap()
+        let Begin::Execute(lease) = within(engine.begin_with("s:a:t", fp(), policy))
+            .await
+            .unwrap()
         else {
             panic!("the first call runs");
         };
         // A duplicate waits for the run, with a century-long budget.
         let waiter = tokio::spawn({
             let engine = engine.clone();
-            async move { engine.begin("s:a:t", fp(), policy).await }
+            async move { engine.begin_with("s:a:t", fp(), policy).await }
         });
         // On this one-thread runtime the duplicate runs now, up to its wait.
         tokio::task::yield_now().await;
@@ -140,7 +138,7 @@ async fn an_engine_at_the_maximum_runs_waits_and_replays() {
 #[tokio::test]
 async fn durations_passed_per_call_are_cut_to_the_maximum() {
     let engine = Idempotency::new();
-    let Begin::Execute(lease) = within(engine.begin("s:a:t", fp(), wait(Duration::MAX)))
+    let Begin::Execute(lease) = within(engine.begin_with("s:a:t", fp(), wait(Duration::MAX)))
         .await
         .unwrap()
     else {
@@ -148,7 +146,7 @@ async fn durations_passed_per_call_are_cut_to_the_maximum() {
     };
     let waiter = tokio::spawn({
         let engine = engine.clone();
-        async move { engine.begin("s:a:t", fp(), wait(Duration::MAX)).await }
+        async move { engine.begin_with("s:a:t", fp(), wait(Duration::MAX)).await }
     });
     tokio::task::yield_now().await;
     assert!(within(lease.complete(value("done"))).await.unwrap());
@@ -160,9 +158,13 @@ async fn durations_passed_per_call_are_cut_to_the_maximum() {
         }
     ));
 
-    within(engine.put("s:a:put", value("put"), Duration::MAX))
-        .await
-        .unwrap();
+    within(engine.mark_executed(
+        &tower_idempotency::IdempotencyKey::new("s", "a", "put"),
+        "put",
+        Duration::MAX,
+    ))
+    .await
+    .unwrap();
     let entry = within(engine.record("s:a:put")).await.unwrap().unwrap();
     assert!(entry.expires_in <= MAX_DURATION);
 
@@ -275,10 +277,14 @@ mod redis_store {
             assert_eq!(card, "card-1");
         }
         assert_eq!(runs, 1);
-        // A TTL past the maximum, handed to `put`, is cut to it.
-        within(engine.put("s:a:put", value("put"), Duration::MAX))
-            .await
-            .unwrap();
+        // A TTL past the maximum, handed to `mark_executed`, is cut to it.
+        within(engine.mark_executed(
+            &tower_idempotency::IdempotencyKey::new("s", "a", "put"),
+            "put",
+            Duration::MAX,
+        ))
+        .await
+        .unwrap();
         let entry = within(engine.record("s:a:put")).await.unwrap().unwrap();
         assert!(entry.expires_in <= MAX_DURATION);
         within(engine.clear()).await.unwrap();

@@ -26,7 +26,7 @@ async fn a_corrupt_value_is_a_typed_error() {
         .await
         .unwrap();
     let fp = Fingerprint::of_bytes(b"x");
-    let begun = engine.begin("s:a:bad", fp, Concurrent::Reject).await;
+    let begun = engine.begin_with("s:a:bad", fp, Concurrent::Reject).await;
     assert!(
         matches!(&begun, Err(StoreError::Corrupt { key, .. }) if key == "s:a:bad"),
         "{begun:?}"
@@ -39,7 +39,7 @@ async fn a_corrupt_value_is_a_typed_error() {
     assert!(engine.remove("s:a:bad").await.unwrap());
     assert!(matches!(
         engine
-            .begin("s:a:bad", fp, Concurrent::Reject)
+            .begin_with("s:a:bad", fp, Concurrent::Reject)
             .await
             .unwrap(),
         Begin::Execute(_)
@@ -60,12 +60,16 @@ async fn a_key_of_another_redis_type_is_corrupt_and_does_not_break_listing() {
         .await
         .unwrap();
     let fp = Fingerprint::of_bytes(b"x");
-    engine
-        .put("s:a:fine", value(fp, "fine"), Duration::from_secs(60))
+    store
+        .put(
+            "s:a:fine",
+            Arc::new(value(fp, "fine")),
+            Duration::from_secs(60),
+        )
         .await
         .unwrap();
 
-    let begun = engine.begin("s:a:hash", fp, Concurrent::Reject).await;
+    let begun = engine.begin_with("s:a:hash", fp, Concurrent::Reject).await;
     assert!(
         matches!(begun, Err(StoreError::Corrupt { .. })),
         "{begun:?}"
@@ -100,7 +104,7 @@ async fn a_store_on_your_own_connection_manager_works() {
     let engine = engine(RedisStore::new(manager, prefix()), Concurrent::Reject);
     let fp = Fingerprint::of_bytes(b"x");
     let Begin::Execute(lease) = engine
-        .begin("s:a:own", fp, Concurrent::Reject)
+        .begin_with("s:a:own", fp, Concurrent::Reject)
         .await
         .unwrap()
     else {
@@ -109,7 +113,7 @@ async fn a_store_on_your_own_connection_manager_works() {
     assert!(lease.complete(value(fp, "own")).await.unwrap());
     assert!(matches!(
         engine
-            .begin("s:a:own", fp, Concurrent::Reject)
+            .begin_with("s:a:own", fp, Concurrent::Reject)
             .await
             .unwrap(),
         Begin::Replay { .. }
@@ -133,32 +137,50 @@ async fn invalid_settings_are_refused_at_build() {
 
 #[tokio::test]
 async fn handle_methods_work_on_redis_and_stay_within_the_prefix() {
-    let neighbour = engine(store(&prefix()).await, Concurrent::Reject);
-    let engine = engine(store(&prefix()).await, Concurrent::Reject);
+    let neighbour_store = store(&prefix()).await;
+    let neighbour = engine(neighbour_store.clone(), Concurrent::Reject);
+    let own_store = store(&prefix()).await;
+    let engine = engine(own_store.clone(), Concurrent::Reject);
     let fp = Fingerprint::of_bytes(b"x");
     let key = |signal, action, target| IdempotencyKey::new(signal, action, target).to_string();
     let (short, long) = (Duration::from_secs(30), Duration::from_secs(3600));
-    engine
-        .put(&key("evt-1", "create_task", "trello"), value(fp, "1"), long)
+    own_store
+        .put(
+            &key("evt-1", "create_task", "trello"),
+            Arc::new(value(fp, "1")),
+            long,
+        )
         .await
         .unwrap();
-    engine
-        .put(&key("evt-1", "notify", "slack"), value(fp, "2"), short)
+    own_store
+        .put(
+            &key("evt-1", "notify", "slack"),
+            Arc::new(value(fp, "2")),
+            short,
+        )
         .await
         .unwrap();
-    engine
-        .put(&key("evt-2", "create_task", "jira"), value(fp, "3"), long)
+    own_store
+        .put(
+            &key("evt-2", "create_task", "jira"),
+            Arc::new(value(fp, "3")),
+            long,
+        )
         .await
         .unwrap();
     let Begin::Execute(_running) = engine
-        .begin(key("evt-3", "notify", "slack"), fp, Concurrent::Reject)
+        .begin_with(key("evt-3", "notify", "slack"), fp, Concurrent::Reject)
         .await
         .unwrap()
     else {
         panic!("the first call runs");
     };
-    neighbour
-        .put(&key("evt-1", "create_task", "trello"), value(fp, "n"), long)
+    neighbour_store
+        .put(
+            &key("evt-1", "create_task", "trello"),
+            Arc::new(value(fp, "n")),
+            long,
+        )
         .await
         .unwrap();
 
@@ -242,7 +264,7 @@ async fn the_local_tier_replays_without_a_round_trip_until_removed() {
     let engine = engine(store.clone(), Concurrent::Reject);
     let fp = Fingerprint::of_bytes(b"x");
     let Begin::Execute(lease) = engine
-        .begin("s:a:hot", fp, Concurrent::Reject)
+        .begin_with("s:a:hot", fp, Concurrent::Reject)
         .await
         .unwrap()
     else {
@@ -259,7 +281,7 @@ async fn the_local_tier_replays_without_a_round_trip_until_removed() {
         .unwrap();
     assert!(matches!(
         engine
-            .begin("s:a:hot", fp, Concurrent::Reject)
+            .begin_with("s:a:hot", fp, Concurrent::Reject)
             .await
             .unwrap(),
         Begin::Replay { .. }
@@ -268,7 +290,7 @@ async fn the_local_tier_replays_without_a_round_trip_until_removed() {
     engine.remove("s:a:hot").await.unwrap();
     assert!(matches!(
         engine
-            .begin("s:a:hot", fp, Concurrent::Reject)
+            .begin_with("s:a:hot", fp, Concurrent::Reject)
             .await
             .unwrap(),
         Begin::Execute(_)

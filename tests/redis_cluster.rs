@@ -88,7 +88,7 @@ async fn keys_spread_over_every_primary_and_listing_and_clear_cover_them_all() {
     const KEYS: usize = 90;
     for i in 0..KEYS {
         let key = format!("sig-{i}:create:acct");
-        let begun = timeout(LIMIT, engine.begin(&key, fp, Concurrent::Reject))
+        let begun = timeout(LIMIT, engine.begin_with(&key, fp, Concurrent::Reject))
             .await
             .unwrap()
             .unwrap();
@@ -143,7 +143,11 @@ async fn two_hundred_duplicates_split_over_two_instances_run_once() {
             let (runs, barrier) = (runs.clone(), barrier.clone());
             tokio::spawn(async move {
                 barrier.wait().await;
-                match engine.begin("sig:charge:acct-1", fp, wait).await.unwrap() {
+                match engine
+                    .begin_with("sig:charge:acct-1", fp, wait)
+                    .await
+                    .unwrap()
+                {
                     Begin::Execute(lease) => {
                         let run = runs.fetch_add(1, Ordering::SeqCst);
                         // Hold the lease so duplicates pile up on both
@@ -267,7 +271,7 @@ async fn writes_that_no_replica_acknowledges_are_returned_and_counted() {
     .expect("Redis answers on REDIS_URL or 127.0.0.1:6379");
     let engine = Idempotency::builder().store(store.clone()).build().unwrap();
     let fp = Fingerprint::of_bytes(b"x");
-    let Begin::Execute(lease) = timeout(LIMIT, engine.begin("s:a:t", fp, Concurrent::Reject))
+    let Begin::Execute(lease) = timeout(LIMIT, engine.begin_with("s:a:t", fp, Concurrent::Reject))
         .await
         .unwrap()
         .unwrap()
@@ -277,7 +281,7 @@ async fn writes_that_no_replica_acknowledges_are_returned_and_counted() {
     assert!(lease.complete(value(fp, "done")).await.unwrap());
     assert_eq!(store.unacknowledged_writes(), 2, "begin and complete");
     let Begin::Replay { record, .. } =
-        timeout(LIMIT, engine.begin("s:a:t", fp, Concurrent::Reject))
+        timeout(LIMIT, engine.begin_with("s:a:t", fp, Concurrent::Reject))
             .await
             .unwrap()
             .unwrap()

@@ -42,7 +42,7 @@ async fn until(mut condition: impl FnMut() -> bool) {
 async fn load_scripts(engine: &Idempotency<RedisStore>) {
     let fp = Fingerprint::of_bytes(b"warm-up");
     for key in ["warm:up:release", "warm:up:complete"] {
-        let Ok(Begin::Execute(lease)) = engine.begin(key, fp, Concurrent::Reject).await else {
+        let Ok(Begin::Execute(lease)) = engine.begin_with(key, fp, Concurrent::Reject).await else {
             panic!("the warm-up runs");
         };
         if key.ends_with("release") {
@@ -65,7 +65,7 @@ async fn a_result_whose_write_failed_is_stored_once_redis_answers_again() {
     engine.reset_stats();
     let fp = Fingerprint::of_bytes(b"order 7");
     let Begin::Execute(lease) = engine
-        .begin("s:a:paused", fp, Concurrent::Reject)
+        .begin_with("s:a:paused", fp, Concurrent::Reject)
         .await
         .unwrap()
     else {
@@ -74,7 +74,11 @@ async fn a_result_whose_write_failed_is_stored_once_redis_answers_again() {
     // A duplicate in this process waits for the first's result.
     let follower = tokio::spawn({
         let engine = engine.clone();
-        async move { engine.begin("s:a:paused", fp, Concurrent::wait()).await }
+        async move {
+            engine
+                .begin_with("s:a:paused", fp, Concurrent::wait())
+                .await
+        }
     });
 
     redis.pause();
@@ -107,10 +111,13 @@ async fn a_result_whose_write_failed_is_stored_once_redis_answers_again() {
         .build()
         .unwrap();
     for instance in [&engine, &other_instance] {
-        match timeout(LIMIT, instance.begin("s:a:paused", fp, Concurrent::Reject))
-            .await
-            .unwrap()
-            .unwrap()
+        match timeout(
+            LIMIT,
+            instance.begin_with("s:a:paused", fp, Concurrent::Reject),
+        )
+        .await
+        .unwrap()
+        .unwrap()
         {
             Begin::Replay { record, .. } => {
                 assert_eq!(record.as_value().unwrap(), "charged once")
@@ -133,7 +140,7 @@ async fn a_result_whose_write_redis_refused_is_stored_once_it_accepts_writes() {
     engine.reset_stats();
     let fp = Fingerprint::of_bytes(b"order 10");
     let Begin::Execute(lease) = engine
-        .begin("s:a:refused", fp, Concurrent::Reject)
+        .begin_with("s:a:refused", fp, Concurrent::Reject)
         .await
         .unwrap()
     else {
@@ -141,7 +148,11 @@ async fn a_result_whose_write_redis_refused_is_stored_once_it_accepts_writes() {
     };
     let follower = tokio::spawn({
         let engine = engine.clone();
-        async move { engine.begin("s:a:refused", fp, Concurrent::wait()).await }
+        async move {
+            engine
+                .begin_with("s:a:refused", fp, Concurrent::wait())
+                .await
+        }
     });
 
     // Unlike a pause, the refused write is gone: only a retry stores it.
@@ -162,7 +173,7 @@ async fn a_result_whose_write_redis_refused_is_stored_once_it_accepts_writes() {
         other => panic!("the waiting duplicate got {other:?}"),
     }
     match engine
-        .begin("s:a:refused", fp, Concurrent::Reject)
+        .begin_with("s:a:refused", fp, Concurrent::Reject)
         .await
         .unwrap()
     {
@@ -184,7 +195,7 @@ async fn a_write_that_fails_past_the_lease_ttl_gives_up_and_hands_followers_noth
     engine.reset_stats();
     let fp = Fingerprint::of_bytes(b"order 8");
     let Begin::Execute(lease) = engine
-        .begin("s:a:lost", fp, Concurrent::Reject)
+        .begin_with("s:a:lost", fp, Concurrent::Reject)
         .await
         .unwrap()
     else {
@@ -196,7 +207,7 @@ async fn a_write_that_fails_past_the_lease_ttl_gives_up_and_hands_followers_noth
             let wait = Concurrent::Wait {
                 timeout: Duration::from_secs(5),
             };
-            engine.begin("s:a:lost", fp, wait).await
+            engine.begin_with("s:a:lost", fp, wait).await
         }
     });
 
@@ -250,9 +261,12 @@ async fn unanswered_begins_do_not_wedge_their_keys(expiry: LeaseExpiry) {
     let fp = Fingerprint::of_bytes(b"order 9");
 
     redis.pause();
-    let timed_out = timeout(LIMIT, engine.begin("s:a:timed-out", fp, Concurrent::Reject))
-        .await
-        .unwrap();
+    let timed_out = timeout(
+        LIMIT,
+        engine.begin_with("s:a:timed-out", fp, Concurrent::Reject),
+    )
+    .await
+    .unwrap();
     assert!(
         matches!(timed_out, Err(StoreError::Unavailable(_))),
         "{timed_out:?}"
@@ -261,7 +275,7 @@ async fn unanswered_begins_do_not_wedge_their_keys(expiry: LeaseExpiry) {
     // that disconnects): its future is dropped with the command sent.
     let dropped = timeout(
         Duration::from_millis(150),
-        engine.begin("s:a:dropped", fp, Concurrent::Reject),
+        engine.begin_with("s:a:dropped", fp, Concurrent::Reject),
     )
     .await;
     assert!(dropped.is_err(), "the paused Redis answered: {dropped:?}");
@@ -273,7 +287,7 @@ async fn unanswered_begins_do_not_wedge_their_keys(expiry: LeaseExpiry) {
     for key in ["s:a:timed-out", "s:a:dropped"] {
         let lease = timeout(LIMIT, async {
             loop {
-                match engine.begin(key, fp, Concurrent::Reject).await {
+                match engine.begin_with(key, fp, Concurrent::Reject).await {
                     Ok(Begin::Execute(lease)) => return lease,
                     // The release may not have reached Redis yet.
                     Ok(Begin::Conflict { .. }) | Err(_) => {
@@ -286,7 +300,11 @@ async fn unanswered_begins_do_not_wedge_their_keys(expiry: LeaseExpiry) {
         .await
         .unwrap_or_else(|_| panic!("{key} stayed wedged under {expiry:?}"));
         assert!(lease.complete(value(fp, "ran once")).await.unwrap());
-        match engine.begin(key, fp, Concurrent::Reject).await.unwrap() {
+        match engine
+            .begin_with(key, fp, Concurrent::Reject)
+            .await
+            .unwrap()
+        {
             Begin::Replay { record, .. } => assert_eq!(record.as_value().unwrap(), "ran once"),
             other => panic!("{key}: the retry got {other:?}"),
         }
@@ -316,7 +334,7 @@ async fn a_complete_dropped_while_it_retries_goes_on_in_the_background() {
     engine.reset_stats();
     let fp = Fingerprint::of_bytes(b"order 12");
     let Begin::Execute(lease) = engine
-        .begin("s:a:handed-off", fp, Concurrent::Reject)
+        .begin_with("s:a:handed-off", fp, Concurrent::Reject)
         .await
         .unwrap()
     else {
@@ -334,7 +352,10 @@ async fn a_complete_dropped_while_it_retries_goes_on_in_the_background() {
 
     let replayed = timeout(LIMIT, async {
         loop {
-            match engine.begin("s:a:handed-off", fp, Concurrent::Reject).await {
+            match engine
+                .begin_with("s:a:handed-off", fp, Concurrent::Reject)
+                .await
+            {
                 Ok(Begin::Replay { record, .. }) => return record,
                 // Still being stored in the background.
                 Ok(Begin::Conflict { .. }) => tokio::time::sleep(Duration::from_millis(20)).await,

@@ -28,7 +28,7 @@ async fn an_unreachable_redis_is_a_prompt_unavailable_error() {
     let store = RedisStore::builder(&url).build_lazy().unwrap();
     let engine = engine(store, Concurrent::wait());
     let fp = Fingerprint::of_bytes(b"x");
-    let begun = timeout(LIMIT, engine.begin("s:a:t", fp, Concurrent::wait()))
+    let begun = timeout(LIMIT, engine.begin_with("s:a:t", fp, Concurrent::wait()))
         .await
         .unwrap();
     assert!(
@@ -58,7 +58,7 @@ async fn the_same_store_recovers_when_redis_restarts() {
     let engine = engine(store, Concurrent::Reject);
     let fp = Fingerprint::of_bytes(b"order");
     let Begin::Execute(lease) = engine
-        .begin("s:a:before", fp, Concurrent::Reject)
+        .begin_with("s:a:before", fp, Concurrent::Reject)
         .await
         .unwrap()
     else {
@@ -68,7 +68,7 @@ async fn the_same_store_recovers_when_redis_restarts() {
 
     redis.kill().await;
     for key in ["s:a:during", "s:a:during2"] {
-        let begun = timeout(LIMIT, engine.begin(key, fp, Concurrent::Reject))
+        let begun = timeout(LIMIT, engine.begin_with(key, fp, Concurrent::Reject))
             .await
             .unwrap();
         assert!(
@@ -85,7 +85,7 @@ async fn the_same_store_recovers_when_redis_restarts() {
     redis.restart().await;
     until_ok(|| engine.ping()).await;
     let Begin::Execute(lease) = engine
-        .begin("s:a:after", fp, Concurrent::Reject)
+        .begin_with("s:a:after", fp, Concurrent::Reject)
         .await
         .unwrap()
     else {
@@ -93,7 +93,7 @@ async fn the_same_store_recovers_when_redis_restarts() {
     };
     assert!(lease.complete(value(fp, "after")).await.unwrap());
     match engine
-        .begin("s:a:after", fp, Concurrent::Reject)
+        .begin_with("s:a:after", fp, Concurrent::Reject)
         .await
         .unwrap()
     {
@@ -138,9 +138,12 @@ async fn an_unresponsive_redis_fails_within_the_timeouts_instead_of_hanging() {
 
     // The server accepts bytes but answers nothing while stopped.
     redis.signal("-STOP");
-    let begun = timeout(LIMIT, engine.begin("s:a:frozen", fp, Concurrent::Reject))
-        .await
-        .unwrap();
+    let begun = timeout(
+        LIMIT,
+        engine.begin_with("s:a:frozen", fp, Concurrent::Reject),
+    )
+    .await
+    .unwrap();
     assert!(
         matches!(begun, Err(StoreError::Unavailable(_))),
         "{begun:?}"
@@ -149,7 +152,7 @@ async fn an_unresponsive_redis_fails_within_the_timeouts_instead_of_hanging() {
     redis.signal("-CONT");
     until_ok(|| engine.ping()).await;
     let Begin::Execute(lease) = engine
-        .begin("s:a:thawed", fp, Concurrent::Reject)
+        .begin_with("s:a:thawed", fp, Concurrent::Reject)
         .await
         .unwrap()
     else {
@@ -157,7 +160,7 @@ async fn an_unresponsive_redis_fails_within_the_timeouts_instead_of_hanging() {
     };
     assert!(lease.complete(value(fp, "thawed")).await.unwrap());
     match engine
-        .begin("s:a:thawed", fp, Concurrent::Reject)
+        .begin_with("s:a:thawed", fp, Concurrent::Reject)
         .await
         .unwrap()
     {

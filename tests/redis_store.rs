@@ -38,7 +38,11 @@ async fn two_instances_wait_run_the_action_once_and_share_its_result() {
             let (runs, barrier) = (runs.clone(), barrier.clone());
             tokio::spawn(async move {
                 barrier.wait().await;
-                match engine.begin("sig:charge:acct-1", fp, wait).await.unwrap() {
+                match engine
+                    .begin_with("sig:charge:acct-1", fp, wait)
+                    .await
+                    .unwrap()
+                {
                     Begin::Execute(lease) => {
                         let run = runs.fetch_add(1, Ordering::SeqCst);
                         // Hold the lease a little so duplicates pile up on
@@ -85,7 +89,7 @@ async fn two_instances_reject_run_the_action_once_and_refuse_the_rest() {
             tokio::spawn(async move {
                 barrier.wait().await;
                 engine
-                    .begin("sig:ship:order-7", fp, Concurrent::Reject)
+                    .begin_with("sig:ship:order-7", fp, Concurrent::Reject)
                     .await
                     .unwrap()
             })
@@ -108,7 +112,7 @@ async fn two_instances_reject_run_the_action_once_and_refuse_the_rest() {
     assert!(lease.complete(value(fp, "shipped")).await.unwrap());
     for engine in &instances {
         match engine
-            .begin("sig:ship:order-7", fp, Concurrent::Reject)
+            .begin_with("sig:ship:order-7", fp, Concurrent::Reject)
             .await
             .unwrap()
         {
@@ -136,7 +140,7 @@ async fn a_live_lease_is_renewed_in_redis_so_the_other_instance_never_takes_over
     );
     let fp = Fingerprint::of_bytes(b"slow report");
     let Begin::Execute(lease) = a
-        .begin("s:report:q3", fp, Concurrent::Reject)
+        .begin_with("s:report:q3", fp, Concurrent::Reject)
         .await
         .unwrap()
     else {
@@ -146,7 +150,7 @@ async fn a_live_lease_is_renewed_in_redis_so_the_other_instance_never_takes_over
     for _ in 0..4 {
         tokio::time::sleep(lease_ttl).await;
         let outcome = b
-            .begin("s:report:q3", fp, Concurrent::Reject)
+            .begin_with("s:report:q3", fp, Concurrent::Reject)
             .await
             .unwrap();
         assert!(
@@ -156,7 +160,7 @@ async fn a_live_lease_is_renewed_in_redis_so_the_other_instance_never_takes_over
     }
     assert!(lease.complete(value(fp, "report")).await.unwrap());
     assert!(matches!(
-        b.begin("s:report:q3", fp, Concurrent::Reject)
+        b.begin_with("s:report:q3", fp, Concurrent::Reject)
             .await
             .unwrap(),
         Begin::Replay { .. }
@@ -208,12 +212,19 @@ async fn an_expired_lease_is_taken_over_and_cannot_overwrite_the_new_result() {
         .await
         .unwrap();
     assert!(matches!(
-        survivor.begin(key, fp, Concurrent::Reject).await.unwrap(),
+        survivor
+            .begin_with(key, fp, Concurrent::Reject)
+            .await
+            .unwrap(),
         Begin::Conflict { .. }
     ));
     tokio::time::sleep(Duration::from_millis(600)).await;
 
-    let Begin::Execute(lease) = survivor.begin(key, fp, Concurrent::Reject).await.unwrap() else {
+    let Begin::Execute(lease) = survivor
+        .begin_with(key, fp, Concurrent::Reject)
+        .await
+        .unwrap()
+    else {
         panic!("the expired lease was not taken over");
     };
     // The dead instance wakes up: its lease no longer counts.
@@ -239,17 +250,17 @@ async fn a_lease_removed_by_another_instance_cannot_complete_over_the_new_one() 
     let b = engine(store(&prefix).await, Concurrent::Reject);
     let fp = Fingerprint::of_bytes(b"post");
     let key = "sig:post:feed";
-    let Begin::Execute(first) = a.begin(key, fp, Concurrent::Reject).await.unwrap() else {
+    let Begin::Execute(first) = a.begin_with(key, fp, Concurrent::Reject).await.unwrap() else {
         panic!("the first call runs");
     };
     // An operator drops the marker through instance B; a retry runs there.
     assert!(b.remove(key).await.unwrap());
-    let Begin::Execute(second) = b.begin(key, fp, Concurrent::Reject).await.unwrap() else {
+    let Begin::Execute(second) = b.begin_with(key, fp, Concurrent::Reject).await.unwrap() else {
         panic!("the retry runs once the marker is gone");
     };
     assert!(!first.complete(value(fp, "first")).await.unwrap());
     assert!(second.complete(value(fp, "second")).await.unwrap());
-    match a.begin(key, fp, Concurrent::Reject).await.unwrap() {
+    match a.begin_with(key, fp, Concurrent::Reject).await.unwrap() {
         Begin::Replay { record, .. } => assert_eq!(record.as_value().unwrap(), "second"),
         other => panic!("got {other:?}"),
     }

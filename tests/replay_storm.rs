@@ -12,7 +12,7 @@ async fn concurrent_retries_of_a_completed_key_all_replay_under_reject() {
     let engine = Idempotency::new();
     let fingerprint = Fingerprint::of_bytes(b"order 42");
     let Begin::Execute(lease) = engine
-        .begin("client:create_order:42", fingerprint, Concurrent::Reject)
+        .begin_with("client:create_order:42", fingerprint, Concurrent::Reject)
         .await
         .unwrap()
     else {
@@ -33,7 +33,7 @@ async fn concurrent_retries_of_a_completed_key_all_replay_under_reject() {
                 let mut answers = Vec::new();
                 for _ in 0..50 {
                     let begun = engine
-                        .begin("client:create_order:42", fingerprint, Concurrent::Reject)
+                        .begin_with("client:create_order:42", fingerprint, Concurrent::Reject)
                         .await
                         .unwrap();
                     answers.push(match begun {

@@ -7,6 +7,8 @@ mod cluster;
 #[cfg(feature = "redis")]
 #[path = "stores/cluster.rs"]
 mod cluster_support;
+#[path = "reverse_proxy/config.rs"]
+mod config;
 #[path = "reverse_proxy/edge.rs"]
 mod edge;
 #[path = "reverse_proxy/harness.rs"]

@@ -3,8 +3,8 @@
 //! `redis-server` of the test's own, paused mid-run).
 //!
 //! Hundreds of clients in three scopes (`Authorization` headers) send a small
-//! pool of keys through two instances (engines on one store), each with a
-//! `Reject` and a `Wait` layer: a seeded random mix of retries, clients that
+//! pool of keys through two instances on one store, each with a `Reject` and
+//! a `Wait` layer (one engine per policy, the policy being the engine's): a seeded random mix of retries, clients that
 //! give up mid-request, and handlers that are slow, panic, answer 502 or
 //! `Cache-Control: no-store`. The checker then holds every handler run and
 //! every answer against the promise (see `soak/check.rs`).
@@ -66,14 +66,24 @@ fn quiet_deliberate_panics() {
     });
 }
 
-/// An engine with a lease long enough to outlast a paused store.
-fn engine<S: Store>(store: S) -> Idempotency<S> {
-    Idempotency::builder()
-        .store(store)
-        .ttl(Duration::from_secs(3600))
-        .lease_ttl(Duration::from_secs(30))
-        .build()
-        .unwrap()
+/// One instance: a `Reject` and a `Wait` engine on `store`, with a lease
+/// long enough to outlast a paused store.
+fn engine<S: Store + Clone>(store: S) -> [Idempotency<S>; 2] {
+    [
+        Concurrent::Reject,
+        Concurrent::Wait {
+            timeout: Duration::from_secs(3),
+        },
+    ]
+    .map(|concurrent| {
+        Idempotency::builder()
+            .store(store.clone())
+            .ttl(Duration::from_secs(3600))
+            .lease_ttl(Duration::from_secs(30))
+            .concurrent(concurrent)
+            .build()
+            .unwrap()
+    })
 }
 
 /// Runs the traffic against `engines` (instances on one store) while
@@ -93,18 +103,10 @@ async fn soak<S: Store>(
     let runs = Arc::new(Runs::default());
     let mut endpoints: Vec<Endpoint> = Vec::new();
     for engine in &engines {
-        for concurrent in [
-            Concurrent::Reject,
-            Concurrent::Wait {
-                timeout: Duration::from_secs(3),
-            },
-        ] {
-            let layer = IdempotencyLayer::with_engine(engine.clone())
-                .concurrent(concurrent)
-                .build()
-                .unwrap();
-            endpoints.push(endpoint(&layer, runs.clone()));
-        }
+        let layer = IdempotencyLayer::with_engine(engine.clone())
+            .build()
+            .unwrap();
+        endpoints.push(endpoint(&layer, runs.clone()));
     }
     let endpoints = Arc::new(endpoints);
     let start = Instant::now();
@@ -227,7 +229,7 @@ async fn soak_memory_store_at_its_entry_bound() {
         .max_entries(MEMORY_MAX_ENTRIES)
         .build()
         .unwrap();
-    let engines = vec![engine(store.clone()), engine(store.clone())];
+    let engines = [engine(store.clone()), engine(store.clone())].concat();
     let first = engines[0].clone();
     soak("memory", engines, None, move || {
         let stats = first.stats();
@@ -262,7 +264,7 @@ mod redis_stores {
             if let Some(entries) = local_tier {
                 builder = builder.local_cache(entries);
             }
-            engines.push(engine(builder.build().await.unwrap()));
+            engines.extend(engine(builder.build().await.unwrap()));
         }
         // Mid-run Redis stops answering for a while (commands sent meanwhile
         // run when it resumes), then refuses every write for a while (they

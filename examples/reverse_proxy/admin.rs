@@ -1,5 +1,6 @@
-//! The admin server: counters, Prometheus metrics, health, and the keys the
-//! store holds, all read from the engine handle.
+//! The admin server: counters, Prometheus metrics, health, the keys the
+//! store holds and the configuration (`/config`, changed at run time), all
+//! through the engine handle.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -24,6 +25,7 @@ use tower_idempotency::{CacheInfo, Idempotency, KeyFilter, StatsSnapshot};
 use crate::limits::EdgeStats;
 use crate::page::{self, RequestCount};
 use crate::problem::problem;
+use crate::runtime_config;
 
 /// How long `/healthz` waits for the store before calling it down.
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
@@ -33,7 +35,7 @@ pub(crate) type Waiting = Arc<dyn Fn() -> usize + Send + Sync>;
 
 /// What the admin handlers share.
 pub(crate) struct AdminState<S> {
-    engine: Idempotency<S>,
+    pub(crate) engine: Idempotency<S>,
     waiting: Waiting,
     shutting_down: Arc<AtomicBool>,
     edge: Arc<EdgeStats>,
@@ -66,6 +68,10 @@ pub(crate) fn router<S: Store>(
         .route("/metrics", get(metrics::<S>))
         .route("/healthz", get(healthz::<S>))
         .route("/keys", get(keys::<S>))
+        .route(
+            "/config",
+            get(runtime_config::get_config::<S>).put(runtime_config::put_config::<S>),
+        )
         // A wildcard, so a key holding a raw `/` (the header extractor's
         // action is "POST /orders") still reaches the handler.
         .route("/keys/{*key}", axum::routing::delete(delete_key::<S>))

@@ -46,6 +46,7 @@ mod page;
 #[cfg(feature = "postgres")]
 mod postgres;
 mod problem;
+mod runtime_config;
 mod shutdown;
 
 use body_timeout::BodyTimeoutLayer;

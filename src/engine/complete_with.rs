@@ -41,7 +41,7 @@ impl<S: Store> Lease<S> {
     {
         let record = Arc::new(record);
         let inner = &self.engine.inner;
-        let written = write(record.clone(), inner.config.ttl).await;
+        let written = write(record.clone(), inner.config().ttl).await;
         if written.is_err() {
             // The release is fenced by the lease: if the write did land, the
             // marker is gone and this deletes nothing.

@@ -19,7 +19,7 @@ pub const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_secs(30);
 /// names this maximum, so `Duration::MAX` is an error at `build()`, never a
 /// panic when a clock reading plus the duration overflows later. Durations
 /// passed per call instead of set at build (the budget of a
-/// [`Concurrent::Wait`] handed to `begin`, the TTL handed to `put` or to a
+/// [`Concurrent::Wait`] handed to `begin_with`, the TTL handed to `mark_executed` or to a
 /// store) cannot be refused that way: they are cut to this maximum.
 ///
 /// ```
@@ -43,6 +43,16 @@ pub(crate) fn check_duration(name: &str, value: Duration) -> Result<(), ConfigEr
         )));
     }
     Ok(())
+}
+
+/// Refuses a zero auto-cleanup interval, or one over [`MAX_DURATION`].
+pub(super) fn check_cleanup_interval(interval: Duration) -> Result<(), ConfigError> {
+    if interval.is_zero() {
+        return Err(ConfigError::new(
+            "auto-cleanup interval must be greater than zero",
+        ));
+    }
+    check_duration("the auto-cleanup interval", interval)
 }
 
 /// What a duplicate gets while the first request for its key is in flight.
@@ -95,10 +105,15 @@ pub struct Config {
     pub ttl: Duration,
     /// How long an in-flight marker lives without renewal.
     pub lease_ttl: Duration,
-    /// The default policy for duplicates of an in-flight key.
+    /// The policy for duplicates of an in-flight key: the one place it is
+    /// decided. [`Idempotency::begin`] and the HTTP layer read it at each
+    /// call; [`Idempotency::execute`] waits under either policy (see there).
     pub concurrent: Concurrent,
     /// What happens to an abandoned lease.
     pub lease_expiry: LeaseExpiry,
+    /// How often the store's maintenance runs in the background (`None`: it
+    /// does not; see [`Idempotency::start_auto_cleanup`]).
+    pub cleanup_interval: Option<Duration>,
 }
 
 impl Default for Config {
@@ -108,12 +123,13 @@ impl Default for Config {
             lease_ttl: DEFAULT_LEASE_TTL,
             concurrent: Concurrent::Reject,
             lease_expiry: LeaseExpiry::Takeover,
+            cleanup_interval: None,
         }
     }
 }
 
 impl Config {
-    fn validate(&self) -> Result<(), ConfigError> {
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
         if self.ttl.is_zero() {
             return Err(ConfigError::new("ttl must be greater than zero"));
         }
@@ -122,6 +138,9 @@ impl Config {
         }
         check_duration("ttl", self.ttl)?;
         check_duration("lease_ttl", self.lease_ttl)?;
+        if let Some(interval) = self.cleanup_interval {
+            check_cleanup_interval(interval)?;
+        }
         self.concurrent.validate()
     }
 
@@ -134,7 +153,8 @@ impl Config {
     }
 }
 
-/// An invalid configuration, refused when the engine or layer is built.
+/// An invalid configuration, refused when the engine or layer is built, or
+/// by [`Idempotency::configure`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid idempotency configuration: {0}")]
 pub struct ConfigError(String);

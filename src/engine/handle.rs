@@ -2,10 +2,9 @@
 //! maintenance. None of it takes part in the protocol.
 
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
 use std::time::Duration;
 
-use super::{lock, ConfigError, Idempotency};
+use super::Idempotency;
 use crate::key::IdempotencyKey;
 use crate::stats::{CacheInfo, Stats, StatsSnapshot};
 use crate::store::{Entry, EntryKind, ScanEntry, Store, StoreError};
@@ -163,60 +162,6 @@ impl<S: Store> Idempotency<S> {
             }
         }
         Ok(removed)
-    }
-
-    /// Starts a task that runs the store's maintenance (dropping expired
-    /// entries, so the `expired` counter and `cache_info` are current) every
-    /// `interval`. Replaces a task already running; stops when
-    /// [`stop_auto_cleanup`](Self::stop_auto_cleanup) is called or the engine
-    /// is dropped.
-    ///
-    /// # Errors
-    ///
-    /// [`ConfigError`] for a zero interval, one over
-    /// [`MAX_DURATION`](crate::engine::MAX_DURATION), or when called outside
-    /// a Tokio runtime.
-    pub fn start_auto_cleanup(&self, interval: Duration) -> Result<(), ConfigError> {
-        if interval.is_zero() {
-            return Err(ConfigError::new(
-                "auto-cleanup interval must be greater than zero",
-            ));
-        }
-        super::check_duration("the auto-cleanup interval", interval)?;
-        let runtime = tokio::runtime::Handle::try_current()
-            .map_err(|_| ConfigError::new("auto-cleanup needs a Tokio runtime"))?;
-        let engine = Arc::downgrade(&self.inner);
-        let task = runtime.spawn(async move {
-            let mut ticks = tokio::time::interval(interval);
-            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                ticks.tick().await;
-                let Some(inner) = engine.upgrade() else {
-                    return;
-                };
-                if let Err(error) = inner.store.cleanup_expired().await {
-                    tracing::warn!(%error, "idempotency auto-cleanup failed");
-                }
-            }
-        });
-        if let Some(previous) = lock(&self.inner.auto_cleanup).replace(task.abort_handle()) {
-            previous.abort();
-        }
-        Ok(())
-    }
-
-    /// Stops the auto-cleanup task, if one runs.
-    pub fn stop_auto_cleanup(&self) {
-        if let Some(task) = lock(&self.inner.auto_cleanup).take() {
-            task.abort();
-        }
-    }
-
-    /// Whether an auto-cleanup task runs.
-    pub fn auto_cleanup_running(&self) -> bool {
-        lock(&self.inner.auto_cleanup)
-            .as_ref()
-            .is_some_and(|task| !task.is_finished())
     }
 }
 

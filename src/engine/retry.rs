@@ -49,13 +49,13 @@ pub(super) async fn complete_until_lease_expires<S: Store>(
     resumed: bool,
 ) -> Result<bool, StoreError> {
     let inner = &engine.inner;
-    let deadline = flight.lease_ours_until(inner.config.lease_ttl);
+    let deadline = flight.lease_ours_until(inner.config().lease_ttl);
     let mut backoff = MIN_BACKOFF;
     let mut failures = 0_u32;
     let result = loop {
         let attempt = inner
             .store
-            .complete(key, token, record.clone(), inner.config.ttl)
+            .complete(key, token, record.clone(), inner.config().ttl)
             .await;
         match attempt {
             Ok(true) => break Ok(true),

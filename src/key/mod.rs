@@ -179,12 +179,9 @@ impl FromStr for IdempotencyKey {
     }
 }
 
-/// The first 16 hex characters of the SHA-256 of `params`.
-///
-/// ```
-/// assert_eq!(tower_idempotency::key::params_hash(b"").len(), 16);
-/// ```
-pub fn params_hash(params: &[u8]) -> String {
+/// The first 16 hex characters of the SHA-256 of `params`: what
+/// [`IdempotencyKey::params`] keeps.
+pub(crate) fn params_hash(params: &[u8]) -> String {
     let digest = Sha256::digest(params);
     hex_lower(&digest[..8])
 }

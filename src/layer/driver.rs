@@ -16,7 +16,7 @@
 use std::future::{poll_fn, Future};
 use std::panic::AssertUnwindSafe;
 use std::pin::pin;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::task::Poll;
 
@@ -50,6 +50,41 @@ pub(crate) struct Driver<Svc, S, K> {
 
 /// What the protected path answers for a service `Svc` whose responses
 /// carry `ResBody`.
+/// The service the layer wraps, as every step of a protected request needs
+/// it: the bound list written once (a blanket impl covers every such
+/// service).
+pub(crate) trait Wrapped<ReqBody, ResBody>:
+    Service<
+    Request<RequestBody<ReqBody>>,
+    Response = Response<ResBody>,
+    Future: Send + 'static,
+    Error: Send + 'static,
+>
+{
+}
+
+impl<T, ReqBody, ResBody> Wrapped<ReqBody, ResBody> for T
+where
+    T: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
+    T::Future: Send + 'static,
+    T::Error: Send + 'static,
+{
+}
+
+/// A body the layer buffers or records: bytes, sent across tasks, with an
+/// error it can box.
+pub(crate) trait BytesBody:
+    Body<Data = Bytes, Error: Into<BoxError>> + Send + 'static
+{
+}
+
+impl<B> BytesBody for B
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+}
+
 type Decision<Svc, ReqBody, ResBody> = Begun<
     <Svc as Service<Request<RequestBody<ReqBody>>>>::Future,
     ResBody,
@@ -68,15 +103,11 @@ pub(crate) fn drive<Svc, S, K, ReqBody, ResBody>(
     key: KeyParts,
 ) -> impl Future<Output = Decision<Svc, ReqBody, ResBody>>
 where
-    Svc: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
-    Svc::Future: Send + 'static,
-    Svc::Error: Send + 'static,
+    Svc: Wrapped<ReqBody, ResBody> + Send + 'static,
     S: Store,
     K: Send + Sync + 'static,
-    ReqBody: Body<Data = Bytes> + Send + 'static,
-    ReqBody::Error: Into<BoxError>,
-    ResBody: Body<Data = Bytes> + Send + 'static,
-    ResBody::Error: Into<BoxError>,
+    ReqBody: BytesBody,
+    ResBody: BytesBody,
 {
     // An `async` block rather than an `async fn`: the arguments are then
     // kept once in the future, not once as arguments and again as locals
@@ -141,15 +172,11 @@ async fn begin_and_run<Svc, S, K, ReqBody, ResBody>(
     fingerprint: Fingerprint,
 ) -> Decision<Svc, ReqBody, ResBody>
 where
-    Svc: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
-    Svc::Future: Send + 'static,
-    Svc::Error: Send + 'static,
+    Svc: Wrapped<ReqBody, ResBody> + Send + 'static,
     S: Store,
     K: Send + Sync + 'static,
-    ReqBody: Body<Data = Bytes> + Send + 'static,
-    ReqBody::Error: Into<BoxError>,
-    ResBody: Body<Data = Bytes> + Send + 'static,
-    ResBody::Error: Into<BoxError>,
+    ReqBody: BytesBody,
+    ResBody: BytesBody,
 {
     // Checked before a lease can exist: waits need the runtime's timer, and
     // a client that goes away hands its request to the runtime's tasks.
@@ -159,10 +186,8 @@ where
     let shared = &*driver.shared;
     let settings = &shared.settings;
     let begun = counted_wait(
-        settings,
-        shared
-            .engine
-            .begin_in_store(storage_key, fingerprint, settings.concurrent),
+        &shared.waiting,
+        shared.engine.begin_in_store(storage_key, fingerprint, None),
     )
     .await;
     let request = |body| Request::from_parts(parts, RequestBody::buffered(body));
@@ -201,11 +226,8 @@ fn store_failed<Svc, S, K, ReqBody, ResBody>(
     error: StoreError,
 ) -> Decision<Svc, ReqBody, ResBody>
 where
-    Svc: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
-    Svc::Future: Send + 'static,
-    Svc::Error: Send + 'static,
-    ResBody: Body<Data = Bytes> + Send + 'static,
-    ResBody::Error: Into<BoxError>,
+    Svc: Wrapped<ReqBody, ResBody>,
+    ResBody: BytesBody,
 {
     let settings = &driver.shared.settings;
     match settings.fail_mode {
@@ -241,13 +263,10 @@ async fn run<Svc, S, K, ReqBody, ResBody>(
     fingerprint: Fingerprint,
 ) -> Decision<Svc, ReqBody, ResBody>
 where
-    Svc: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
-    Svc::Future: Send + 'static,
-    Svc::Error: Send + 'static,
+    Svc: Wrapped<ReqBody, ResBody>,
     S: Store,
     K: Send + Sync + 'static,
-    ResBody: Body<Data = Bytes> + Send + 'static,
-    ResBody::Error: Into<BoxError>,
+    ResBody: BytesBody,
 {
     let Driver {
         mut inner,
@@ -325,13 +344,13 @@ fn identify(
     (fingerprint, key.into_storage_key(hashed))
 }
 
-/// Awaits `begin`, counting the request in `Settings::waiting` from its first
+/// Awaits `begin`, counting the request in `waiting` from its first
 /// `Pending` on: by then a duplicate has joined the flight it waits for.
-async fn counted_wait<T>(settings: &Settings, begin: impl Future<Output = T>) -> T {
-    struct Waiting<'a>(&'a Settings);
+async fn counted_wait<T>(waiting: &AtomicUsize, begin: impl Future<Output = T>) -> T {
+    struct Waiting<'a>(&'a AtomicUsize);
     impl Drop for Waiting<'_> {
         fn drop(&mut self) {
-            self.0.waiting.fetch_sub(1, Relaxed);
+            self.0.fetch_sub(1, Relaxed);
         }
     }
     let mut begin = pin!(begin);
@@ -339,8 +358,8 @@ async fn counted_wait<T>(settings: &Settings, begin: impl Future<Output = T>) ->
     poll_fn(|cx| match begin.as_mut().poll(cx) {
         Poll::Pending => {
             if guard.is_none() {
-                settings.waiting.fetch_add(1, Relaxed);
-                guard = Some(Waiting(settings));
+                waiting.fetch_add(1, Relaxed);
+                guard = Some(Waiting(waiting));
             }
             Poll::Pending
         }

@@ -5,13 +5,10 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
 use http::{Method, StatusCode};
-use tower_layer::Layer;
 
-use super::builder::{EngineSpec, HttpOptions};
-use super::{IdempotencyLayerBuilder, Idempotent};
-use crate::engine::{Concurrent, Idempotency};
+use crate::engine::Idempotency;
 use crate::key::{FingerprintMode, HeaderKey};
-use crate::store::{MemoryStore, Store};
+use crate::store::MemoryStore;
 
 /// The default limit of a buffered request body, and of a stored response body: 1 MiB.
 pub const DEFAULT_MAX_BODY: usize = 1 << 20;
@@ -47,7 +44,19 @@ pub enum Disconnect {
 
 pub(super) type StatusPolicy = dyn Fn(StatusCode) -> bool + Send + Sync;
 
-/// The HTTP settings, shared by the layer and every service it makes.
+/// The default storage policy: everything but 5xx, 408 and 429, which a
+/// retry should run again.
+fn default_store_status(status: StatusCode) -> bool {
+    !(status.is_server_error()
+        || status == StatusCode::REQUEST_TIMEOUT
+        || status == StatusCode::TOO_MANY_REQUESTS)
+}
+
+/// The HTTP settings, shared by the layer and every service it makes: the
+/// one options struct the builder fills. The concurrency policy is not here:
+/// it is the engine's ([`Config::concurrent`](crate::Config::concurrent)),
+/// read at each request, so a change made on the handle applies to the layer.
+#[derive(Clone)]
 pub(crate) struct Settings {
     pub(crate) methods: Vec<Method>,
     pub(crate) require_key: bool,
@@ -58,9 +67,22 @@ pub(crate) struct Settings {
     pub(crate) disconnect: Disconnect,
     pub(crate) replay_set_cookie: bool,
     pub(crate) fingerprint: FingerprintMode,
-    pub(crate) concurrent: Concurrent,
-    /// Requests inside `begin` that did not get an answer at once.
-    pub(crate) waiting: AtomicUsize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            methods: vec![Method::POST, Method::PATCH],
+            require_key: false,
+            max_request_body: DEFAULT_MAX_BODY,
+            max_response_body: DEFAULT_MAX_BODY,
+            store_status: Arc::new(default_store_status),
+            fail_mode: FailMode::Closed,
+            disconnect: Disconnect::Complete,
+            replay_set_cookie: false,
+            fingerprint: FingerprintMode::Exact,
+        }
+    }
 }
 
 impl fmt::Debug for Settings {
@@ -74,7 +96,6 @@ impl fmt::Debug for Settings {
             .field("disconnect", &self.disconnect)
             .field("replay_set_cookie", &self.replay_set_cookie)
             .field("fingerprint", &self.fingerprint)
-            .field("concurrent", &self.concurrent)
             .finish_non_exhaustive()
     }
 }
@@ -86,6 +107,9 @@ pub(crate) struct Shared<S, K> {
     pub(crate) engine: Idempotency<S>,
     pub(crate) settings: Settings,
     pub(crate) extractor: K,
+    /// Runtime state beside the settings: requests inside `begin` that did
+    /// not get an answer at once.
+    pub(crate) waiting: AtomicUsize,
 }
 
 impl<S, K: fmt::Debug> fmt::Debug for Shared<S, K> {
@@ -117,7 +141,7 @@ impl<S, K: fmt::Debug> fmt::Debug for Shared<S, K> {
 /// assert_eq!(handle.stats().requests, 0);
 /// ```
 pub struct IdempotencyLayer<S = MemoryStore, K = HeaderKey> {
-    shared: Arc<Shared<S, K>>,
+    pub(super) shared: Arc<Shared<S, K>>,
 }
 
 impl<S, K> Clone for IdempotencyLayer<S, K> {
@@ -144,31 +168,13 @@ impl IdempotencyLayer {
     /// `Concurrent::Reject`, `LeaseExpiry::Takeover`, `FailMode::Closed`,
     /// `Disconnect::Complete`, `Set-Cookie` not replayed, exact fingerprint.
     pub fn new() -> Self {
-        let engine = Idempotency::new();
-        let settings = HttpOptions::default().into_settings(engine.config().concurrent);
-        Self::from_parts(engine, settings, HeaderKey::new())
-    }
-
-    /// A builder, starting from the defaults of [`new`](Self::new).
-    pub fn builder() -> IdempotencyLayerBuilder {
-        IdempotencyLayerBuilder::new(EngineSpec::Build(Idempotency::builder()))
+        Self::from_parts(Idempotency::new(), Settings::default(), HeaderKey::new())
     }
 }
 
 impl Default for IdempotencyLayer {
     fn default() -> Self {
         Self::new()
-    }
-}
-
-impl<S: Store> IdempotencyLayer<S> {
-    /// A builder around an engine built elsewhere (shared with the closure
-    /// API or an admin server). Engine settings (`ttl`, `lease_ttl`,
-    /// `lease_expiry`) belong to that engine: setting them here makes
-    /// [`build`](IdempotencyLayerBuilder::build) fail. `concurrent` is taken
-    /// from the engine unless set here.
-    pub fn with_engine(engine: Idempotency<S>) -> IdempotencyLayerBuilder<S> {
-        IdempotencyLayerBuilder::new(EngineSpec::Ready(engine))
     }
 }
 
@@ -179,6 +185,7 @@ impl<S, K> IdempotencyLayer<S, K> {
                 engine,
                 settings,
                 extractor,
+                waiting: AtomicUsize::new(0),
             }),
         }
     }
@@ -192,14 +199,6 @@ impl<S, K> IdempotencyLayer<S, K> {
     /// coalescing on a run in flight (`Concurrent::Wait`), or requests whose
     /// store operation is slow.
     pub fn waiting(&self) -> usize {
-        self.shared.settings.waiting.load(Relaxed)
-    }
-}
-
-impl<Svc, S, K> Layer<Svc> for IdempotencyLayer<S, K> {
-    type Service = Idempotent<Svc, S, K>;
-
-    fn layer(&self, inner: Svc) -> Self::Service {
-        Idempotent::new(inner, self.shared.clone())
+        self.shared.waiting.load(Relaxed)
     }
 }

@@ -41,6 +41,12 @@
 //! # }
 //! ```
 //!
+//! With axum, `Router::layer` also wraps the router's fallback: a keyed POST
+//! to a path no route matches runs the fallback under the layer, and its 404
+//! is stored (a retry replays it, marked `idempotent-replayed`). To protect
+//! the routes only, use `Router::route_layer`: unknown paths then pass by the
+//! layer.
+//!
 //! The same layer wraps a plain hyper service or sits in a
 //! `tower::ServiceBuilder` stack: the inner service receives
 //! `Request<`[`RequestBody<B>`](RequestBody)`>` and answers any

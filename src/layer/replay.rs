@@ -120,8 +120,7 @@ mod tests {
     /// carry; the replay filters it out and marks itself.
     #[test]
     fn replay_filters_a_foreign_record() {
-        let settings = super::super::builder::HttpOptions::default()
-            .into_settings(crate::engine::Concurrent::Reject);
+        let settings = super::super::layer::Settings::default();
         let mut headers = HeaderMap::new();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
         headers.insert(header::CONNECTION, HeaderValue::from_static("x-hop, close"));

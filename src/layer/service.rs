@@ -8,12 +8,14 @@ use bytes::Bytes;
 use http::header::CONTENT_LENGTH;
 use http::{Request, Response};
 use http_body::Body;
+use tower_layer::Layer;
 use tower_service::Service;
 
 use super::body::{BoxError, RequestBody, ResponseBody};
 use super::driver::{self, Driver};
 use super::future::ResponseFuture;
-use super::layer::Shared;
+use super::layer::{IdempotencyLayer, Shared};
+use super::IdempotencyLayerBuilder;
 use crate::engine::Idempotency;
 use crate::key::{HeaderKey, KeyExtractor};
 use crate::problem;
@@ -44,6 +46,46 @@ impl<Svc, S, K> Idempotent<Svc, S, K> {
     /// The inner service.
     pub fn get_ref(&self) -> &Svc {
         &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut Svc {
+        &mut self.inner
+    }
+
+    /// The inner service, unwrapped.
+    pub fn into_inner(self) -> Svc {
+        self.inner
+    }
+}
+
+impl Idempotent<()> {
+    /// A builder for the layer that makes this service: the same as
+    /// [`IdempotencyLayer::builder`](super::IdempotencyLayer::builder), in the
+    /// spelling of tower's middlewares.
+    ///
+    /// ```
+    /// use tower::ServiceBuilder;
+    /// use tower_idempotency::Idempotent;
+    ///
+    /// let layer = Idempotent::layer().require_key(true).build().unwrap();
+    /// let service = ServiceBuilder::new().layer(layer).service(tower::service_fn(
+    ///     |_: http::Request<tower_idempotency::RequestBody<String>>| async {
+    ///         Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+    ///     },
+    /// ));
+    /// # drop(service);
+    /// ```
+    pub fn layer() -> IdempotencyLayerBuilder {
+        IdempotencyLayer::builder()
+    }
+}
+
+impl<Svc, S, K> Layer<Svc> for IdempotencyLayer<S, K> {
+    type Service = Idempotent<Svc, S, K>;
+
+    fn layer(&self, inner: Svc) -> Self::Service {
+        Idempotent::new(inner, self.shared.clone())
     }
 }
 
@@ -240,17 +282,17 @@ mod tests {
     }
 
     #[test]
-    fn engine_settings_next_to_an_engine_are_refused() {
+    fn a_layer_around_an_engine_keeps_that_engine() {
         let engine = Idempotency::new();
-        let built = IdempotencyLayer::with_engine(engine.clone())
-            .ttl(Duration::from_secs(5))
-            .build();
-        assert!(built.is_err());
-        let layer = IdempotencyLayer::with_engine(engine)
+        let layer = IdempotencyLayer::with_engine(engine.clone())
             .require_key(true)
             .build()
             .unwrap();
         assert_eq!(layer.handle().config().ttl, crate::engine::DEFAULT_TTL);
+        engine
+            .configure(|config| config.ttl = Duration::from_secs(5))
+            .unwrap();
+        assert_eq!(layer.handle().config().ttl, Duration::from_secs(5));
     }
 
     #[test]

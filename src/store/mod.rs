@@ -179,13 +179,17 @@ impl LeaseToken {
         Self(rand::random())
     }
 
-    /// The token as a number, for stores that keep it.
-    pub const fn as_u128(self) -> u128 {
+    /// The token as a number, for the crate's stores that keep it binary. A
+    /// store of your own keeps its text form (`Display`, read back with
+    /// [`parse`](Self::parse)).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) const fn as_u128(self) -> u128 {
         self.0
     }
 
     /// A token from the number a store kept.
-    pub const fn from_u128(value: u128) -> Self {
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) const fn from_u128(value: u128) -> Self {
         Self(value)
     }
 

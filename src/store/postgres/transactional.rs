@@ -8,7 +8,7 @@ use serde::Serialize;
 use sqlx::{Postgres, Transaction};
 
 use super::PostgresStore;
-use crate::engine::{Begin, Concurrent, Idempotency, Lease};
+use crate::engine::{Begin, Idempotency, Lease};
 use crate::execute::{decode, fingerprint, ExecuteError};
 use crate::key::IdempotencyKey;
 use crate::record::Record;
@@ -88,11 +88,10 @@ impl Idempotency<PostgresStore> {
     {
         let text = key.to_text();
         let fingerprint = fingerprint(key, &text);
-        let concurrent = match self.config().concurrent {
-            wait @ Concurrent::Wait { .. } => wait,
-            Concurrent::Reject => Concurrent::wait(),
-        };
-        let lease = match self.begin(text, fingerprint, concurrent).await? {
+        let lease = match self
+            .begin_with(text, fingerprint, self.execute_policy())
+            .await?
+        {
             Begin::Execute(lease) => lease,
             Begin::Replay { record, .. } => return decode(&record),
             Begin::Mismatch => return Err(ExecuteError::Mismatch),
