@@ -2,7 +2,21 @@
 //! handle, on each store (`name::memory`, `name::redis`). What only the
 //! embedded store has (bounds, the cleanup task) is in `engine_memory.rs`.
 
-mod stores;
+mod support;
+mod engine {
+    mod actions;
+    mod conformance;
+    mod decoders;
+    mod eviction;
+    mod header_key;
+    mod keys;
+    mod memory;
+    mod mixed_policies;
+    mod pressure_config;
+    mod replay_storm;
+}
+
+use support::stores;
 
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;

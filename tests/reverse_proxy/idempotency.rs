@@ -7,9 +7,9 @@ use http::{Method, StatusCode};
 use serde_json::Value;
 use tokio::time::timeout;
 
-use crate::harness::{send, Proxy, QUICK};
-use crate::upstream::{dead_url, Upstream};
-use crate::{eventually, store_args};
+use super::harness::{send, Proxy, QUICK};
+use super::upstream::{dead_url, Upstream};
+use super::{eventually, store_args};
 
 /// Starts a proxy in front of `upstream` with `args`, on the store `redis` picks.
 async fn proxy(upstream: &str, redis: bool, args: &[&str]) -> Proxy {
