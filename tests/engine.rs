@@ -130,10 +130,11 @@ async fn first_runs(engine: &Idempotency<TestStore>) -> Lease<TestStore> {
     lease
 }
 
+// One thread, so that a caller that has counted itself in `asked` has also
+// joined the flight: `begin` joins before its first `await`.
 per_store!(
     a_thousand_waiting_duplicates_cost_one_execution_and_one_store_begin,
-    flavor = "multi_thread",
-    worker_threads = 2
+    flavor = "current_thread"
 );
 async fn a_thousand_waiting_duplicates_cost_one_execution_and_one_store_begin(store: TestStore) {
     let store = CountingStore {
@@ -148,22 +149,31 @@ async fn a_thousand_waiting_duplicates_cost_one_execution_and_one_store_begin(st
         .build()
         .unwrap();
     let executions = Arc::new(AtomicUsize::new(0));
+    let asked = Arc::new(AtomicUsize::new(0));
     let all_started = Arc::new(Barrier::new(1001));
     let mut tasks = Vec::new();
     for _ in 0..1000 {
         let engine = engine.clone();
         let executions = executions.clone();
+        let asked = asked.clone();
         let all_started = all_started.clone();
         tasks.push(tokio::spawn(async move {
             all_started.wait().await;
+            asked.fetch_add(1, SeqCst);
             match engine
                 .begin("sig:pay:acct", fp("same"), Concurrent::wait())
                 .await?
             {
                 Begin::Execute(lease) => {
                     executions.fetch_add(1, SeqCst);
-                    // Give every duplicate time to join the flight.
-                    tokio::task::yield_now().await;
+                    // Hold the action until every duplicate has joined.
+                    timeout(LIMIT, async {
+                        while asked.load(SeqCst) < 1000 {
+                            tokio::task::yield_now().await;
+                        }
+                    })
+                    .await
+                    .expect("every caller asks");
                     lease.complete(value(fp("same"), "paid")).await?;
                     Ok::<_, StoreError>(Bytes::from_static(b"paid"))
                 }
@@ -181,6 +191,8 @@ async fn a_thousand_waiting_duplicates_cost_one_execution_and_one_store_begin(st
     let stats = engine.stats();
     assert_eq!(stats.executed, 1);
     assert_eq!(stats.coalesced + stats.replayed, 999);
+    assert_eq!(stats.coalesced, 999, "every duplicate joined the one run");
+    assert_eq!(store.begins.load(SeqCst), 1, "one store begin for all");
     assert_eq!(store.completes.load(SeqCst), 1);
     // Duplicates that arrived while the first was in flight never reached the
     // store; only those that came after it completed read the record, in

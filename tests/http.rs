@@ -5,6 +5,7 @@ mod support;
 
 mod http {
     mod action_key;
+    mod behaviour_rows;
     mod concurrency;
     mod contract;
     mod disconnect;

@@ -183,18 +183,26 @@ async fn waiters_start_over_when_the_first_ends_without_a_stored_result(store: T
 
 per_store!(wait_timeout_is_409);
 async fn wait_timeout_is_409(store: TestStore) {
+    // Long enough that the poll below sees the duplicate waiting even on a
+    // stalled machine; under `Reject` it would never wait at all.
+    let wait = Duration::from_secs(3);
     let layer = IdempotencyLayer::builder()
         .store(store)
-        .concurrent(Concurrent::Wait {
-            timeout: Duration::from_millis(300),
-        })
+        .concurrent(Concurrent::Wait { timeout: wait })
         .build()
         .unwrap();
-    let (server, handle, _, gate) = serve_gated(layer).await;
+    let (server, handle, _, gate) = serve_gated(layer.clone()).await;
 
     let first = server.spawn_post("/orders", "k", "{}");
     gate.entered(1).await;
-    let late = server.post("/orders", Some("k"), "{}").await;
+    let started = tokio::time::Instant::now();
+    let late = server.spawn_post("/orders", "k", "{}");
+    until(|| layer.waiting() == 1).await;
+    let late = within(late).await.unwrap();
+    assert!(
+        started.elapsed() >= wait,
+        "the duplicate was refused before its wait timed out"
+    );
     assert_eq!(late.status, StatusCode::CONFLICT);
     assert!(late.headers.contains_key("retry-after"));
     gate.open(1);
