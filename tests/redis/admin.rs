@@ -12,11 +12,12 @@ use tower_idempotency::{Begin, Concurrent, Fingerprint, IdempotencyKey, KeyFilte
 
 use crate::support::redis as support;
 
-use support::{engine, prefix, redis_url, store, value, LIMIT};
+use support::{cleaned_prefix, engine, redis_url, store, value, LIMIT};
 
 #[tokio::test]
 async fn a_corrupt_value_is_a_typed_error() {
-    let store = store(&prefix()).await;
+    let (prefix, _cleanup) = cleaned_prefix();
+    let store = store(&prefix).await;
     let engine = engine(store.clone(), Concurrent::Reject);
     let mut connection = store.connection();
     redis::cmd("SET")
@@ -49,7 +50,8 @@ async fn a_corrupt_value_is_a_typed_error() {
 
 #[tokio::test]
 async fn a_key_of_another_redis_type_is_corrupt_and_does_not_break_listing() {
-    let store = store(&prefix()).await;
+    let (prefix, _cleanup) = cleaned_prefix();
+    let store = store(&prefix).await;
     let engine = engine(store.clone(), Concurrent::Reject);
     let mut connection = store.connection();
     redis::cmd("HSET")
@@ -97,7 +99,8 @@ async fn a_store_on_your_own_connection_manager_works() {
         .await
         .unwrap()
         .unwrap();
-    let engine = engine(RedisStore::new(manager, prefix()), Concurrent::Reject);
+    let (prefix, _cleanup) = cleaned_prefix();
+    let engine = engine(RedisStore::new(manager, prefix), Concurrent::Reject);
     let fp = Fingerprint::of_bytes(b"x");
     let Begin::Execute(lease) = engine
         .begin("s:a:own", fp, Concurrent::Reject)
@@ -133,8 +136,10 @@ async fn invalid_settings_are_refused_at_build() {
 
 #[tokio::test]
 async fn handle_methods_work_on_redis_and_stay_within_the_prefix() {
-    let neighbour = engine(store(&prefix()).await, Concurrent::Reject);
-    let engine = engine(store(&prefix()).await, Concurrent::Reject);
+    let (neighbour_prefix, _neighbour_cleanup) = cleaned_prefix();
+    let neighbour = engine(store(&neighbour_prefix).await, Concurrent::Reject);
+    let (prefix, _cleanup) = cleaned_prefix();
+    let engine = engine(store(&prefix).await, Concurrent::Reject);
     let fp = Fingerprint::of_bytes(b"x");
     let key = |signal, action, target| IdempotencyKey::new(signal, action, target).to_string();
     let (short, long) = (Duration::from_secs(30), Duration::from_secs(3600));
@@ -233,8 +238,9 @@ async fn handle_methods_work_on_redis_and_stay_within_the_prefix() {
 
 #[tokio::test]
 async fn the_local_tier_replays_without_a_round_trip_until_removed() {
+    let (prefix, _cleanup) = cleaned_prefix();
     let store = RedisStore::builder(redis_url())
-        .prefix(prefix())
+        .prefix(prefix)
         .local_cache(100)
         .build()
         .await

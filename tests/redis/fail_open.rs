@@ -18,7 +18,7 @@ use tower_idempotency::{
 };
 
 use common::{serve_orders, within};
-use support::{free_port, prefix, redis_url};
+use support::{cleaned_prefix, free_port, redis_url};
 
 /// What another program (or a newer or broken build) may leave under a key.
 const UNREADABLE: [(&str, &[u8]); 4] = [
@@ -68,7 +68,7 @@ async fn overwrite(store: &RedisStore, redis_key: &str, value: &[u8]) {
 
 #[tokio::test]
 async fn fail_open_never_runs_a_request_whose_key_holds_an_unreadable_value() {
-    let prefix = prefix();
+    let (prefix, _cleanup) = cleaned_prefix();
     let store = redis_store(&prefix).await;
     let layer = IdempotencyLayer::builder()
         .ttl(Duration::from_secs(60))
@@ -118,7 +118,7 @@ async fn fail_open_never_runs_a_request_whose_key_holds_an_unreadable_value() {
 
 #[tokio::test]
 async fn fail_closed_answers_the_same_500_for_an_unreadable_value() {
-    let prefix = prefix();
+    let (prefix, _cleanup) = cleaned_prefix();
     let store = redis_store(&prefix).await;
     let layer = IdempotencyLayer::builder()
         .ttl(Duration::from_secs(60))
@@ -167,7 +167,7 @@ async fn fail_open_still_passes_requests_through_an_unreachable_store() {
 
 #[tokio::test]
 async fn execute_refuses_a_key_that_holds_an_unreadable_value() {
-    let prefix = prefix();
+    let (prefix, _cleanup) = cleaned_prefix();
     let store = redis_store(&prefix).await;
     let engine = Idempotency::builder()
         .ttl(Duration::from_secs(60))

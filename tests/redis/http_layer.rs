@@ -20,7 +20,7 @@ use tower_idempotency::{Concurrent, FailMode, IdempotencyLayer, RedisStore};
 
 use crate::support::redis as support;
 
-use support::{free_port, prefix, redis_url, until_ok, OwnRedis, LIMIT};
+use support::{cleaned_prefix, free_port, prefix, redis_url, until_ok, OwnRedis, LIMIT};
 
 /// A server with `layer` around an orders handler that counts its runs.
 async fn serve(layer: IdempotencyLayer<RedisStore>, runs: Arc<AtomicUsize>) -> String {
@@ -75,7 +75,7 @@ fn client() -> HttpClient {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_servers_on_one_redis_run_a_retried_request_once() {
-    let prefix = prefix();
+    let (prefix, _cleanup) = cleaned_prefix();
     let runs = Arc::new(AtomicUsize::new(0));
     let mut urls = Vec::new();
     let mut handles = Vec::new();

@@ -15,13 +15,13 @@ use tower_idempotency::{Begin, Concurrent, Fingerprint, Idempotency};
 
 use crate::support::redis as support;
 
-use support::{engine, prefix, store, value, LIMIT};
+use support::{cleaned_prefix, engine, store, value, LIMIT};
 
 const DUPLICATES: usize = 200;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_instances_wait_run_the_action_once_and_share_its_result() {
-    let prefix = prefix();
+    let (prefix, _cleanup) = cleaned_prefix();
     let wait = Concurrent::Wait {
         timeout: Duration::from_secs(20),
     };
@@ -71,7 +71,7 @@ async fn two_instances_wait_run_the_action_once_and_share_its_result() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_instances_reject_run_the_action_once_and_refuse_the_rest() {
-    let prefix = prefix();
+    let (prefix, _cleanup) = cleaned_prefix();
     let instances = [
         engine(store(&prefix).await, Concurrent::Reject),
         engine(store(&prefix).await, Concurrent::Reject),
@@ -121,7 +121,7 @@ async fn two_instances_reject_run_the_action_once_and_refuse_the_rest() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_lease_is_renewed_in_redis_so_the_other_instance_never_takes_over() {
-    let prefix = prefix();
+    let (prefix, _cleanup) = cleaned_prefix();
     let lease_ttl = Duration::from_millis(300);
     let instance = |store| {
         Idempotency::builder()
@@ -166,7 +166,7 @@ async fn a_live_lease_is_renewed_in_redis_so_the_other_instance_never_takes_over
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_on_another_instance_is_woken_by_the_change_notice() {
-    let prefix = prefix();
+    let (prefix, _cleanup) = cleaned_prefix();
     let (a, b) = (store(&prefix).await, store(&prefix).await);
     let fp = Fingerprint::of_bytes(b"x");
     let ttl = Duration::from_secs(60);
@@ -195,7 +195,7 @@ async fn a_waiter_on_another_instance_is_woken_by_the_change_notice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_lease_is_taken_over_and_cannot_overwrite_the_new_result() {
-    let prefix = prefix();
+    let (prefix, _cleanup) = cleaned_prefix();
     let store = store(&prefix).await;
     let survivor = engine(store.clone(), Concurrent::Reject);
     let fp = Fingerprint::of_bytes(b"send mail");
@@ -234,7 +234,7 @@ async fn an_expired_lease_is_taken_over_and_cannot_overwrite_the_new_result() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_removed_by_another_instance_cannot_complete_over_the_new_one() {
-    let prefix = prefix();
+    let (prefix, _cleanup) = cleaned_prefix();
     let a = engine(store(&prefix).await, Concurrent::Reject);
     let b = engine(store(&prefix).await, Concurrent::Reject);
     let fp = Fingerprint::of_bytes(b"post");

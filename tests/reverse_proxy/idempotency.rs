@@ -1,6 +1,6 @@
 //! What the idempotency layer in the proxy does, seen from a client, with the
 //! upstream counting what really ran. Every test runs on the embedded store
-//! and, when Redis answers on 127.0.0.1:6379 and the `redis` feature is on,
+//! and, when Redis answers on `REDIS_URL` (default 127.0.0.1:6379) and the `redis` feature is on,
 //! again with `--redis` under a fresh prefix.
 
 use http::{Method, StatusCode};

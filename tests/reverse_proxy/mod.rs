@@ -37,7 +37,7 @@ pub(crate) fn store_args(redis: bool) -> Vec<String> {
     // A short TTL: what a test leaves in the shared Redis goes soon.
     vec![
         "--redis".into(),
-        REDIS_URL.into(),
+        redis_url(),
         "--redis-prefix".into(),
         prefix,
         "--ttl".into(),
@@ -45,20 +45,22 @@ pub(crate) fn store_args(redis: bool) -> Vec<String> {
     ]
 }
 
-const REDIS_URL: &str = "redis://127.0.0.1:6379";
+/// `REDIS_URL`, or the Redis on 127.0.0.1:6379.
+pub(crate) fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
 
-/// Whether Redis answers a PING on 127.0.0.1:6379.
+/// Whether the Redis on [`redis_url`] answers a PING.
 #[cfg(feature = "redis")]
 pub(crate) async fn redis_answers() -> bool {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let ping = async {
-        let mut stream = tokio::net::TcpStream::connect("127.0.0.1:6379")
+        let client = ::redis::Client::open(redis_url()).ok()?;
+        let mut connection = client.get_multiplexed_async_connection().await.ok()?;
+        let answer: String = ::redis::cmd("PING")
+            .query_async(&mut connection)
             .await
             .ok()?;
-        stream.write_all(b"PING\r\n").await.ok()?;
-        let mut answer = [0u8; 7];
-        stream.read_exact(&mut answer).await.ok()?;
-        Some(&answer == b"+PONG\r\n")
+        Some(answer == "PONG")
     };
     matches!(timeout(Duration::from_secs(2), ping).await, Ok(Some(true)))
 }
@@ -82,7 +84,8 @@ macro_rules! on_every_store {
                 async fn $name() {
                     assert!(
         crate::reverse_proxy::redis_answers().await,
-        "Redis does not answer on 127.0.0.1:6379: start it (bash .ci/run does)"
+        "Redis does not answer on {}: start it (bash .ci/run does)",
+        crate::reverse_proxy::redis_url()
     );
                     crate::reverse_proxy::idempotency::$name(true).await;
                 }
@@ -315,6 +318,24 @@ async fn bad_flags_are_refused_at_start_up() {
 }
 
 #[tokio::test]
+async fn a_zero_lease_ttl_is_refused_with_its_reason() {
+    // Zero passes the number parsing that refuses `-1`: this is the check
+    // that a lease must last.
+    let (mut child, ready, log) = spawn(&["--lease-ttl", "0"]).await;
+    assert!(ready.is_none(), "--lease-ttl 0 was accepted");
+    let status = timeout(QUICK, child.wait()).await.unwrap().unwrap();
+    assert_eq!(status.code(), Some(2));
+    eventually("the error says why", || {
+        let log = log.clone();
+        async move {
+            let log = log.lock().unwrap();
+            log.contains("--lease-ttl") && log.contains("greater than zero")
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn the_demo_upstream_serves_orders() {
     let proxy = Proxy::start(&[]).await;
     let first = proxy.send(Method::POST, "/orders", None, "{}").await;
@@ -327,7 +348,7 @@ async fn the_demo_upstream_serves_orders() {
 #[cfg(not(feature = "redis"))]
 #[tokio::test]
 async fn redis_flag_without_the_feature_is_refused() {
-    let (mut child, ready, log) = spawn(&["--redis", REDIS_URL]).await;
+    let (mut child, ready, log) = spawn(&["--redis", &redis_url()]).await;
     assert!(ready.is_none());
     let status = timeout(QUICK, child.wait()).await.unwrap().unwrap();
     assert_eq!(status.code(), Some(1));

@@ -34,6 +34,14 @@ pub(crate) fn prefix() -> String {
     format!("test:redis:{:x}:", rand::random::<u64>())
 }
 
+/// A fresh random prefix, and the guard that deletes its keys on the shared
+/// Redis (`REDIS_URL`) when the test ends, pass or fail.
+pub(crate) fn cleaned_prefix() -> (String, crate::support::stores::Cleanup) {
+    let prefix = prefix();
+    let cleanup = crate::support::stores::Cleanup::new(redis_url(), prefix.clone());
+    (prefix, cleanup)
+}
+
 /// An engine on `store` with `concurrent` as its policy.
 pub(crate) fn engine(store: RedisStore, concurrent: Concurrent) -> Idempotency<RedisStore> {
     Idempotency::builder()

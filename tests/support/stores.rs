@@ -184,6 +184,11 @@ pub struct Cleanup {
 
 #[cfg(feature = "redis")]
 impl Cleanup {
+    /// The guard that deletes the keys under `prefix` on the Redis at `url`.
+    pub fn new(url: String, prefix: String) -> Self {
+        Self { url, prefix }
+    }
+
     fn run(&self) -> redis::RedisResult<()> {
         let client = redis::Client::open(self.url.as_str())?;
         let mut connection = client.get_connection_with_timeout(Duration::from_secs(5))?;
