@@ -328,14 +328,14 @@ per_store!(marked_values_expire_with_their_ttl);
 async fn marked_values_expire_with_their_ttl(store: TestStore) {
     let engine = Idempotency::builder().store(store).build().unwrap();
     let key = IdempotencyKey::new("signal-2", "send_notification", "slack");
-    bounded(engine.mark_executed(&key, &1u32, Duration::from_millis(200)))
+    bounded(engine.mark_executed(&key, &1u32, Duration::from_secs(2)))
         .await
         .unwrap();
     assert_eq!(
         bounded(engine.check_executed::<u32>(&key)).await.unwrap(),
         Some(1)
     );
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(
         bounded(engine.check_executed::<u32>(&key)).await.unwrap(),
         None

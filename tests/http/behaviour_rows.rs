@@ -1,13 +1,19 @@
 //! Rows of the README's "HTTP behaviour" table that no other test covers end
-//! to end: PATCH protected by default, the order of the checks, and a
-//! mismatched duplicate in flight under `Concurrent::Wait`.
+//! to end: PATCH protected by default, the order of the checks, a
+//! mismatched duplicate in flight under `Concurrent::Wait`, and a panic in
+//! the service's synchronous `call`.
 
+use std::convert::Infallible;
+use std::future::{ready, Ready};
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use axum::body::Body;
 use axum::routing::patch;
 use axum::Router;
-use http::{Method, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 
 use crate::support::common::*;
 use crate::support::stores::{per_store, TestStore};
@@ -119,4 +125,48 @@ async fn a_mismatched_duplicate_in_flight_is_422_under_wait(store: TestStore) {
     assert_eq!(within(first).await.unwrap().status, StatusCode::CREATED);
     assert_eq!(runs.get(), 1);
     assert_eq!(handle.stats().mismatches, 1);
+}
+
+/// A service whose first `call` panics before it returns a future.
+#[derive(Clone, Default)]
+struct PanicsInCallOnce {
+    panicked: Arc<AtomicBool>,
+}
+
+impl tower::Service<Request<Body>> for PanicsInCallOnce {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Ready<Result<Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _request: Request<Body>) -> Self::Future {
+        if !self.panicked.swap(true, SeqCst) {
+            panic!("deliberate panic in call");
+        }
+        let response = Response::builder()
+            .status(StatusCode::CREATED)
+            .body(Body::from("created"))
+            .unwrap();
+        ready(Ok(response))
+    }
+}
+
+per_store!(a_panic_in_the_synchronous_call_is_500_and_releases_the_key);
+async fn a_panic_in_the_synchronous_call_is_500_and_releases_the_key(store: TestStore) {
+    let layer = IdempotencyLayer::builder().store(store).build().unwrap();
+    let app = Router::new()
+        .route_service("/orders", PanicsInCallOnce::default())
+        .layer(layer);
+    let server = serve(app).await;
+
+    let first = server.post("/orders", Some("k"), "{}").await;
+    assert_eq!(first.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(first.problem().kind, problem::INTERNAL_ERROR);
+    let retry = server.post("/orders", Some("k"), "{}").await;
+    assert_eq!(retry.status, StatusCode::CREATED, "the key was released");
+    assert!(!retry.replayed());
+    assert_eq!(retry.text(), "created");
 }

@@ -214,7 +214,7 @@ per_store!(a_slow_action_keeps_its_lease_past_the_lease_ttl);
 async fn a_slow_action_keeps_its_lease_past_the_lease_ttl(store: TestStore) {
     // Two instances on one store: the duplicate goes to the other one, so
     // only the store's marker (kept alive by renewal) can refuse it.
-    let lease_ttl = Duration::from_millis(600);
+    let lease_ttl = Duration::from_secs(3);
     let other_store = store.another_instance().await;
     let (runs, gate) = (Runs::default(), Gate::default());
     let instance = |store: TestStore| {
@@ -232,9 +232,9 @@ async fn a_slow_action_keeps_its_lease_past_the_lease_ttl(store: TestStore) {
 
     let first = server.spawn_post("/orders", "slow", "{}");
     gate.entered(1).await;
-    // Past three lease TTLs: only renewal keeps the marker alive (a takeover
-    // would need the heartbeat, every 200 ms, to stall for 400 ms).
-    tokio::time::sleep(lease_ttl * 3).await;
+    // Past the lease TTL: only renewal keeps the marker alive (a takeover
+    // would need the heartbeat, every second, to stall for two).
+    tokio::time::sleep(lease_ttl * 3 / 2).await;
     let duplicate = other.post("/orders", Some("slow"), "{}").await;
     assert_eq!(duplicate.status, StatusCode::CONFLICT);
     gate.open(1);

@@ -237,14 +237,14 @@ per_store!(records_expire_after_the_ttl);
 async fn records_expire_after_the_ttl(store: TestStore) {
     let layer = IdempotencyLayer::builder()
         .store(store)
-        .ttl(Duration::from_millis(300))
+        .ttl(Duration::from_secs(2))
         .build()
         .unwrap();
     let (server, _, runs) = serve_orders(layer).await;
 
     server.post("/orders", Some("t"), "{}").await;
     assert!(server.post("/orders", Some("t"), "{}").await.replayed());
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     let after = server.post("/orders", Some("t"), "{}").await;
     assert!(!after.replayed());
     assert!(after.text().contains("\"id\":2"));
@@ -289,7 +289,8 @@ fn die_holding_the_lease(store: &TestStore, expiry: LeaseExpiry, lease_ttl: Dura
 
 per_store!(an_abandoned_lease_is_taken_over_after_the_lease_ttl);
 async fn an_abandoned_lease_is_taken_over_after_the_lease_ttl(store: TestStore) {
-    let lease_ttl = Duration::from_millis(300);
+    // Long enough that no stall before the first check lets it lapse.
+    let lease_ttl = Duration::from_secs(2);
     die_holding_the_lease(&store, LeaseExpiry::Takeover, lease_ttl);
     let layer = IdempotencyLayer::builder()
         .store(store)
@@ -302,7 +303,7 @@ async fn an_abandoned_lease_is_taken_over_after_the_lease_ttl(store: TestStore) 
         server.post("/orders", Some("k"), "{}").await.status,
         StatusCode::CONFLICT
     );
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     let retry = server.post("/orders", Some("k"), "{}").await;
     assert_eq!(retry.status, StatusCode::CREATED);
     assert_eq!(runs.get(), 1);

@@ -122,7 +122,8 @@ async fn two_instances_reject_run_the_action_once_and_refuse_the_rest() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_lease_is_renewed_in_redis_so_the_other_instance_never_takes_over() {
     let (prefix, _cleanup) = cleaned_prefix();
-    let lease_ttl = Duration::from_millis(300);
+    // A takeover would need the heartbeat (every second) to stall for two.
+    let lease_ttl = Duration::from_secs(3);
     let instance = |store| {
         Idempotency::builder()
             .store(store)
@@ -142,9 +143,10 @@ async fn a_live_lease_is_renewed_in_redis_so_the_other_instance_never_takes_over
     else {
         panic!("the first call runs");
     };
-    // A slow action: four lease TTLs later, A's heartbeat has kept the marker.
-    for _ in 0..4 {
-        tokio::time::sleep(lease_ttl).await;
+    // A slow action: past the lease TTL, twice, A's heartbeat has kept the
+    // marker.
+    for _ in 0..2 {
+        tokio::time::sleep(lease_ttl * 3 / 4).await;
         let outcome = b
             .begin("s:report:q3", fp, Concurrent::Reject)
             .await
@@ -204,14 +206,14 @@ async fn an_expired_lease_is_taken_over_and_cannot_overwrite_the_new_result() {
     // An instance took the lease and died: nobody renews its marker.
     let dead = LeaseToken::random();
     store
-        .begin(key, fp, dead, Duration::from_millis(300))
+        .begin(key, fp, dead, Duration::from_secs(2))
         .await
         .unwrap();
     assert!(matches!(
         survivor.begin(key, fp, Concurrent::Reject).await.unwrap(),
         Begin::Conflict { .. }
     ));
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
 
     let Begin::Execute(lease) = survivor.begin(key, fp, Concurrent::Reject).await.unwrap() else {
         panic!("the expired lease was not taken over");
