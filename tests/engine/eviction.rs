@@ -6,6 +6,7 @@
 
 use crate::support::common;
 
+#[cfg(feature = "redis")]
 use std::time::Duration;
 
 use bytes::Bytes;
