@@ -233,6 +233,84 @@ async fn disconnect_cancel_drops_the_action_and_releases_the_key(store: TestStor
     assert_eq!(runs.get(), 2);
 }
 
+per_store!(disconnect_cancel_drops_the_body_mid_stream_and_releases_the_key);
+async fn disconnect_cancel_drops_the_body_mid_stream_and_releases_the_key(store: TestStore) {
+    let layer = IdempotencyLayer::builder()
+        .store(store)
+        .disconnect(Disconnect::Cancel)
+        .build()
+        .unwrap();
+    let (runs, gate, body_dropped) = (
+        Runs::default(),
+        Gate::default(),
+        Arc::new(Semaphore::new(0)),
+    );
+    let app = Router::new().route(
+        "/export",
+        post({
+            let (runs, gate, body_dropped) = (runs.clone(), gate.clone(), body_dropped.clone());
+            move || {
+                let (runs, gate) = (runs.clone(), gate.clone());
+                let signal = DropSignal(Some(body_dropped.clone()));
+                async move {
+                    let run = runs.bump();
+                    let chunks =
+                        futures_util::stream::unfold((0, Some(signal)), move |(step, signal)| {
+                            let gate = gate.clone();
+                            async move {
+                                match step {
+                                    0 => {
+                                        let part = Frame::data(Bytes::from(format!("run {run},")));
+                                        Some((Ok::<_, BoxError>(part), (1, signal)))
+                                    }
+                                    1 => {
+                                        gate.pass().await;
+                                        // The body went on: not what this test expects.
+                                        signal.map(DropSignal::defuse);
+                                        Some((Ok(Frame::data(Bytes::from("end"))), (2, None)))
+                                    }
+                                    _ => None,
+                                }
+                            }
+                        });
+                    Body::new(StreamBody::new(chunks))
+                }
+            }
+        }),
+    );
+    let (server, handle) = serve_layered(layer, app).await;
+
+    let request = server
+        .request(Method::POST, "/export")
+        .header("idempotency-key", "x")
+        .body(full(""))
+        .unwrap();
+    let mut body = server.raw(request).await.into_body();
+    let first = within(body.frame())
+        .await
+        .unwrap()
+        .unwrap()
+        .into_data()
+        .unwrap();
+    assert_eq!(first, "run 1,");
+    gate.entered(1).await;
+    drop(body);
+    // The body was dropped mid-stream, and the key released.
+    within(body_dropped.acquire()).await.unwrap().forget();
+    within(async {
+        while !handle.keys(&KeyFilter::new()).await.unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+
+    gate.open(1);
+    let retry = server.post("/export", Some("x"), "").await;
+    assert!(!retry.replayed());
+    assert_eq!(retry.text(), "run 2,end");
+    assert_eq!(runs.get(), 2);
+}
+
 per_store!(records_expire_after_the_ttl);
 async fn records_expire_after_the_ttl(store: TestStore) {
     let layer = IdempotencyLayer::builder()
