@@ -2,7 +2,22 @@
 //! handle, on each store (`name::memory`, `name::redis`). What only the
 //! embedded store has (bounds, the cleanup task) is in `engine_memory.rs`.
 
-mod stores;
+mod support;
+mod engine {
+    mod actions;
+    mod conformance;
+    mod decoders;
+    mod eviction;
+    mod header_key;
+    mod keys;
+    mod memory;
+    mod mixed_policies;
+    mod pressure_config;
+    mod replay_storm;
+    mod runtime_config;
+}
+
+use support::stores;
 
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
@@ -116,10 +131,11 @@ async fn first_runs(engine: &Idempotency<TestStore>) -> Lease<TestStore> {
     lease
 }
 
+// One thread, so that a caller that has counted itself in `asked` has also
+// joined the flight: `begin` joins before its first `await`.
 per_store!(
     a_thousand_waiting_duplicates_cost_one_execution_and_one_store_begin,
-    flavor = "multi_thread",
-    worker_threads = 2
+    flavor = "current_thread"
 );
 async fn a_thousand_waiting_duplicates_cost_one_execution_and_one_store_begin(store: TestStore) {
     let store = CountingStore {
@@ -134,22 +150,31 @@ async fn a_thousand_waiting_duplicates_cost_one_execution_and_one_store_begin(st
         .build()
         .unwrap();
     let executions = Arc::new(AtomicUsize::new(0));
+    let asked = Arc::new(AtomicUsize::new(0));
     let all_started = Arc::new(Barrier::new(1001));
     let mut tasks = Vec::new();
     for _ in 0..1000 {
         let engine = engine.clone();
         let executions = executions.clone();
+        let asked = asked.clone();
         let all_started = all_started.clone();
         tasks.push(tokio::spawn(async move {
             all_started.wait().await;
+            asked.fetch_add(1, SeqCst);
             match engine
                 .begin_with("sig:pay:acct", fp("same"), Concurrent::wait())
                 .await?
             {
                 Begin::Execute(lease) => {
                     executions.fetch_add(1, SeqCst);
-                    // Give every duplicate time to join the flight.
-                    tokio::task::yield_now().await;
+                    // Hold the action until every duplicate has joined.
+                    timeout(LIMIT, async {
+                        while asked.load(SeqCst) < 1000 {
+                            tokio::task::yield_now().await;
+                        }
+                    })
+                    .await
+                    .expect("every caller asks");
                     lease.complete(value(fp("same"), "paid")).await?;
                     Ok::<_, StoreError>(Bytes::from_static(b"paid"))
                 }
@@ -167,6 +192,8 @@ async fn a_thousand_waiting_duplicates_cost_one_execution_and_one_store_begin(st
     let stats = engine.stats();
     assert_eq!(stats.executed, 1);
     assert_eq!(stats.coalesced + stats.replayed, 999);
+    assert_eq!(stats.coalesced, 999, "every duplicate joined the one run");
+    assert_eq!(store.begins.load(SeqCst), 1, "one store begin for all");
     assert_eq!(store.completes.load(SeqCst), 1);
     // Duplicates that arrived while the first was in flight never reached the
     // store; only those that came after it completed read the record, in
@@ -303,14 +330,15 @@ per_store!(
 );
 async fn a_live_lease_is_renewed_past_its_ttl(store: TestStore) {
     // Renewal runs every third of the lease TTL: a takeover here would need
-    // the heartbeat to stall for two thirds of it (400 ms).
-    let lease_ttl = Duration::from_millis(600);
+    // the heartbeat to stall for two thirds of it (2 s), which a busy
+    // machine does not do.
+    let lease_ttl = Duration::from_secs(3);
     let first = on(&store).lease_ttl(lease_ttl).build().unwrap();
     let second = on(&store).lease_ttl(lease_ttl).build().unwrap();
     let lease = first_runs(&first).await;
-    // Three lease TTLs later, the heartbeat has kept the marker alive.
-    for _ in 0..3 {
-        tokio::time::sleep(lease_ttl).await;
+    // Past the lease TTL, twice, the heartbeat has kept the marker alive.
+    for _ in 0..2 {
+        tokio::time::sleep(lease_ttl * 3 / 4).await;
         let outcome = begin(&second).await;
         assert!(
             matches!(outcome, Begin::Conflict { .. }),
@@ -335,15 +363,17 @@ fn die_holding<S: Store>(lease: tower_idempotency::Lease<S>) {
 
 per_store!(an_abandoned_lease_is_taken_over_after_the_lease_ttl);
 async fn an_abandoned_lease_is_taken_over_after_the_lease_ttl(store: TestStore) {
+    // Long enough that no stall between the begin and the first check
+    // lets the lease lapse early.
     let engine = on(&store)
-        .lease_ttl(Duration::from_millis(300))
+        .lease_ttl(Duration::from_secs(2))
         .build()
         .unwrap();
     let lease = first_runs(&engine).await;
     let token = lease.token();
     die_holding(lease);
     assert!(matches!(begin(&engine).await, Begin::Conflict { .. }));
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     let Begin::Execute(second) = begin(&engine).await else {
         panic!("the retry takes over")
     };
@@ -374,13 +404,39 @@ async fn under_block_an_abandoned_lease_keeps_refusing_retries(store: TestStore)
     assert!(matches!(begin(&engine).await, Begin::Conflict { .. }));
 }
 
+per_store!(under_block_an_abandoned_lease_refuses_until_the_record_ttl);
+async fn under_block_an_abandoned_lease_refuses_until_the_record_ttl(store: TestStore) {
+    // The lease lapses long before the record TTL; a stall shorter than the
+    // record TTL cannot turn the first check into a run.
+    let ttl = Duration::from_secs(3);
+    let engine = on(&store)
+        .ttl(ttl)
+        .lease_ttl(Duration::from_millis(300))
+        .lease_expiry(LeaseExpiry::Block)
+        .build()
+        .unwrap();
+    let begun = tokio::time::Instant::now();
+    let lease = first_runs(&engine).await;
+    die_holding(lease);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(
+        matches!(begin(&engine).await, Begin::Conflict { .. }),
+        "past the lease TTL the key is still blocked"
+    );
+    tokio::time::sleep_until(begun + ttl + Duration::from_millis(500)).await;
+    assert!(
+        matches!(begin(&engine).await, Begin::Execute(_)),
+        "past the record TTL the key runs again"
+    );
+}
+
 per_store!(records_expire_after_the_ttl_and_the_key_runs_again);
 async fn records_expire_after_the_ttl_and_the_key_runs_again(store: TestStore) {
-    let engine = on(&store).ttl(Duration::from_millis(300)).build().unwrap();
+    let engine = on(&store).ttl(Duration::from_secs(2)).build().unwrap();
     let lease = first_runs(&engine).await;
     lease.complete(value(fp("x"), "ok")).await.unwrap();
     assert!(engine.record("s:a:t").await.unwrap().is_some());
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     assert!(engine.record("s:a:t").await.unwrap().is_none());
     assert!(matches!(begin(&engine).await, Begin::Execute(_)));
 }

@@ -2,6 +2,11 @@
 //! spoken to over loopback: a retry replays, a reused key with another body is
 //! a 422, and without the layer the same retry runs again.
 
+mod support;
+mod examples {
+    mod postgres;
+}
+
 use std::process::Stdio;
 use std::time::Duration;
 

@@ -22,13 +22,14 @@ use tokio::time::{timeout, Instant};
 use tower_idempotency::store::{Entry, EntryKind, EntryState, MemoryStore, Store};
 use tower_idempotency::{Concurrent, Idempotency, IdempotencyLayer, KeyFilter};
 
-#[path = "soak/check.rs"]
-mod check;
-#[path = "soak/traffic.rs"]
-mod traffic;
+mod support;
+mod soak {
+    pub(crate) mod check;
+    pub(crate) mod traffic;
+}
 
-use check::{check, Observed, Totals};
-use traffic::{client, endpoint, Endpoint, Runs, LIMIT, PANIC_MESSAGE};
+use soak::check::{check, Observed, Totals};
+use soak::traffic::{client, endpoint, Endpoint, Runs, LIMIT, PANIC_MESSAGE};
 
 /// Concurrent clients per store.
 const CLIENTS: usize = 150;
@@ -239,17 +240,13 @@ async fn soak_memory_store_at_its_entry_bound() {
 }
 
 #[cfg(feature = "redis")]
-#[path = "support/mod.rs"]
-mod support;
-
-#[cfg(feature = "redis")]
 mod redis_stores {
     use std::time::Duration;
 
     use tower_idempotency::RedisStore;
 
-    use super::support::{free_port, prefix, OwnRedis};
     use super::{duration, engine, soak};
+    use crate::support::redis::{free_port, prefix, OwnRedis};
 
     /// Two instances on a Redis of the test's own, paused mid-run.
     async fn soak_redis(name: &str, local_tier: Option<u64>) {

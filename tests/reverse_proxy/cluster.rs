@@ -7,9 +7,9 @@ use std::time::Duration;
 use http::{Method, StatusCode};
 use tokio::time::{timeout, Instant};
 
-use crate::cluster_support::{shared_cluster_urls, ClusterCleanup, PrivateCluster};
-use crate::harness::{spawn, Proxy, QUICK};
-use crate::upstream::Upstream;
+use super::cluster_support::{shared_cluster_urls, ClusterCleanup, PrivateCluster};
+use super::harness::{spawn, Proxy, QUICK};
+use super::upstream::Upstream;
 
 #[tokio::test]
 async fn a_proxy_on_the_cluster_with_replica_acknowledgement_replays() {

@@ -6,9 +6,9 @@ use http::{Method, StatusCode};
 use serde_json::{json, Value};
 use tokio::time::timeout;
 
-use crate::eventually;
-use crate::harness::{send, Proxy, QUICK};
-use crate::upstream::Upstream;
+use super::eventually;
+use super::harness::{send, Proxy, QUICK};
+use super::upstream::Upstream;
 
 async fn put_config(proxy: &Proxy, body: &str) -> (StatusCode, Value, String) {
     let reply = send(Method::PUT, &format!("{}/config", proxy.admin), None, body).await;

@@ -10,9 +10,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
-use crate::eventually;
-use crate::harness::{send, Proxy, QUICK};
-use crate::upstream::Upstream;
+use super::eventually;
+use super::harness::{send, Proxy, QUICK};
+use super::upstream::Upstream;
 
 /// A response read off a raw connection.
 pub(crate) struct RawReply {

@@ -11,9 +11,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
-use crate::edge::{closed_by_proxy, connect};
-use crate::harness::{Proxy, Reply, QUICK};
-use crate::upstream::Upstream;
+use super::edge::{closed_by_proxy, connect};
+use super::harness::{Proxy, Reply, QUICK};
+use super::upstream::Upstream;
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const HEADERS: u8 = 0x1;

@@ -1,15 +1,15 @@
 //! What the idempotency layer in the proxy does, seen from a client, with the
 //! upstream counting what really ran. Every test runs on the embedded store
-//! and, when Redis answers on 127.0.0.1:6379 and the `redis` feature is on,
+//! and, when Redis answers on `REDIS_URL` (default 127.0.0.1:6379) and the `redis` feature is on,
 //! again with `--redis` under a fresh prefix.
 
 use http::{Method, StatusCode};
 use serde_json::Value;
 use tokio::time::timeout;
 
-use crate::harness::{send, Proxy, QUICK};
-use crate::upstream::{dead_url, Upstream};
-use crate::{eventually, store_args};
+use super::harness::{send, Proxy, QUICK};
+use super::upstream::{dead_url, Upstream};
+use super::{eventually, store_args};
 
 /// Starts a proxy in front of `upstream` with `args`, on the store `redis` picks.
 async fn proxy(upstream: &str, redis: bool, args: &[&str]) -> Proxy {

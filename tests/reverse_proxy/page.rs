@@ -9,8 +9,8 @@ use http::{Method, StatusCode};
 use tokio::process::Command;
 use tokio::time::timeout;
 
-use crate::harness::{send, Proxy, QUICK};
-use crate::upstream::Upstream;
+use super::harness::{send, Proxy, QUICK};
+use super::upstream::Upstream;
 
 /// Chromium's start-up is slow on a loaded machine.
 const BROWSER: Duration = Duration::from_secs(90);

@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, Mutex, Semaphore};
 use tokio::time::timeout;
 
-use crate::harness::QUICK;
+use super::harness::QUICK;
 
 struct Shared {
     executions: AtomicU64,

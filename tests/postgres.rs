@@ -1,0 +1,11 @@
+//! The Postgres store on its own: the store, the layer on it, and the
+//! transactional form of `execute`.
+#![cfg(feature = "postgres")]
+
+mod support;
+
+mod postgres {
+    mod http_layer;
+    mod store;
+    mod transaction;
+}

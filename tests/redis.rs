@@ -1,0 +1,18 @@
+//! The Redis store on its own: the shared Redis, Redis servers of a test's
+//! own (faults, outages, eviction policies, fail-open) and Redis Cluster
+//! (with failover).
+#![cfg(feature = "redis")]
+
+mod support;
+
+mod redis {
+    mod admin;
+    mod cluster;
+    mod cluster_failover;
+    mod eviction_policy;
+    mod fail_open;
+    mod faults;
+    mod http_layer;
+    mod outage;
+    mod store;
+}
