@@ -18,7 +18,7 @@ use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::engine::{Begin, Concurrent, Idempotency, DEFAULT_WAIT_TIMEOUT};
+use crate::engine::{Begin, Concurrent, Idempotency, Lease, DEFAULT_WAIT_TIMEOUT};
 use crate::key::{Fingerprint, IdempotencyKey};
 use crate::record::Record;
 use crate::store::{EntryState, Store, StoreError};
@@ -87,16 +87,45 @@ impl<E> From<StoreError> for ExecuteError<E> {
 
 /// The fingerprint every call of this API uses for `key`, so `execute`,
 /// `mark_executed` and retries agree: the key already names the params.
-pub(crate) fn fingerprint(key: &IdempotencyKey, text: &str) -> Fingerprint {
+fn fingerprint(key: &IdempotencyKey, text: &str) -> Fingerprint {
     match key.params_hash() {
         Some(hash) => Fingerprint::of_bytes(hash.as_bytes()),
         None => Fingerprint::of_bytes(text.as_bytes()),
     }
 }
 
-pub(crate) fn decode<T: DeserializeOwned, E>(record: &Record) -> Result<T, ExecuteError<E>> {
+fn decode<T: DeserializeOwned, E>(record: &Record) -> Result<T, ExecuteError<E>> {
     let value = record.as_value().ok_or(ExecuteError::NotAValue)?;
     serde_json::from_slice(value).map_err(ExecuteError::Decode)
+}
+
+/// How a call of the closure API starts: run the action under the lease (its
+/// value recorded with the fingerprint), or answer the stored value.
+pub(crate) enum Started<S: Store, T> {
+    Run(Lease<S>, Fingerprint),
+    Replayed(T),
+}
+
+impl<S: Store> Idempotency<S> {
+    /// Begins `key` under the closure API's policy; a mismatch or a wait that
+    /// ran out is the caller's error. Shared by `execute` and the
+    /// transactional forms, so they answer duplicates alike.
+    pub(crate) async fn begin_execute<T: DeserializeOwned, E>(
+        &self,
+        key: &IdempotencyKey,
+    ) -> Result<Started<S, T>, ExecuteError<E>> {
+        let text = key.to_text();
+        let fingerprint = fingerprint(key, &text);
+        match self
+            .begin_with(text, fingerprint, self.execute_policy())
+            .await?
+        {
+            Begin::Execute(lease) => Ok(Started::Run(lease, fingerprint)),
+            Begin::Replay { record, .. } => decode(&record).map(Started::Replayed),
+            Begin::Mismatch => Err(ExecuteError::Mismatch),
+            Begin::Conflict { .. } => Err(ExecuteError::Timeout),
+        }
+    }
 }
 
 impl<S: Store> Idempotency<S> {
@@ -176,16 +205,9 @@ impl<S: Store> Idempotency<S> {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        let text = key.to_text();
-        let fingerprint = fingerprint(key, &text);
-        let lease = match self
-            .begin_with(text, fingerprint, self.execute_policy())
-            .await?
-        {
-            Begin::Execute(lease) => lease,
-            Begin::Replay { record, .. } => return decode(&record),
-            Begin::Mismatch => return Err(ExecuteError::Mismatch),
-            Begin::Conflict { .. } => return Err(ExecuteError::Timeout),
+        let (lease, fingerprint) = match self.begin_execute(key).await? {
+            Started::Run(lease, fingerprint) => (lease, fingerprint),
+            Started::Replayed(value) => return Ok(value),
         };
 
         let value = match action().await {

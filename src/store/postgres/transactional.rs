@@ -8,8 +8,8 @@ use serde::Serialize;
 use sqlx::{Postgres, Transaction};
 
 use super::PostgresStore;
-use crate::engine::{Begin, Idempotency, Lease};
-use crate::execute::{decode, fingerprint, ExecuteError};
+use crate::engine::{Idempotency, Lease};
+use crate::execute::{ExecuteError, Started};
 use crate::key::IdempotencyKey;
 use crate::record::Record;
 use crate::store::StoreError;
@@ -86,16 +86,9 @@ impl Idempotency<PostgresStore> {
         T: Serialize + DeserializeOwned,
         F: for<'t> FnOnce(&'t mut Transaction<'static, Postgres>) -> BoxFuture<'t, Result<T, E>>,
     {
-        let text = key.to_text();
-        let fingerprint = fingerprint(key, &text);
-        let lease = match self
-            .begin_with(text, fingerprint, self.execute_policy())
-            .await?
-        {
-            Begin::Execute(lease) => lease,
-            Begin::Replay { record, .. } => return decode(&record),
-            Begin::Mismatch => return Err(ExecuteError::Mismatch),
-            Begin::Conflict { .. } => return Err(ExecuteError::Timeout),
+        let (lease, fingerprint) = match self.begin_execute(key).await? {
+            Started::Run(lease, fingerprint) => (lease, fingerprint),
+            Started::Replayed(value) => return Ok(value),
         };
         let store = self.store();
         let mut transaction = match store.run(store.pool().begin()).await {
