@@ -7,12 +7,10 @@
 #![cfg(feature = "redis")]
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::Barrier;
 use tokio::time::timeout;
 use tower_idempotency::store::{EntryState, LeaseToken, Store, StoreError};
 use tower_idempotency::{Begin, Concurrent, Fingerprint, Idempotency, Record, RedisStore};
@@ -133,46 +131,8 @@ async fn two_hundred_duplicates_split_over_two_instances_run_once() {
             .build()
             .unwrap()
     });
-    let fp = Fingerprint::of_bytes(b"charge 42");
-    let runs = Arc::new(AtomicUsize::new(0));
-    let barrier = Arc::new(Barrier::new(DUPLICATES));
-    let tasks: Vec<_> = (0..DUPLICATES)
-        .map(|i| {
-            let engine = instances[i % 2].clone();
-            let (runs, barrier) = (runs.clone(), barrier.clone());
-            tokio::spawn(async move {
-                barrier.wait().await;
-                match engine
-                    .begin_with("sig:charge:acct-1", fp, wait)
-                    .await
-                    .unwrap()
-                {
-                    Begin::Execute(lease) => {
-                        let run = runs.fetch_add(1, Ordering::SeqCst);
-                        // Hold the lease so duplicates pile up on both
-                        // instances; no assertion depends on it.
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        let body = if run == 0 { "charged" } else { "charged again" };
-                        assert!(lease.complete(value(fp, body)).await.unwrap());
-                        Bytes::from_static(body.as_bytes())
-                    }
-                    Begin::Replay { record, .. } => record.as_value().unwrap().clone(),
-                    other => panic!("a duplicate got {other:?}"),
-                }
-            })
-        })
-        .collect();
-    for task in tasks {
-        let body = timeout(LIMIT, task).await.unwrap().unwrap();
-        assert_eq!(body, "charged");
-    }
-    assert_eq!(runs.load(Ordering::SeqCst), 1, "the action ran once");
-    let stats = [instances[0].stats(), instances[1].stats()];
-    assert_eq!(stats[0].executed + stats[1].executed, 1);
-    assert_eq!(
-        stats[0].replayed + stats[0].coalesced + stats[1].replayed + stats[1].coalesced,
-        DUPLICATES as u64 - 1
-    );
+    crate::support::redis::duplicates_over_two_instances_run_once(instances, wait, DUPLICATES)
+        .await;
 }
 
 /// With `replica_ack(1, ..)`, `complete` answers only once the replica of the

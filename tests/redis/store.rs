@@ -3,11 +3,9 @@
 //! `REDIS_URL` says otherwise; each test works under its own random prefix.
 #![cfg(feature = "redis")]
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::sync::Barrier;
 use tokio::time::timeout;
 use tower_idempotency::store::{EntryState, LeaseToken, Store};
@@ -29,47 +27,7 @@ async fn two_instances_wait_run_the_action_once_and_share_its_result() {
         engine(store(&prefix).await, wait),
         engine(store(&prefix).await, wait),
     ];
-    let fp = Fingerprint::of_bytes(b"charge 42");
-    let runs = Arc::new(AtomicUsize::new(0));
-    let barrier = Arc::new(Barrier::new(DUPLICATES));
-    let tasks: Vec<_> = (0..DUPLICATES)
-        .map(|i| {
-            let engine = instances[i % 2].clone();
-            let (runs, barrier) = (runs.clone(), barrier.clone());
-            tokio::spawn(async move {
-                barrier.wait().await;
-                match engine
-                    .begin_with("sig:charge:acct-1", fp, wait)
-                    .await
-                    .unwrap()
-                {
-                    Begin::Execute(lease) => {
-                        let run = runs.fetch_add(1, Ordering::SeqCst);
-                        // Hold the lease a little so duplicates pile up on
-                        // both instances; the assertions do not depend on it.
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        let body = if run == 0 { "charged" } else { "charged again" };
-                        let record = value(fp, body);
-                        assert!(lease.complete(record.clone()).await.unwrap());
-                        Bytes::from_static(body.as_bytes())
-                    }
-                    Begin::Replay { record, .. } => record.as_value().unwrap().clone(),
-                    other => panic!("a duplicate got {other:?}"),
-                }
-            })
-        })
-        .collect();
-    for task in tasks {
-        let body = timeout(LIMIT, task).await.unwrap().unwrap();
-        assert_eq!(body, "charged");
-    }
-    assert_eq!(runs.load(Ordering::SeqCst), 1);
-    let [a, b] = [instances[0].stats(), instances[1].stats()];
-    assert_eq!(a.executed + b.executed, 1);
-    assert_eq!(
-        a.coalesced + a.replayed + b.coalesced + b.replayed,
-        DUPLICATES as u64 - 1
-    );
+    support::duplicates_over_two_instances_run_once(instances.clone(), wait, DUPLICATES).await;
     instances[0].clear().await.unwrap();
 }
 

@@ -5,12 +5,15 @@
 use std::future::Future;
 use std::io;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::process::{Child, Command};
-use tower_idempotency::{Concurrent, Fingerprint, Idempotency, Record, RedisStore};
+use tokio::sync::Barrier;
+use tower_idempotency::store::Store;
+use tower_idempotency::{Begin, Concurrent, Fingerprint, Idempotency, Record, RedisStore};
 
 /// The limit on any one wait on the network or on another task.
 pub(crate) const LIMIT: Duration = Duration::from_secs(20);
@@ -54,6 +57,57 @@ pub(crate) fn engine(store: RedisStore, concurrent: Concurrent) -> Idempotency<R
 /// A value record.
 pub(crate) fn value(fp: Fingerprint, body: &'static str) -> Record {
     Record::value(fp, Bytes::from_static(body.as_bytes()))
+}
+
+/// `duplicates` concurrent begins of one key, split over two instances of a
+/// service that share a store, all let go at once under `wait`: the action
+/// runs once, every caller gets its result, and the instances' counters say
+/// one execution and `duplicates - 1` answers from it.
+pub(crate) async fn duplicates_over_two_instances_run_once<S: Store>(
+    instances: [Idempotency<S>; 2],
+    wait: Concurrent,
+    duplicates: usize,
+) {
+    let fp = Fingerprint::of_bytes(b"charge 42");
+    let runs = Arc::new(AtomicUsize::new(0));
+    let barrier = Arc::new(Barrier::new(duplicates));
+    let tasks: Vec<_> = (0..duplicates)
+        .map(|i| {
+            let engine = instances[i % 2].clone();
+            let (runs, barrier) = (runs.clone(), barrier.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                match engine
+                    .begin_with("sig:charge:acct-1", fp, wait)
+                    .await
+                    .unwrap()
+                {
+                    Begin::Execute(lease) => {
+                        let run = runs.fetch_add(1, Ordering::SeqCst);
+                        // Hold the lease a little so duplicates pile up on
+                        // both instances; the assertions do not depend on it.
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        let body = if run == 0 { "charged" } else { "charged again" };
+                        assert!(lease.complete(value(fp, body)).await.unwrap());
+                        Bytes::from_static(body.as_bytes())
+                    }
+                    Begin::Replay { record, .. } => record.as_value().unwrap().clone(),
+                    other => panic!("a duplicate got {other:?}"),
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        let body = tokio::time::timeout(LIMIT, task).await.unwrap().unwrap();
+        assert_eq!(body, "charged");
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the action ran once");
+    let [a, b] = [instances[0].stats(), instances[1].stats()];
+    assert_eq!(a.executed + b.executed, 1);
+    assert_eq!(
+        a.coalesced + a.replayed + b.coalesced + b.replayed,
+        duplicates as u64 - 1
+    );
 }
 
 /// A port nothing listens on (the OS picked it free a moment ago).
