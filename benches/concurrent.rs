@@ -378,6 +378,33 @@ fn print_targets(results: &[(usize, Vec<Figures>)]) {
     println!();
 }
 
+/// `PROFILE=<case name>`: runs only that case, concurrently, at 1 KiB, for
+/// `ROUND_MS` (so `perf record` sees one path), and prints its figures.
+fn profile(case_name: &str, round_len: Duration) {
+    let Some(case) = CASES.into_iter().find(|case| case.name == case_name) else {
+        eprintln!("no case named {case_name:?}");
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(WORKERS)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let router = rt.block_on(async {
+        match case.router {
+            BARE => bare_router(),
+            OURS => ours_router(),
+            _ => peer_router(false),
+        }
+    });
+    let body = Bytes::from(vec![b'x'; 1024]);
+    let figures = round(&rt, &router, case, &body, CLIENTS, round_len, "profile");
+    println!(
+        "{case_name}: {:.0} ops/s, p50 {:.2} us, p99 {:.1} us, {:.2} CPU us/request",
+        figures.ops_per_sec, figures.p50_us, figures.p99_us, figures.cpu_us
+    );
+}
+
 fn main() {
     let round_len = Duration::from_millis(
         std::env::var("ROUND_MS")
@@ -385,6 +412,10 @@ fn main() {
             .and_then(|ms| ms.parse().ok())
             .unwrap_or(400),
     );
+    if let Ok(case_name) = std::env::var("PROFILE") {
+        profile(&case_name, round_len);
+        return;
+    }
     let concurrent = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(WORKERS)
         .enable_all()

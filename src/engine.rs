@@ -75,7 +75,8 @@ pub use config::{
 };
 pub use handle::KeyFilter;
 
-use std::collections::HashMap;
+use std::borrow::Borrow;
+use std::collections::HashSet;
 use std::pin::pin;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, RwLock, Weak};
@@ -142,7 +143,9 @@ struct Inner<S> {
     stats: Stats,
     /// Store removal counts at the last `reset_stats`.
     removals_baseline: [AtomicU64; 2],
-    flights: Mutex<HashMap<String, Arc<Flight>>>,
+    /// The flights of this process, each under its key (which the flight
+    /// holds: the key's one copy, shared with the lease).
+    flights: Mutex<HashSet<FlightEntry, ahash::RandomState>>,
     heartbeat: Mutex<Option<AbortHandle>>,
     auto_cleanup: Mutex<Option<AbortHandle>>,
     /// Tokens to release once the store answers again.
@@ -171,6 +174,8 @@ impl<S> Drop for Inner<S> {
 
 /// One key being begun or run in this process.
 struct Flight {
+    /// The storage key.
+    key: String,
     fingerprint: Fingerprint,
     /// Set once the leader holds the store lease; the heartbeat renews it.
     lease: std::sync::OnceLock<LeaseToken>,
@@ -186,8 +191,9 @@ struct Flight {
 }
 
 impl Flight {
-    fn new(fingerprint: Fingerprint) -> Self {
+    fn new(key: String, fingerprint: Fingerprint) -> Self {
         Self {
+            key,
             fingerprint,
             lease: std::sync::OnceLock::new(),
             confirmed_at: Mutex::new(tokio::time::Instant::now()),
@@ -234,6 +240,30 @@ impl Flight {
         }
     }
 }
+
+/// A flight in the engine's set, found by its key.
+struct FlightEntry(Arc<Flight>);
+
+impl Borrow<str> for FlightEntry {
+    fn borrow(&self) -> &str {
+        &self.0.key
+    }
+}
+
+// Hashed and compared as its key, as `Borrow<str>` requires.
+impl std::hash::Hash for FlightEntry {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.key.as_str().hash(state);
+    }
+}
+
+impl PartialEq for FlightEntry {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.key == other.0.key
+    }
+}
+
+impl Eq for FlightEntry {}
 
 #[derive(Clone)]
 enum FlightOutcome {
@@ -314,7 +344,7 @@ impl<S: Store> Idempotency<S> {
                 config: RwLock::new(config),
                 stats: Stats::default(),
                 removals_baseline: [AtomicU64::new(0), AtomicU64::new(0)],
-                flights: Mutex::new(HashMap::new()),
+                flights: Mutex::new(HashSet::default()),
                 heartbeat: Mutex::new(None),
                 auto_cleanup: Mutex::new(None),
                 releases: PendingReleases::default(),
@@ -440,30 +470,34 @@ impl<S: Store> Idempotency<S> {
         deadline: Option<tokio::time::Instant>,
     ) -> Result<Begin<S>, StoreError> {
         let mut waited = false;
+        let mut key = key;
         loop {
-            match self.join_flight(&key, fingerprint) {
+            match self.join_flight(key, fingerprint) {
                 Joined::Leading(flight) => {
                     return self
-                        .lead_flight(key, flight, fingerprint, deadline, waited)
+                        .lead_flight(flight, fingerprint, deadline, waited)
                         .await;
                 }
-                Joined::Following(flight) => match follow(&flight, fingerprint, deadline).await {
-                    Followed::Answer(begun) => return Ok(begun),
-                    Followed::StartOver { waited: now } => waited |= now,
-                },
+                Joined::Following(flight, given_back) => {
+                    key = given_back;
+                    match follow(&flight, fingerprint, deadline).await {
+                        Followed::Answer(begun) => return Ok(begun),
+                        Followed::StartOver { waited: now } => waited |= now,
+                    }
+                }
             }
         }
     }
 
-    /// The key's flight in this process: the one running, or a new one this
-    /// caller leads.
-    fn join_flight(&self, key: &str, fingerprint: Fingerprint) -> Joined {
+    /// The key's flight in this process: the one running (and the key back),
+    /// or a new one this caller leads, which takes the key.
+    fn join_flight(&self, key: String, fingerprint: Fingerprint) -> Joined {
         let mut flights = lock(&self.inner.flights);
-        match flights.get(key) {
-            Some(flight) => Joined::Following(flight.clone()),
+        match flights.get(key.as_str()) {
+            Some(FlightEntry(flight)) => Joined::Following(flight.clone(), key),
             None => {
-                let flight = Arc::new(Flight::new(fingerprint));
-                flights.insert(key.to_owned(), flight.clone());
+                let flight = Arc::new(Flight::new(key, fingerprint));
+                flights.insert(FlightEntry(flight.clone()));
                 Joined::Leading(flight)
             }
         }
@@ -474,7 +508,6 @@ impl<S: Store> Idempotency<S> {
     /// now holds the lease.
     async fn lead_flight(
         &self,
-        key: String,
         flight: Arc<Flight>,
         fingerprint: Fingerprint,
         deadline: Option<tokio::time::Instant>,
@@ -486,16 +519,15 @@ impl<S: Store> Idempotency<S> {
         // may have written the marker.
         let mut leading = Leading {
             engine: self,
-            key: &key,
             flight: &flight,
             asked: None,
         };
         let led = self
-            .lead(&key, &flight, fingerprint, deadline, &mut leading.asked)
+            .lead(&flight, fingerprint, deadline, &mut leading.asked)
             .await;
         if let Some(token) = leading.asked.take() {
             // The store failed to answer: the marker may be written.
-            self.release_later(key.clone(), token, self.marker_expiry());
+            self.release_later(flight.key.clone(), token, self.marker_expiry());
         }
         std::mem::forget(leading);
         let (outcome, begun) = match led {
@@ -506,7 +538,6 @@ impl<S: Store> Idempotency<S> {
                 self.start_heartbeat();
                 return Ok(Begin::Execute(Lease {
                     engine: self.clone(),
-                    key,
                     token,
                     flight,
                     state: LeaseState::Held,
@@ -520,7 +551,7 @@ impl<S: Store> Idempotency<S> {
             Ok(Led::Conflict) => (FlightOutcome::Released, Ok(conflict())),
             Err(error) => (FlightOutcome::Released, Err(error)),
         };
-        self.end_flight(&key, &flight, outcome);
+        self.end_flight(&flight, outcome);
         begun
     }
 
@@ -531,12 +562,12 @@ impl<S: Store> Idempotency<S> {
     /// written its marker.
     async fn lead(
         &self,
-        key: &str,
         flight: &Flight,
         fingerprint: Fingerprint,
         deadline: Option<tokio::time::Instant>,
         asked: &mut Option<LeaseToken>,
     ) -> Result<Led, StoreError> {
+        let key = flight.key.as_str();
         let marker_ttl = self.inner.config().marker_ttl();
         let mut backoff = Duration::from_millis(5);
         loop {
@@ -585,12 +616,13 @@ impl<S: Store> Idempotency<S> {
 
     /// Removes `flight` from the map (if it is still the one there) and tells
     /// its followers how it ended.
-    fn end_flight(&self, key: &str, flight: &Arc<Flight>, outcome: FlightOutcome) {
+    fn end_flight(&self, flight: &Arc<Flight>, outcome: FlightOutcome) {
         {
             let mut flights = lock(&self.inner.flights);
+            let key = flight.key.as_str();
             if flights
                 .get(key)
-                .is_some_and(|current| Arc::ptr_eq(current, flight))
+                .is_some_and(|current| Arc::ptr_eq(&current.0, flight))
             {
                 flights.remove(key);
             }
@@ -662,7 +694,6 @@ impl<S: Store> Idempotency<S> {
 /// flight and releases the token of a `begin` still unanswered.
 struct Leading<'a, S: Store> {
     engine: &'a Idempotency<S>,
-    key: &'a str,
     flight: &'a Arc<Flight>,
     asked: Option<LeaseToken>,
 }
@@ -671,10 +702,10 @@ impl<S: Store> Drop for Leading<'_, S> {
     fn drop(&mut self) {
         if let Some(token) = self.asked.take() {
             let until = self.engine.marker_expiry();
-            self.engine.release_later(self.key.to_owned(), token, until);
+            self.engine
+                .release_later(self.flight.key.clone(), token, until);
         }
-        self.engine
-            .end_flight(self.key, self.flight, FlightOutcome::Released);
+        self.engine.end_flight(self.flight, FlightOutcome::Released);
     }
 }
 
@@ -691,7 +722,8 @@ enum Led {
 /// Where [`Idempotency::join_flight`] put the caller.
 enum Joined {
     Leading(Arc<Flight>),
-    Following(Arc<Flight>),
+    /// The flight followed, and the caller's key given back.
+    Following(Arc<Flight>, String),
 }
 
 /// How a follower's wait ended.
@@ -775,17 +807,15 @@ async fn heartbeat<S: Store>(engine: Weak<Inner<S>>, period: Duration) {
         let Some(inner) = engine.upgrade() else {
             return;
         };
-        let held: Vec<(String, LeaseToken, Arc<Flight>)> = lock(&inner.flights)
+        let held: Vec<(LeaseToken, Arc<Flight>)> = lock(&inner.flights)
             .iter()
-            .filter_map(|(key, flight)| {
-                let token = *flight.lease.get()?;
-                Some((key.clone(), token, flight.clone()))
-            })
+            .filter_map(|FlightEntry(flight)| Some((*flight.lease.get()?, flight.clone())))
             .collect();
         let marker_ttl = inner.config().marker_ttl();
-        for (key, token, flight) in held {
+        for (token, flight) in held {
+            let key = flight.key.as_str();
             let asked_at = tokio::time::Instant::now();
-            match inner.store.renew(&key, token, marker_ttl).await {
+            match inner.store.renew(key, token, marker_ttl).await {
                 Ok(true) => flight.confirm(asked_at),
                 Ok(false) => {}
                 Err(error) => {
@@ -820,7 +850,6 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[must_use = "dropping a lease releases it: complete it with the action's result"]
 pub struct Lease<S: Store> {
     engine: Idempotency<S>,
-    key: String,
     token: LeaseToken,
     flight: Arc<Flight>,
     state: LeaseState,
@@ -840,7 +869,7 @@ enum LeaseState {
 impl<S: Store> std::fmt::Debug for Lease<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Lease")
-            .field("key", &self.key)
+            .field("key", &self.flight.key)
             .field("token", &self.token)
             .finish()
     }
@@ -849,7 +878,7 @@ impl<S: Store> std::fmt::Debug for Lease<S> {
 impl<S: Store> Lease<S> {
     /// The storage key this lease is for.
     pub fn key(&self) -> &str {
-        &self.key
+        &self.flight.key
     }
 
     /// The lease's token: what a [`complete_with`](Self::complete_with)
@@ -886,15 +915,9 @@ impl<S: Store> Lease<S> {
     pub async fn complete(mut self, record: Record) -> Result<bool, StoreError> {
         let record = Arc::new(record);
         self.state = LeaseState::Completing(record.clone());
-        let stored = complete_until_lease_expires(
-            &self.engine,
-            &self.key,
-            self.token,
-            &self.flight,
-            &record,
-            false,
-        )
-        .await;
+        let stored =
+            complete_until_lease_expires(&self.engine, self.token, &self.flight, &record, false)
+                .await;
         self.state = LeaseState::Finished;
         stored
     }
@@ -907,13 +930,18 @@ impl<S: Store> Lease<S> {
     /// release in the background until the store answers or the marker
     /// expires.
     pub async fn release(mut self) -> Result<(), StoreError> {
-        let result = self.engine.inner.store.release(&self.key, self.token).await;
+        let result = self
+            .engine
+            .inner
+            .store
+            .release(&self.flight.key, self.token)
+            .await;
         self.state = LeaseState::Finished;
         if result.is_err() {
             self.release_later();
         }
         self.engine
-            .end_flight(&self.key, &self.flight, FlightOutcome::Released);
+            .end_flight(&self.flight, FlightOutcome::Released);
         self.engine.counted(result).map(drop)
     }
 
@@ -922,7 +950,7 @@ impl<S: Store> Lease<S> {
         let marker_ttl = self.engine.inner.config().marker_ttl();
         let until = self.flight.lease_ours_until(marker_ttl);
         self.engine
-            .release_later(self.key.clone(), self.token, until);
+            .release_later(self.flight.key.clone(), self.token, until);
     }
 }
 
@@ -933,21 +961,19 @@ impl<S: Store> Drop for Lease<S> {
             return;
         }
         let engine = self.engine.clone();
-        let key = std::mem::take(&mut self.key);
         let token = self.token;
         let flight = self.flight.clone();
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            engine.end_flight(&key, &flight, FlightOutcome::Released);
+            engine.end_flight(&flight, FlightOutcome::Released);
             return;
         };
         match state {
             LeaseState::Completing(record) => {
                 runtime.spawn(
                     async move {
-                        let _ = complete_until_lease_expires(
-                            &engine, &key, token, &flight, &record, true,
-                        )
-                        .await;
+                        let _ =
+                            complete_until_lease_expires(&engine, token, &flight, &record, true)
+                                .await;
                     }
                     .in_current_span(),
                 );
@@ -955,7 +981,7 @@ impl<S: Store> Drop for Lease<S> {
             // Release before telling the waiters, so the one that starts
             // over finds the key free rather than polling a stale marker.
             LeaseState::Held => {
-                runtime.spawn(release_now(engine, key, token, flight).in_current_span());
+                runtime.spawn(release_now(engine, token, flight).in_current_span());
             }
             LeaseState::Finished => {}
         }
@@ -964,17 +990,13 @@ impl<S: Store> Drop for Lease<S> {
 
 /// Releases a dropped lease's key, queueing the release to be retried if the
 /// store fails, then tells the waiters.
-async fn release_now<S: Store>(
-    engine: Idempotency<S>,
-    key: String,
-    token: LeaseToken,
-    flight: Arc<Flight>,
-) {
-    let result = engine.inner.store.release(&key, token).await;
+async fn release_now<S: Store>(engine: Idempotency<S>, token: LeaseToken, flight: Arc<Flight>) {
+    let key = flight.key.as_str();
+    let result = engine.inner.store.release(key, token).await;
     if let Err(error) = engine.counted(result) {
         tracing::warn!(%error, key, "idempotency lease release failed; retrying in the background");
         let until = flight.lease_ours_until(engine.inner.config().marker_ttl());
-        engine.release_later(key.clone(), token, until);
+        engine.release_later(key.to_owned(), token, until);
     }
-    engine.end_flight(&key, &flight, FlightOutcome::Released);
+    engine.end_flight(&flight, FlightOutcome::Released);
 }

@@ -45,8 +45,8 @@ impl<S: Store> Lease<S> {
         if written.is_err() {
             // The release is fenced by the lease: if the write did land, the
             // marker is gone and this deletes nothing.
-            if let Err(error) = inner.store.release(&self.key, self.token).await {
-                tracing::warn!(%error, key = self.key, "idempotency lease release failed");
+            if let Err(error) = inner.store.release(&self.flight.key, self.token).await {
+                tracing::warn!(%error, key = self.flight.key, "idempotency lease release failed");
                 self.release_later();
             }
         }
@@ -55,7 +55,7 @@ impl<S: Store> Lease<S> {
             Ok(true) => FlightOutcome::Completed(record),
             Ok(false) | Err(_) => FlightOutcome::Released,
         };
-        self.engine.end_flight(&self.key, &self.flight, outcome);
+        self.engine.end_flight(&self.flight, outcome);
         self.engine.counted(written)
     }
 }

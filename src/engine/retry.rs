@@ -42,12 +42,12 @@ const MAX_PENDING_RELEASES: usize = 10_000;
 /// stored the record.
 pub(super) async fn complete_until_lease_expires<S: Store>(
     engine: &Idempotency<S>,
-    key: &str,
     token: LeaseToken,
     flight: &Arc<Flight>,
     record: &SharedRecord,
     resumed: bool,
 ) -> Result<bool, StoreError> {
+    let key = flight.key.as_str();
     let inner = &engine.inner;
     let deadline = flight.lease_ours_until(inner.config().lease_ttl);
     let mut backoff = MIN_BACKOFF;
@@ -87,7 +87,7 @@ pub(super) async fn complete_until_lease_expires<S: Store>(
         Ok(true) => FlightOutcome::Completed(record.clone()),
         _ => FlightOutcome::Released,
     };
-    engine.end_flight(key, flight, outcome);
+    engine.end_flight(flight, outcome);
     result
 }
 
