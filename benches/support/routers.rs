@@ -46,10 +46,18 @@ pub(crate) fn bare_router() -> Router {
     Router::new().route("/orders", post(create))
 }
 
+/// This crate's layer with its defaults; `MAX_ENTRIES` in the environment
+/// sets another bound for the memory store (to see the first request at a
+/// bound the run never reaches).
 pub(crate) fn ours_router() -> Router {
-    Router::new()
-        .route("/orders", post(create))
-        .layer(IdempotencyLayer::new())
+    let layer = match std::env::var("MAX_ENTRIES").ok().and_then(|n| n.parse().ok()) {
+        Some(max_entries) => IdempotencyLayer::builder()
+            .max_entries(max_entries)
+            .build()
+            .expect("a valid bound"),
+        None => IdempotencyLayer::new(),
+    };
+    Router::new().route("/orders", post(create)).layer(layer)
 }
 
 /// The peer as its README sets it up (header mode); with `hashing`, in its
