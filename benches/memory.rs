@@ -92,7 +92,7 @@ where
 }
 
 /// Sums stored sizes and key lengths of every completed record of `engine`.
-async fn sizes_of<S: tower_idempotency::store::Store>(engine: &Idempotency<S>) -> (u64, u64) {
+async fn sizes_of<S: tower_idempotency::store::StoreAdmin>(engine: &Idempotency<S>) -> (u64, u64) {
     let (mut stored, mut keys) = (0, 0);
     for entry in engine.keys(&KeyFilter::new()).await.expect("keys") {
         if let Some(Entry {

@@ -624,24 +624,6 @@ impl<S: Store> Idempotency<S> {
         *task = Some(runtime.spawn(heartbeat(engine, period)).abort_handle());
     }
 
-    /// Writes `record` under `key` whatever the key held (for results known
-    /// to be done, such as `mark_executed`).
-    ///
-    /// # Errors
-    ///
-    /// The [`StoreError`] of a store that failed.
-    pub(crate) async fn put(
-        &self,
-        key: &str,
-        record: Record,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
-        if ttl.is_zero() {
-            return Ok(());
-        }
-        self.counted(self.inner.store.put(key, Arc::new(record), ttl).await)
-    }
-
     /// When a marker written now would expire, if nothing renewed it.
     fn marker_expiry(&self) -> tokio::time::Instant {
         later(

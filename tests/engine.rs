@@ -27,7 +27,9 @@ use bytes::Bytes;
 use stores::{per_store, TestStore};
 use tokio::sync::Barrier;
 use tokio::time::timeout;
-use tower_idempotency::store::{BeginOutcome, Entry, LeaseToken, ScanEntry, Store, StoreError};
+use tower_idempotency::store::{
+    BeginOutcome, Entry, LeaseToken, ScanEntry, Store, StoreAdmin, StoreError,
+};
 use tower_idempotency::{
     Begin, CacheInfo, Concurrent, Fingerprint, Idempotency, IdempotencyBuilder, KeyFilter, Lease,
     LeaseExpiry, Record,
@@ -79,6 +81,15 @@ impl Store for CountingStore {
     async fn release(&self, key: &str, lease: LeaseToken) -> Result<bool, StoreError> {
         self.inner.release(key, lease).await
     }
+    async fn completed_record(
+        &self,
+        key: &str,
+    ) -> Result<Option<tower_idempotency::store::SharedRecord>, StoreError> {
+        self.inner.completed_record(key).await
+    }
+}
+
+impl StoreAdmin for CountingStore {
     async fn put(&self, key: &str, record: Arc<Record>, ttl: Duration) -> Result<(), StoreError> {
         self.inner.put(key, record, ttl).await
     }

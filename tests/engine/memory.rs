@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::time::timeout;
-use tower_idempotency::store::{BeginOutcome, EntryState, LeaseToken, MemoryStore, Store};
+use tower_idempotency::store::{
+    BeginOutcome, EntryState, LeaseToken, MemoryStore, Store, StoreAdmin,
+};
 use tower_idempotency::{Begin, Concurrent, Fingerprint, Idempotency, Record};
 
 const LIMIT: Duration = Duration::from_secs(20);

@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tower_idempotency::engine::MAX_DURATION;
-use tower_idempotency::store::{BeginOutcome, EntryState, LeaseToken, MemoryStore, Store};
+use tower_idempotency::store::{
+    BeginOutcome, EntryState, LeaseToken, MemoryStore, Store, StoreAdmin,
+};
 use tower_idempotency::{
     Begin, Concurrent, ConfigError, Fingerprint, Idempotency, IdempotencyLayer, LeaseExpiry, Record,
 };

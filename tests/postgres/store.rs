@@ -17,7 +17,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::ConnectOptions;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
-use tower_idempotency::store::{Store, StoreError};
+use tower_idempotency::store::{Store, StoreAdmin, StoreError};
 use tower_idempotency::{
     Concurrent, ExecuteError, Idempotency, IdempotencyKey, IdempotencyLayer, PostgresStore,
 };

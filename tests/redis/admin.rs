@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::timeout;
-use tower_idempotency::store::{EntryKind, EntryState, LeaseToken, ScanEntry, Store, StoreError};
+use tower_idempotency::store::{
+    EntryKind, EntryState, LeaseToken, ScanEntry, Store, StoreAdmin, StoreError,
+};
 use tower_idempotency::{Begin, Concurrent, Fingerprint, IdempotencyKey, KeyFilter, RedisStore};
 
 use crate::support::redis as support;
