@@ -29,10 +29,9 @@ use http_body_util::{BodyExt, Full};
 use sha2::{Digest, Sha256};
 use tokio::runtime::Runtime;
 use tower::{Layer, ServiceExt};
-use tower_idempotency::record::SharedRecord;
 use tower_idempotency::store::{
-    BeginOutcome, Entry, LeaseToken, MemoryStore, RemovalCounts, ScanEntry, Store, StoreAdmin,
-    StoreError,
+    BeginOutcome, Entry, LeaseToken, MemoryStore, RemovalCounts, ScanEntry, SharedRecord, Store,
+    StoreAdmin, StoreError,
 };
 use tower_idempotency::{CacheInfo, Concurrent, Fingerprint, IdempotencyLayer};
 

@@ -20,11 +20,10 @@ use http::{header, HeaderMap, HeaderValue, StatusCode};
 use http_body_util::{BodyExt, Full};
 use stats_alloc::{Region, StatsAlloc, INSTRUMENTED_SYSTEM};
 use tower::{Layer, ServiceExt};
-use tower_idempotency::layer::RequestBody;
 use tower_idempotency::store::{Entry, EntryState};
 use tower_idempotency::{
     Begin, Concurrent, Fingerprint, Idempotency, IdempotencyKey, IdempotencyLayer, KeyFilter,
-    Record, StoredResponse,
+    Record, RequestBody, StoredResponse,
 };
 
 #[global_allocator]

@@ -328,8 +328,10 @@ impl<S: Store> Idempotency<S> {
         self.inner.config()
     }
 
-    /// The store.
-    pub fn store(&self) -> &S {
+    /// The store: for the crate's own frontends (the transactional form of
+    /// `execute`); everything else reaches it through the engine.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn store(&self) -> &S {
         &self.inner.store
     }
 
@@ -836,7 +838,8 @@ impl<S: Store> Lease<S> {
 
     /// The lease's token: what a [`complete_with`](Self::complete_with)
     /// write checks the marker against.
-    pub fn token(&self) -> LeaseToken {
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn token(&self) -> LeaseToken {
         self.token
     }
 

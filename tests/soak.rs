@@ -243,7 +243,7 @@ async fn soak_memory_store_at_its_entry_bound() {
 mod redis_stores {
     use std::time::Duration;
 
-    use tower_idempotency::RedisStore;
+    use tower_idempotency::store::redis::RedisStore;
 
     use super::{duration, engine, soak};
     use crate::support::redis::{free_port, prefix, OwnRedis};

@@ -134,8 +134,8 @@ async fn run(args: Args) -> Result<(), BoxError> {
 async fn redis_engine(
     args: &Args,
     concurrent: Concurrent,
-) -> Result<Idempotency<tower_idempotency::RedisStore>, BoxError> {
-    use tower_idempotency::RedisStore;
+) -> Result<Idempotency<tower_idempotency::store::redis::RedisStore>, BoxError> {
+    use tower_idempotency::store::redis::RedisStore;
     let (flag, builder) = match &args.redis {
         Some(url) => ("--redis", RedisStore::builder(url)),
         None => (

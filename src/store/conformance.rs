@@ -40,7 +40,8 @@
 //! ```no_run
 //! # #[cfg(feature = "redis")]
 //! # async fn doc() {
-//! use tower_idempotency::store::{conformance::Suite, RedisStore};
+//! use tower_idempotency::store::conformance::Suite;
+//! use tower_idempotency::store::redis::RedisStore;
 //!
 //! Suite::new(|| async {
 //!     let prefix = format!("conformance:{}:", rand::random::<u64>());

@@ -20,15 +20,20 @@
 //! A store of your own implements [`Store`]'s four protocol methods (the
 //! rest of it is optional) and works with the layer and
 //! [`execute`](crate::Idempotency::execute); it implements [`StoreAdmin`] too
-//! for the handle's listing and maintenance. The [`conformance`] suite
+//! for the handle's listing and maintenance. The `conformance` suite
 //! (feature `test-util`) proves both.
+//!
+//! The stores of this crate implement both: the embedded moka
+//! [`MemoryStore`] lives here; the Redis store in `store::redis` (feature
+//! `redis`) and the Postgres store in `store::postgres` (feature `postgres`),
+//! each with its builder and defaults.
 
 use std::future::Future;
 use std::time::Duration;
 
+pub use crate::engine::IntoStore;
 use crate::key::Fingerprint;
-use crate::record::DecodeError;
-pub use crate::record::SharedRecord;
+pub use crate::record::{DecodeError, SharedRecord};
 use crate::stats::CacheInfo;
 
 #[cfg(feature = "test-util")]
@@ -42,10 +47,6 @@ pub mod postgres;
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
 
-#[cfg(feature = "postgres")]
-pub use self::postgres::{PostgresStore, PostgresStoreBuilder};
-#[cfg(feature = "redis")]
-pub use self::redis::{RedisStore, RedisStoreBuilder};
 pub use memory::{MemoryStore, MemoryStoreBuilder, DEFAULT_MAX_ENTRIES};
 
 /// The protocol a store keeps: in-flight markers and records, each under one
@@ -74,7 +75,7 @@ pub use memory::{MemoryStore, MemoryStoreBuilder, DEFAULT_MAX_ENTRIES};
 ///
 /// A store of one process, with the protocol only (expiry left out for
 /// brevity; a real store drops markers after their lease TTL and records
-/// after their TTL, and [`conformance`] proves it):
+/// after their TTL, and `store::conformance` proves it):
 ///
 /// ```
 /// use std::collections::HashMap;

@@ -21,9 +21,9 @@ use hyper_util::service::TowerToHyperService;
 use stores::{per_store, TestStore};
 use tokio::net::TcpListener;
 use tower::{service_fn, ServiceBuilder};
-use tower_idempotency::record::SharedRecord;
 use tower_idempotency::store::{
-    BeginOutcome, Entry, LeaseToken, RemovalCounts, ScanEntry, Store, StoreAdmin, StoreError,
+    BeginOutcome, Entry, LeaseToken, RemovalCounts, ScanEntry, SharedRecord, Store, StoreAdmin,
+    StoreError,
 };
 use tower_idempotency::{problem, CacheInfo, FailMode, Fingerprint, IdempotencyLayer, RequestBody};
 

@@ -12,8 +12,9 @@ use std::time::Duration;
 use axum::Router;
 use http::StatusCode;
 use tokio::time::{timeout, Instant};
-use tower_idempotency::engine::KeyFilter;
-use tower_idempotency::{FailMode, HeaderKey, IdempotencyKey, IdempotencyLayer, RedisStore};
+use tower_idempotency::extract::HeaderKey;
+use tower_idempotency::store::redis::RedisStore;
+use tower_idempotency::{FailMode, IdempotencyKey, IdempotencyLayer, KeyFilter};
 
 use crate::support::common;
 use crate::support::stores::cluster;

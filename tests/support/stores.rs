@@ -19,20 +19,19 @@ pub mod cluster;
 
 use std::time::Duration;
 
-use tower_idempotency::record::SharedRecord;
 use tower_idempotency::store::{
-    BeginOutcome, Entry, LeaseToken, MemoryStore, RemovalCounts, ScanEntry, Store, StoreAdmin,
-    StoreError,
+    BeginOutcome, Entry, LeaseToken, MemoryStore, RemovalCounts, ScanEntry, SharedRecord, Store,
+    StoreAdmin, StoreError,
 };
 use tower_idempotency::{CacheInfo, Fingerprint};
 
 #[cfg(feature = "redis")]
-use tower_idempotency::store::RedisStore;
+use tower_idempotency::store::redis::RedisStore;
 
 #[cfg(feature = "postgres")]
 pub mod postgres;
 #[cfg(feature = "postgres")]
-use tower_idempotency::PostgresStore;
+use tower_idempotency::store::postgres::PostgresStore;
 
 /// `per_store!(name, tokio-test-args)` runs `async fn name(store: TestStore)`
 /// as the tests `name::memory`, `name::redis` and `name::redis_local_tier`,

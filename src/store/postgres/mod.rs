@@ -98,7 +98,8 @@ const BEGIN_ROUNDS: usize = 8;
 /// ```no_run
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// use tower_idempotency::{Concurrent, Idempotency, PostgresStore};
+/// use tower_idempotency::{Concurrent, Idempotency};
+/// use tower_idempotency::store::postgres::PostgresStore;
 ///
 /// let store = PostgresStore::builder("postgres://postgres@127.0.0.1/app")
 ///     .table("idempotency")

@@ -127,7 +127,8 @@ pub use connection::RedisConnection;
 /// ```no_run
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// use tower_idempotency::{Concurrent, Idempotency, RedisStore};
+/// use tower_idempotency::{Concurrent, Idempotency};
+/// use tower_idempotency::store::redis::RedisStore;
 ///
 /// let store = RedisStore::builder("redis://127.0.0.1:6379")
 ///     .prefix("orders:idem:")
@@ -186,7 +187,7 @@ impl RedisStore {
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// use std::time::Duration;
-    /// use tower_idempotency::RedisStore;
+    /// use tower_idempotency::store::redis::RedisStore;
     ///
     /// let store = RedisStore::cluster_builder([
     ///     "redis://10.0.0.1:6379",
