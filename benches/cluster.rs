@@ -34,7 +34,8 @@ fn runtime() -> Runtime {
 
 #[cfg(feature = "redis")]
 fn cluster(c: &mut Criterion) {
-    use tower_idempotency::store::{BeginOutcome, LeaseToken, RedisStore, Store};
+    use tower_idempotency::store::redis::RedisStore;
+    use tower_idempotency::store::{BeginOutcome, LeaseToken, Store, StoreAdmin};
     use tower_idempotency::{Fingerprint, Record};
 
     let rt = runtime();

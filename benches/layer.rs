@@ -29,9 +29,9 @@ use http_body_util::{BodyExt, Full};
 use sha2::{Digest, Sha256};
 use tokio::runtime::Runtime;
 use tower::{Layer, ServiceExt};
-use tower_idempotency::record::SharedRecord;
 use tower_idempotency::store::{
-    BeginOutcome, Entry, LeaseToken, MemoryStore, RemovalCounts, ScanEntry, Store, StoreError,
+    BeginOutcome, Entry, LeaseToken, MemoryStore, RemovalCounts, ScanEntry, SharedRecord, Store,
+    StoreAdmin, StoreError,
 };
 use tower_idempotency::{CacheInfo, Concurrent, Fingerprint, IdempotencyLayer};
 
@@ -261,6 +261,20 @@ impl Store for Counting {
         self.store.release(key, lease).await
     }
 
+    fn removal_counts(&self) -> RemovalCounts {
+        self.store.removal_counts()
+    }
+
+    async fn completed_record(
+        &self,
+        key: &str,
+    ) -> Result<Option<tower_idempotency::store::SharedRecord>, StoreError> {
+        self.other();
+        self.store.completed_record(key).await
+    }
+}
+
+impl StoreAdmin for Counting {
     async fn put(&self, key: &str, record: SharedRecord, ttl: Duration) -> Result<(), StoreError> {
         self.other();
         self.store.put(key, record, ttl).await
@@ -290,10 +304,6 @@ impl Store for Counting {
 
     async fn info(&self) -> Result<CacheInfo, StoreError> {
         self.store.info().await
-    }
-
-    fn removal_counts(&self) -> RemovalCounts {
-        self.store.removal_counts()
     }
 }
 

@@ -20,11 +20,10 @@ use http::{header, HeaderMap, HeaderValue, StatusCode};
 use http_body_util::{BodyExt, Full};
 use stats_alloc::{Region, StatsAlloc, INSTRUMENTED_SYSTEM};
 use tower::{Layer, ServiceExt};
-use tower_idempotency::layer::RequestBody;
 use tower_idempotency::store::{Entry, EntryState};
 use tower_idempotency::{
     Begin, Concurrent, Fingerprint, Idempotency, IdempotencyKey, IdempotencyLayer, KeyFilter,
-    Record, StoredResponse,
+    Record, RequestBody, StoredResponse,
 };
 
 #[global_allocator]
@@ -92,7 +91,7 @@ where
 }
 
 /// Sums stored sizes and key lengths of every completed record of `engine`.
-async fn sizes_of<S: tower_idempotency::store::Store>(engine: &Idempotency<S>) -> (u64, u64) {
+async fn sizes_of<S: tower_idempotency::store::StoreAdmin>(engine: &Idempotency<S>) -> (u64, u64) {
     let (mut stored, mut keys) = (0, 0);
     for entry in engine.keys(&KeyFilter::new()).await.expect("keys") {
         if let Some(Entry {

@@ -164,7 +164,7 @@ fn memory(c: &mut Criterion) {
 
 #[cfg(feature = "redis")]
 fn redis(c: &mut Criterion) {
-    use tower_idempotency::store::RedisStore;
+    use tower_idempotency::store::redis::RedisStore;
 
     let rt = runtime();
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
@@ -211,7 +211,8 @@ fn redis(_: &mut Criterion) {
 
 #[cfg(feature = "postgres")]
 fn postgres(c: &mut Criterion) {
-    use tower_idempotency::{IdempotencyKey, PostgresStore};
+    use tower_idempotency::store::postgres::PostgresStore;
+    use tower_idempotency::IdempotencyKey;
 
     let rt = runtime();
     let url = std::env::var("DATABASE_URL")

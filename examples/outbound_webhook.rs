@@ -34,8 +34,8 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tower::{Service, ServiceBuilder, ServiceExt};
-use tower_idempotency::key::{fixed, from_header};
-use tower_idempotency::{ActionKey, Concurrent, IdempotencyLayer, RequestBody};
+use tower_idempotency::extract::{fixed, from_header, ActionKey};
+use tower_idempotency::{Concurrent, IdempotencyLayer, RequestBody};
 
 /// How long the sender gives one attempt.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);

@@ -26,7 +26,8 @@ use bytes::Bytes;
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tower_idempotency::{Concurrent, ExecuteError, Idempotency, IdempotencyKey, PostgresStore};
+use tower_idempotency::store::postgres::PostgresStore;
+use tower_idempotency::{Concurrent, ExecuteError, Idempotency, IdempotencyKey};
 
 #[derive(Debug, Parser)]
 #[command(about = "An orders API on Postgres, created exactly once per Idempotency-Key")]
@@ -52,6 +53,8 @@ struct Args {
 #[derive(Clone)]
 struct App {
     engine: Idempotency<PostgresStore>,
+    /// The database's pool, shared with the store (a clone of it).
+    pool: sqlx::PgPool,
     /// The orders table, quoted.
     orders: String,
 }
@@ -144,7 +147,7 @@ async fn create_order(
 async fn list_orders(State(app): State<App>) -> Result<Json<Vec<Order>>, Problem> {
     let rows: Vec<(i64, String)> =
         sqlx::query_as(&format!("SELECT id, item FROM {} ORDER BY id", app.orders))
-            .fetch_all(app.engine.store().pool())
+            .fetch_all(&app.pool)
             .await
             .map_err(|error| problem(StatusCode::SERVICE_UNAVAILABLE, error.to_string()))?;
     Ok(Json(
@@ -168,6 +171,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     ))
     .execute(store.pool())
     .await?;
+    let pool = store.pool().clone();
     let engine = Idempotency::builder()
         .store(store)
         .concurrent(Concurrent::wait())
@@ -175,7 +179,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let app = Router::new()
         .route("/orders", post(create_order).get(list_orders))
-        .with_state(App { engine, orders });
+        .with_state(App {
+            engine,
+            pool,
+            orders,
+        });
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let addr = listener.local_addr()?;
     println!("postgres_orders listening on http://{addr}");

@@ -358,8 +358,10 @@ impl<S: Store> Idempotency<S> {
         self.inner.config()
     }
 
-    /// The store.
-    pub fn store(&self) -> &S {
+    /// The store: for the crate's own frontends (the transactional form of
+    /// `execute`); everything else reaches it through the engine.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn store(&self) -> &S {
         &self.inner.store
     }
 
@@ -656,24 +658,6 @@ impl<S: Store> Idempotency<S> {
         *task = Some(runtime.spawn(heartbeat(engine, period)).abort_handle());
     }
 
-    /// Writes `record` under `key` whatever the key held (for results known
-    /// to be done, such as `mark_executed`).
-    ///
-    /// # Errors
-    ///
-    /// The [`StoreError`] of a store that failed.
-    pub(crate) async fn put(
-        &self,
-        key: &str,
-        record: Record,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
-        if ttl.is_zero() {
-            return Ok(());
-        }
-        self.counted(self.inner.store.put(key, Arc::new(record), ttl).await)
-    }
-
     /// When a marker written now would expire, if nothing renewed it.
     fn marker_expiry(&self) -> tokio::time::Instant {
         later(
@@ -883,7 +867,8 @@ impl<S: Store> Lease<S> {
 
     /// The lease's token: what a [`complete_with`](Self::complete_with)
     /// write checks the marker against.
-    pub fn token(&self) -> LeaseToken {
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn token(&self) -> LeaseToken {
         self.token
     }
 

@@ -21,7 +21,7 @@ use serde::Serialize;
 use crate::engine::{Begin, Concurrent, Idempotency, Lease, DEFAULT_WAIT_TIMEOUT};
 use crate::key::{Fingerprint, IdempotencyKey};
 use crate::record::Record;
-use crate::store::{EntryState, Store, StoreError};
+use crate::store::{EntryState, Store, StoreAdmin, StoreError};
 
 /// Why [`Idempotency::execute`], [`check_executed`](Idempotency::check_executed)
 /// or [`mark_executed`](Idempotency::mark_executed) gave no value.
@@ -241,7 +241,12 @@ impl<S: Store> Idempotency<S> {
         }
         Ok(value)
     }
+}
 
+/// Reading and writing results outside `execute`: these need a store that
+/// implements [`StoreAdmin`] as well as [`Store`] (every store of this crate
+/// does).
+impl<S: StoreAdmin> Idempotency<S> {
     /// The stored result of a successful [`execute`](Self::execute) (or
     /// [`mark_executed`](Self::mark_executed)) for `key`, if any. A call still
     /// running is not a result yet: `None`.

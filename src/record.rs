@@ -34,12 +34,13 @@ use crate::key::Fingerprint;
 
 mod response;
 
-pub use response::{Fields, StoredHead, StoredResponse};
+pub(crate) use response::StoredHead;
+pub use response::StoredResponse;
 
 const MAGIC: &[u8; 3] = b"TIR";
 /// The encoding version this crate writes. It reads this one and every
 /// earlier one.
-pub const ENCODING_VERSION: u8 = 2;
+pub(crate) const ENCODING_VERSION: u8 = 2;
 /// The first version, whose responses carry fixed-size lengths.
 const VERSION_1: u8 = 1;
 const KIND_RESPONSE: u8 = 1;

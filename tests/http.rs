@@ -9,6 +9,7 @@ mod http {
     mod concurrency;
     mod contract;
     mod disconnect;
+    mod protocol_only_store;
     mod replay;
     mod stacks;
     mod streaming;

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::time::{timeout, Instant};
-use tower_idempotency::store::{Entry, EntryKind, EntryState, MemoryStore, Store};
+use tower_idempotency::store::{Entry, EntryKind, EntryState, MemoryStore, StoreAdmin};
 use tower_idempotency::{Concurrent, Idempotency, IdempotencyLayer, KeyFilter};
 
 mod support;
@@ -69,7 +69,7 @@ fn quiet_deliberate_panics() {
 
 /// One instance: a `Reject` and a `Wait` engine on `store`, with a lease
 /// long enough to outlast a paused store.
-fn engine<S: Store + Clone>(store: S) -> [Idempotency<S>; 2] {
+fn engine<S: StoreAdmin + Clone>(store: S) -> [Idempotency<S>; 2] {
     [
         Concurrent::Reject,
         Concurrent::Wait {
@@ -90,7 +90,7 @@ fn engine<S: Store + Clone>(store: S) -> [Idempotency<S>; 2] {
 /// Runs the traffic against `engines` (instances on one store) while
 /// `faults` (if any) makes the store fail, and checks what happened. `drops`
 /// reads the records the store dropped by itself.
-async fn soak<S: Store>(
+async fn soak<S: StoreAdmin>(
     name: &str,
     engines: Vec<Idempotency<S>>,
     faults: Option<Pin<Box<dyn Future<Output = ()> + '_>>>,
@@ -203,7 +203,7 @@ async fn soak<S: Store>(
 
 /// The body of every record the store holds, once it holds no in-flight
 /// marker any more (background completions and releases have run).
-async fn what_the_store_holds<S: Store>(engine: &Idempotency<S>) -> Vec<Bytes> {
+async fn what_the_store_holds<S: StoreAdmin>(engine: &Idempotency<S>) -> Vec<Bytes> {
     loop {
         // A store still recovering answers an error: ask again.
         let entries = engine.keys(&KeyFilter::new()).await.unwrap_or_default();
@@ -243,7 +243,7 @@ async fn soak_memory_store_at_its_entry_bound() {
 mod redis_stores {
     use std::time::Duration;
 
-    use tower_idempotency::RedisStore;
+    use tower_idempotency::store::redis::RedisStore;
 
     use super::{duration, engine, soak};
     use crate::support::redis::{free_port, prefix, OwnRedis};

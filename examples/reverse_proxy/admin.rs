@@ -19,7 +19,7 @@ use prometheus_client::registry::Registry;
 use serde::Deserialize;
 use serde_json::json;
 use tower_http::timeout::TimeoutLayer;
-use tower_idempotency::store::Store;
+use tower_idempotency::store::StoreAdmin;
 use tower_idempotency::{CacheInfo, Idempotency, KeyFilter, StatsSnapshot};
 
 use crate::limits::EdgeStats;
@@ -54,7 +54,7 @@ impl<S> Clone for AdminState<S> {
 
 /// The admin routes over `engine` and the edge limits' `edge` counters;
 /// `/healthz` fails once `shutting_down` is set.
-pub(crate) fn router<S: Store>(
+pub(crate) fn router<S: StoreAdmin>(
     engine: Idempotency<S>,
     waiting: Waiting,
     shutting_down: Arc<AtomicBool>,
@@ -88,7 +88,7 @@ pub(crate) fn router<S: Store>(
 }
 
 /// The store's info, or `None` (and zeros in the answers) when it is down.
-async fn cache_info<S: Store>(engine: &Idempotency<S>) -> Option<CacheInfo> {
+async fn cache_info<S: StoreAdmin>(engine: &Idempotency<S>) -> Option<CacheInfo> {
     match tokio::time::timeout(PING_TIMEOUT, engine.cache_info()).await {
         Ok(Ok(info)) => Some(info),
         Ok(Err(e)) => {
@@ -103,7 +103,7 @@ async fn cache_info<S: Store>(engine: &Idempotency<S>) -> Option<CacheInfo> {
 }
 
 /// One flat JSON object of numbers: every counter and the cache info.
-async fn stats<S: Store>(State(state): State<AdminState<S>>) -> impl IntoResponse {
+async fn stats<S: StoreAdmin>(State(state): State<AdminState<S>>) -> impl IntoResponse {
     let s = state.engine.stats();
     let info = cache_info(&state.engine).await;
     let cache = info.unwrap_or_default();
@@ -140,7 +140,7 @@ async fn stats<S: Store>(State(state): State<AdminState<S>>) -> impl IntoRespons
 }
 
 /// Prometheus text exposition, encoded by `prometheus-client`.
-async fn metrics<S: Store>(State(state): State<AdminState<S>>) -> Response<Body> {
+async fn metrics<S: StoreAdmin>(State(state): State<AdminState<S>>) -> Response<Body> {
     let stats = state.engine.stats();
     let info = cache_info(&state.engine).await;
     let mut registry = registry(&stats, info, (state.waiting)());
@@ -315,7 +315,7 @@ fn register_edge(registry: &mut Registry, edge: &EdgeStats) {
 
 /// 200 while serving and the store answers; 503 while it does not (even
 /// with --fail-open: the proxy is then unprotected) or while shutting down.
-async fn healthz<S: Store>(State(state): State<AdminState<S>>) -> Response<Body> {
+async fn healthz<S: StoreAdmin>(State(state): State<AdminState<S>>) -> Response<Body> {
     let (status, body) = if state.shutting_down.load(Ordering::SeqCst) {
         (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -345,7 +345,7 @@ struct KeysQuery {
 }
 
 /// The live keys, filtered by the components of their text form.
-async fn keys<S: Store>(
+async fn keys<S: StoreAdmin>(
     State(state): State<AdminState<S>>,
     Query(query): Query<KeysQuery>,
 ) -> Response<Body> {
@@ -367,7 +367,7 @@ async fn keys<S: Store>(
 
 /// Deletes one key (its text form, URL-encoded in the path): the next request
 /// with it runs upstream again.
-async fn delete_key<S: Store>(
+async fn delete_key<S: StoreAdmin>(
     State(state): State<AdminState<S>>,
     Path(key): Path<String>,
 ) -> Response<Body> {

@@ -31,7 +31,7 @@ use tokio::sync::watch;
 use tower::{BoxError, ServiceBuilder};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
-use tower_idempotency::store::Store;
+use tower_idempotency::store::StoreAdmin;
 use tower_idempotency::{Concurrent, FailMode, Idempotency, IdempotencyLayer};
 use tracing_subscriber::EnvFilter;
 
@@ -134,8 +134,8 @@ async fn run(args: Args) -> Result<(), BoxError> {
 async fn redis_engine(
     args: &Args,
     concurrent: Concurrent,
-) -> Result<Idempotency<tower_idempotency::RedisStore>, BoxError> {
-    use tower_idempotency::RedisStore;
+) -> Result<Idempotency<tower_idempotency::store::redis::RedisStore>, BoxError> {
+    use tower_idempotency::store::redis::RedisStore;
     let (flag, builder) = match &args.redis {
         Some(url) => ("--redis", RedisStore::builder(url)),
         None => (
@@ -164,7 +164,7 @@ async fn redis_engine(
 }
 
 /// Binds both listeners, reports ready, serves until a signal, then drains.
-async fn serve<S: Store>(args: Args, engine: Idempotency<S>) -> Result<(), BoxError> {
+async fn serve<S: StoreAdmin>(args: Args, engine: Idempotency<S>) -> Result<(), BoxError> {
     let mut signals = shutdown::Signals::new()?;
     let upstream = match &args.upstream {
         Some(upstream) => upstream.clone(),
@@ -248,7 +248,7 @@ async fn serve<S: Store>(args: Args, engine: Idempotency<S>) -> Result<(), BoxEr
 /// The proxy's service stack: request id and trace outside, the idempotency
 /// layer in front of the forwarder. Answers the app and the layer's gauge of
 /// waiting requests (for the admin server).
-fn proxy_app<S: Store>(
+fn proxy_app<S: StoreAdmin>(
     args: &Args,
     engine: &Idempotency<S>,
     forwarder: Forwarder,

@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use tower::BoxError;
-use tower_idempotency::{Concurrent, Idempotency, PostgresStore};
+use tower_idempotency::store::postgres::PostgresStore;
+use tower_idempotency::{Concurrent, Idempotency};
 
 use crate::cli::Args;
 

@@ -11,7 +11,7 @@ use axum::response::IntoResponse;
 use axum::Json;
 use serde::{Deserialize, Deserializer};
 use serde_json::json;
-use tower_idempotency::store::Store;
+use tower_idempotency::store::StoreAdmin;
 use tower_idempotency::{Concurrent, Config, Idempotency, LeaseExpiry};
 
 use crate::admin::AdminState;
@@ -43,13 +43,15 @@ fn present<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Option<u
 }
 
 /// The effective configuration.
-pub(crate) async fn get_config<S: Store>(State(state): State<AdminState<S>>) -> Response<Body> {
+pub(crate) async fn get_config<S: StoreAdmin>(
+    State(state): State<AdminState<S>>,
+) -> Response<Body> {
     Json(shown(&state.engine.config())).into_response()
 }
 
 /// Applies a change, and answers the effective configuration; 400
 /// problem+json (and nothing changed) for an invalid one.
-pub(crate) async fn put_config<S: Store>(
+pub(crate) async fn put_config<S: StoreAdmin>(
     State(state): State<AdminState<S>>,
     body: Bytes,
 ) -> Response<Body> {
@@ -63,7 +65,7 @@ pub(crate) async fn put_config<S: Store>(
     }
 }
 
-fn apply<S: Store>(engine: &Idempotency<S>, change: ConfigChange) -> Result<Config, String> {
+fn apply<S: StoreAdmin>(engine: &Idempotency<S>, change: ConfigChange) -> Result<Config, String> {
     let current = engine.config();
     let policy = change.concurrent.unwrap_or(match current.concurrent {
         Concurrent::Reject => Policy::Reject,

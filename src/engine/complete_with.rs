@@ -30,7 +30,8 @@ impl<S: Store> Lease<S> {
     /// # Errors
     ///
     /// The [`StoreError`] that `write` answered.
-    pub async fn complete_with<F, Fut>(
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) async fn complete_with<F, Fut>(
         mut self,
         record: Record,
         write: F,

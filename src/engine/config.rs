@@ -24,7 +24,7 @@ pub const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_secs(30);
 ///
 /// ```
 /// use std::time::Duration;
-/// use tower_idempotency::engine::MAX_DURATION;
+/// use tower_idempotency::MAX_DURATION;
 /// use tower_idempotency::Idempotency;
 ///
 /// let error = Idempotency::builder().ttl(Duration::MAX).build().unwrap_err();

@@ -2,12 +2,14 @@
 //! maintenance. None of it takes part in the protocol.
 
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::Idempotency;
 use crate::key::IdempotencyKey;
+use crate::record::Record;
 use crate::stats::{CacheInfo, Stats, StatsSnapshot};
-use crate::store::{Entry, EntryKind, ScanEntry, Store, StoreError};
+use crate::store::{Entry, EntryKind, ScanEntry, Store, StoreAdmin, StoreError};
 
 impl<S: Store> Idempotency<S> {
     /// The counters, with the store's own `expired` and `evicted` counts.
@@ -27,6 +29,38 @@ impl<S: Store> Idempotency<S> {
         expired.store(removals.expired, Relaxed);
         evicted.store(removals.evicted, Relaxed);
         self.inner.stats.reset();
+    }
+
+    /// Drops expired entries now (moka otherwise drops them during later
+    /// operations).
+    ///
+    /// # Errors
+    ///
+    /// The [`StoreError`] of a store that failed.
+    pub async fn cleanup_expired(&self) -> Result<(), StoreError> {
+        self.inner.store.cleanup_expired().await
+    }
+}
+
+/// Listing and maintenance: these need a store that implements
+/// [`StoreAdmin`] as well as [`Store`] (every store of this crate does).
+impl<S: StoreAdmin> Idempotency<S> {
+    /// Writes `record` under `key` whatever the key held (for results known
+    /// to be done, such as `mark_executed`).
+    ///
+    /// # Errors
+    ///
+    /// The [`StoreError`] of a store that failed.
+    pub(crate) async fn put(
+        &self,
+        key: &str,
+        record: Record,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        if ttl.is_zero() {
+            return Ok(());
+        }
+        self.counted(self.inner.store.put(key, Arc::new(record), ttl).await)
     }
 
     /// Entries held, the entry bound, and bytes held.
@@ -123,16 +157,6 @@ impl<S: Store> Idempotency<S> {
     /// The [`StoreError`] of a store that failed.
     pub async fn clear(&self) -> Result<(), StoreError> {
         self.inner.store.clear().await
-    }
-
-    /// Drops expired entries now (moka otherwise drops them during later
-    /// operations).
-    ///
-    /// # Errors
-    ///
-    /// The [`StoreError`] of a store that failed.
-    pub async fn cleanup_expired(&self) -> Result<(), StoreError> {
-        self.inner.store.cleanup_expired().await
     }
 
     /// Removes the `n` oldest completed records (by creation time in

@@ -25,7 +25,7 @@ use tokio::time::Instant;
 use super::{lock, Flight, FlightOutcome, Idempotency, Inner};
 use crate::record::SharedRecord;
 use crate::stats::Stats;
-use crate::store::{Entry, EntryState, LeaseToken, Store, StoreError};
+use crate::store::{LeaseToken, Store, StoreError};
 
 /// The first pause between two attempts; it doubles up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_millis(20);
@@ -93,12 +93,9 @@ pub(super) async fn complete_until_lease_expires<S: Store>(
 
 /// Whether the store holds exactly `record` under `key`.
 async fn holds<S: Store>(engine: &Idempotency<S>, key: &str, record: &SharedRecord) -> bool {
-    match engine.inner.store.get(key).await {
-        Ok(Some(Entry {
-            state: EntryState::Completed(stored),
-            ..
-        })) => *stored == **record,
-        Ok(_) => false,
+    match engine.inner.store.completed_record(key).await {
+        Ok(Some(stored)) => *stored == **record,
+        Ok(None) => false,
         Err(_) => {
             Stats::incr(&engine.inner.stats.store_errors);
             false

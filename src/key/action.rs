@@ -39,7 +39,7 @@ type Component = Arc<dyn Fn(&Parts) -> Option<String> + Send + Sync>;
 /// # Example
 ///
 /// ```
-/// use tower_idempotency::key::{fixed, from_header, from_path_segment, ActionKey, KeyExtractor};
+/// use tower_idempotency::extract::{fixed, from_header, from_path_segment, ActionKey, KeyExtractor};
 ///
 /// // POST /boards/{board}/cards with an `X-Signal-Id` header.
 /// let extractor = ActionKey::new(
@@ -142,7 +142,7 @@ fn component(
 /// value is not visible ASCII counts as missing.
 ///
 /// ```
-/// use tower_idempotency::key::from_header;
+/// use tower_idempotency::extract::from_header;
 ///
 /// let (parts, _) = http::Request::get("/").header("x-signal", "s-1").body(()).unwrap().into_parts();
 /// assert_eq!(from_header("x-signal")(&parts), Some("s-1".to_owned()));
@@ -163,7 +163,7 @@ pub fn from_header(
 /// `a%2Fb` and `a/b` stay apart).
 ///
 /// ```
-/// use tower_idempotency::key::from_path_segment;
+/// use tower_idempotency::extract::from_path_segment;
 ///
 /// let (parts, _) = http::Request::post("/hooks/trello/123").body(()).unwrap().into_parts();
 /// assert_eq!(from_path_segment(1)(&parts), Some("trello".to_owned()));
@@ -187,7 +187,7 @@ pub fn from_path_segment(
 /// occurrence), percent- and `+`-decoded.
 ///
 /// ```
-/// use tower_idempotency::key::from_query;
+/// use tower_idempotency::extract::from_query;
 ///
 /// let (parts, _) = http::Request::post("/send?to=team%20a&signal=s-1").body(()).unwrap().into_parts();
 /// assert_eq!(from_query("to")(&parts), Some("team a".to_owned()));
@@ -208,7 +208,7 @@ pub fn from_query(
 /// A component that is always `value` (typically the action's name).
 ///
 /// ```
-/// use tower_idempotency::key::fixed;
+/// use tower_idempotency::extract::fixed;
 ///
 /// let (parts, _) = http::Request::post("/").body(()).unwrap().into_parts();
 /// assert_eq!(fixed("send_notification")(&parts), Some("send_notification".to_owned()));

@@ -47,8 +47,8 @@ type ScopeFn = dyn Fn(&Parts) -> String + Send + Sync;
 /// # Example
 ///
 /// ```
-/// use tower_idempotency::key::KeyExtractor;
-/// use tower_idempotency::HeaderKey;
+/// use tower_idempotency::extract::KeyExtractor;
+/// use tower_idempotency::extract::HeaderKey;
 ///
 /// let (parts, ()) = http::Request::post("/orders?draft=1")
 ///     .header("idempotency-key", "\"8e03978e-40d5\"")
@@ -164,22 +164,12 @@ fn authorization_scope(parts: &Parts) -> String {
 ///
 /// A [`KeyRejection`] saying what is wrong, for anything but a Structured
 /// Field string or a bare value of 1 to 255 characters.
-///
-/// ```
-/// use tower_idempotency::key::parse_key;
-///
-/// assert_eq!(parse_key(b"\"abc\"").unwrap(), "abc");
-/// assert_eq!(parse_key(b"abc").unwrap(), "abc");
-/// assert_eq!(parse_key(br#""say \"hi\"""#).unwrap(), r#"say "hi""#);
-/// assert!(parse_key(b"").is_err());
-/// assert!(parse_key(b"a,b").is_err());
-/// assert!(parse_key(b"\"open").is_err());
-/// ```
-pub fn parse_key(value: &[u8]) -> Result<String, KeyRejection> {
+#[cfg(test)]
+pub(crate) fn parse_key(value: &[u8]) -> Result<String, KeyRejection> {
     parse_key_with_room(value, 0)
 }
 
-/// [`parse_key`], in a string with capacity for `room` bytes more.
+/// `parse_key`, in a string with capacity for `room` bytes more.
 fn parse_key_with_room(value: &[u8], room: usize) -> Result<String, KeyRejection> {
     // HTTP trims optional whitespace around a field value; so does RFC 9651.
     let value = value.trim_ascii();
@@ -244,6 +234,16 @@ mod tests {
     fn extract(builder: http::request::Builder) -> Result<Option<KeyParts>, KeyRejection> {
         let (parts, ()) = builder.body(()).unwrap().into_parts();
         HeaderKey::new().extract(&parts)
+    }
+
+    #[test]
+    fn parse_key_reads_the_two_forms_and_refuses_the_rest() {
+        assert_eq!(parse_key(b"\"abc\"").unwrap(), "abc");
+        assert_eq!(parse_key(b"abc").unwrap(), "abc");
+        assert_eq!(parse_key(br#""say \"hi\"""#).unwrap(), r#"say "hi""#);
+        assert!(parse_key(b"").is_err());
+        assert!(parse_key(b"a,b").is_err());
+        assert!(parse_key(b"\"open").is_err());
     }
 
     #[test]

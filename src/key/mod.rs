@@ -20,8 +20,8 @@ mod header;
 mod params;
 
 pub use action::{fixed, from_header, from_path_segment, from_query, ActionKey, MAX_COMPONENT_LEN};
-pub use header::{parse_key, HeaderKey, IDEMPOTENCY_KEY, MAX_KEY_LEN};
-pub use params::{canonical_json, params_equivalent};
+pub use header::{HeaderKey, IDEMPOTENCY_KEY, MAX_KEY_LEN};
+pub(crate) use params::canonical_json;
 
 /// Identifies one action: `signal:action:target`, optionally followed by
 /// `:paramsHash` (the first 16 hex characters of the SHA-256 of the params).

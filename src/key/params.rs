@@ -29,15 +29,7 @@ const MAX_EXACT_INT: u64 = 1 << 53;
 /// * an integer beyond ±2^53: as an IEEE double it would collide with its
 ///   neighbours (`9007199254740993` would equal `9007199254740992`), while
 ///   the application, reading it as an `i64`/`u64`, sees two different ids.
-///
-/// ```
-/// use tower_idempotency::key::canonical_json;
-///
-/// let canonical = canonical_json(br#"{ "b": [1, 2.50], "a": "x" }"#).unwrap();
-/// assert_eq!(canonical, br#"{"a":"x","b":[1,2.5]}"#);
-/// assert_eq!(canonical_json(b"not json"), None);
-/// ```
-pub fn canonical_json(body: &[u8]) -> Option<Vec<u8>> {
+pub(crate) fn canonical_json(body: &[u8]) -> Option<Vec<u8>> {
     let StrictJson(value) = serde_json::from_slice(body).ok()?;
     serde_jcs::to_vec(&value).ok()
 }
@@ -45,16 +37,9 @@ pub fn canonical_json(body: &[u8]) -> Option<Vec<u8>> {
 /// Whether two params ask for the same thing: equal bytes, or JSON documents
 /// with the same canonical form (object keys in another order, other
 /// whitespace, `1.0` for `1`). Anything that is not JSON is compared exactly.
-///
-/// ```
-/// use tower_idempotency::key::params_equivalent;
-///
-/// assert!(params_equivalent(br#"{"a":1,"b":2}"#, b"{ \"b\": 2,\n \"a\": 1 }"));
-/// assert!(!params_equivalent(br#"{"a":1}"#, br#"{"a":2}"#));
-/// assert!(params_equivalent(b"plain text", b"plain text"));
-/// assert!(!params_equivalent(b"plain text", b"plain  text"));
-/// ```
-pub fn params_equivalent(a: &[u8], b: &[u8]) -> bool {
+/// The oracle of the equivalence properties (module `proptests`).
+#[cfg(test)]
+pub(crate) fn params_equivalent(a: &[u8], b: &[u8]) -> bool {
     if a == b {
         return true;
     }
@@ -69,9 +54,10 @@ impl IdempotencyKey {
     /// same params built with fields or map entries in another order give
     /// the same key.
     ///
-    /// The hash is that of [`canonical_json`] of the `serde_json` encoding,
-    /// or of the encoding itself when it cannot be canonicalised (an integer
-    /// beyond ±2^53).
+    /// The hash is that of the RFC 8785 canonical form of the `serde_json`
+    /// encoding (object keys sorted, no insignificant whitespace, numbers in
+    /// their shortest IEEE double form), or of the encoding itself when it
+    /// cannot be canonicalised (an integer beyond ±2^53).
     ///
     /// # Errors
     ///
@@ -236,3 +222,6 @@ mod tests {
         assert_eq!(hashed, raw);
     }
 }
+
+#[cfg(test)]
+mod proptests;

@@ -37,7 +37,8 @@ use crate::store::{MemoryStoreBuilder, Store};
 /// ```
 /// use std::time::Duration;
 /// use http::{Method, StatusCode};
-/// use tower_idempotency::{Disconnect, FailMode, FingerprintMode, HeaderKey, IdempotencyLayer};
+/// use tower_idempotency::{Disconnect, FailMode, FingerprintMode, IdempotencyLayer};
+/// use tower_idempotency::extract::HeaderKey;
 ///
 /// let layer = IdempotencyLayer::builder()
 ///     .lease_ttl(Duration::from_secs(30))

@@ -125,21 +125,10 @@ impl<S, K: fmt::Debug> fmt::Debug for Shared<S, K> {
 /// Makes POST and PATCH requests that carry an `Idempotency-Key` run at
 /// most once per key, and replays the first response to every retry.
 ///
-/// See the [module docs](crate::layer) for the behaviour, row by row.
+/// [`IdempotencyLayer::new()`] is the layer with every default;
+/// [`builder()`](IdempotencyLayer::builder) configures it.
 ///
-/// ```
-/// use std::time::Duration;
-/// use tower_idempotency::{Concurrent, IdempotencyLayer};
-///
-/// let layer = IdempotencyLayer::builder()
-///     .ttl(Duration::from_secs(3600))
-///     .concurrent(Concurrent::Wait { timeout: Duration::from_secs(30) })
-///     .require_key(true)
-///     .build()
-///     .unwrap();
-/// let handle = layer.handle();
-/// assert_eq!(handle.stats().requests, 0);
-/// ```
+#[doc = include_str!("docs.md")]
 pub struct IdempotencyLayer<S = MemoryStore, K = HeaderKey> {
     pub(super) shared: Arc<Shared<S, K>>,
 }

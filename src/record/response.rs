@@ -105,7 +105,7 @@ impl StoredResponse {
 
     /// The stored header fields, in order, read from the buffer (values are
     /// slices of it, not copies).
-    pub fn fields(&self) -> Fields<'_> {
+    pub(crate) fn fields(&self) -> Fields<'_> {
         let mut rest = &self.buffer[2..];
         let remaining = read_varint(&mut rest).unwrap_or(0);
         Fields {
@@ -159,26 +159,15 @@ impl fmt::Debug for StoredResponse {
 /// way, laid out as the [`StoredResponse`] it becomes: what the layer keeps
 /// of a first response while the response streams, instead of a copy of its
 /// header map.
-///
-/// ```
-/// use http::{header, HeaderMap, HeaderValue, StatusCode};
-/// use tower_idempotency::record::StoredHead;
-///
-/// let mut headers = HeaderMap::new();
-/// headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-/// let head = StoredHead::new(StatusCode::OK, &headers);
-/// let stored = head.finish(b"done");
-/// assert_eq!(stored.headers(), headers);
-/// assert_eq!(stored.body(), "done");
-/// ```
 #[derive(Debug, Clone)]
-pub struct StoredHead {
+pub(crate) struct StoredHead {
     buffer: Vec<u8>,
 }
 
 impl StoredHead {
     /// The head of a response of `status` with `headers`.
-    pub fn new(status: StatusCode, headers: &HeaderMap) -> Self {
+    #[cfg(test)]
+    pub(crate) fn new(status: StatusCode, headers: &HeaderMap) -> Self {
         Self::filtered(status, headers, |_| true, 0)
     }
 
@@ -207,7 +196,7 @@ impl StoredHead {
 
     /// The stored response of this head and `body`, in a buffer of exactly
     /// their size (kept for the record's TTL, so no slack).
-    pub fn finish(mut self, body: &[u8]) -> StoredResponse {
+    pub(crate) fn finish(mut self, body: &[u8]) -> StoredResponse {
         self.buffer.reserve_exact(body.len());
         self.buffer.extend_from_slice(body);
         StoredResponse {
@@ -218,7 +207,7 @@ impl StoredHead {
 
 /// The header fields of a [`StoredResponse`], in the order they were stored.
 #[derive(Debug, Clone)]
-pub struct Fields<'a> {
+pub(crate) struct Fields<'a> {
     buffer: &'a Bytes,
     offset: usize,
     remaining: u64,

@@ -1,5 +1,8 @@
-//! The store contract as one test run: prove a [`Store`] keeps it with one
+//! The store contract as one test run: prove a [`Store`](super::Store) keeps it with one
 //! call (feature `test-util`).
+//!
+//! The suite reads what the protocol left through [`StoreAdmin`], so it runs
+//! on stores that implement both traits (every store of this crate does).
 //!
 //! [`Suite::run`] checks, each case on a fresh store from your factory:
 //! `begin` is atomic under hundreds of concurrent tasks; it answers
@@ -37,7 +40,8 @@
 //! ```no_run
 //! # #[cfg(feature = "redis")]
 //! # async fn doc() {
-//! use tower_idempotency::store::{conformance::Suite, RedisStore};
+//! use tower_idempotency::store::conformance::Suite;
+//! use tower_idempotency::store::redis::RedisStore;
 //!
 //! Suite::new(|| async {
 //!     let prefix = format!("conformance:{}:", rand::random::<u64>());
@@ -63,7 +67,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::Store;
+use super::StoreAdmin;
 #[cfg(doc)]
 use super::StoreError;
 
@@ -92,7 +96,7 @@ impl<S> std::fmt::Debug for Suite<S> {
     }
 }
 
-impl<S: Store> Suite<S> {
+impl<S: StoreAdmin> Suite<S> {
     /// A suite that runs each case on a fresh, empty store from `make`.
     ///
     /// Stores on a shared backend should isolate each store made (a random
@@ -190,7 +194,7 @@ impl<S: Store> Suite<S> {
 /// On the first broken rule.
 pub async fn run<S, M, F>(make: M)
 where
-    S: Store,
+    S: StoreAdmin,
     M: Fn() -> F + 'static,
     F: Future<Output = S> + 'static,
 {

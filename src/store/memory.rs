@@ -17,8 +17,8 @@ use moka::Expiry;
 use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 
 use super::{
-    BeginOutcome, Entry, EntryKind, EntryState, LeaseToken, RemovalCounts, ScanEntry, Store,
-    StoreError,
+    completed, BeginOutcome, Entry, EntryKind, EntryState, LeaseToken, RemovalCounts, ScanEntry,
+    Store, StoreAdmin, StoreError,
 };
 use crate::engine::{ConfigError, MAX_DURATION};
 use crate::key::Fingerprint;
@@ -584,6 +584,25 @@ impl Store for MemoryStore {
         Ok(take_held(&mut markers, key, lease, now, &self.counters).is_some())
     }
 
+    async fn completed_record(&self, key: &str) -> Result<Option<SharedRecord>, StoreError> {
+        Ok(completed(self.get(key).await?))
+    }
+
+    fn removal_counts(&self) -> RemovalCounts {
+        RemovalCounts {
+            expired: self.counters.expired.load(Relaxed),
+            evicted: self.counters.evicted.load(Relaxed),
+        }
+    }
+
+    async fn cleanup_expired(&self) -> Result<(), StoreError> {
+        self.cache.run_pending_tasks();
+        self.sweep_markers(Instant::now());
+        Ok(())
+    }
+}
+
+impl StoreAdmin for MemoryStore {
     async fn put(&self, key: &str, record: SharedRecord, ttl: Duration) -> Result<(), StoreError> {
         let mut markers = self.stripes.lock(key);
         if let Some(marker) = markers.remove(key) {
@@ -673,19 +692,6 @@ impl Store for MemoryStore {
                 0
             },
         })
-    }
-
-    fn removal_counts(&self) -> RemovalCounts {
-        RemovalCounts {
-            expired: self.counters.expired.load(Relaxed),
-            evicted: self.counters.evicted.load(Relaxed),
-        }
-    }
-
-    async fn cleanup_expired(&self) -> Result<(), StoreError> {
-        self.cache.run_pending_tasks();
-        self.sweep_markers(Instant::now());
-        Ok(())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -16,12 +16,24 @@
 //!   cannot overwrite or delete the newer holder's marker.
 //! * Markers expire after the lease TTL they were written with, records after
 //!   the record TTL; an expired entry is never returned.
+//!
+//! A store of your own implements [`Store`]'s four protocol methods (the
+//! rest of it is optional) and works with the layer and
+//! [`execute`](crate::Idempotency::execute); it implements [`StoreAdmin`] too
+//! for the handle's listing and maintenance. The `conformance` suite
+//! (feature `test-util`) proves both.
+//!
+//! The stores of this crate implement both: the embedded moka
+//! [`MemoryStore`] lives here; the Redis store in `store::redis` (feature
+//! `redis`) and the Postgres store in `store::postgres` (feature `postgres`),
+//! each with its builder and defaults.
 
 use std::future::Future;
 use std::time::Duration;
 
+pub use crate::engine::IntoStore;
 use crate::key::Fingerprint;
-use crate::record::{DecodeError, SharedRecord};
+pub use crate::record::{DecodeError, SharedRecord};
 use crate::stats::CacheInfo;
 
 #[cfg(feature = "test-util")]
@@ -35,18 +47,105 @@ pub mod postgres;
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
 
-#[cfg(feature = "postgres")]
-pub use self::postgres::{PostgresStore, PostgresStoreBuilder};
-#[cfg(feature = "redis")]
-pub use self::redis::{RedisStore, RedisStoreBuilder};
 pub use memory::{MemoryStore, MemoryStoreBuilder, DEFAULT_MAX_ENTRIES};
 
-/// An async store of in-flight markers and records, each under one key.
+/// The protocol a store keeps: in-flight markers and records, each under one
+/// key.
+///
+/// **Implement these four: [`begin`](Self::begin), [`renew`](Self::renew),
+/// [`complete`](Self::complete) and [`release`](Self::release); the rest are
+/// optional.** A store with only the four works under the HTTP layer and
+/// [`execute`](crate::Idempotency::execute). The optional methods have
+/// defaults that are always correct; a store overrides them to be faster
+/// ([`local_record`](Self::local_record),
+/// [`until_changed`](Self::until_changed),
+/// [`completed_record`](Self::completed_record)), to keep bounded space
+/// ([`cleanup_expired`](Self::cleanup_expired)) or to report what it dropped
+/// ([`removal_counts`](Self::removal_counts)).
+///
+/// Listing and maintenance (get, put, remove, clear, scan, ...) are the
+/// second trait, [`StoreAdmin`]: the handle's queries and
+/// [`mark_executed`](crate::Idempotency::mark_executed) need it, the
+/// protocol does not.
 ///
 /// Methods return `impl Future + Send` so that stores are used without boxing;
 /// implement them with `async fn`.
-// `len` counts a remote backend's entries; an `is_empty` would be the same round trip.
-#[allow(clippy::len_without_is_empty)]
+///
+/// # Example
+///
+/// A store of one process, with the protocol only (expiry left out for
+/// brevity; a real store drops markers after their lease TTL and records
+/// after their TTL, and `store::conformance` proves it):
+///
+/// ```
+/// use std::collections::HashMap;
+/// use std::sync::Mutex;
+/// use std::time::Duration;
+/// use tower_idempotency::store::{BeginOutcome, LeaseToken, SharedRecord, Store, StoreError};
+/// use tower_idempotency::{Fingerprint, Idempotency};
+///
+/// enum Held {
+///     InFlight(Fingerprint, LeaseToken),
+///     Completed(SharedRecord),
+/// }
+///
+/// #[derive(Default)]
+/// struct MapStore(Mutex<HashMap<String, Held>>);
+///
+/// impl Store for MapStore {
+///     async fn begin(
+///         &self,
+///         key: &str,
+///         fingerprint: Fingerprint,
+///         lease: LeaseToken,
+///         lease_ttl: Duration,
+///     ) -> Result<BeginOutcome, StoreError> {
+///         let mut map = self.0.lock().map_err(|_| StoreError::backend("poisoned"))?;
+///         Ok(match map.get(key) {
+///             Some(Held::Completed(record)) => BeginOutcome::Completed(record.clone()),
+///             Some(Held::InFlight(fingerprint, _)) => {
+///                 BeginOutcome::InFlight { fingerprint: *fingerprint, expires_in: lease_ttl }
+///             }
+///             None => {
+///                 map.insert(key.to_owned(), Held::InFlight(fingerprint, lease));
+///                 BeginOutcome::Acquired
+///             }
+///         })
+///     }
+///
+///     async fn renew(&self, key: &str, lease: LeaseToken, _: Duration) -> Result<bool, StoreError> {
+///         let map = self.0.lock().map_err(|_| StoreError::backend("poisoned"))?;
+///         Ok(matches!(map.get(key), Some(Held::InFlight(_, held)) if *held == lease))
+///     }
+///
+///     async fn complete(
+///         &self,
+///         key: &str,
+///         lease: LeaseToken,
+///         record: SharedRecord,
+///         _ttl: Duration,
+///     ) -> Result<bool, StoreError> {
+///         let mut map = self.0.lock().map_err(|_| StoreError::backend("poisoned"))?;
+///         let ours = matches!(map.get(key), Some(Held::InFlight(_, held)) if *held == lease);
+///         if ours {
+///             map.insert(key.to_owned(), Held::Completed(record));
+///         }
+///         Ok(ours)
+///     }
+///
+///     async fn release(&self, key: &str, lease: LeaseToken) -> Result<bool, StoreError> {
+///         let mut map = self.0.lock().map_err(|_| StoreError::backend("poisoned"))?;
+///         let ours = matches!(map.get(key), Some(Held::InFlight(_, held)) if *held == lease);
+///         if ours {
+///             map.remove(key);
+///         }
+///         Ok(ours)
+///     }
+/// }
+///
+/// let engine = Idempotency::builder().store(MapStore::default()).build().unwrap();
+/// # drop(engine);
+/// ```
 pub trait Store: Send + Sync + 'static {
     /// Atomically: when `key` holds nothing, writes an in-flight marker with
     /// `lease` and `fingerprint` that expires after `lease_ttl`, and answers
@@ -85,6 +184,76 @@ pub trait Store: Send + Sync + 'static {
         lease: LeaseToken,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
+    /// Optional: the completed record under `key`, if the key holds one. The
+    /// engine asks only after a [`complete`](Self::complete) whose answer was
+    /// lost and whose retry found no marker, to learn whether the first
+    /// attempt landed.
+    ///
+    /// The default answers `None`: the engine then reports the lease as lost
+    /// (`complete` answers `false`), although the record may be stored; the
+    /// next retry finds it through [`begin`](Self::begin) all the same.
+    fn completed_record(
+        &self,
+        key: &str,
+    ) -> impl Future<Output = Result<Option<SharedRecord>, StoreError>> + Send {
+        let _ = key;
+        async { Ok(None) }
+    }
+
+    /// Optional: entries the store itself dropped since it was made (TTL ran
+    /// out, or to stay within bounds), added to the engine's stats. Stores
+    /// that cannot tell answer zeros, the default.
+    fn removal_counts(&self) -> RemovalCounts {
+        RemovalCounts::default()
+    }
+
+    /// Optional: drops expired entries now, where the store keeps them until
+    /// a later maintenance pass (the engine's auto-cleanup task calls it).
+    /// The default does nothing.
+    fn cleanup_expired(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
+        async { Ok(()) }
+    }
+
+    /// Optional: the completed record under `key` when this store holds it in
+    /// the process (the memory store; Redis's local tier), answered at once,
+    /// without a round trip or an `await`; `None` when it does not, or holds
+    /// no such copy (the default).
+    ///
+    /// A record never changes once stored, so the engine replays what this
+    /// answers without joining the key's flight or taking any lock: a replay
+    /// costs one local read. Anything else (a miss, an in-flight marker)
+    /// goes on to [`begin`](Store::begin).
+    fn local_record(&self, key: &str) -> Option<SharedRecord> {
+        let _ = key;
+        None
+    }
+
+    /// Optional: resolves at `deadline`, or earlier when the store learns that
+    /// `key` was completed or released by another process. The engine waits
+    /// on it between polls of [`begin`](Store::begin) while another process
+    /// holds the key's lease. The default waits until `deadline` (plain
+    /// polling); a store that can announce changes (Redis pub/sub) wakes
+    /// waiters early.
+    fn until_changed(
+        &self,
+        key: &str,
+        deadline: tokio::time::Instant,
+    ) -> impl Future<Output = ()> + Send {
+        let _ = key;
+        tokio::time::sleep_until(deadline)
+    }
+}
+
+/// Listing and maintenance: what the handle's queries
+/// ([`Idempotency::keys`](crate::Idempotency::keys),
+/// [`cache_info`](crate::Idempotency::cache_info),
+/// [`remove`](crate::Idempotency::remove), ...) and
+/// [`mark_executed`](crate::Idempotency::mark_executed) need of a store,
+/// beyond the [`Store`] protocol. The stores of this crate implement both; a
+/// store of your own may implement only [`Store`].
+// `len` counts a remote backend's entries; an `is_empty` would be the same round trip.
+#[allow(clippy::len_without_is_empty)]
+pub trait StoreAdmin: Store {
     /// Writes `record` under `key`, expiring after `ttl`, whatever the key held.
     fn put(
         &self,
@@ -112,52 +281,25 @@ pub trait Store: Send + Sync + 'static {
     /// Size and bounds of the store.
     fn info(&self) -> impl Future<Output = Result<CacheInfo, StoreError>> + Send;
 
-    /// Entries the store itself dropped since it was made (TTL ran out, or to
-    /// stay within bounds). Stores that cannot tell answer zeros, the default.
-    fn removal_counts(&self) -> RemovalCounts {
-        RemovalCounts::default()
-    }
-
-    /// Drops expired entries now, where the store keeps them until a later
-    /// maintenance pass. The default does nothing.
-    fn cleanup_expired(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
-        async { Ok(()) }
-    }
-
-    /// Checks that the store answers (`/healthz`).
+    /// Checks that the store answers (`/healthz`). The default asks for
+    /// [`len`](Self::len).
     fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
         async {
             self.len().await?;
             Ok(())
         }
     }
+}
 
-    /// The completed record under `key` when this store holds it in the
-    /// process (the memory store; Redis's local tier), answered at once,
-    /// without a round trip or an `await`; `None` when it does not, or holds
-    /// no such copy (the default).
-    ///
-    /// A record never changes once stored, so the engine replays what this
-    /// answers without joining the key's flight or taking any lock: a replay
-    /// costs one local read. Anything else (a miss, an in-flight marker)
-    /// goes on to [`begin`](Store::begin).
-    fn local_record(&self, key: &str) -> Option<SharedRecord> {
-        let _ = key;
-        None
-    }
-
-    /// Resolves at `deadline`, or earlier when the store learns that `key`
-    /// was completed or released by another process. The engine waits on it
-    /// between polls of [`begin`](Store::begin) while another process holds
-    /// the key's lease. The default waits until `deadline` (plain polling);
-    /// a store that can announce changes (Redis pub/sub) wakes waiters early.
-    fn until_changed(
-        &self,
-        key: &str,
-        deadline: tokio::time::Instant,
-    ) -> impl Future<Output = ()> + Send {
-        let _ = key;
-        tokio::time::sleep_until(deadline)
+/// The record of an entry that holds one: the crate's stores answer
+/// [`Store::completed_record`] from [`StoreAdmin::get`].
+pub(crate) fn completed(entry: Option<Entry>) -> Option<SharedRecord> {
+    match entry {
+        Some(Entry {
+            state: EntryState::Completed(record),
+            ..
+        }) => Some(record),
+        _ => None,
     }
 }
 
@@ -247,7 +389,7 @@ pub enum EntryState {
     Completed(SharedRecord),
 }
 
-/// One entry as [`Store::scan`] lists it.
+/// One entry as [`StoreAdmin::scan`] lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ScanEntry {
     /// The storage key.

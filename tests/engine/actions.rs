@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use stores::{per_store, TestStore};
 use tokio::sync::{Notify, Semaphore};
-use tower_idempotency::store::Store;
+use tower_idempotency::store::StoreAdmin;
 use tower_idempotency::{
     Concurrent, ExecuteError, Fingerprint, Idempotency, IdempotencyKey, Record, StoredResponse,
 };

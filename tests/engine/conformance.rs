@@ -21,7 +21,8 @@ async fn memory_store_keeps_the_store_contract() {
 #[cfg(feature = "redis")]
 mod redis_store {
     use bytes::Bytes;
-    use tower_idempotency::store::{conformance::Suite, RedisStore};
+    use tower_idempotency::store::conformance::Suite;
+    use tower_idempotency::store::redis::RedisStore;
 
     use super::BUDGET;
 
@@ -116,7 +117,8 @@ mod postgres_store {
     use std::sync::Arc;
 
     use bytes::Bytes;
-    use tower_idempotency::store::{conformance::Suite, PostgresStore};
+    use tower_idempotency::store::conformance::Suite;
+    use tower_idempotency::store::postgres::PostgresStore;
 
     use super::{postgres, BUDGET};
 

@@ -7,7 +7,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use proptest::prelude::*;
-use tower_idempotency::record::DecodeError;
+use tower_idempotency::store::DecodeError;
 use tower_idempotency::{Fingerprint, Record, StoredResponse};
 
 /// Decodes `bytes`; a record it answers must survive a round trip.
@@ -45,8 +45,8 @@ fn record() -> impl Strategy<Value = Record> {
         fingerprint,
         any::<u64>(),
         prop_oneof![
-            response.prop_map(tower_idempotency::record::Payload::Response),
-            value.prop_map(tower_idempotency::record::Payload::Value),
+            response.prop_map(tower_idempotency::Payload::Response),
+            value.prop_map(tower_idempotency::Payload::Value),
         ],
     )
         .prop_map(|(fingerprint, created_at_ms, payload)| Record {

@@ -190,7 +190,7 @@ async fn over_http_the_last_records_replay_at_the_bound() {
 #[cfg(feature = "redis")]
 #[tokio::test]
 async fn the_redis_local_tier_keeps_the_newest_records() {
-    use tower_idempotency::RedisStore;
+    use tower_idempotency::store::redis::RedisStore;
 
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
     let prefix = format!("test:eviction:{:x}:", rand::random::<u64>());

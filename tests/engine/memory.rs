@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::time::timeout;
-use tower_idempotency::store::{BeginOutcome, EntryState, LeaseToken, MemoryStore, Store};
+use tower_idempotency::store::{
+    BeginOutcome, EntryState, LeaseToken, MemoryStore, Store, StoreAdmin,
+};
 use tower_idempotency::{Begin, Concurrent, Fingerprint, Idempotency, Record};
 
 const LIMIT: Duration = Duration::from_secs(20);
@@ -149,8 +151,8 @@ async fn requests_in_flight_never_evict_a_completed_record() {
 
 #[tokio::test]
 async fn an_expired_marker_is_taken_over_and_counted_as_expired() {
-    let engine = Idempotency::new();
-    let store = engine.store();
+    let store = MemoryStore::new();
+    let engine = Idempotency::builder().store(store.clone()).build().unwrap();
     let brief = Duration::from_millis(20);
     let (old, new) = (LeaseToken::random(), LeaseToken::random());
     let begun = store.begin("s:a:t", fp("x"), old, brief).await.unwrap();

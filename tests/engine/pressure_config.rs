@@ -11,10 +11,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tower_idempotency::engine::MAX_DURATION;
-use tower_idempotency::store::{BeginOutcome, EntryState, LeaseToken, MemoryStore, Store};
+use tower_idempotency::store::{
+    BeginOutcome, EntryState, LeaseToken, MemoryStore, Store, StoreAdmin,
+};
 use tower_idempotency::{
-    Begin, Concurrent, ConfigError, Fingerprint, Idempotency, IdempotencyLayer, LeaseExpiry, Record,
+    Begin, Concurrent, ConfigError, Fingerprint, Idempotency, IdempotencyLayer, LeaseExpiry,
+    Record, MAX_DURATION,
 };
 
 use common::{serve_orders, within};
@@ -209,8 +211,9 @@ async fn a_layer_at_the_maximum_serves_and_replays() {
 #[cfg(feature = "redis")]
 mod redis_store {
     use super::*;
+    use tower_idempotency::store::redis::RedisStore;
     use tower_idempotency::store::StoreError;
-    use tower_idempotency::{IdempotencyKey, RedisStore};
+    use tower_idempotency::IdempotencyKey;
 
     fn url() -> String {
         std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())

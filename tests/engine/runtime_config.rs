@@ -13,10 +13,9 @@ use http::{Request, StatusCode};
 use tokio::sync::Notify;
 use tokio::time::timeout;
 use tower::ServiceExt;
-use tower_idempotency::engine::MAX_DURATION;
 use tower_idempotency::store::EntryState;
 use tower_idempotency::{
-    Begin, Concurrent, Config, Fingerprint, Idempotency, IdempotencyLayer, Record,
+    Begin, Concurrent, Config, Fingerprint, Idempotency, IdempotencyLayer, Record, MAX_DURATION,
 };
 
 const LIMIT: Duration = Duration::from_secs(20);

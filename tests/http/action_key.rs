@@ -14,8 +14,8 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use stores::{per_store, TestStore};
-use tower_idempotency::key::{fixed, from_header, from_path_segment};
-use tower_idempotency::{ActionKey, FingerprintMode, Idempotency, IdempotencyLayer};
+use tower_idempotency::extract::{fixed, from_header, from_path_segment, ActionKey};
+use tower_idempotency::{FingerprintMode, Idempotency, IdempotencyLayer};
 
 struct Server {
     base: String,

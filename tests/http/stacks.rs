@@ -21,9 +21,9 @@ use hyper_util::service::TowerToHyperService;
 use stores::{per_store, TestStore};
 use tokio::net::TcpListener;
 use tower::{service_fn, ServiceBuilder};
-use tower_idempotency::record::SharedRecord;
 use tower_idempotency::store::{
-    BeginOutcome, Entry, LeaseToken, RemovalCounts, ScanEntry, Store, StoreError,
+    BeginOutcome, Entry, LeaseToken, RemovalCounts, ScanEntry, SharedRecord, Store, StoreAdmin,
+    StoreError,
 };
 use tower_idempotency::{problem, CacheInfo, FailMode, Fingerprint, IdempotencyLayer, RequestBody};
 
@@ -194,6 +194,19 @@ impl Store for SwitchStore {
         self.check()?;
         self.inner.release(key, lease).await
     }
+    fn removal_counts(&self) -> RemovalCounts {
+        self.inner.removal_counts()
+    }
+    async fn completed_record(
+        &self,
+        key: &str,
+    ) -> Result<Option<tower_idempotency::store::SharedRecord>, StoreError> {
+        self.check()?;
+        self.inner.completed_record(key).await
+    }
+}
+
+impl StoreAdmin for SwitchStore {
     async fn put(&self, key: &str, record: SharedRecord, ttl: Duration) -> Result<(), StoreError> {
         self.check()?;
         self.inner.put(key, record, ttl).await
@@ -221,9 +234,6 @@ impl Store for SwitchStore {
     async fn info(&self) -> Result<CacheInfo, StoreError> {
         self.check()?;
         self.inner.info().await
-    }
-    fn removal_counts(&self) -> RemovalCounts {
-        self.inner.removal_counts()
     }
 }
 

@@ -14,7 +14,8 @@ use axum::routing::post;
 use axum::{Json, Router};
 use common::*;
 use postgres::{random_table, store, DropTables};
-use tower_idempotency::{Idempotency, IdempotencyKey, IdempotencyLayer, PostgresStore};
+use tower_idempotency::store::postgres::PostgresStore;
+use tower_idempotency::{Idempotency, IdempotencyKey, IdempotencyLayer};
 
 #[derive(Clone)]
 struct App {
@@ -59,15 +60,14 @@ async fn a_lost_response_record_replays_the_handlers_committed_work() {
     let cleanup = DropTables::new(&responses);
     cleanup.add(&work);
     cleanup.add(&orders);
-    let work = Idempotency::builder()
-        .store(store(&work).await)
-        .build()
-        .unwrap();
+    let work_store = store(&work).await;
+    let pool = work_store.pool().clone();
+    let work = Idempotency::builder().store(work_store).build().unwrap();
     within(
         sqlx::query(&format!(
             "CREATE TABLE {orders} (id bigserial PRIMARY KEY, item text NOT NULL)"
         ))
-        .execute(work.store().pool()),
+        .execute(&pool),
     )
     .await
     .unwrap();
@@ -97,11 +97,9 @@ async fn a_lost_response_record_replays_the_handlers_committed_work() {
     assert_eq!(retry.status, StatusCode::CREATED);
     assert!(!retry.replayed(), "the layer ran the handler again");
     assert_eq!(retry.body, first.body, "the handler replayed its order");
-    let count: i64 = within(
-        sqlx::query_scalar(&format!("SELECT count(*) FROM {orders}"))
-            .fetch_one(work.store().pool()),
-    )
-    .await
-    .unwrap();
+    let count: i64 =
+        within(sqlx::query_scalar(&format!("SELECT count(*) FROM {orders}")).fetch_one(&pool))
+            .await
+            .unwrap();
     assert_eq!(count, 1, "one order for one key");
 }

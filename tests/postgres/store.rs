@@ -17,10 +17,9 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::ConnectOptions;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
-use tower_idempotency::store::{Store, StoreError};
-use tower_idempotency::{
-    Concurrent, ExecuteError, Idempotency, IdempotencyKey, IdempotencyLayer, PostgresStore,
-};
+use tower_idempotency::store::postgres::PostgresStore;
+use tower_idempotency::store::{Store, StoreAdmin, StoreError};
+use tower_idempotency::{Concurrent, ExecuteError, Idempotency, IdempotencyKey, IdempotencyLayer};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_instances_run_two_hundred_concurrent_duplicates_once() {

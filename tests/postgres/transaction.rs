@@ -15,13 +15,14 @@ use postgres::{random_table, store, DropTables};
 use sqlx::{Postgres, Transaction};
 use tokio::sync::oneshot;
 use tokio::task::JoinSet;
-use tower_idempotency::{
-    Concurrent, ExecuteError, Idempotency, IdempotencyKey, KeyFilter, PostgresStore,
-};
+use tower_idempotency::store::postgres::PostgresStore;
+use tower_idempotency::{Concurrent, ExecuteError, Idempotency, IdempotencyKey, KeyFilter};
 
 /// A store table and an orders table, both dropped when the test ends.
 struct Orders {
     engine: Idempotency<PostgresStore>,
+    /// The engine's store (a clone): its table and pool.
+    store: PostgresStore,
     orders: String,
     _cleanup: DropTables,
 }
@@ -49,11 +50,12 @@ impl Orders {
         )
         .await
         .unwrap();
-        let engine = configure(Idempotency::builder().store(store))
+        let engine = configure(Idempotency::builder().store(store.clone()))
             .build()
             .unwrap();
         Self {
             engine,
+            store,
             orders,
             _cleanup: cleanup,
         }
@@ -61,7 +63,7 @@ impl Orders {
 
     /// Another instance of the service: its own pool on the same tables.
     async fn another_instance(&self) -> Idempotency<PostgresStore> {
-        let table = self.engine.store().table().trim_matches('"').to_owned();
+        let table = self.store.table().trim_matches('"').to_owned();
         Idempotency::builder()
             .store(store(&table).await)
             .concurrent(Concurrent::wait())
@@ -73,7 +75,7 @@ impl Orders {
     async fn count(&self) -> i64 {
         within(
             sqlx::query_scalar(&format!("SELECT count(*) FROM {}", self.orders))
-                .fetch_one(self.engine.store().pool()),
+                .fetch_one(self.store.pool()),
         )
         .await
         .unwrap()
@@ -244,7 +246,7 @@ async fn a_call_dropped_before_the_commit_keeps_neither_row() {
 async fn a_process_that_dies_before_the_commit_keeps_neither_row() {
     const LEASE_TTL: Duration = Duration::from_millis(600);
     let shop = Orders::new().await;
-    let table = shop.engine.store().table().trim_matches('"').to_owned();
+    let table = shop.store.table().trim_matches('"').to_owned();
     let orders = shop.orders.clone();
     let (written, wrote) = oneshot::channel();
     // The "process": a runtime of its own, with its own engine and pool.
@@ -322,10 +324,10 @@ async fn concurrent_duplicates_on_two_instances_write_one_order() {
 #[tokio::test]
 async fn a_lease_taken_over_before_the_commit_rolls_the_work_back() {
     let shop = Orders::new().await;
-    let (orders, pool) = (shop.orders.clone(), shop.engine.store().pool().clone());
+    let (orders, pool) = (shop.orders.clone(), shop.store.pool().clone());
     let take_over = format!(
         "UPDATE {} SET lease_token = 'ffffffffffffffffffffffffffffffff'",
-        shop.engine.store().table()
+        shop.store.table()
     );
     let lost = within(
         shop.engine

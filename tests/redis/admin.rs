@@ -7,8 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::timeout;
-use tower_idempotency::store::{EntryKind, EntryState, LeaseToken, ScanEntry, Store, StoreError};
-use tower_idempotency::{Begin, Concurrent, Fingerprint, IdempotencyKey, KeyFilter, RedisStore};
+use tower_idempotency::store::redis::RedisStore;
+use tower_idempotency::store::{
+    EntryKind, EntryState, LeaseToken, ScanEntry, Store, StoreAdmin, StoreError,
+};
+use tower_idempotency::{Begin, Concurrent, Fingerprint, IdempotencyKey, KeyFilter};
 
 use crate::support::redis as support;
 

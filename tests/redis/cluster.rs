@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::time::timeout;
-use tower_idempotency::store::{EntryState, LeaseToken, Store, StoreError};
-use tower_idempotency::{Begin, Concurrent, Fingerprint, Idempotency, Record, RedisStore};
+use tower_idempotency::store::redis::RedisStore;
+use tower_idempotency::store::{EntryState, LeaseToken, Store, StoreAdmin, StoreError};
+use tower_idempotency::{Begin, Concurrent, Fingerprint, Idempotency, Record};
 
 use crate::support::stores::cluster;
 

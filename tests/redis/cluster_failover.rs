@@ -12,8 +12,9 @@ use std::time::Duration;
 use axum::Router;
 use http::StatusCode;
 use tokio::time::{timeout, Instant};
-use tower_idempotency::engine::KeyFilter;
-use tower_idempotency::{FailMode, HeaderKey, IdempotencyKey, IdempotencyLayer, RedisStore};
+use tower_idempotency::extract::HeaderKey;
+use tower_idempotency::store::redis::RedisStore;
+use tower_idempotency::{FailMode, IdempotencyKey, IdempotencyLayer, KeyFilter};
 
 use crate::support::common;
 use crate::support::stores::cluster;
@@ -386,7 +387,7 @@ async fn lost(
     acknowledged: &Acknowledged,
     killed_at: Instant,
 ) -> (usize, usize) {
-    use tower_idempotency::store::{EntryState, Store};
+    use tower_idempotency::store::{EntryState, StoreAdmin};
     let keys: Vec<String> = acknowledged
         .lock()
         .unwrap()
@@ -413,7 +414,7 @@ async fn lost(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn with_replica_ack_every_acknowledged_record_survives_the_failover() {
     use std::sync::atomic::{AtomicBool, Ordering};
-    use tower_idempotency::store::Store;
+    use tower_idempotency::store::StoreAdmin;
     let cluster = private_cluster().await;
     let urls = cluster.urls();
     let acked = timeout(

@@ -4,7 +4,7 @@
 #![cfg(feature = "redis")]
 
 use tokio::time::timeout;
-use tower_idempotency::RedisStore;
+use tower_idempotency::store::redis::RedisStore;
 
 use crate::support::redis as support;
 

@@ -13,9 +13,8 @@ use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
 use std::time::Duration;
 
 use tower_idempotency::problem::{STORE_FAILED, STORE_UNAVAILABLE};
-use tower_idempotency::{
-    ExecuteError, FailMode, Idempotency, IdempotencyKey, IdempotencyLayer, RedisStore,
-};
+use tower_idempotency::store::redis::RedisStore;
+use tower_idempotency::{ExecuteError, FailMode, Idempotency, IdempotencyKey, IdempotencyLayer};
 
 use common::{serve_orders, within};
 use support::{cleaned_prefix, free_port, redis_url};

@@ -8,8 +8,9 @@
 use std::time::Duration;
 
 use tokio::time::timeout;
+use tower_idempotency::store::redis::RedisStore;
 use tower_idempotency::store::StoreError;
-use tower_idempotency::{Begin, Concurrent, Fingerprint, Idempotency, LeaseExpiry, RedisStore};
+use tower_idempotency::{Begin, Concurrent, Fingerprint, Idempotency, LeaseExpiry};
 
 use crate::support::redis as support;
 
@@ -56,8 +57,10 @@ async fn load_scripts(engine: &Idempotency<RedisStore>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_result_whose_write_failed_is_stored_once_redis_answers_again() {
     let redis = OwnRedis::start(free_port()).await;
+    let store = impatient_store(&redis).await;
+    let prefix = store.prefix().to_owned();
     let engine = Idempotency::builder()
-        .store(impatient_store(&redis).await)
+        .store(store)
         .lease_ttl(Duration::from_secs(60))
         .build()
         .unwrap();
@@ -103,7 +106,7 @@ async fn a_result_whose_write_failed_is_stored_once_redis_answers_again() {
     let other_instance = Idempotency::builder()
         .store(
             RedisStore::builder(redis.url())
-                .prefix(engine.store().prefix())
+                .prefix(&prefix)
                 .build()
                 .await
                 .unwrap(),

@@ -16,7 +16,8 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpListener;
 use tokio::sync::Barrier;
-use tower_idempotency::{Concurrent, FailMode, IdempotencyLayer, RedisStore};
+use tower_idempotency::store::redis::RedisStore;
+use tower_idempotency::{Concurrent, FailMode, IdempotencyLayer};
 
 use crate::support::redis as support;
 

@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::timeout;
+use tower_idempotency::store::redis::RedisStore;
 use tower_idempotency::store::{LeaseToken, Store, StoreError};
-use tower_idempotency::{Begin, Concurrent, Fingerprint, RedisStore};
+use tower_idempotency::{Begin, Concurrent, Fingerprint};
 
 use crate::support::redis as support;
 
@@ -55,7 +56,7 @@ async fn the_same_store_recovers_when_redis_restarts() {
         .build()
         .await
         .unwrap();
-    let engine = engine(store, Concurrent::Reject);
+    let engine = engine(store.clone(), Concurrent::Reject);
     let fp = Fingerprint::of_bytes(b"order");
     let Begin::Execute(lease) = engine
         .begin_with("s:a:before", fp, Concurrent::Reject)
@@ -102,7 +103,7 @@ async fn the_same_store_recovers_when_redis_restarts() {
     }
 
     // Change notices flow again once the subscriber has reconnected.
-    let store = engine.store();
+    let store = &store;
     let mut attempt = 0;
     until_ok(|| {
         attempt += 1;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::Barrier;
 use tokio::time::timeout;
-use tower_idempotency::store::{EntryState, LeaseToken, Store};
+use tower_idempotency::store::{EntryState, LeaseToken, Store, StoreAdmin};
 use tower_idempotency::{Begin, Concurrent, Fingerprint, Idempotency};
 
 use crate::support::redis as support;

@@ -12,8 +12,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::process::{Child, Command};
 use tokio::sync::Barrier;
+use tower_idempotency::store::redis::RedisStore;
 use tower_idempotency::store::Store;
-use tower_idempotency::{Begin, Concurrent, Fingerprint, Idempotency, Record, RedisStore};
+use tower_idempotency::{Begin, Concurrent, Fingerprint, Idempotency, Record};
 
 /// The limit on any one wait on the network or on another task.
 pub(crate) const LIMIT: Duration = Duration::from_secs(20);

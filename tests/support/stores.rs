@@ -19,19 +19,19 @@ pub mod cluster;
 
 use std::time::Duration;
 
-use tower_idempotency::record::SharedRecord;
 use tower_idempotency::store::{
-    BeginOutcome, Entry, LeaseToken, MemoryStore, RemovalCounts, ScanEntry, Store, StoreError,
+    BeginOutcome, Entry, LeaseToken, MemoryStore, RemovalCounts, ScanEntry, SharedRecord, Store,
+    StoreAdmin, StoreError,
 };
 use tower_idempotency::{CacheInfo, Fingerprint};
 
 #[cfg(feature = "redis")]
-use tower_idempotency::store::RedisStore;
+use tower_idempotency::store::redis::RedisStore;
 
 #[cfg(feature = "postgres")]
 pub mod postgres;
 #[cfg(feature = "postgres")]
-use tower_idempotency::PostgresStore;
+use tower_idempotency::store::postgres::PostgresStore;
 
 /// `per_store!(name, tokio-test-args)` runs `async fn name(store: TestStore)`
 /// as the tests `name::memory`, `name::redis` and `name::redis_local_tier`,
@@ -264,6 +264,27 @@ impl Store for TestStore {
     async fn release(&self, key: &str, lease: LeaseToken) -> Result<bool, StoreError> {
         delegate!(self, s => s.release(key, lease).await)
     }
+    fn removal_counts(&self) -> RemovalCounts {
+        delegate!(self, s => s.removal_counts())
+    }
+    async fn cleanup_expired(&self) -> Result<(), StoreError> {
+        delegate!(self, s => s.cleanup_expired().await)
+    }
+    fn local_record(&self, key: &str) -> Option<SharedRecord> {
+        delegate!(self, s => s.local_record(key))
+    }
+    async fn until_changed(&self, key: &str, deadline: tokio::time::Instant) {
+        delegate!(self, s => s.until_changed(key, deadline).await)
+    }
+    async fn completed_record(
+        &self,
+        key: &str,
+    ) -> Result<Option<tower_idempotency::store::SharedRecord>, StoreError> {
+        delegate!(self, s => s.completed_record(key).await)
+    }
+}
+
+impl StoreAdmin for TestStore {
     async fn put(&self, key: &str, record: SharedRecord, ttl: Duration) -> Result<(), StoreError> {
         delegate!(self, s => s.put(key, record, ttl).await)
     }
@@ -285,19 +306,7 @@ impl Store for TestStore {
     async fn info(&self) -> Result<CacheInfo, StoreError> {
         delegate!(self, s => s.info().await)
     }
-    fn removal_counts(&self) -> RemovalCounts {
-        delegate!(self, s => s.removal_counts())
-    }
-    async fn cleanup_expired(&self) -> Result<(), StoreError> {
-        delegate!(self, s => s.cleanup_expired().await)
-    }
     async fn ping(&self) -> Result<(), StoreError> {
         delegate!(self, s => s.ping().await)
-    }
-    fn local_record(&self, key: &str) -> Option<SharedRecord> {
-        delegate!(self, s => s.local_record(key))
-    }
-    async fn until_changed(&self, key: &str, deadline: tokio::time::Instant) {
-        delegate!(self, s => s.until_changed(key, deadline).await)
     }
 }

@@ -9,7 +9,7 @@ use tokio::sync::Barrier;
 
 use crate::key::Fingerprint;
 use crate::record::{Record, SharedRecord};
-use crate::store::{BeginOutcome, Entry, EntryState, LeaseToken, Store};
+use crate::store::{BeginOutcome, Entry, EntryState, LeaseToken, StoreAdmin};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -59,11 +59,11 @@ fn record_of(entry: Option<Entry>) -> Option<SharedRecord> {
     }
 }
 
-pub(super) async fn cleanup<S: Store>(store: &S) {
+pub(super) async fn cleanup<S: StoreAdmin>(store: &S) {
     ok!("cleanup", store.clear());
 }
 
-pub(super) async fn begin_acquires_a_free_key<S: Store>(store: Arc<S>) {
+pub(super) async fn begin_acquires_a_free_key<S: StoreAdmin>(store: Arc<S>) {
     let lease = LeaseToken::random();
     let begun = ok!(
         "begin acquires",
@@ -94,7 +94,7 @@ pub(super) async fn begin_acquires_a_free_key<S: Store>(store: Arc<S>) {
     );
 }
 
-pub(super) async fn begin_answers_in_flight<S: Store>(store: Arc<S>) {
+pub(super) async fn begin_answers_in_flight<S: StoreAdmin>(store: Arc<S>) {
     let first = LeaseToken::random();
     ok!(
         "begin in flight",
@@ -117,7 +117,7 @@ pub(super) async fn begin_answers_in_flight<S: Store>(store: Arc<S>) {
     );
 }
 
-pub(super) async fn begin_answers_completed<S: Store>(store: Arc<S>) {
+pub(super) async fn begin_answers_completed<S: StoreAdmin>(store: Arc<S>) {
     let lease = LeaseToken::random();
     ok!(
         "begin completed",
@@ -147,7 +147,7 @@ pub(super) async fn begin_answers_completed<S: Store>(store: Arc<S>) {
 /// `local_record` may answer `None` (a store with no copy in process), but
 /// when it answers, it answers the completed record: never a marker, never
 /// a removed record.
-pub(super) async fn local_record_is_only_a_completed_record<S: Store>(store: Arc<S>) {
+pub(super) async fn local_record_is_only_a_completed_record<S: StoreAdmin>(store: Arc<S>) {
     let key = "s:a:local";
     let lease = LeaseToken::random();
     ok!(
@@ -181,7 +181,7 @@ pub(super) async fn local_record_is_only_a_completed_record<S: Store>(store: Arc
     );
 }
 
-pub(super) async fn begin_is_atomic<S: Store>(store: Arc<S>, tasks: usize) {
+pub(super) async fn begin_is_atomic<S: StoreAdmin>(store: Arc<S>, tasks: usize) {
     let barrier = Arc::new(Barrier::new(tasks));
     let racers: Vec<_> = (0..tasks)
         .map(|i| {
@@ -250,7 +250,7 @@ pub(super) async fn begin_is_atomic<S: Store>(store: Arc<S>, tasks: usize) {
     }
 }
 
-pub(super) async fn complete_is_fenced<S: Store>(store: Arc<S>) {
+pub(super) async fn complete_is_fenced<S: StoreAdmin>(store: Arc<S>) {
     let (key, holder, stranger) = ("s:a:fence", LeaseToken::random(), LeaseToken::random());
     ok!("fencing", store.begin(key, fingerprint(1), holder, LONG));
     let wrong = ok!(
@@ -312,7 +312,7 @@ pub(super) async fn complete_is_fenced<S: Store>(store: Arc<S>) {
     );
 }
 
-pub(super) async fn renew_extends_the_lease<S: Store>(store: Arc<S>) {
+pub(super) async fn renew_extends_the_lease<S: StoreAdmin>(store: Arc<S>) {
     let lease = LeaseToken::random();
     ok!(
         "renew",
@@ -337,7 +337,7 @@ pub(super) async fn renew_extends_the_lease<S: Store>(store: Arc<S>) {
     );
 }
 
-pub(super) async fn release_frees_the_key<S: Store>(store: Arc<S>) {
+pub(super) async fn release_frees_the_key<S: StoreAdmin>(store: Arc<S>) {
     let lease = LeaseToken::random();
     ok!(
         "release",
@@ -369,7 +369,10 @@ pub(super) async fn release_frees_the_key<S: Store>(store: Arc<S>) {
     );
 }
 
-pub(super) async fn marker_expires_and_is_taken_over<S: Store>(store: Arc<S>, short: Duration) {
+pub(super) async fn marker_expires_and_is_taken_over<S: StoreAdmin>(
+    store: Arc<S>,
+    short: Duration,
+) {
     let (key, old, new) = ("s:a:takeover", LeaseToken::random(), LeaseToken::random());
     ok!("takeover", store.begin(key, fingerprint(1), old, short));
     tokio::time::sleep(short * 2).await;

@@ -70,7 +70,7 @@ impl PostgresStoreBuilder {
     /// [`StoreError::Unavailable`] when Postgres cannot be reached.
     pub async fn build(self) -> Result<PostgresStore, StoreError> {
         let store = self.build_lazy()?;
-        crate::store::Store::ping(&store).await?;
+        crate::store::StoreAdmin::ping(&store).await?;
         Ok(store)
     }
 

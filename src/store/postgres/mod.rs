@@ -67,7 +67,8 @@ use sqlx::postgres::PgPool;
 use self::convert::{map_error, ttl_ms};
 use self::sql::{Statements, Table};
 use super::{
-    BeginOutcome, Entry, EntryState, LeaseToken, RemovalCounts, ScanEntry, Store, StoreError,
+    BeginOutcome, Entry, EntryState, LeaseToken, RemovalCounts, ScanEntry, Store, StoreAdmin,
+    StoreError,
 };
 use crate::key::Fingerprint;
 use crate::record::{now_ms, SharedRecord};
@@ -97,7 +98,8 @@ const BEGIN_ROUNDS: usize = 8;
 /// ```no_run
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// use tower_idempotency::{Concurrent, Idempotency, PostgresStore};
+/// use tower_idempotency::{Concurrent, Idempotency};
+/// use tower_idempotency::store::postgres::PostgresStore;
 ///
 /// let store = PostgresStore::builder("postgres://postgres@127.0.0.1/app")
 ///     .table("idempotency")
@@ -327,6 +329,29 @@ impl Store for PostgresStore {
         Ok(released.rows_affected() == 1)
     }
 
+    async fn completed_record(&self, key: &str) -> Result<Option<SharedRecord>, StoreError> {
+        Ok(super::completed(self.get(key).await?))
+    }
+
+    fn removal_counts(&self) -> RemovalCounts {
+        RemovalCounts {
+            expired: self.inner.expired.load(Relaxed),
+            evicted: 0,
+        }
+    }
+
+    async fn cleanup_expired(&self) -> Result<(), StoreError> {
+        let deleted = self
+            .run(sqlx::query(&self.inner.sql.cleanup).execute(&self.inner.pool))
+            .await?;
+        self.inner
+            .expired
+            .fetch_add(deleted.rows_affected(), Relaxed);
+        Ok(())
+    }
+}
+
+impl StoreAdmin for PostgresStore {
     async fn put(&self, key: &str, record: SharedRecord, ttl: Duration) -> Result<(), StoreError> {
         self.run(
             sqlx::query(&self.inner.sql.put)
@@ -388,23 +413,6 @@ impl Store for PostgresStore {
             max_entries: None,
             weighted_bytes: u64::try_from(bytes).unwrap_or(0),
         })
-    }
-
-    fn removal_counts(&self) -> RemovalCounts {
-        RemovalCounts {
-            expired: self.inner.expired.load(Relaxed),
-            evicted: 0,
-        }
-    }
-
-    async fn cleanup_expired(&self) -> Result<(), StoreError> {
-        let deleted = self
-            .run(sqlx::query(&self.inner.sql.cleanup).execute(&self.inner.pool))
-            .await?;
-        self.inner
-            .expired
-            .fetch_add(deleted.rows_affected(), Relaxed);
-        Ok(())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

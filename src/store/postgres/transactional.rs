@@ -58,7 +58,7 @@ impl Idempotency<PostgresStore> {
     /// # Example
     ///
     /// ```no_run
-    /// # async fn doc(engine: tower_idempotency::Idempotency<tower_idempotency::PostgresStore>)
+    /// # async fn doc(engine: tower_idempotency::Idempotency<tower_idempotency::store::postgres::PostgresStore>)
     /// # -> Result<(), Box<dyn std::error::Error>> {
     /// use tower_idempotency::IdempotencyKey;
     ///

@@ -30,7 +30,7 @@ const CLUSTER_SLOTS: i64 = 16_384;
 /// either connection:
 ///
 /// ```no_run
-/// # async fn doc(store: tower_idempotency::RedisStore) -> redis::RedisResult<()> {
+/// # async fn doc(store: tower_idempotency::store::redis::RedisStore) -> redis::RedisResult<()> {
 /// let mut connection = store.connection();
 /// let held: Option<Vec<u8>> = redis::cmd("GET")
 ///     .arg(store.redis_key("k"))

@@ -93,7 +93,9 @@ use self::convert::{expires_in, map_error, px};
 use self::local::LocalTier;
 use self::notify::Notices;
 use self::replicas::ReplicaAck;
-use super::{BeginOutcome, Entry, EntryState, LeaseToken, ScanEntry, Store, StoreError};
+use super::{
+    BeginOutcome, Entry, EntryState, LeaseToken, ScanEntry, Store, StoreAdmin, StoreError,
+};
 use crate::key::Fingerprint;
 use crate::record::{now_ms, SharedRecord};
 use crate::stats::CacheInfo;
@@ -125,7 +127,8 @@ pub use connection::RedisConnection;
 /// ```no_run
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// use tower_idempotency::{Concurrent, Idempotency, RedisStore};
+/// use tower_idempotency::{Concurrent, Idempotency};
+/// use tower_idempotency::store::redis::RedisStore;
 ///
 /// let store = RedisStore::builder("redis://127.0.0.1:6379")
 ///     .prefix("orders:idem:")
@@ -184,7 +187,7 @@ impl RedisStore {
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// use std::time::Duration;
-    /// use tower_idempotency::RedisStore;
+    /// use tower_idempotency::store::redis::RedisStore;
     ///
     /// let store = RedisStore::cluster_builder([
     ///     "redis://10.0.0.1:6379",
@@ -404,6 +407,34 @@ impl Store for RedisStore {
         Ok(answer == Value::Int(1))
     }
 
+    async fn completed_record(&self, key: &str) -> Result<Option<SharedRecord>, StoreError> {
+        Ok(super::completed(self.get(key).await?))
+    }
+
+    fn local_record(&self, key: &str) -> Option<SharedRecord> {
+        let local = self.inner.local.as_ref()?;
+        Some(local.get(key)?.record)
+    }
+
+    fn until_changed(
+        &self,
+        key: &str,
+        deadline: tokio::time::Instant,
+    ) -> impl Future<Output = ()> + Send {
+        // Registered now, so that a notice that comes before the first poll
+        // still counts.
+        let notice =
+            (self.inner.notices.as_ref()).map(|n| n.changed(self.redis_key(key), deadline));
+        async move {
+            match notice {
+                Some(notice) => notice.await,
+                None => tokio::time::sleep_until(deadline).await,
+            }
+        }
+    }
+}
+
+impl StoreAdmin for RedisStore {
     async fn put(&self, key: &str, record: SharedRecord, ttl: Duration) -> Result<(), StoreError> {
         let redis_key = self.redis_key(key);
         let mut connection = self.connection().for_key(&redis_key).await;
@@ -416,11 +447,6 @@ impl Store for RedisStore {
         self.run(command.query_async::<()>(&mut connection)).await?;
         self.remember(key, &record, ttl);
         Ok(())
-    }
-
-    fn local_record(&self, key: &str) -> Option<SharedRecord> {
-        let local = self.inner.local.as_ref()?;
-        Some(local.get(key)?.record)
     }
 
     async fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
@@ -497,23 +523,6 @@ impl Store for RedisStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         self.ping_redis().await
-    }
-
-    fn until_changed(
-        &self,
-        key: &str,
-        deadline: tokio::time::Instant,
-    ) -> impl Future<Output = ()> + Send {
-        // Registered now, so that a notice that comes before the first poll
-        // still counts.
-        let notice =
-            (self.inner.notices.as_ref()).map(|n| n.changed(self.redis_key(key), deadline));
-        async move {
-            match notice {
-                Some(notice) => notice.await,
-                None => tokio::time::sleep_until(deadline).await,
-            }
-        }
     }
 }
 

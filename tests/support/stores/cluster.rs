@@ -8,7 +8,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use tower_idempotency::store::RedisStore;
+use tower_idempotency::store::redis::RedisStore;
 
 /// The shared cluster's first port when `REDIS_CLUSTER_URLS` is not set.
 const SHARED_BASE_PORT: u16 = 7000;

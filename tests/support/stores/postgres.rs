@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use sqlx::Connection;
-use tower_idempotency::PostgresStore;
+use tower_idempotency::store::postgres::PostgresStore;
 
 /// `DATABASE_URL`, or the Postgres on 127.0.0.1:5432.
 pub fn database_url() -> String {

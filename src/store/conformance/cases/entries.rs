@@ -8,9 +8,9 @@ use bytes::Bytes;
 use super::{fingerprint, record, record_of, LONG};
 use crate::record::now_ms;
 use crate::store::conformance::WriteRaw;
-use crate::store::{BeginOutcome, EntryKind, LeaseToken, Store, StoreError};
+use crate::store::{BeginOutcome, EntryKind, LeaseToken, StoreAdmin, StoreError};
 
-pub(in crate::store::conformance) async fn record_expires<S: Store>(
+pub(in crate::store::conformance) async fn record_expires<S: StoreAdmin>(
     store: Arc<S>,
     short: Duration,
 ) {
@@ -40,7 +40,7 @@ pub(in crate::store::conformance) async fn record_expires<S: Store>(
     );
 }
 
-pub(in crate::store::conformance) async fn put_get_remove<S: Store>(store: Arc<S>) {
+pub(in crate::store::conformance) async fn put_get_remove<S: StoreAdmin>(store: Arc<S>) {
     let key = "s:a:put";
     ok!(
         "put/get/remove",
@@ -86,7 +86,7 @@ pub(in crate::store::conformance) async fn put_get_remove<S: Store>(store: Arc<S
     );
 }
 
-pub(in crate::store::conformance) async fn scan_lists_live_entries<S: Store>(
+pub(in crate::store::conformance) async fn scan_lists_live_entries<S: StoreAdmin>(
     store: Arc<S>,
     short: Duration,
 ) {
@@ -138,7 +138,7 @@ pub(in crate::store::conformance) async fn scan_lists_live_entries<S: Store>(
     );
 }
 
-pub(in crate::store::conformance) async fn clear_removes_everything<S: Store>(store: Arc<S>) {
+pub(in crate::store::conformance) async fn clear_removes_everything<S: StoreAdmin>(store: Arc<S>) {
     for key in ["s:a:one", "s:a:two"] {
         ok!("clear", store.put(key, record(1, "x"), LONG));
     }
@@ -178,7 +178,7 @@ pub(in crate::store::conformance) async fn clear_removes_everything<S: Store>(st
     );
 }
 
-pub(in crate::store::conformance) async fn ping_answers<S: Store>(store: Arc<S>) {
+pub(in crate::store::conformance) async fn ping_answers<S: StoreAdmin>(store: Arc<S>) {
     ok!("ping", store.ping());
 }
 
@@ -186,7 +186,7 @@ fn is_corrupt<T>(result: &Result<T, StoreError>, key: &str) -> bool {
     matches!(result, Err(StoreError::Corrupt { key: k, .. }) if k == key)
 }
 
-pub(in crate::store::conformance) async fn corrupt_values<S: Store>(
+pub(in crate::store::conformance) async fn corrupt_values<S: StoreAdmin>(
     store: &S,
     write_raw: &WriteRaw<S>,
 ) {
