@@ -50,7 +50,10 @@ pub(crate) fn bare_router() -> Router {
 /// sets another bound for the memory store (to see the first request at a
 /// bound the run never reaches).
 pub(crate) fn ours_router() -> Router {
-    let layer = match std::env::var("MAX_ENTRIES").ok().and_then(|n| n.parse().ok()) {
+    let layer = match std::env::var("MAX_ENTRIES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+    {
         Some(max_entries) => IdempotencyLayer::builder()
             .max_entries(max_entries)
             .build()
