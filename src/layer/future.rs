@@ -351,7 +351,7 @@ where
         Err(()) => return releasing(recorder, GiveUp::Panicked, Ok(internal_error())),
     };
     let (head, body) = response.into_parts();
-    if !recorder.keep_head(&head) {
+    if !recorder.keep_head(&head, body.size_hint().exact()) {
         // Not stored: the key is freed before the client can see the answer,
         // so its retry runs the action again instead of meeting a marker.
         let response = Response::from_parts(head, ResponseBody::passthrough(body));

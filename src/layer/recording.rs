@@ -42,13 +42,19 @@ impl<S: Store, K> Recording<S, K> {
 }
 
 impl<S: Store, K: Send + Sync + 'static> Recorder for Recording<S, K> {
-    fn keep_head(&mut self, head: &http::response::Parts) -> bool {
+    fn keep_head(&mut self, head: &http::response::Parts, declared: Option<u64>) -> bool {
         let settings = &self.shared.settings;
         if !storable(head, settings) {
             return false;
         }
-        // Sized to what it holds: it is kept for the record's TTL.
-        self.head = Some(stored_head(head, settings));
+        // With room for a body of known length (one that fits the stored
+        // maximum), so the record is finished in place: its buffer is kept
+        // for the record's TTL, and sized to what it holds either way.
+        let room = declared
+            .and_then(|len| usize::try_from(len).ok())
+            .filter(|&len| len <= settings.max_response_body)
+            .unwrap_or(0);
+        self.head = Some(stored_head(head, settings, room));
         true
     }
 

@@ -57,10 +57,14 @@ fn connection_listed<'a>(values: impl Iterator<Item = &'a HeaderValue>) -> Vec<H
 
 /// What is stored of a response's head: its status and the fields a replay
 /// may carry (see [`replayable`]).
-pub(crate) fn stored_head(head: &http::response::Parts, settings: &Settings) -> StoredHead {
+pub(crate) fn stored_head(
+    head: &http::response::Parts,
+    settings: &Settings,
+    room: usize,
+) -> StoredHead {
     let listed = connection_listed(head.headers.get_all(header::CONNECTION).iter());
     let keep = |name: &HeaderName| replayable(name, &listed, settings);
-    StoredHead::filtered(head.status, &head.headers, keep, 0)
+    StoredHead::filtered(head.status, &head.headers, keep, room)
 }
 
 /// The replay of a stored response: its status, its fields as read from the

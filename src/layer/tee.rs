@@ -48,8 +48,9 @@ pub(crate) enum GiveUp {
 
 /// Holds the lease of a first request and what is recorded of its response.
 pub(crate) trait Recorder: Send + Sync {
-    /// Whether a response with this head is stored; if so, keeps its head.
-    fn keep_head(&mut self, head: &http::response::Parts) -> bool;
+    /// Whether a response with this head is stored; if so, keeps its head,
+    /// with room for a body of `declared` bytes when its length is known.
+    fn keep_head(&mut self, head: &http::response::Parts, declared: Option<u64>) -> bool;
 
     /// Keeps a data frame of the body; answers `false` when the body has
     /// grown past what is stored.

@@ -199,6 +199,8 @@ impl StoredHead {
     pub(crate) fn finish(mut self, body: &[u8]) -> StoredResponse {
         self.buffer.reserve_exact(body.len());
         self.buffer.extend_from_slice(body);
+        // Room made for a body that came shorter than it said is given back.
+        self.buffer.shrink_to_fit();
         StoredResponse {
             buffer: Bytes::from(self.buffer),
         }
