@@ -425,7 +425,7 @@ per_store!(under_block_an_abandoned_lease_refuses_until_the_record_ttl);
 async fn under_block_an_abandoned_lease_refuses_until_the_record_ttl(store: TestStore) {
     // The lease lapses long before the record TTL; a stall shorter than the
     // record TTL cannot turn the first check into a run.
-    let ttl = Duration::from_secs(3);
+    let ttl = Duration::from_secs(6);
     let engine = on(&store)
         .ttl(ttl)
         .lease_ttl(Duration::from_millis(300))
@@ -449,11 +449,13 @@ async fn under_block_an_abandoned_lease_refuses_until_the_record_ttl(store: Test
 
 per_store!(records_expire_after_the_ttl_and_the_key_runs_again);
 async fn records_expire_after_the_ttl_and_the_key_runs_again(store: TestStore) {
-    let engine = on(&store).ttl(Duration::from_secs(2)).build().unwrap();
+    // A TTL no stall of a busy machine outlasts between the write and the
+    // first read.
+    let engine = on(&store).ttl(Duration::from_secs(5)).build().unwrap();
     let lease = first_runs(&engine).await;
     lease.complete(value(fp("x"), "ok")).await.unwrap();
     assert!(engine.record("s:a:t").await.unwrap().is_some());
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    tokio::time::sleep(Duration::from_millis(5500)).await;
     assert!(engine.record("s:a:t").await.unwrap().is_none());
     assert!(matches!(begin(&engine).await, Begin::Execute(_)));
 }
@@ -529,11 +531,13 @@ async fn queries_and_maintenance_work_through_the_handle(store: TestStore) {
 per_store!(a_begin_dropped_while_the_store_answers_does_not_wedge_the_key);
 async fn a_begin_dropped_while_the_store_answers_does_not_wedge_the_key(store: TestStore) {
     let engine = on(&store)
-        .lease_ttl(Duration::from_millis(300))
+        .lease_ttl(Duration::from_secs(2))
         .concurrent(Concurrent::wait())
         .build()
         .unwrap();
-    // A holder that died leaves a marker the first caller polls on...
+    // A holder that died leaves a marker the first caller polls on (for a
+    // lease TTL that no stall of a busy machine outlasts before the first
+    // caller gives up)...
     let lease = first_runs(&engine).await;
     die_holding(lease);
     // ...and that caller gives up (a timeout drops its `begin` mid-poll).
