@@ -255,13 +255,7 @@ fn run(rt: &Runtime, clients: usize, round_len: Duration) -> Vec<(usize, Vec<Fig
         for case in CASES {
             // A router of its own per case: a replay run never meets a store
             // that a first-request run filled to its bound.
-            let router = rt.block_on(async {
-                match case.router {
-                    BARE => bare_router(),
-                    OURS => ours_router(),
-                    _ => peer_router(false),
-                }
-            });
+            let router = router_of(rt, case);
             let mut next_tag = || {
                 tag += 1;
                 format!("{clients}-{tag}")
@@ -378,6 +372,26 @@ fn print_targets(results: &[(usize, Vec<Figures>)]) {
     println!();
 }
 
+/// The runtime of the concurrent run: `WORKERS` worker threads.
+fn concurrent_runtime() -> Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(WORKERS)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// A router of its own for `case`, made on `rt`.
+fn router_of(rt: &Runtime, case: Case) -> Router {
+    rt.block_on(async {
+        match case.router {
+            BARE => bare_router(),
+            OURS => ours_router(),
+            _ => peer_router(false),
+        }
+    })
+}
+
 /// `PROFILE=<case name>`: runs only that case, concurrently, at 1 KiB, for
 /// `ROUND_MS` (so `perf record` sees one path), and prints its figures.
 fn profile(case_name: &str, round_len: Duration) {
@@ -385,18 +399,8 @@ fn profile(case_name: &str, round_len: Duration) {
         eprintln!("no case named {case_name:?}");
         return;
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(WORKERS)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    let router = rt.block_on(async {
-        match case.router {
-            BARE => bare_router(),
-            OURS => ours_router(),
-            _ => peer_router(false),
-        }
-    });
+    let rt = concurrent_runtime();
+    let router = router_of(&rt, case);
     let body = Bytes::from(vec![b'x'; 1024]);
     let figures = round(&rt, &router, case, &body, CLIENTS, round_len, "profile");
     println!(
@@ -416,11 +420,7 @@ fn main() {
         profile(&case_name, round_len);
         return;
     }
-    let concurrent = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(WORKERS)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let concurrent = concurrent_runtime();
     let results = run(&concurrent, CLIENTS, round_len);
     drop(concurrent);
     let sequential = tokio::runtime::Builder::new_current_thread()
