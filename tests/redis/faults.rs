@@ -7,10 +7,11 @@
 
 use std::time::Duration;
 
+use tokio::task::JoinHandle;
 use tokio::time::timeout;
 use tower_idempotency::store::redis::RedisStore;
 use tower_idempotency::store::StoreError;
-use tower_idempotency::{Begin, Concurrent, Fingerprint, Idempotency, LeaseExpiry};
+use tower_idempotency::{Begin, Concurrent, Fingerprint, Idempotency, Lease, LeaseExpiry};
 
 use crate::support::redis as support;
 
@@ -54,35 +55,63 @@ async fn load_scripts(engine: &Idempotency<RedisStore>) {
     }
 }
 
+/// An engine on `store` with `lease_ttl`, its scripts loaded and its stats
+/// at zero.
+async fn warm_engine(store: RedisStore, lease_ttl: Duration) -> Idempotency<RedisStore> {
+    let engine = Idempotency::builder()
+        .store(store)
+        .lease_ttl(lease_ttl)
+        .build()
+        .unwrap();
+    load_scripts(&engine).await;
+    engine.reset_stats();
+    engine
+}
+
+/// The lease of the first call for `key`, which runs.
+async fn first_runs(
+    engine: &Idempotency<RedisStore>,
+    key: &str,
+    fp: Fingerprint,
+) -> Lease<RedisStore> {
+    match engine.begin_with(key, fp, Concurrent::Reject).await {
+        Ok(Begin::Execute(lease)) => lease,
+        other => panic!("the first call for {key} got {other:?}"),
+    }
+}
+
+/// A duplicate of `key` in this process, begun under `concurrent`.
+fn duplicate(
+    engine: &Idempotency<RedisStore>,
+    key: &'static str,
+    fp: Fingerprint,
+    concurrent: Concurrent,
+) -> JoinHandle<Result<Begin<RedisStore>, StoreError>> {
+    let engine = engine.clone();
+    tokio::spawn(async move { engine.begin_with(key, fp, concurrent).await })
+}
+
+/// The value `begun` replays, and whether it waited for it (coalesced).
+fn replayed(begun: Begin<RedisStore>) -> (String, bool) {
+    match begun {
+        Begin::Replay { record, coalesced } => {
+            let value = record.as_value().expect("a value was stored");
+            (String::from_utf8_lossy(value).into_owned(), coalesced)
+        }
+        other => panic!("expected a replay, got {other:?}"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_result_whose_write_failed_is_stored_once_redis_answers_again() {
     let redis = OwnRedis::start(free_port()).await;
     let store = impatient_store(&redis).await;
     let prefix = store.prefix().to_owned();
-    let engine = Idempotency::builder()
-        .store(store)
-        .lease_ttl(Duration::from_secs(60))
-        .build()
-        .unwrap();
-    load_scripts(&engine).await;
-    engine.reset_stats();
+    let engine = warm_engine(store, Duration::from_secs(60)).await;
     let fp = Fingerprint::of_bytes(b"order 7");
-    let Begin::Execute(lease) = engine
-        .begin_with("s:a:paused", fp, Concurrent::Reject)
-        .await
-        .unwrap()
-    else {
-        panic!("the first call runs");
-    };
+    let lease = first_runs(&engine, "s:a:paused", fp).await;
     // A duplicate in this process waits for the first's result.
-    let follower = tokio::spawn({
-        let engine = engine.clone();
-        async move {
-            engine
-                .begin_with("s:a:paused", fp, Concurrent::wait())
-                .await
-        }
-    });
+    let follower = duplicate(&engine, "s:a:paused", fp, Concurrent::wait());
 
     redis.pause();
     let completing = tokio::spawn(lease.complete(value(fp, "charged once")));
@@ -95,13 +124,8 @@ async fn a_result_whose_write_failed_is_stored_once_redis_answers_again() {
     redis.resume();
     let stored = timeout(LIMIT, completing).await.unwrap().unwrap();
     assert!(matches!(stored, Ok(true)), "{stored:?}");
-    match timeout(LIMIT, follower).await.unwrap().unwrap().unwrap() {
-        Begin::Replay {
-            record,
-            coalesced: true,
-        } => assert_eq!(record.as_value().unwrap(), "charged once"),
-        other => panic!("the waiting duplicate got {other:?}"),
-    }
+    let followed = timeout(LIMIT, follower).await.unwrap().unwrap().unwrap();
+    assert_eq!(replayed(followed), ("charged once".to_owned(), true));
     // A retry, on this instance or another, replays it from Redis.
     let other_instance = Idempotency::builder()
         .store(
@@ -114,19 +138,14 @@ async fn a_result_whose_write_failed_is_stored_once_redis_answers_again() {
         .build()
         .unwrap();
     for instance in [&engine, &other_instance] {
-        match timeout(
+        let retry = timeout(
             LIMIT,
             instance.begin_with("s:a:paused", fp, Concurrent::Reject),
         )
         .await
         .unwrap()
-        .unwrap()
-        {
-            Begin::Replay { record, .. } => {
-                assert_eq!(record.as_value().unwrap(), "charged once")
-            }
-            other => panic!("the retry got {other:?}"),
-        }
+        .unwrap();
+        assert_eq!(replayed(retry).0, "charged once");
     }
     assert_eq!(engine.stats().executed, 1);
 }
@@ -134,29 +153,10 @@ async fn a_result_whose_write_failed_is_stored_once_redis_answers_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_result_whose_write_redis_refused_is_stored_once_it_accepts_writes() {
     let redis = OwnRedis::start(free_port()).await;
-    let engine = Idempotency::builder()
-        .store(impatient_store(&redis).await)
-        .lease_ttl(Duration::from_secs(60))
-        .build()
-        .unwrap();
-    load_scripts(&engine).await;
-    engine.reset_stats();
+    let engine = warm_engine(impatient_store(&redis).await, Duration::from_secs(60)).await;
     let fp = Fingerprint::of_bytes(b"order 10");
-    let Begin::Execute(lease) = engine
-        .begin_with("s:a:refused", fp, Concurrent::Reject)
-        .await
-        .unwrap()
-    else {
-        panic!("the first call runs");
-    };
-    let follower = tokio::spawn({
-        let engine = engine.clone();
-        async move {
-            engine
-                .begin_with("s:a:refused", fp, Concurrent::wait())
-                .await
-        }
-    });
+    let lease = first_runs(&engine, "s:a:refused", fp).await;
+    let follower = duplicate(&engine, "s:a:refused", fp, Concurrent::wait());
 
     // Unlike a pause, the refused write is gone: only a retry stores it.
     redis.refuse_writes().await;
@@ -168,51 +168,26 @@ async fn a_result_whose_write_redis_refused_is_stored_once_it_accepts_writes() {
     redis.accept_writes().await;
     let stored = timeout(LIMIT, completing).await.unwrap().unwrap();
     assert!(matches!(stored, Ok(true)), "{stored:?}");
-    match timeout(LIMIT, follower).await.unwrap().unwrap().unwrap() {
-        Begin::Replay {
-            record,
-            coalesced: true,
-        } => assert_eq!(record.as_value().unwrap(), "sent once"),
-        other => panic!("the waiting duplicate got {other:?}"),
-    }
-    match engine
+    let followed = timeout(LIMIT, follower).await.unwrap().unwrap().unwrap();
+    assert_eq!(replayed(followed), ("sent once".to_owned(), true));
+    let retry = engine
         .begin_with("s:a:refused", fp, Concurrent::Reject)
         .await
-        .unwrap()
-    {
-        Begin::Replay { record, .. } => assert_eq!(record.as_value().unwrap(), "sent once"),
-        other => panic!("the retry got {other:?}"),
-    }
+        .unwrap();
+    assert_eq!(replayed(retry).0, "sent once");
     assert_eq!(engine.stats().executed, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_that_fails_past_the_lease_ttl_gives_up_and_hands_followers_nothing() {
     let redis = OwnRedis::start(free_port()).await;
-    let engine = Idempotency::builder()
-        .store(impatient_store(&redis).await)
-        .lease_ttl(Duration::from_secs(1))
-        .build()
-        .unwrap();
-    load_scripts(&engine).await;
-    engine.reset_stats();
+    let engine = warm_engine(impatient_store(&redis).await, Duration::from_secs(1)).await;
     let fp = Fingerprint::of_bytes(b"order 8");
-    let Begin::Execute(lease) = engine
-        .begin_with("s:a:lost", fp, Concurrent::Reject)
-        .await
-        .unwrap()
-    else {
-        panic!("the first call runs");
+    let lease = first_runs(&engine, "s:a:lost", fp).await;
+    let wait = Concurrent::Wait {
+        timeout: Duration::from_secs(5),
     };
-    let follower = tokio::spawn({
-        let engine = engine.clone();
-        async move {
-            let wait = Concurrent::Wait {
-                timeout: Duration::from_secs(5),
-            };
-            engine.begin_with("s:a:lost", fp, wait).await
-        }
-    });
+    let follower = duplicate(&engine, "s:a:lost", fp, wait);
 
     redis.pause();
     let logs = Logs::default();
@@ -303,14 +278,11 @@ async fn unanswered_begins_do_not_wedge_their_keys(expiry: LeaseExpiry) {
         .await
         .unwrap_or_else(|_| panic!("{key} stayed wedged under {expiry:?}"));
         assert!(lease.complete(value(fp, "ran once")).await.unwrap());
-        match engine
+        let retry = engine
             .begin_with(key, fp, Concurrent::Reject)
             .await
-            .unwrap()
-        {
-            Begin::Replay { record, .. } => assert_eq!(record.as_value().unwrap(), "ran once"),
-            other => panic!("{key}: the retry got {other:?}"),
-        }
+            .unwrap();
+        assert_eq!(replayed(retry).0, "ran once", "{key}");
     }
     assert_eq!(engine.stats().executed, 2);
 }
@@ -328,21 +300,9 @@ async fn unanswered_begins_do_not_wedge_their_keys_under_block() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_complete_dropped_while_it_retries_goes_on_in_the_background() {
     let redis = OwnRedis::start(free_port()).await;
-    let engine = Idempotency::builder()
-        .store(impatient_store(&redis).await)
-        .lease_ttl(Duration::from_secs(60))
-        .build()
-        .unwrap();
-    load_scripts(&engine).await;
-    engine.reset_stats();
+    let engine = warm_engine(impatient_store(&redis).await, Duration::from_secs(60)).await;
     let fp = Fingerprint::of_bytes(b"order 12");
-    let Begin::Execute(lease) = engine
-        .begin_with("s:a:handed-off", fp, Concurrent::Reject)
-        .await
-        .unwrap()
-    else {
-        panic!("the first call runs");
-    };
+    let lease = first_runs(&engine, "s:a:handed-off", fp).await;
 
     redis.refuse_writes().await;
     let completing = tokio::spawn(lease.complete(value(fp, "kept")));
