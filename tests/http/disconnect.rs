@@ -18,7 +18,7 @@ use stores::{per_store, TestStore};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
-use tower_idempotency::store::EntryKind;
+use tower_idempotency::store::{EntryKind, ScanEntry};
 use tower_idempotency::{
     Begin, Concurrent, Disconnect, Fingerprint, Idempotency, IdempotencyKey, IdempotencyLayer,
     KeyFilter, LeaseExpiry,
@@ -66,20 +66,22 @@ async fn raw_post(server: &Server, path: &str, key: &str) -> TcpStream {
     stream
 }
 
-async fn until_completed(handle: &Idempotency<TestStore>, n: usize) {
+/// Waits (within the tests' limit) until the store's entries satisfy `done`.
+async fn until_keys(handle: &Idempotency<TestStore>, done: impl Fn(&[ScanEntry]) -> bool) {
     within(async {
-        loop {
-            let keys = handle.keys(&KeyFilter::new()).await.unwrap();
-            if keys
-                .iter()
-                .filter(|k| k.kind == EntryKind::Completed)
-                .count()
-                == n
-            {
-                return;
-            }
+        while !done(&handle.keys(&KeyFilter::new()).await.unwrap()) {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    })
+    .await
+}
+
+async fn until_completed(handle: &Idempotency<TestStore>, n: usize) {
+    until_keys(handle, |keys| {
+        keys.iter()
+            .filter(|k| k.kind == EntryKind::Completed)
+            .count()
+            == n
     })
     .await
 }
@@ -181,13 +183,18 @@ async fn a_client_that_leaves_mid_body_still_gets_its_response_stored(store: Tes
     assert_eq!(runs.get(), 1);
 }
 
-per_store!(disconnect_cancel_drops_the_action_and_releases_the_key);
-async fn disconnect_cancel_drops_the_action_and_releases_the_key(store: TestStore) {
-    let layer = IdempotencyLayer::builder()
+/// The layer under `Disconnect::Cancel`.
+fn cancelling_layer(store: TestStore) -> IdempotencyLayer<TestStore> {
+    IdempotencyLayer::builder()
         .store(store)
         .disconnect(Disconnect::Cancel)
         .build()
-        .unwrap();
+        .unwrap()
+}
+
+per_store!(disconnect_cancel_drops_the_action_and_releases_the_key);
+async fn disconnect_cancel_drops_the_action_and_releases_the_key(store: TestStore) {
+    let layer = cancelling_layer(store);
     let (runs, gate, cancelled) = (
         Runs::default(),
         Gate::default(),
@@ -216,12 +223,7 @@ async fn disconnect_cancel_drops_the_action_and_releases_the_key(store: TestStor
     drop(stream);
     // The handler's future was dropped, and the key released.
     within(cancelled.acquire()).await.unwrap().forget();
-    within(async {
-        while !handle.keys(&KeyFilter::new()).await.unwrap().is_empty() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    until_keys(&handle, <[ScanEntry]>::is_empty).await;
 
     gate.open(1);
     let retry = server.post("/orders", Some("c"), "{}").await;
@@ -235,11 +237,7 @@ async fn disconnect_cancel_drops_the_action_and_releases_the_key(store: TestStor
 
 per_store!(disconnect_cancel_drops_the_body_mid_stream_and_releases_the_key);
 async fn disconnect_cancel_drops_the_body_mid_stream_and_releases_the_key(store: TestStore) {
-    let layer = IdempotencyLayer::builder()
-        .store(store)
-        .disconnect(Disconnect::Cancel)
-        .build()
-        .unwrap();
+    let layer = cancelling_layer(store);
     let (runs, gate, body_dropped) = (
         Runs::default(),
         Gate::default(),
@@ -299,12 +297,7 @@ async fn disconnect_cancel_drops_the_body_mid_stream_and_releases_the_key(store:
     drop(body);
     // The body was dropped mid-stream, and the key released.
     within(body_dropped.acquire()).await.unwrap().forget();
-    within(async {
-        while !handle.keys(&KeyFilter::new()).await.unwrap().is_empty() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    until_keys(&handle, <[ScanEntry]>::is_empty).await;
 
     gate.open(1);
     let retry = server.post("/export", Some("x"), "").await;
