@@ -4,10 +4,9 @@
 
 use http::{Method, StatusCode};
 use serde_json::{json, Value};
-use tokio::time::timeout;
 
-use super::eventually;
-use super::harness::{send, Proxy, QUICK};
+use super::first_and_waiting_duplicate;
+use super::harness::{send, Proxy};
 use super::upstream::Upstream;
 
 async fn put_config(proxy: &Proxy, body: &str) -> (StatusCode, Value, String) {
@@ -72,28 +71,7 @@ async fn config_changes_at_run_time_and_refuses_invalid_values() {
     assert!(expires_in_ms <= 60_000, "{keys}");
 
     // The new policy applies to the next duplicate: it waits and replays.
-    let url = format!("{}/slow", proxy.url);
-    let first = {
-        let url = url.clone();
-        tokio::spawn(async move { send(Method::POST, &url, Some("cfg-wait"), "{}").await })
-    };
-    upstream.entered().await;
-    let duplicate =
-        tokio::spawn(async move { send(Method::POST, &url, Some("cfg-wait"), "{}").await });
-    let admin = proxy.admin.clone();
-    eventually("the duplicate waits on the first", || {
-        let admin = admin.clone();
-        async move {
-            let stats = send(Method::GET, &format!("{admin}/stats"), None, "")
-                .await
-                .json();
-            stats["waiting"] == 1
-        }
-    })
-    .await;
-    upstream.release(1);
-    let first = timeout(QUICK, first).await.unwrap().unwrap();
-    let duplicate = timeout(QUICK, duplicate).await.unwrap().unwrap();
+    let (first, duplicate) = first_and_waiting_duplicate(&proxy, &upstream, "cfg-wait").await;
     assert_eq!(first.status, StatusCode::CREATED);
     assert!(duplicate.replayed());
     assert_eq!(duplicate.body, first.body);

@@ -9,7 +9,7 @@ use tokio::time::timeout;
 
 use super::harness::{send, Proxy, QUICK};
 use super::upstream::{dead_url, Upstream};
-use super::{eventually, store_args};
+use super::{first_and_waiting_duplicate, store_args};
 
 /// Starts a proxy in front of `upstream` with `args`, on the store `redis` picks.
 async fn proxy(upstream: &str, redis: bool, args: &[&str]) -> Proxy {
@@ -94,29 +94,7 @@ pub(crate) async fn duplicate_in_flight_is_409_under_reject(redis: bool) {
 pub(crate) async fn duplicate_in_flight_is_coalesced_under_wait(redis: bool) {
     let upstream = Upstream::start().await;
     let proxy = proxy(&upstream.url, redis, &["--concurrent", "wait"]).await;
-    let url = format!("{}/slow", proxy.url);
-    let first = {
-        let url = url.clone();
-        tokio::spawn(async move { send(Method::POST, &url, Some("slow-2"), "{}").await })
-    };
-    upstream.entered().await;
-    let duplicate =
-        tokio::spawn(async move { send(Method::POST, &url, Some("slow-2"), "{}").await });
-    let admin = proxy.admin.clone();
-    eventually("the duplicate waits on the first", || {
-        let admin = admin.clone();
-        async move {
-            let stats = send(Method::GET, &format!("{admin}/stats"), None, "")
-                .await
-                .json();
-            stats["waiting"] == 1
-        }
-    })
-    .await;
-
-    upstream.release(1);
-    let first = timeout(QUICK, first).await.unwrap().unwrap();
-    let duplicate = timeout(QUICK, duplicate).await.unwrap().unwrap();
+    let (first, duplicate) = first_and_waiting_duplicate(&proxy, &upstream, "slow-2").await;
     assert_eq!(first.status, StatusCode::CREATED);
     assert_eq!(duplicate.status, StatusCode::CREATED);
     assert!(duplicate.replayed());

@@ -25,7 +25,7 @@ use http::{Method, StatusCode};
 use serde_json::Value;
 use tokio::time::timeout;
 
-use harness::{send, send_with, spawn, Proxy, QUICK};
+use harness::{send, send_with, spawn, Proxy, Reply, QUICK};
 use upstream::{dead_url, Upstream};
 
 /// The flags that put the proxy on Redis under a prefix of its own, or none
@@ -122,6 +122,38 @@ where
     })
     .await;
     assert!(waited.is_ok(), "timed out waiting until {what}");
+}
+
+/// A first POST of `key` held by the upstream's slow route, and a duplicate
+/// sent once it is there; once the proxy counts the duplicate waiting, the
+/// first is let go. Answers the first's reply and the duplicate's.
+pub(crate) async fn first_and_waiting_duplicate(
+    proxy: &Proxy,
+    upstream: &Upstream,
+    key: &'static str,
+) -> (Reply, Reply) {
+    let url = format!("{}/slow", proxy.url);
+    let first = {
+        let url = url.clone();
+        tokio::spawn(async move { send(Method::POST, &url, Some(key), "{}").await })
+    };
+    upstream.entered().await;
+    let duplicate = tokio::spawn(async move { send(Method::POST, &url, Some(key), "{}").await });
+    let admin = proxy.admin.clone();
+    eventually("the duplicate waits on the first", || {
+        let admin = admin.clone();
+        async move {
+            let stats = send(Method::GET, &format!("{admin}/stats"), None, "")
+                .await
+                .json();
+            stats["waiting"] == 1
+        }
+    })
+    .await;
+    upstream.release(1);
+    let first = timeout(QUICK, first).await.unwrap().unwrap();
+    let duplicate = timeout(QUICK, duplicate).await.unwrap().unwrap();
+    (first, duplicate)
 }
 
 #[tokio::test]
