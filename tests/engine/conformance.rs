@@ -20,6 +20,8 @@ async fn memory_store_keeps_the_store_contract() {
 
 #[cfg(feature = "redis")]
 mod redis_store {
+    use std::future::Future;
+
     use bytes::Bytes;
     use tower_idempotency::store::conformance::Suite;
     use tower_idempotency::store::redis::RedisStore;
@@ -39,22 +41,26 @@ mod redis_store {
                 .await
                 .expect("Redis answers on REDIS_URL or 127.0.0.1:6379")
         })
-        .corrupt_with(|store: &RedisStore, key: &str, bytes: Bytes| {
-            let (mut connection, key) = (store.connection(), store.redis_key(key));
-            async move {
-                redis::cmd("SET")
-                    .arg(key)
-                    .arg(bytes.as_ref())
-                    .arg("PX")
-                    .arg(60_000)
-                    .query_async::<()>(&mut connection)
-                    .await
-                    .unwrap();
-            }
-        });
+        .corrupt_with(write_raw);
         tokio::time::timeout(BUDGET, suite.run())
             .await
             .expect("the conformance suite hung");
+    }
+
+    /// Writes `bytes` under `key` as they are, past the store's encoding
+    /// (for a minute): the suite's unreadable values.
+    fn write_raw(store: &RedisStore, key: &str, bytes: Bytes) -> impl Future<Output = ()> {
+        let (mut connection, key) = (store.connection(), store.redis_key(key));
+        async move {
+            redis::cmd("SET")
+                .arg(key)
+                .arg(bytes.as_ref())
+                .arg("PX")
+                .arg(60_000)
+                .query_async::<()>(&mut connection)
+                .await
+                .unwrap();
+        }
     }
 
     /// The local tier answers from memory but must keep the same contract.
@@ -90,19 +96,7 @@ mod redis_store {
             );
             async move { super::cluster_support::cluster_store(&urls, &prefix, false).await }
         })
-        .corrupt_with(|store: &RedisStore, key: &str, bytes: Bytes| {
-            let (mut connection, key) = (store.connection(), store.redis_key(key));
-            async move {
-                redis::cmd("SET")
-                    .arg(key)
-                    .arg(bytes.as_ref())
-                    .arg("PX")
-                    .arg(60_000)
-                    .query_async::<()>(&mut connection)
-                    .await
-                    .unwrap();
-            }
-        });
+        .corrupt_with(write_raw);
         tokio::time::timeout(BUDGET, suite.run())
             .await
             .expect("the conformance suite hung");
