@@ -46,6 +46,19 @@ fn value(text: &'static str) -> Record {
     Record::value(fp(), Bytes::from_static(text.as_bytes()))
 }
 
+/// A TTL past the maximum, handed to `mark_executed`, is cut to it.
+async fn ttl_past_the_maximum_is_cut_by_mark_executed<S: StoreAdmin>(engine: &Idempotency<S>) {
+    within(engine.mark_executed(
+        &tower_idempotency::IdempotencyKey::new("s", "a", "put"),
+        "put",
+        Duration::MAX,
+    ))
+    .await
+    .unwrap();
+    let entry = within(engine.record("s:a:put")).await.unwrap().unwrap();
+    assert!(entry.expires_in <= MAX_DURATION);
+}
+
 fn wait(timeout: Duration) -> Concurrent {
     Concurrent::Wait { timeout }
 }
@@ -160,15 +173,7 @@ async fn durations_passed_per_call_are_cut_to_the_maximum() {
         }
     ));
 
-    within(engine.mark_executed(
-        &tower_idempotency::IdempotencyKey::new("s", "a", "put"),
-        "put",
-        Duration::MAX,
-    ))
-    .await
-    .unwrap();
-    let entry = within(engine.record("s:a:put")).await.unwrap().unwrap();
-    assert!(entry.expires_in <= MAX_DURATION);
+    ttl_past_the_maximum_is_cut_by_mark_executed(&engine).await;
 
     // A store is called with whatever TTL its caller has.
     let store = MemoryStore::new();
@@ -280,16 +285,7 @@ mod redis_store {
             assert_eq!(card, "card-1");
         }
         assert_eq!(runs, 1);
-        // A TTL past the maximum, handed to `mark_executed`, is cut to it.
-        within(engine.mark_executed(
-            &tower_idempotency::IdempotencyKey::new("s", "a", "put"),
-            "put",
-            Duration::MAX,
-        ))
-        .await
-        .unwrap();
-        let entry = within(engine.record("s:a:put")).await.unwrap().unwrap();
-        assert!(entry.expires_in <= MAX_DURATION);
+        ttl_past_the_maximum_is_cut_by_mark_executed(&engine).await;
         within(engine.clear()).await.unwrap();
     }
 }
