@@ -467,12 +467,11 @@ impl<S: Store> Idempotency<S> {
     /// round again, and may lead the next flight.
     async fn begin_inner(
         &self,
-        key: String,
+        mut key: String,
         fingerprint: Fingerprint,
         deadline: Option<tokio::time::Instant>,
     ) -> Result<Begin<S>, StoreError> {
         let mut waited = false;
-        let mut key = key;
         loop {
             match self.join_flight(key, fingerprint) {
                 Joined::Leading(flight) => {
