@@ -24,23 +24,6 @@ use tower_idempotency::{
     KeyFilter, LeaseExpiry,
 };
 
-/// Adds a permit to `sem` when dropped before `defuse`.
-struct DropSignal(Option<Arc<Semaphore>>);
-
-impl DropSignal {
-    fn defuse(mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for DropSignal {
-    fn drop(&mut self) {
-        if let Some(sem) = self.0.take() {
-            sem.add_permits(1);
-        }
-    }
-}
-
 /// An outer middleware that signals `dropped` when the server drops the
 /// request's future (the client went away) before it finished.
 fn probe(router: Router, dropped: Arc<Semaphore>) -> Router {

@@ -106,23 +106,6 @@ where
     }
 }
 
-/// Adds a permit to `sem` when dropped before `defuse`.
-struct DropSignal(Option<Arc<Semaphore>>);
-
-impl DropSignal {
-    fn defuse(mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for DropSignal {
-    fn drop(&mut self) {
-        if let Some(sem) = self.0.take() {
-            sem.add_permits(1);
-        }
-    }
-}
-
 /// A response body that signals when it is dropped before its end.
 struct Probed {
     body: Body,

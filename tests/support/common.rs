@@ -266,3 +266,21 @@ pub fn gated_orders(runs: Runs, gate: Gate) -> axum::routing::MethodRouter {
 pub fn infallible<T>(value: T) -> Result<T, Infallible> {
     Ok(value)
 }
+
+/// Adds a permit to its semaphore when dropped before `defuse`: tells a test
+/// that a future or a body was dropped before it finished.
+pub(crate) struct DropSignal(pub(crate) Option<Arc<Semaphore>>);
+
+impl DropSignal {
+    pub(crate) fn defuse(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for DropSignal {
+    fn drop(&mut self) {
+        if let Some(sem) = self.0.take() {
+            sem.add_permits(1);
+        }
+    }
+}
