@@ -14,6 +14,7 @@ use common::*;
 use http::{Method, StatusCode};
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Incoming;
 use stores::{per_store, TestStore};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -47,6 +48,24 @@ async fn raw_post(server: &Server, path: &str, key: &str) -> TcpStream {
     );
     within(stream.write_all(request.as_bytes())).await.unwrap();
     stream
+}
+
+/// A keyed POST to `/export`: the first data frame of its response, and the
+/// rest of the body, unread.
+async fn export_first_part(server: &Server, key: &str) -> (Bytes, Incoming) {
+    let request = server
+        .request(Method::POST, "/export")
+        .header("idempotency-key", key)
+        .body(full(""))
+        .unwrap();
+    let mut body = server.raw(request).await.into_body();
+    let first = within(body.frame())
+        .await
+        .unwrap()
+        .unwrap()
+        .into_data()
+        .unwrap();
+    (first, body)
 }
 
 /// Waits (within the tests' limit) until the store's entries satisfy `done`.
@@ -132,20 +151,8 @@ async fn a_client_that_leaves_mid_body_still_gets_its_response_stored(store: Tes
     );
     let (server, _) = serve_layered(layer, app).await;
 
-    let request = server
-        .request(Method::POST, "/export")
-        .header("idempotency-key", "e")
-        .body(full(""))
-        .unwrap();
-    let response = server.raw(request).await;
-    let mut body = response.into_body();
     // The first part arrives while the handler is still producing the rest.
-    let first = within(body.frame())
-        .await
-        .unwrap()
-        .unwrap()
-        .into_data()
-        .unwrap();
+    let (first, body) = export_first_part(&server, "e").await;
     assert_eq!(first, "part1,");
     gate.entered(1).await;
     drop(body);
@@ -263,18 +270,7 @@ async fn disconnect_cancel_drops_the_body_mid_stream_and_releases_the_key(store:
     );
     let (server, handle) = serve_layered(layer, app).await;
 
-    let request = server
-        .request(Method::POST, "/export")
-        .header("idempotency-key", "x")
-        .body(full(""))
-        .unwrap();
-    let mut body = server.raw(request).await.into_body();
-    let first = within(body.frame())
-        .await
-        .unwrap()
-        .unwrap()
-        .into_data()
-        .unwrap();
+    let (first, body) = export_first_part(&server, "x").await;
     assert_eq!(first, "run 1,");
     gate.entered(1).await;
     drop(body);
