@@ -231,6 +231,18 @@ pub(crate) async fn send_with(
     headers: &[(&str, &str)],
     body: &str,
 ) -> Reply {
+    send_within(QUICK, method, url, headers, body).await
+}
+
+/// [`send_with`], waiting up to `limit` for the answer: for a request the
+/// upstream holds while the test does something slow.
+pub(crate) async fn send_within(
+    limit: Duration,
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Reply {
     let mut request = Request::builder().method(method).uri(url);
     for (name, value) in headers {
         request = request.header(*name, *value);
@@ -245,7 +257,7 @@ pub(crate) async fn send_with(
     // connection must not outlive the runtime that drives it.
     let client: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
-    let response = timeout(QUICK, client.request(request))
+    let response = timeout(limit, client.request(request))
         .await
         .expect("the answer comes in time")
         .expect("the request goes through");

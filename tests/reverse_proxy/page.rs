@@ -9,7 +9,7 @@ use http::{Method, StatusCode};
 use tokio::process::Command;
 use tokio::time::timeout;
 
-use super::harness::{send, Proxy, QUICK};
+use super::harness::{send, send_within, Proxy, QUICK};
 use super::upstream::Upstream;
 
 /// Chromium's start-up is slow on a loaded machine.
@@ -70,13 +70,28 @@ fn text_of<'a>(dom: &'a str, id: &str) -> &'a str {
 #[tokio::test]
 async fn the_operators_page_shows_what_the_proxy_reports_in_a_real_browser() {
     let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&["--upstream", &upstream.url, "--max-entries", "500"]).await;
+    // The request held upstream must outlast the browser's start-up: the
+    // proxy waits for the upstream, and the client for the proxy, that long.
+    let held_for = BROWSER + QUICK;
+    let upstream_timeout = held_for.as_secs().to_string();
+    let proxy = Proxy::start(&[
+        "--upstream",
+        &upstream.url,
+        "--max-entries",
+        "500",
+        "--upstream-timeout",
+        &upstream_timeout,
+    ])
+    .await;
     for key in ["order-1", "order-1", "order-2"] {
         let reply = proxy.send(Method::POST, "/orders", Some(key), "{}").await;
         assert_eq!(reply.status, StatusCode::CREATED);
     }
     let url = format!("{}/slow", proxy.url);
-    let held = tokio::spawn(async move { send(Method::POST, &url, Some("held-key"), "{}").await });
+    let held = tokio::spawn(async move {
+        let key = [("idempotency-key", "held-key")];
+        send_within(held_for, Method::POST, &url, &key, "{}").await
+    });
     upstream.entered().await;
 
     let page = send(Method::GET, &format!("{}/", proxy.admin), None, "").await;
