@@ -23,9 +23,14 @@ pub fn random_table(what: &str) -> String {
 pub async fn store(table: &str) -> PostgresStore {
     let url = database_url();
     let build = async {
+        // Beyond the store's default of 2 s: a moment's stall of a busy
+        // machine (a new connection, a `CREATE TABLE` while other tests make
+        // theirs) must not fail a behaviour test. No test on this shared
+        // Postgres relies on the store timing out.
         let store = PostgresStore::builder(url.clone())
             .table(table)
             .max_connections(8)
+            .timeout(Duration::from_secs(10))
             .build()
             .await?;
         store.migrate().await?;
