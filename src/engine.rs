@@ -451,14 +451,14 @@ impl<S: Store> Idempotency<S> {
     fn count(&self, result: &Result<Begin<S>, StoreError>) {
         let stats = &self.inner.stats;
         match result {
-            Ok(Begin::Execute(_)) => Stats::incr(&stats.executed),
+            Ok(Begin::Execute(_)) => Stats::incr(&stats.here().executed),
             Ok(Begin::Replay {
                 coalesced: true, ..
-            }) => Stats::incr(&stats.coalesced),
-            Ok(Begin::Replay { .. }) => Stats::incr(&stats.replayed),
-            Ok(Begin::Mismatch) => Stats::incr(&stats.mismatches),
-            Ok(Begin::Conflict { .. }) => Stats::incr(&stats.conflicts),
-            Err(_) => Stats::incr(&stats.store_errors),
+            }) => Stats::incr(&stats.here().coalesced),
+            Ok(Begin::Replay { .. }) => Stats::incr(&stats.here().replayed),
+            Ok(Begin::Mismatch) => Stats::incr(&stats.here().mismatches),
+            Ok(Begin::Conflict { .. }) => Stats::incr(&stats.here().conflicts),
+            Err(_) => Stats::incr(&stats.here().store_errors),
         }
     }
 
@@ -667,7 +667,7 @@ impl<S: Store> Idempotency<S> {
 
     fn counted<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
         if result.is_err() {
-            Stats::incr(&self.inner.stats.store_errors);
+            Stats::incr(&self.inner.stats.here().store_errors);
         }
         result
     }
@@ -802,7 +802,7 @@ async fn heartbeat<S: Store>(engine: Weak<Inner<S>>, period: Duration) {
                 Ok(true) => flight.confirm(asked_at),
                 Ok(false) => {}
                 Err(error) => {
-                    Stats::incr(&inner.stats.store_errors);
+                    Stats::incr(&inner.stats.here().store_errors);
                     tracing::warn!(%error, key, "idempotency lease renewal failed");
                 }
             }

@@ -1,24 +1,83 @@
 //! Counters of what the engine and its frontends did, and what the store holds.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 
+use crossbeam_utils::CachePadded;
 use serde::Serialize;
+
+/// A value kept once per stripe, each stripe on cache lines of its own, and
+/// each thread writing to one stripe.
+///
+/// Every request bumps a counter or two. With one atomic per counter, every
+/// bump on one core takes the cache line from the others: on the 2-core
+/// bench machine that cost about 70 ns per request on the path that does
+/// nothing else (a POST without a key). A thread bumps its own stripe's
+/// copy instead, and a read adds the stripes up.
+#[derive(Debug)]
+pub(crate) struct Striped<T> {
+    stripes: Box<[CachePadded<T>]>,
+}
+
+impl<T: Default> Default for Striped<T> {
+    fn default() -> Self {
+        // Several stripes per core, so that two busy threads rarely share
+        // one: threads take stripes in the order they first count.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let stripes = (cores * 4).next_power_of_two().clamp(8, 256);
+        Self {
+            stripes: (0..stripes).map(|_| CachePadded::default()).collect(),
+        }
+    }
+}
+
+impl<T> Striped<T> {
+    /// The calling thread's stripe.
+    pub(crate) fn here(&self) -> &T {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        thread_local! {
+            static STRIPE: usize = NEXT.fetch_add(1, Relaxed);
+        }
+        // The stripe count is a power of two.
+        &self.stripes[STRIPE.with(|stripe| *stripe) & (self.stripes.len() - 1)]
+    }
+
+    /// Every stripe, for a read that adds them up.
+    pub(crate) fn each(&self) -> impl Iterator<Item = &T> {
+        self.stripes.iter().map(|stripe| &**stripe)
+    }
+}
+
+/// The sum of one counter over every stripe.
+pub(crate) fn total<T>(striped: &Striped<T>, counter: impl Fn(&T) -> &AtomicU64) -> u64 {
+    striped.each().fold(0, |sum, stripe| {
+        sum.wrapping_add(counter(stripe).load(Relaxed))
+    })
+}
 
 macro_rules! counters {
     ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
-        /// Live atomic counters; read them with [`Idempotency::stats`](crate::Idempotency::stats).
+        /// One stripe of the live counters.
         #[derive(Debug, Default)]
-        pub(crate) struct Stats {
+        pub(crate) struct Counts {
             $(pub(crate) $name: AtomicU64,)*
         }
 
-        impl Stats {
+        /// Live counters, striped; bump them as
+        /// `Stats::incr(&stats.here().requests)`, read them with
+        /// [`Idempotency::stats`](crate::Idempotency::stats).
+        pub(crate) type Stats = Striped<Counts>;
+
+        impl Striped<Counts> {
             pub(crate) fn snapshot(&self) -> StatsSnapshot {
-                StatsSnapshot { $($name: self.$name.load(Relaxed),)* }
+                StatsSnapshot { $($name: total(self, |counts| &counts.$name),)* }
             }
 
+            /// Zeroes every counter. Bumps made while it runs may be kept
+            /// or lost, as with a single atomic.
             pub(crate) fn reset(&self) {
-                $(self.$name.store(0, Relaxed);)*
+                for counts in self.each() {
+                    $(counts.$name.store(0, Relaxed);)*
+                }
             }
         }
 
@@ -66,7 +125,7 @@ counters! {
     evicted,
 }
 
-impl Stats {
+impl Striped<Counts> {
     pub(crate) fn incr(counter: &AtomicU64) {
         counter.fetch_add(1, Relaxed);
     }

@@ -182,7 +182,7 @@ impl<S: StoreAdmin> Idempotency<S> {
         for entry in records.into_iter().take(n) {
             if self.remove(&entry.key).await? {
                 removed += 1;
-                Stats::incr(&self.inner.stats.evicted);
+                Stats::incr(&self.inner.stats.here().evicted);
             }
         }
         Ok(removed)

@@ -65,7 +65,7 @@ pub(super) async fn complete_until_lease_expires<S: Store>(
             Ok(false) if resumed || failures > 0 => break Ok(holds(engine, key, record).await),
             Ok(false) => break Ok(false),
             Err(error) => {
-                Stats::incr(&inner.stats.store_errors);
+                Stats::incr(&inner.stats.here().store_errors);
                 failures += 1;
                 let now = Instant::now();
                 if matches!(error, StoreError::Corrupt { .. }) || now >= deadline {
@@ -97,7 +97,7 @@ async fn holds<S: Store>(engine: &Idempotency<S>, key: &str, record: &SharedReco
         Ok(Some(stored)) => *stored == **record,
         Ok(None) => false,
         Err(_) => {
-            Stats::incr(&engine.inner.stats.store_errors);
+            Stats::incr(&engine.inner.stats.here().store_errors);
             false
         }
     }

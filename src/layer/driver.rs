@@ -119,7 +119,7 @@ where
         let body = match buffer(body, settings.max_request_body).await {
             Ok(body) => body,
             Err(Unbuffered::TooLarge) => {
-                Stats::incr(&counters.too_large);
+                Stats::incr(&counters.here().too_large);
                 return Begun::Answer(problem::too_large(settings.max_request_body));
             }
             Err(Unbuffered::Unreadable(error)) => {

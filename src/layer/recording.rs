@@ -86,7 +86,7 @@ impl<S: Store, K: Send + Sync + 'static> Recorder for Recording<S, K> {
             {
                 Ok(true) => {}
                 Ok(false) => {
-                    Stats::incr(&shared.engine.counters().not_stored);
+                    Stats::incr(&shared.engine.counters().here().not_stored);
                     tracing::warn!("idempotency lease was lost before the response was stored");
                 }
                 Err(error) => tracing::warn!(%error, "storing the idempotent response failed"),
@@ -96,7 +96,7 @@ impl<S: Store, K: Send + Sync + 'static> Recorder for Recording<S, K> {
 
     fn give_up(self: Box<Self>, why: GiveUp) -> Pending {
         match why {
-            GiveUp::NotStored => Stats::incr(&self.shared.engine.counters().not_stored),
+            GiveUp::NotStored => Stats::incr(&self.shared.engine.counters().here().not_stored),
             GiveUp::Panicked => tracing::error!(
                 key = self.lease.key(),
                 "the service or its response body panicked: lease released"

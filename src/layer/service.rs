@@ -134,7 +134,7 @@ where
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let shared = &*self.shared;
         let counters = shared.engine.counters();
-        Stats::incr(&counters.requests);
+        Stats::incr(&counters.here().requests);
         let settings = &shared.settings;
         if !settings.methods.contains(request.method()) {
             return ResponseFuture::passthrough(
@@ -149,11 +149,11 @@ where
                 return ResponseFuture::passthrough(self.inner.call(request));
             }
             Ok(None) => {
-                Stats::incr(&counters.rejected_keys);
+                Stats::incr(&counters.here().rejected_keys);
                 return ResponseFuture::answered(problem::missing_key());
             }
             Err(rejection) => {
-                Stats::incr(&counters.rejected_keys);
+                Stats::incr(&counters.here().rejected_keys);
                 return ResponseFuture::answered(problem::malformed_key(rejection.detail()));
             }
         };
@@ -164,7 +164,7 @@ where
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|len| len > settings.max_request_body as u64) {
-            Stats::incr(&counters.too_large);
+            Stats::incr(&counters.here().too_large);
             return ResponseFuture::answered(problem::too_large(settings.max_request_body));
         }
         // The driver calls the service only after awaiting the store, so it

@@ -23,7 +23,7 @@ use super::{
 use crate::engine::{ConfigError, MAX_DURATION};
 use crate::key::Fingerprint;
 use crate::record::{now_ms, SharedRecord};
-use crate::stats::CacheInfo;
+use crate::stats::{total, CacheInfo, Striped};
 
 /// How the store hashes keys: aHash, keyed at random per store, so clients
 /// who choose their keys cannot aim them at one bucket, at a fraction of the
@@ -171,10 +171,10 @@ impl MemoryStoreBuilder {
             .expire_after(SlotExpiry)
             .eviction_listener(move |_key, _slot, cause| match cause {
                 RemovalCause::Expired => {
-                    listener_counters.expired.fetch_add(1, Relaxed);
+                    listener_counters.here().expired.fetch_add(1, Relaxed);
                 }
                 RemovalCause::Size => {
-                    listener_counters.evicted.fetch_add(1, Relaxed);
+                    listener_counters.here().evicted.fetch_add(1, Relaxed);
                 }
                 RemovalCause::Explicit | RemovalCause::Replaced => {}
             });
@@ -298,16 +298,20 @@ impl Stripes {
     }
 }
 
+/// Records and markers dropped, striped: moka's housekeeping evicts on
+/// whichever request runs it, one record per write at the bound.
+type RemovalCounters = Striped<Removals>;
+
 #[derive(Debug, Default)]
-struct RemovalCounters {
+struct Removals {
     expired: AtomicU64,
     evicted: AtomicU64,
 }
 
-impl RemovalCounters {
+impl Striped<Removals> {
     fn expired(&self, dropped: usize) {
         if dropped > 0 {
-            self.expired.fetch_add(dropped as u64, Relaxed);
+            self.here().expired.fetch_add(dropped as u64, Relaxed);
         }
     }
 }
@@ -678,8 +682,8 @@ impl Store for MemoryStore {
 
     fn removal_counts(&self) -> RemovalCounts {
         RemovalCounts {
-            expired: self.counters.expired.load(Relaxed),
-            evicted: self.counters.evicted.load(Relaxed),
+            expired: total(&self.counters, |removals| &removals.expired),
+            evicted: total(&self.counters, |removals| &removals.evicted),
         }
     }
 
