@@ -77,11 +77,13 @@ pub use handle::KeyFilter;
 
 use std::borrow::Borrow;
 use std::collections::HashSet;
+use std::future::Future;
 use std::pin::pin;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use tokio::task::AbortHandle;
 use tracing::Instrument;
 
@@ -430,12 +432,12 @@ impl<S: Store> Idempotency<S> {
 
     /// [`begin`](Self::begin) past the in-process copy: the flight, then the
     /// store. `concurrent`: the policy of this call, `None` for the engine's.
-    pub(crate) async fn begin_in_store(
+    pub(crate) fn begin_in_store(
         &self,
         key: String,
         fingerprint: Fingerprint,
         concurrent: Option<Concurrent>,
-    ) -> Result<Begin<S>, StoreError> {
+    ) -> impl Future<Output = Result<Begin<S>, StoreError>> + Send + '_ {
         let concurrent = concurrent.unwrap_or_else(|| self.inner.config().concurrent);
         let deadline = match concurrent {
             Concurrent::Wait { timeout } => {
@@ -443,9 +445,11 @@ impl<S: Store> Idempotency<S> {
             }
             Concurrent::Reject => None,
         };
-        let result = self.begin_inner(key, fingerprint, deadline).await;
-        self.count(&result);
-        result
+        // A combinator, not an `async` block: a block that awaits the
+        // future it holds keeps it twice, and this one is most of a first
+        // request's (boxed) state.
+        self.begin_inner(key, fingerprint, deadline)
+            .inspect(move |result| self.count(result))
     }
 
     fn count(&self, result: &Result<Begin<S>, StoreError>) {
@@ -481,7 +485,9 @@ impl<S: Store> Idempotency<S> {
                 }
                 Joined::Following(flight, given_back) => {
                     key = given_back;
-                    match follow(&flight, fingerprint, deadline).await {
+                    // Boxed, for the reason given in `lead`: a duplicate
+                    // in this process is rare, a first request is not.
+                    match Box::pin(follow(&flight, fingerprint, deadline)).await {
                         Followed::Answer(begun) => return Ok(begun),
                         Followed::StartOver { waited: now } => waited |= now,
                     }
@@ -605,10 +611,15 @@ impl<S: Store> Idempotency<S> {
                     flight.set(FlightOutcome::InFlightElsewhere);
                     // Until the next poll, or until the store announces that
                     // the key changed (Redis pub/sub), whichever is first.
-                    self.inner
-                        .store
-                        .until_changed(key, deadline.min(now + backoff))
-                        .await;
+                    // Boxed: a wait on another process is rare, and its timer
+                    // would otherwise make every first request's (boxed)
+                    // state larger by its size.
+                    Box::pin(
+                        self.inner
+                            .store
+                            .until_changed(key, deadline.min(now + backoff)),
+                    )
+                    .await;
                     backoff = (backoff * 2).min(Duration::from_millis(250));
                 }
             }
