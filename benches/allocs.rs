@@ -187,13 +187,7 @@ async fn run_axum() -> Vec<(&'static str, PerRequest)> {
     let bare = routers::bare_router();
     count(&bare, keyless(WARM_UP), false).await;
     rows.push(("axum: bare", count(&bare, keyless(REQUESTS), false).await));
-    // What any layer on a `Router` costs axum (a boxed service per route,
-    // its clone and future per call), apart from what the layer does.
-    let identity = axum::Router::new()
-        .route("/orders", axum::routing::post(routers::create))
-        .layer(tower::util::MapRequestLayer::new(
-            |request: http::Request<axum::body::Body>| request,
-        ));
+    let identity = routers::noop_layer_router();
     count(&identity, keyless(WARM_UP), false).await;
     rows.push((
         "axum: a no-op layer",

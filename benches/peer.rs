@@ -15,6 +15,8 @@
 //! hash of method, path, headers and body), the closer match to this crate,
 //! which fingerprints the body.
 
+// The axum routers the benches share; this bench uses most of them.
+#[allow(dead_code)]
 #[path = "support/routers.rs"]
 mod routers;
 
