@@ -180,3 +180,32 @@ impl CacheInfo {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bumps_from_many_threads_add_up_and_reset_to_zero() {
+        let stats = Stats::default();
+        // More threads than stripes, so stripes are shared as well as
+        // apart.
+        let threads = stats.each().count() * 3;
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                scope.spawn(|| {
+                    for _ in 0..1_000 {
+                        Stats::incr(&stats.here().requests);
+                    }
+                    Stats::incr(&stats.here().executed);
+                });
+            }
+        });
+        let snapshot = stats.snapshot();
+        assert_eq!(snapshot.requests, threads as u64 * 1_000);
+        assert_eq!(snapshot.executed, threads as u64);
+        assert_eq!(snapshot.replayed, 0);
+        stats.reset();
+        assert_eq!(stats.snapshot(), StatsSnapshot::default());
+    }
+}
