@@ -147,7 +147,7 @@ where
         // carries none of it. Each box stays under 1 KiB, where glibc's
         // malloc serves it from its per-thread cache; a larger one took
         // its slow path and consolidated its free lists on every first
-        // request (3-4 % of its CPU in `perf`).
+        // request (about 3 % of its CPU in `perf`).
         let begun = Box::pin(counted_wait(
             &shared.waiting,
             shared.engine.begin_in_store(storage_key, fingerprint, None),
