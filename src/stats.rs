@@ -1,6 +1,7 @@
 //! Counters of what the engine and its frontends did, and what the store holds.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::OnceLock;
 
 use crossbeam_utils::CachePadded;
 use serde::Serialize;
@@ -20,14 +21,24 @@ pub(crate) struct Striped<T> {
 
 impl<T: Default> Default for Striped<T> {
     fn default() -> Self {
-        // Several stripes per core, so that two busy threads rarely share
-        // one: threads take stripes in the order they first count.
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let stripes = (cores * 4).next_power_of_two().clamp(8, 256);
         Self {
-            stripes: (0..stripes).map(|_| CachePadded::default()).collect(),
+            stripes: (0..stripe_count())
+                .map(|_| CachePadded::default())
+                .collect(),
         }
     }
+}
+
+/// Several stripes per core, so that two busy threads rarely share one
+/// (threads take stripes in the order they first count). Worked out once:
+/// `available_parallelism` may read the cgroup files on every call, and
+/// every engine and memory store makes striped counters.
+fn stripe_count() -> usize {
+    static COUNT: OnceLock<usize> = OnceLock::new();
+    *COUNT.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (cores * 4).next_power_of_two().clamp(8, 256)
+    })
 }
 
 impl<T> Striped<T> {
