@@ -28,11 +28,16 @@
 //! ROUND_MS=1000 cargo bench --bench concurrent
 //! ```
 //!
-//! It prints markdown tables, then the issue's targets, met or missed. Beside
+//! It prints markdown tables, then the issue's targets, met or missed, then
+//! what the parts of a first request that `DESIGN.md` fixes (moka at the
+//! bound as the memory store sets it up, SHA-256 of the body) cost alone,
+//! against the first-request target (`support/floor.rs`). Beside
 //! throughput it gives the process's CPU time per request (all threads, from
 //! `/proc/self/stat`, 10 ms ticks): on a machine shared with other work,
 //! throughput follows what the others leave over, CPU time much less so.
 
+#[path = "support/floor.rs"]
+mod floor;
 #[path = "support/routers.rs"]
 mod routers;
 
@@ -411,7 +416,13 @@ fn router_of(rt: &Runtime, case: Case) -> Router {
 
 /// `PROFILE=<case name>`: runs only that case, concurrently, at 1 KiB, for
 /// `ROUND_MS` (so `perf record` sees one path), and prints its figures.
+/// A part of `support/floor.rs` can be named too.
 fn profile(case_name: &str, round_len: Duration) {
+    if let Some(part) = floor::Part::ALL.into_iter().find(|p| p.name() == case_name) {
+        let (ops, cpu) = floor::measure(part, WORKERS, round_len, cpu_time);
+        println!("{case_name}: {ops:.0} ops/s, {cpu:.2} CPU us/operation");
+        return;
+    }
     let Some(case) = CASES.into_iter().find(|case| case.name == case_name) else {
         eprintln!("no case named {case_name:?}");
         return;
@@ -459,4 +470,73 @@ fn main() {
         &sequential_results,
     );
     print_targets(&results);
+    print_floor(&results, round_len);
+}
+
+/// The parts of a first request that `DESIGN.md` fixes, each measured alone
+/// on `WORKERS` threads (contended as in the run) and on one (uncontended),
+/// against the first-request target of the same run.
+fn print_floor(results: &[(usize, Vec<Figures>)], round_len: Duration) {
+    let Some((_, f)) = results.iter().find(|(i, _)| SIZES[*i].0 == "1KiB") else {
+        return;
+    };
+    println!("### What the parts of a first request cost alone (1 KiB)");
+    println!();
+    println!(
+        "| part | ops/s, {WORKERS} threads | CPU µs per operation, {WORKERS} threads | CPU µs per operation, 1 thread |"
+    );
+    println!("|---|---:|---:|---:|");
+    // Per part: CPU µs per operation on `WORKERS` threads, then on one.
+    let mut cpu = Vec::new();
+    for part in floor::Part::ALL {
+        let medians = |threads| {
+            let rounds: Vec<(f64, f64)> = (0..ROUNDS)
+                .map(|_| floor::measure(part, threads, round_len, cpu_time))
+                .collect();
+            (
+                median(rounds.iter().map(|r| r.0).collect()),
+                median(rounds.iter().map(|r| r.1).collect()),
+            )
+        };
+        let (ops, contended) = medians(WORKERS);
+        let (_, alone) = medians(1);
+        println!(
+            "| {} | {} | {contended:.2} | {alone:.2} |",
+            part.name(),
+            human_ops(ops)
+        );
+        cpu.push([contended, alone]);
+    }
+    let [lru, lru_expiry, store_setup, sha256] = cpu[..] else {
+        return;
+    };
+    let (bare, first, peer) = (f[0].cpu_us, f[2].cpu_us, f[3].cpu_us);
+    let target = peer / 1.5;
+    let row = |name: &str, moka: [f64; 2]| {
+        let floor = |i: usize| bare + moka[i] + sha256[i];
+        println!(
+            "| {name} | {:.2} ({:.2}x) | {:.2} ({:.2}x) |",
+            floor(0),
+            floor(0) / target,
+            floor(1),
+            floor(1) / target
+        );
+    };
+    println!();
+    println!(
+        "| CPU µs per first request, 1 KiB (against the target) | parts on {WORKERS} threads | parts on 1 thread |"
+    );
+    println!("|---|---:|---:|");
+    println!("| the target: axum-idempotent's first request / 1.5 | {target:.2} | {target:.2} |");
+    row(
+        "floor: bare + moka as the store sets it up + SHA-256",
+        store_setup,
+    );
+    row("floor without the eviction listener", lru_expiry);
+    row("floor without the listener and the expiry per entry", lru);
+    println!(
+        "| this crate's first request | {first:.2} ({:.2}x) | |",
+        first / target
+    );
+    println!();
 }
