@@ -539,4 +539,24 @@ fn print_floor(results: &[(usize, Vec<Figures>)], round_len: Duration) {
         first / target
     );
     println!();
+    // A replay runs no handler, but the bare request is mostly the client
+    // and axum (its handler answers a constant): with the fingerprint, a
+    // replay's floor before its cache read and its response.
+    let (replay, peer_replay) = (f[4].cpu_us, f[5].cpu_us);
+    let replay_target = peer_replay / 2.0;
+    println!("| CPU µs per replay, 1 KiB | figure | against the target |");
+    println!("|---|---:|---:|");
+    println!("| the target: axum-idempotent's replay / 2 | {replay_target:.2} | 1.00x |");
+    for (name, part) in [("on 2 threads", 0), ("on 1 thread", 1)] {
+        let floor = bare + sha256[part];
+        println!(
+            "| floor: bare + SHA-256 {name} | {floor:.2} | {:.2}x |",
+            floor / replay_target
+        );
+    }
+    println!(
+        "| this crate's replay | {replay:.2} | {:.2}x |",
+        replay / replay_target
+    );
+    println!();
 }
