@@ -252,7 +252,8 @@ impl Default for MemoryStore {
 /// the next), and batches of 4 cost no more CPU than batches of 16 did: in
 /// `benches/concurrent.rs` (`PROFILE="first request"`, 12 alternating runs
 /// twice), the first request's p99 at the bound fell from 76 µs to 48-58
-/// µs, with p50 and CPU per request unchanged. Batches of 2 took the p99 to
+/// µs, with p50 and CPU per request unchanged (and from 56 to 39 µs in 15
+/// runs alternating with the build before). Batches of 2 took the p99 to
 /// 45-50 µs but p50 up by a microsecond; a count per thread instead of one
 /// count lined the two workers' turns up, and the skipped turn doubled the
 /// next batch.
