@@ -173,9 +173,7 @@ impl MemoryStoreBuilder {
             .eviction_policy(EvictionPolicy::lru())
             .expire_after(SlotExpiry)
             .eviction_listener(move |_key, _slot, cause| match cause {
-                RemovalCause::Expired => {
-                    listener_counters.here().expired.fetch_add(1, Relaxed);
-                }
+                RemovalCause::Expired => listener_counters.expired(1),
                 RemovalCause::Size => {
                     listener_counters.here().evicted.fetch_add(1, Relaxed);
                 }
