@@ -73,10 +73,21 @@ pub(crate) fn noop_layer_router() -> Router {
 /// sets another bound for the memory store (to see the first request at a
 /// bound the run never reaches).
 pub(crate) fn ours_router() -> Router {
-    let layer = match std::env::var("MAX_ENTRIES")
-        .ok()
-        .and_then(|n| n.parse().ok())
-    {
+    ours_router_bounded(
+        std::env::var("MAX_ENTRIES")
+            .ok()
+            .and_then(|n| n.parse().ok()),
+    )
+}
+
+/// A bound for the memory store that no bench run reaches: the store never
+/// evicts, as the peer's session store never does in these runs.
+pub(crate) const UNREACHED_BOUND: u64 = 100_000_000;
+
+/// This crate's layer with its defaults but the memory store's bound
+/// (`None`: the default one).
+pub(crate) fn ours_router_bounded(max_entries: Option<u64>) -> Router {
+    let layer = match max_entries {
         Some(max_entries) => IdempotencyLayer::builder()
             .max_entries(max_entries)
             .build()
