@@ -79,7 +79,7 @@ use std::borrow::Borrow;
 use std::collections::HashSet;
 use std::future::Future;
 use std::pin::pin;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
@@ -190,6 +190,9 @@ struct Flight {
     /// nobody waiting.
     outcome: Mutex<FlightOutcome>,
     changed: tokio::sync::Notify,
+    /// Set by [`Idempotency::abandon_leases`]: the lease is left to expire,
+    /// and its `Drop` must not release it.
+    abandoned: std::sync::atomic::AtomicBool,
 }
 
 impl Flight {
@@ -197,6 +200,7 @@ impl Flight {
         Self {
             key,
             fingerprint,
+            abandoned: std::sync::atomic::AtomicBool::new(false),
             lease: std::sync::OnceLock::new(),
             confirmed_at: Mutex::new(tokio::time::Instant::now()),
             outcome: Mutex::new(FlightOutcome::Running),
@@ -360,9 +364,54 @@ impl<S: Store> Idempotency<S> {
         self.inner.config()
     }
 
+    /// Leaves every lease this process holds to expire instead of releasing
+    /// it, and stops renewing them: for a process about to exit while
+    /// actions still run (a graceful shutdown whose drain timed out). Their
+    /// outcome is unknown, so their keys must not be freed for a retry; each
+    /// is counted in `ambiguous`. A run that still completes stores its
+    /// result as usual.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// use tower_idempotency::{Begin, Fingerprint, Idempotency};
+    ///
+    /// let engine = Idempotency::new();
+    /// let fp = Fingerprint::of_bytes(b"job");
+    /// let Begin::Execute(lease) = engine.begin("k", fp).await.unwrap() else { panic!() };
+    /// engine.abandon_leases();
+    /// drop(lease); // not released
+    /// assert!(matches!(engine.begin("k", fp).await.unwrap(), Begin::Conflict { .. }));
+    /// # }
+    /// ```
+    pub fn abandon_leases(&self) {
+        let held: Vec<Arc<Flight>> = lock(&self.inner.flights)
+            .iter()
+            .filter(|FlightEntry(flight)| flight.lease.get().is_some())
+            .map(|FlightEntry(flight)| flight.clone())
+            .collect();
+        for flight in held {
+            if !flight.abandoned.swap(true, Relaxed) {
+                Stats::incr(&self.inner.stats.here().ambiguous);
+                tracing::warn!(
+                    key = flight.key.as_str(),
+                    "idempotency lease abandoned at shutdown: left to its marker's TTL"
+                );
+            }
+            // Out of the map, so the heartbeat no longer renews it.
+            let mut flights = lock(&self.inner.flights);
+            if flights
+                .get(flight.key.as_str())
+                .is_some_and(|current| Arc::ptr_eq(&current.0, &flight))
+            {
+                flights.remove(flight.key.as_str());
+            }
+        }
+    }
+
     /// The store: for the crate's own frontends (the transactional form of
-    /// `execute`); everything else reaches it through the engine.
-    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    /// `execute`, the layer's record bound); everything else reaches it
+    /// through the engine.
     pub(crate) fn store(&self) -> &S {
         &self.inner.store
     }
@@ -643,12 +692,14 @@ impl<S: Store> Idempotency<S> {
     }
 
     /// Restarts the heartbeat with the current lease TTL's period, when it
-    /// ran: the leases it renews are then renewed in time for the new TTL.
+    /// ran, and has it renew every held lease at once under the new TTL: a
+    /// lease granted under a shorter one would otherwise run out before the
+    /// first renewal of the new period, and another instance take it over.
     fn restart_heartbeat(&self) {
         let running = lock(&self.inner.heartbeat).take();
         if let Some(task) = running {
             task.abort();
-            self.start_heartbeat();
+            self.spawn_heartbeat(true);
         }
     }
 
@@ -656,6 +707,12 @@ impl<S: Store> Idempotency<S> {
     /// lease TTL runs: one per engine, started on first use, started again if
     /// the runtime it ran on has gone. It stops when the engine is dropped.
     fn start_heartbeat(&self) {
+        self.spawn_heartbeat(false);
+    }
+
+    /// Starts the heartbeat unless it runs; `at_once`: its first round
+    /// renews now rather than a period from now.
+    fn spawn_heartbeat(&self, at_once: bool) {
         let mut task = lock(&self.inner.heartbeat);
         if task.as_ref().is_some_and(|task| !task.is_finished()) {
             return;
@@ -665,7 +722,11 @@ impl<S: Store> Idempotency<S> {
         };
         let engine = Arc::downgrade(&self.inner);
         let period = (self.inner.config().lease_ttl / 3).max(Duration::from_millis(1));
-        *task = Some(runtime.spawn(heartbeat(engine, period)).abort_handle());
+        *task = Some(
+            runtime
+                .spawn(heartbeat(engine, period, at_once))
+                .abort_handle(),
+        );
     }
 
     /// When a marker written now would expire, if nothing renewed it.
@@ -792,10 +853,13 @@ fn replay_or_mismatch<S: Store>(
     }
 }
 
-async fn heartbeat<S: Store>(engine: Weak<Inner<S>>, period: Duration) {
+async fn heartbeat<S: Store>(engine: Weak<Inner<S>>, period: Duration, at_once: bool) {
     let mut ticks = tokio::time::interval(period);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticks.tick().await;
+    if !at_once {
+        // The first tick is now: a lease just begun needs no renewal yet.
+        ticks.tick().await;
+    }
     loop {
         ticks.tick().await;
         let Some(inner) = engine.upgrade() else {
@@ -940,6 +1004,45 @@ impl<S: Store> Lease<S> {
         self.engine.counted(result).map(drop)
     }
 
+    /// Leaves the key to its marker: not released, no longer renewed. For an
+    /// action that may have run but gave no definite answer (an upstream
+    /// that timed out or broke the connection after the request was sent, a
+    /// response body cut off after its head): releasing would let the next
+    /// retry run it a second time, perhaps while the first still runs.
+    ///
+    /// The marker then lives out its TTL (the lease TTL since its last
+    /// renewal; under [`LeaseExpiry::Block`] the record TTL), after which
+    /// [`LeaseExpiry`] decides as for a process that died holding it:
+    /// `Takeover` lets a retry run the action again, `Block` never does.
+    /// Duplicates waiting in this process start over and find the marker:
+    /// a conflict, or under [`Concurrent::Wait`] a wait until it goes.
+    /// Counted in `ambiguous`.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// use tower_idempotency::{Begin, Fingerprint, Idempotency};
+    ///
+    /// let engine = Idempotency::new();
+    /// let fp = Fingerprint::of_bytes(b"charge");
+    /// let Begin::Execute(lease) = engine.begin("k", fp).await.unwrap() else { panic!() };
+    /// // ... the payment provider's connection broke after the request went out.
+    /// lease.abandon();
+    /// assert!(matches!(engine.begin("k", fp).await.unwrap(), Begin::Conflict { .. }));
+    /// assert_eq!(engine.stats().ambiguous, 1);
+    /// # }
+    /// ```
+    pub fn abandon(mut self) {
+        self.state = LeaseState::Finished;
+        Stats::incr(&self.engine.inner.stats.here().ambiguous);
+        tracing::warn!(
+            key = self.flight.key.as_str(),
+            "idempotency outcome unknown: the key is left to its marker's TTL, not released"
+        );
+        self.engine
+            .end_flight(&self.flight, FlightOutcome::Released);
+    }
+
     /// Hands the release to the engine's background queue.
     fn release_later(&self) {
         let marker_ttl = self.engine.inner.config().marker_ttl();
@@ -953,6 +1056,12 @@ impl<S: Store> Drop for Lease<S> {
     fn drop(&mut self) {
         let state = std::mem::replace(&mut self.state, LeaseState::Finished);
         if matches!(state, LeaseState::Finished) {
+            return;
+        }
+        if matches!(state, LeaseState::Held) && self.flight.abandoned.load(Relaxed) {
+            // Left to expire by `abandon_leases`: the action may have run.
+            self.engine
+                .end_flight(&self.flight, FlightOutcome::Released);
             return;
         }
         let engine = self.engine.clone();

@@ -63,7 +63,8 @@ pub use execute::ExecuteError;
 pub use key::{Fingerprint, FingerprintMode, IdempotencyKey, KeyParseError};
 pub use layer::{
     BoxError, Disconnect, FailMode, IdempotencyLayer, IdempotencyLayerBuilder, Idempotent,
-    RequestBody, ResponseBody, ResponseFuture, DEFAULT_MAX_BODY,
+    OutcomeUnknown, OversizedResponse, RequestBody, ResponseBody, ResponseFuture, UnclearOutcome,
+    DEFAULT_MAX_BODY,
 };
 pub use record::{Payload, Record, StoredResponse};
 pub use stats::{CacheInfo, StatsSnapshot};

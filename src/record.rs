@@ -5,21 +5,39 @@
 //! embedded store keeps records as they are (behind an `Arc`); stores that
 //! cross a process boundary use [`Record::encode`] and [`Record::decode`].
 //!
-//! # Encoding, version 2 (written)
+//! # Encoding, version 3 (written)
 //!
 //! ```text
-//! magic "TIR" | version u8 = 2 | kind u8 (1 response, 2 value)
+//! magic "TIR" | version u8 = 3 | kind u8 (1 response, 2 value)
 //! fingerprint [u8; 32] | created_at_ms u64
 //! kind 1: buffer len u64, the stored response's buffer (see StoredResponse):
-//!         status u16 | field count varint | (name len varint, name, value len varint, value)* | body
+//!         status u16 | flags u8 | field count varint | (name len varint, name, value len varint, value)*
+//!                    | trailer count varint | (name len varint, name, value len varint, value)* | body
 //! kind 2: value len u64, value
 //! ```
 //!
-//! # Encoding, version 1 (still read)
+//! `flags` bit 0 marks a response recorded without its body (it was larger
+//! than what is stored); other bits are reserved, and a record with one set
+//! is refused as written by a newer build.
 //!
-//! The same header, then for kind 1: status u16 | header count u32 |
-//! (name len u16, name, value len u32, value)* | body len u64, body; kind 2
-//! as in version 2.
+//! # Versions 2 and 1 (still read)
+//!
+//! Version 2 is version 3 without the flags and the trailers (a response's
+//! buffer is `status | field count | fields | body`). Version 1 has the same
+//! header, then for kind 1: status u16 | header count u32 | (name len u16,
+//! name, value len u32, value)* | body len u64, body; kind 2 as in version 3.
+//!
+//! # Rolling deploys
+//!
+//! A build reads its own version and every earlier one, never a later one:
+//! a record it cannot read is a typed [`DecodeError`], which the layer
+//! answers with 500 (whatever the fail mode), never by running the action
+//! again. So when instances of two builds share a store, the older one
+//! answers 500 to a retry of a key the newer one recorded, until it too is
+//! upgraded. To avoid even that, ship the reader before the writer: deploy
+//! a build that reads version 3 everywhere first (this one), then the one
+//! that writes it. (This build does both; an older build of this crate reads
+//! versions 1 and 2 only.)
 //!
 //! Fixed-size integers are big-endian; varints are LEB128. Decoding never
 //! panics: a short, foreign or newer value is a [`DecodeError`].
@@ -40,7 +58,9 @@ pub use response::StoredResponse;
 const MAGIC: &[u8; 3] = b"TIR";
 /// The encoding version this crate writes. It reads this one and every
 /// earlier one.
-pub(crate) const ENCODING_VERSION: u8 = 2;
+pub(crate) const ENCODING_VERSION: u8 = 3;
+/// The version whose responses carry no flags and no trailers.
+const VERSION_2: u8 = 2;
 /// The first version, whose responses carry fixed-size lengths.
 const VERSION_1: u8 = 1;
 const KIND_RESPONSE: u8 = 1;
@@ -176,8 +196,12 @@ impl Record {
             KIND_RESPONSE => {
                 let len = u64::from_be_bytes(take::<8>(&mut buf)?);
                 let buffer = take_slice(&mut buf, usize::try_from(len).unwrap_or(usize::MAX))?;
-                let buffer = Bytes::copy_from_slice(buffer);
-                Payload::Response(StoredResponse::from_buffer(buffer)?)
+                if version == VERSION_2 {
+                    Payload::Response(StoredResponse::from_buffer_v2(buffer)?)
+                } else {
+                    let buffer = Bytes::copy_from_slice(buffer);
+                    Payload::Response(StoredResponse::from_buffer(buffer)?)
+                }
             }
             KIND_VALUE => {
                 let len = u64::from_be_bytes(take::<8>(&mut buf)?);
@@ -199,7 +223,7 @@ impl Record {
 
 /// Whether this build reads records of encoding `version`.
 pub(crate) fn is_known_version(version: u8) -> bool {
-    version == ENCODING_VERSION || version == VERSION_1
+    matches!(version, ENCODING_VERSION | VERSION_2 | VERSION_1)
 }
 
 /// Magic, version, kind, fingerprint and creation time.
@@ -287,6 +311,10 @@ pub enum DecodeError {
     /// A stored header name or value is not valid HTTP.
     #[error("stored record has an invalid header")]
     InvalidHeader,
+    /// The stored response carries flags this build does not know: it was
+    /// written by a newer one.
+    #[error("stored record has unknown flags {0:#04x}")]
+    UnknownFlags(u8),
     /// The record holds more headers than a header map can.
     #[error("stored record claims {0} headers, more than a header map holds")]
     TooManyHeaders(usize),
@@ -351,9 +379,59 @@ mod tests {
             assert!(Record::decode(&v1[..len]).is_err(), "prefix of {len} bytes");
         }
         // Re-encoded, it is written in the current version, and smaller.
-        let v2 = record.encode();
-        assert_eq!(v2[3], ENCODING_VERSION);
-        assert!(v2.len() < v1.len());
+        let current = record.encode();
+        assert_eq!(current[3], ENCODING_VERSION);
+        assert!(current.len() < v1.len());
+    }
+
+    /// What version 2 wrote for a response record: no flags, no trailers.
+    fn encode_v2(record: &Record) -> Vec<u8> {
+        let response = record.as_response().unwrap();
+        let mut buffer = BytesMut::new();
+        buffer.put_u16(response.status().as_u16());
+        buffer.put_u8(response.fields_len() as u8);
+        for (name, value) in response.fields() {
+            buffer.put_u8(name.as_str().len() as u8);
+            buffer.put_slice(name.as_str().as_bytes());
+            buffer.put_u8(value.len() as u8);
+            buffer.put_slice(value.as_bytes());
+        }
+        buffer.put_slice(&response.body());
+        let mut out = BytesMut::new();
+        out.put_slice(MAGIC);
+        out.put_u8(VERSION_2);
+        out.put_u8(KIND_RESPONSE);
+        out.put_slice(record.fingerprint.as_bytes());
+        out.put_u64(record.created_at_ms);
+        out.put_u64(buffer.len() as u64);
+        out.put_slice(&buffer);
+        out.to_vec()
+    }
+
+    #[test]
+    fn version_2_still_decodes() {
+        let record = sample();
+        let v2 = encode_v2(&record);
+        assert_eq!(Record::decode(&v2), Ok(record.clone()));
+        for len in 0..v2.len() {
+            assert!(Record::decode(&v2[..len]).is_err(), "prefix of {len} bytes");
+        }
+        assert_eq!(record.encode()[3], ENCODING_VERSION);
+    }
+
+    #[test]
+    fn trailers_and_omitted_bodies_round_trip() {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        let fp = Fingerprint::of_bytes(b"fp");
+        let headers = sample().as_response().unwrap().headers();
+        for response in [
+            StoredResponse::with_trailers(StatusCode::OK, &headers, b"msg", &trailers),
+            StoredResponse::head_only(StatusCode::CREATED, &headers, &HeaderMap::new()),
+        ] {
+            let record = Record::response(fp, response);
+            assert_eq!(Record::decode(&record.encode()), Ok(record));
+        }
     }
 
     #[test]

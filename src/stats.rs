@@ -124,8 +124,18 @@ counters! {
     rejected_keys,
     /// Requests refused for a body over the limit (413).
     too_large,
-    /// Results returned but not stored (status policy, `no-store`, too large).
+    /// Results returned but not stored (status policy, `no-store`, a lease
+    /// lost before the record was written).
     not_stored,
+    /// Responses recorded without their body, which was larger than what is
+    /// stored (`OversizedResponse::RecordHead`): a retry gets their status
+    /// and headers, never a second run.
+    omitted,
+    /// Leases left to expire because the action may have run but gave no
+    /// definite answer (an upstream timeout or broken connection, a body cut
+    /// off after its head, a shutdown with runs still going): not released,
+    /// so no retry runs the action again while the marker lives.
+    ambiguous,
     /// Store operations of the request path (begin, complete, release, renew,
     /// put) that failed, each answered by the fail mode. Admin queries that
     /// fail return their error and are not counted here.

@@ -4,6 +4,7 @@
 
 mod support;
 mod engine {
+    mod abandon;
     mod actions;
     mod conformance;
     mod decoders;

@@ -15,4 +15,5 @@ mod http {
     mod streaming;
     mod tower_habits;
     mod trace;
+    mod unclear;
 }

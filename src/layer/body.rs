@@ -186,6 +186,19 @@ impl<B> ResponseBody<B> {
         }
     }
 
+    /// A layer's own answer: a replay's body, followed by the trailers the
+    /// replay carries ([`ReplayTrailers`]), if any.
+    pub(crate) fn answer(response: http::Response<Bytes>) -> http::Response<Self> {
+        let (mut head, data) = response.into_parts();
+        match head.extensions.remove::<ReplayTrailers>() {
+            Some(ReplayTrailers(trailers)) => {
+                let body = Self::held(data, Some(Ok(Frame::trailers(trailers))));
+                http::Response::from_parts(head, body)
+            }
+            None => http::Response::from_parts(head, Self::full(data)),
+        }
+    }
+
     /// `body`, recorded by `tee` as the client reads it. `left` says what
     /// happens to the rest when the client drops the body before its end.
     pub(crate) fn recorded(body: B, tee: Tee, span: Span, left: Left) -> Self
@@ -244,6 +257,11 @@ where
         }
     }
 }
+
+/// The trailers a replay ends with, carried to the response body in the
+/// replay's extensions (a layer's answer is a `Response<Bytes>` until then).
+#[derive(Clone)]
+pub(crate) struct ReplayTrailers(pub(crate) http::HeaderMap);
 
 #[cfg(test)]
 mod tests {

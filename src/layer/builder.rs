@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use http::{Method, StatusCode};
 
-use super::layer::{Disconnect, FailMode, Settings};
+use super::layer::{Disconnect, FailMode, OversizedResponse, Settings, UnclearOutcome};
 use super::IdempotencyLayer;
 use crate::engine::{
     Concurrent, ConfigError, Idempotency, IdempotencyBuilder, IntoStore, LeaseExpiry,
@@ -209,9 +209,28 @@ impl<E, K> IdempotencyLayerBuilder<E, K> {
     }
 
     /// The largest response body stored (default 1 MiB); a larger one is
-    /// streamed through and not stored.
+    /// streamed through in full, and recorded as [`oversized_response`]
+    /// says (by default its head only).
+    ///
+    /// [`oversized_response`]: Self::oversized_response
     pub fn max_response_body(mut self, limit: usize) -> Self {
         self.settings.max_response_body = limit;
+        self
+    }
+
+    /// What is recorded of a response whose body is over
+    /// [`max_response_body`](Self::max_response_body) (default
+    /// [`OversizedResponse::RecordHead`]: its status and headers, so a
+    /// retry never runs the action again).
+    pub fn oversized_response(mut self, policy: OversizedResponse) -> Self {
+        self.settings.oversized = policy;
+        self
+    }
+
+    /// What happens to the key when the action may have run but no definite
+    /// answer came (default [`UnclearOutcome::LeaveToExpire`]).
+    pub fn unclear_outcome(mut self, policy: UnclearOutcome) -> Self {
+        self.settings.unclear = policy;
         self
     }
 

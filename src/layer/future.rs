@@ -14,6 +14,7 @@ use pin_project_lite::pin_project;
 use tracing::Span;
 
 use super::body::{BoxError, Gathered, ResponseBody};
+use super::layer::OutcomeUnknown;
 use super::tee::{hand_off, GiveUp, Left, Pending, Recorder, Tee, TeeBody};
 use crate::problem;
 
@@ -68,7 +69,7 @@ impl<F, B, E> ResponseFuture<F, B, E> {
     pub(crate) fn answered(response: Response<Bytes>) -> Self {
         Self {
             kind: Kind::Answered {
-                response: Some(Box::new(response.map(ResponseBody::full))),
+                response: Some(Box::new(ResponseBody::answer(response))),
             },
         }
     }
@@ -120,7 +121,7 @@ where
             };
             match begun {
                 Begun::Answer(response) => {
-                    return Poll::Ready(Ok(response.map(ResponseBody::full)));
+                    return Poll::Ready(Ok(ResponseBody::answer(response)));
                 }
                 Begun::Run(protected) => kind.set(Kind::Running { protected }),
             }
@@ -351,17 +352,29 @@ where
         Err(()) => return releasing(recorder, GiveUp::Panicked, Ok(internal_error())),
     };
     let (head, body) = response.into_parts();
+    if head.extensions.get::<OutcomeUnknown>().is_some() {
+        // The service could not tell whether the action ran: nothing to
+        // record, and the key is not freed for a retry to run it again.
+        let response = Response::from_parts(head, ResponseBody::passthrough(body));
+        return releasing(recorder, GiveUp::Unclear, Ok(response));
+    }
     if !recorder.keep_head(&head, body.size_hint().exact()) {
         // Not stored: the key is freed before the client can see the answer,
         // so its retry runs the action again instead of meeting a marker.
         let response = Response::from_parts(head, ResponseBody::passthrough(body));
         return releasing(recorder, GiveUp::NotStored, Ok(response));
     }
-    let declared = body.size_hint().exact().or_else(|| {
-        head.headers
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse().ok())
-    });
+    // The record is stored when the declared length has come, unless
+    // trailers may follow it: then at the end of the stream, after them.
+    let declared = body
+        .size_hint()
+        .exact()
+        .or_else(|| {
+            head.headers
+                .get(CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok()?.parse().ok())
+        })
+        .filter(|_| !trailers_may_follow(&head.headers));
     let complete =
         body.is_end_stream() || body.size_hint().exact().is_some_and(|len| len <= HELD_BODY);
     let tee = Tee::new(recorder, declared);
@@ -375,6 +388,17 @@ where
     Next::Ready(Ok(Response::from_parts(head, recorded(body, tee))))
 }
 
+/// Whether a response with these headers may end in trailers: it announces
+/// them (`Trailer`), or it is a gRPC answer, whose status comes in them.
+fn trailers_may_follow(headers: &http::HeaderMap) -> bool {
+    headers.contains_key(http::header::TRAILER)
+        || headers
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// Gives up recording (`why`) before the client sees `output`: a release
+/// runs first, so the client's retry never meets a stale marker.
 fn releasing<F, B, E>(
     recorder: Box<dyn Recorder>,
     why: GiveUp,

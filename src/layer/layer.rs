@@ -42,6 +42,59 @@ pub enum Disconnect {
     Cancel,
 }
 
+/// What is recorded of a first response whose body is larger than
+/// [`max_response_body`](crate::IdempotencyLayerBuilder::max_response_body)
+/// (or than the store's largest record).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OversizedResponse {
+    /// The response streams to the client in full; its status, headers
+    /// (less `Content-Length`) and trailers are recorded with the body
+    /// marked omitted. A retry gets them with an empty body,
+    /// `Content-Length: 0`, the replay marker and `Idempotency-Replay:
+    /// omitted`: the action never runs twice (the default). Counted in
+    /// `omitted`.
+    #[default]
+    RecordHead,
+    /// Nothing is recorded and the key is released, so a retry runs the
+    /// action again (the behaviour before `RecordHead`; opt in only for
+    /// actions that are safe to repeat). Counted in `not_stored`.
+    Release,
+}
+
+/// What happens to the key when the action may have run but no definite
+/// answer came: the response body failed after its head, or the service
+/// marked its response [`OutcomeUnknown`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum UnclearOutcome {
+    /// The lease is abandoned: not released, no longer renewed, its marker
+    /// left to its TTL, after which [`LeaseExpiry`](crate::LeaseExpiry)
+    /// decides (the default). Counted in `ambiguous`.
+    #[default]
+    LeaveToExpire,
+    /// The key is released at once, so a retry runs the action again, maybe
+    /// while the first run still goes on (the behaviour before
+    /// `LeaveToExpire`; opt in only for actions that are safe to repeat).
+    Release,
+}
+
+/// A response extension a service sets when it cannot tell whether the
+/// action ran: an upstream that timed out or broke the connection after
+/// the request was sent, say. The layer hands the response to the client as
+/// it is, stores nothing, and under [`UnclearOutcome::LeaveToExpire`]
+/// leaves the key to its marker instead of releasing it, so a retry does
+/// not run the action a second time.
+///
+/// ```
+/// use http::{Response, StatusCode};
+/// use tower_idempotency::OutcomeUnknown;
+///
+/// let mut response = Response::new(());
+/// *response.status_mut() = StatusCode::GATEWAY_TIMEOUT;
+/// response.extensions_mut().insert(OutcomeUnknown);
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OutcomeUnknown;
+
 pub(super) type StatusPolicy = dyn Fn(StatusCode) -> bool + Send + Sync;
 
 /// The default storage policy: everything but 5xx, 408 and 429, which a
@@ -67,6 +120,8 @@ pub(crate) struct Settings {
     pub(crate) disconnect: Disconnect,
     pub(crate) replay_set_cookie: bool,
     pub(crate) fingerprint: FingerprintMode,
+    pub(crate) oversized: OversizedResponse,
+    pub(crate) unclear: UnclearOutcome,
 }
 
 impl Default for Settings {
@@ -81,6 +136,8 @@ impl Default for Settings {
             disconnect: Disconnect::Complete,
             replay_set_cookie: false,
             fingerprint: FingerprintMode::Exact,
+            oversized: OversizedResponse::RecordHead,
+            unclear: UnclearOutcome::LeaveToExpire,
         }
     }
 }
@@ -96,6 +153,8 @@ impl fmt::Debug for Settings {
             .field("disconnect", &self.disconnect)
             .field("replay_set_cookie", &self.replay_set_cookie)
             .field("fingerprint", &self.fingerprint)
+            .field("oversized", &self.oversized)
+            .field("unclear", &self.unclear)
             .finish_non_exhaustive()
     }
 }

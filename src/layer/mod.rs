@@ -17,5 +17,8 @@ mod tee;
 pub use body::{BoxError, RequestBody, ResponseBody};
 pub use builder::IdempotencyLayerBuilder;
 pub use future::ResponseFuture;
-pub use layer::{Disconnect, FailMode, IdempotencyLayer, DEFAULT_MAX_BODY};
+pub use layer::{
+    Disconnect, FailMode, IdempotencyLayer, OutcomeUnknown, OversizedResponse, UnclearOutcome,
+    DEFAULT_MAX_BODY,
+};
 pub use service::Idempotent;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::body::Gathered;
-use super::layer::Shared;
+use super::layer::{OversizedResponse, Shared, UnclearOutcome};
 use super::replay::{storable, stored_head};
 use super::tee::{GiveUp, Pending, Recorder};
 use crate::engine::Lease;
@@ -23,6 +23,9 @@ pub(crate) struct Recording<S: Store, K> {
     /// The stored status and headers, once the head is known and storable.
     head: Option<StoredHead>,
     body: Gathered,
+    /// Set once the body outgrew what is stored: only the head is kept.
+    omitted: bool,
+    trailers: Option<http::HeaderMap>,
 }
 
 impl<S: Store, K> Recording<S, K> {
@@ -37,7 +40,18 @@ impl<S: Store, K> Recording<S, K> {
             shared,
             head: None,
             body: Gathered::default(),
+            omitted: false,
+            trailers: None,
         }
+    }
+
+    /// The largest body stored: the layer's limit, or the store's largest
+    /// record if smaller (a record the store would drop at once must not be
+    /// reported stored).
+    fn max_body(&self) -> usize {
+        let limit = self.shared.settings.max_response_body;
+        let store = self.shared.engine.store().max_record_size();
+        store.map_or(limit, |store| limit.min(store))
     }
 }
 
@@ -52,18 +66,32 @@ impl<S: Store, K: Send + Sync + 'static> Recorder for Recording<S, K> {
         // for the record's TTL, and sized to what it holds either way.
         let room = declared
             .and_then(|len| usize::try_from(len).ok())
-            .filter(|&len| len <= settings.max_response_body)
+            .filter(|&len| len <= self.max_body())
             .unwrap_or(0);
         self.head = Some(stored_head(head, settings, room));
         true
     }
 
     fn keep_data(&mut self, data: &Bytes) -> bool {
-        if self.body.len() + data.len() > self.shared.settings.max_response_body {
-            return false;
+        if self.omitted {
+            return true;
+        }
+        if self.body.len() + data.len() > self.max_body() {
+            return match self.shared.settings.oversized {
+                OversizedResponse::RecordHead => {
+                    self.omitted = true;
+                    self.body = Gathered::default();
+                    true
+                }
+                OversizedResponse::Release => false,
+            };
         }
         self.body.push(data.clone());
         true
+    }
+
+    fn keep_trailers(&mut self, trailers: &http::HeaderMap) {
+        self.trailers = Some(trailers.clone());
     }
 
     fn store(self: Box<Self>) -> Pending {
@@ -73,17 +101,26 @@ impl<S: Store, K: Send + Sync + 'static> Recorder for Recording<S, K> {
             shared,
             head,
             body,
+            omitted,
+            trailers,
         } = *self;
         let Some(head) = head else {
             // A body recorded without its head is a bug: release, store nothing.
             return Box::pin(release(lease));
         };
-        let response = head.finish(&body.into_bytes());
+        let response = if omitted {
+            head.finish_omitted(trailers.as_ref())
+        } else {
+            head.finish(trailers.as_ref(), &body.into_bytes())
+        };
         Box::pin(async move {
             match lease
                 .complete(Record::response(fingerprint, response))
                 .await
             {
+                Ok(true) if omitted => {
+                    Stats::incr(&shared.engine.counters().here().omitted);
+                }
                 Ok(true) => {}
                 Ok(false) => {
                     Stats::incr(&shared.engine.counters().here().not_stored);
@@ -102,6 +139,16 @@ impl<S: Store, K: Send + Sync + 'static> Recorder for Recording<S, K> {
                 "the service or its response body panicked: lease released"
             ),
             GiveUp::Failed => {}
+            GiveUp::Unclear => match self.shared.settings.unclear {
+                UnclearOutcome::LeaveToExpire => {
+                    self.lease.abandon();
+                    return Box::pin(std::future::ready(()));
+                }
+                UnclearOutcome::Release => tracing::warn!(
+                    key = self.lease.key(),
+                    "idempotency outcome unknown: key released (UnclearOutcome::Release)"
+                ),
+            },
         }
         Box::pin(release(self.lease))
     }

@@ -4,11 +4,16 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::Response;
 
+use super::body::ReplayTrailers;
 use super::layer::Settings;
 use crate::record::{StoredHead, StoredResponse};
 
 /// The header that marks a replayed response.
 pub(crate) const REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+/// The header that marks the replay of a response recorded without its body
+/// (it was larger than what is stored): `Idempotency-Replay: omitted`.
+pub(crate) const REPLAY_KIND: HeaderName = HeaderName::from_static("idempotency-replay");
 
 pub(crate) fn storable(head: &http::response::Parts, settings: &Settings) -> bool {
     (settings.store_status)(head.status) && !no_store(&head.headers)
@@ -43,6 +48,7 @@ fn replayable(name: &HeaderName, listed: &[HeaderName], settings: &Settings) -> 
         || listed.contains(name)
         || name == header::DATE
         || name == REPLAYED
+        || name == REPLAY_KIND
         || (name == header::SET_COOKIE && !settings.replay_set_cookie))
 }
 
@@ -98,9 +104,27 @@ pub(crate) fn replay(stored: &StoredResponse, settings: &Settings) -> Response<B
     // Fails only for a response of 32,768 distinct names, which a header
     // map holds without room for one more: it goes unmarked.
     let _ = headers.try_insert(REPLAYED, HeaderValue::from_static("true"));
-    let mut response = Response::new(fields.body());
+    if stored.is_body_omitted() {
+        // The body the first client got is not kept: say so, and say that
+        // this empty one is all there is.
+        headers.remove(header::CONTENT_LENGTH);
+        let _ = headers.try_insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+        let _ = headers.try_insert(REPLAY_KIND, HeaderValue::from_static("omitted"));
+    }
+    let mut trailer_fields = fields.trailers();
+    let trailers = (trailer_fields.size_hint().1 != Some(0)).then(|| {
+        let mut trailers = HeaderMap::new();
+        for (name, value) in trailer_fields.by_ref() {
+            let _ = trailers.try_append(name, value);
+        }
+        trailers
+    });
+    let mut response = Response::new(trailer_fields.rest_after_fields());
     *response.status_mut() = stored.status();
     *response.headers_mut() = headers;
+    if let Some(trailers) = trailers {
+        response.extensions_mut().insert(ReplayTrailers(trailers));
+    }
     response
 }
 

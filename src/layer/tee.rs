@@ -38,8 +38,12 @@ pub(crate) type Pending = Pin<Box<dyn Future<Output = ()> + Send>>;
 /// Why a recording is given up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum GiveUp {
-    /// The service answered `Err`, or its body failed: the retry runs again.
+    /// The service answered `Err`: the retry runs again.
     Failed,
+    /// The action may have run but no definite answer came: the body failed
+    /// after the head, or the service marked its response
+    /// [`OutcomeUnknown`](super::OutcomeUnknown).
+    Unclear,
     /// The service, its future or its body panicked.
     Panicked,
     /// The response is not to be stored (its status, `no-store`, its size).
@@ -53,8 +57,11 @@ pub(crate) trait Recorder: Send + Sync {
     fn keep_head(&mut self, head: &http::response::Parts, declared: Option<u64>) -> bool;
 
     /// Keeps a data frame of the body; answers `false` when the body has
-    /// grown past what is stored.
+    /// grown past what is stored and nothing is to be recorded.
     fn keep_data(&mut self, data: &Bytes) -> bool;
+
+    /// Keeps the trailers that end the body.
+    fn keep_trailers(&mut self, trailers: &http::HeaderMap);
 
     /// Stores the record, ending the lease.
     fn store(self: Box<Self>) -> Pending;
@@ -101,12 +108,20 @@ impl Tee {
         self.give_up(GiveUp::NotStored)
     }
 
+    /// Trailers: kept, then the record stored (they end the body).
+    pub(crate) fn on_trailers(&mut self, trailers: &http::HeaderMap) -> Option<Pending> {
+        if let Some(recorder) = self.recorder.as_mut() {
+            recorder.keep_trailers(trailers);
+        }
+        self.on_end()
+    }
+
     /// The body ended: the record is stored.
     pub(crate) fn on_end(&mut self) -> Option<Pending> {
         self.recorder.take().map(Recorder::store)
     }
 
-    /// The body failed or panicked: the key is released.
+    /// The body failed (the outcome is unclear) or panicked.
     pub(crate) fn on_error(&mut self, why: GiveUp) -> Option<Pending> {
         self.give_up(why)
     }
@@ -319,8 +334,11 @@ where
                                 this.body.is_end_stream() || this.tee.reached_declared_length();
                             (last, pending)
                         }
-                        // Trailers end a body; they are forwarded, not stored.
-                        None => (true, None),
+                        // Trailers end a body, and are stored with it.
+                        None => match frame.trailers_ref() {
+                            Some(trailers) => (true, this.tee.on_trailers(trailers)),
+                            None => (true, None),
+                        },
                     };
                     if !last {
                         *this.pending = pending.map(SyncWrapper::new);
@@ -329,8 +347,10 @@ where
                     }
                     (Some(Ok(frame)), pending.or_else(|| this.tee.on_end()))
                 }
+                // The head is out and part of the body maybe: the action ran,
+                // or may have, and its answer is cut off.
                 Ok(Poll::Ready(Some(Err(error)))) => {
-                    (Some(Err(error.into())), this.tee.on_error(GiveUp::Failed))
+                    (Some(Err(error.into())), this.tee.on_error(GiveUp::Unclear))
                 }
                 Err(_panic) => {
                     let error = "the response body panicked".into();

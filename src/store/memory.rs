@@ -22,7 +22,7 @@ use super::{
 };
 use crate::engine::{ConfigError, MAX_DURATION};
 use crate::key::Fingerprint;
-use crate::record::{now_ms, SharedRecord};
+use crate::record::{now_ms, Payload, Record, SharedRecord, StoredResponse};
 use crate::stats::{total, CacheInfo, Striped};
 
 /// How the store hashes keys: aHash, keyed at random per store, so clients
@@ -101,7 +101,8 @@ pub struct MemoryStore {
     /// [`written`](Self::written).
     maintaining: Arc<Mutex<()>>,
     max_entries: u64,
-    weighs_bytes: bool,
+    /// The byte bound, when records are weighed.
+    max_bytes: Option<u64>,
 }
 
 impl std::fmt::Debug for MemoryStore {
@@ -201,7 +202,7 @@ impl MemoryStoreBuilder {
             writes: Arc::new(AtomicU64::new(0)),
             maintaining: Arc::default(),
             max_entries: self.max_entries,
-            weighs_bytes: self.max_bytes.is_some(),
+            max_bytes: self.max_bytes,
         }
     }
 }
@@ -576,7 +577,52 @@ impl MemoryStore {
     }
 }
 
+impl MemoryStore {
+    /// `record` as the cache can keep it: a response heavier than the whole
+    /// byte bound (which moka would drop the moment it is inserted, after
+    /// `complete` reported it stored) loses its body, as the layer's
+    /// [`OversizedResponse::RecordHead`](crate::OversizedResponse) does; a
+    /// value, or a head still too heavy, is refused with an error, so the
+    /// key stays marked rather than freed.
+    fn fitted(&self, key: &str, record: SharedRecord) -> Result<SharedRecord, StoreError> {
+        let Some(max_bytes) = self.max_bytes else {
+            return Ok(record);
+        };
+        let weighs = |record: &Record| (key.len() + record.stored_size()) as u64;
+        if weighs(&record) <= max_bytes {
+            return Ok(record);
+        }
+        if let Some(response) = record.as_response() {
+            let head = StoredResponse::head_only(
+                response.status(),
+                &response.headers(),
+                &response.trailers(),
+            );
+            let head = Record {
+                payload: Payload::Response(head),
+                ..(*record).clone()
+            };
+            if weighs(&head) <= max_bytes {
+                tracing::warn!(
+                    key,
+                    "idempotency record heavier than the memory store's byte bound: its body is not kept"
+                );
+                return Ok(Arc::new(head));
+            }
+        }
+        Err(StoreError::backend(format!(
+            "the record weighs {} bytes, more than the memory store's byte bound of {max_bytes}",
+            weighs(&record)
+        )))
+    }
+}
+
 impl Store for MemoryStore {
+    fn max_record_size(&self) -> Option<usize> {
+        self.max_bytes
+            .map(|max| usize::try_from(max).unwrap_or(usize::MAX))
+    }
+
     async fn begin(
         &self,
         key: &str,
@@ -678,6 +724,7 @@ impl Store for MemoryStore {
         let query = self.stripes.query(key);
         let mut markers = self.stripes.lock(query);
         let now = Instant::now();
+        let record = self.fitted(key, record)?;
         let Some((key, _marker)) = take_held(&mut markers, key, lease, now, &self.counters) else {
             return Ok(false);
         };
@@ -804,7 +851,7 @@ impl StoreAdmin for MemoryStore {
             entries: self.maintain(),
             max_entries: Some(self.max_entries),
             // Without a byte bound every record weighs 1: that is no byte count.
-            weighted_bytes: if self.weighs_bytes {
+            weighted_bytes: if self.max_bytes.is_some() {
                 self.cache.weighted_size()
             } else {
                 0

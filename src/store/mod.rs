@@ -228,6 +228,14 @@ pub trait Store: Send + Sync + 'static {
         None
     }
 
+    /// The largest record, in [stored size](crate::Record::stored_size),
+    /// that the store keeps: `None` (the default) when it takes any. The
+    /// layer records a larger response's head only, so that no record is
+    /// reported stored and then dropped at once.
+    fn max_record_size(&self) -> Option<usize> {
+        None
+    }
+
     /// Optional: resolves at `deadline`, or earlier when the store learns that
     /// `key` was completed or released by another process. The engine waits
     /// on it between polls of [`begin`](Store::begin) while another process

@@ -5,6 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::stores::{per_store, TestStore};
+
 use axum::body::Body;
 use axum::routing::post;
 use axum::Router;
@@ -268,4 +270,57 @@ async fn an_invalid_value_is_refused_and_changes_nothing() {
         panic!("the first call runs");
     };
     drop(lease);
+}
+
+per_store!(raising_the_lease_ttl_renews_held_leases_at_once);
+/// A lease granted under a short lease TTL is renewed under the new, longer
+/// one at the change, not a new heartbeat period later: another instance
+/// that tries to take the key over once the old TTL has passed finds it
+/// still held.
+async fn raising_the_lease_ttl_renews_held_leases_at_once(store: TestStore) {
+    const OLD: Duration = Duration::from_millis(900);
+    let other = store.another_instance().await;
+    let holder = Idempotency::builder()
+        .lease_ttl(OLD)
+        .store(store)
+        .build()
+        .unwrap();
+    let rival = Idempotency::builder()
+        .lease_ttl(OLD)
+        .store(other)
+        .build()
+        .unwrap();
+    let key = "s:renew:at-once";
+    let Begin::Execute(lease) = within(holder.begin(key, fp())).await.unwrap() else {
+        panic!("the first call runs");
+    };
+    holder
+        .configure(|config| config.lease_ttl = Duration::from_secs(60))
+        .unwrap();
+    // The renewal has landed once the store holds the marker for longer
+    // than the old TTL could.
+    within(async {
+        loop {
+            let entry = holder
+                .record(key)
+                .await
+                .unwrap()
+                .expect("the marker is held");
+            if entry.expires_in > Duration::from_secs(5) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    // Past the old TTL (which no longer applies to the marker).
+    tokio::time::sleep(OLD + Duration::from_millis(300)).await;
+    assert!(
+        matches!(
+            within(rival.begin(key, fp())).await.unwrap(),
+            Begin::Conflict { .. }
+        ),
+        "the other instance must not take a held lease over"
+    );
+    assert!(within(lease.complete(value("done"))).await.unwrap());
 }

@@ -14,7 +14,7 @@ use http_body::Frame;
 use http_body_util::StreamBody;
 use stores::{per_store, TestStore};
 use tower_idempotency::problem;
-use tower_idempotency::{FingerprintMode, IdempotencyLayer, KeyFilter};
+use tower_idempotency::{FingerprintMode, IdempotencyLayer, KeyFilter, OversizedResponse};
 
 per_store!(retry_after_completion_replays_status_headers_and_body);
 async fn retry_after_completion_replays_status_headers_and_body(store: TestStore) {
@@ -261,28 +261,66 @@ async fn cache_control_no_store_is_returned_not_stored(store: TestStore) {
     assert_eq!(handle.stats().not_stored, 2);
 }
 
-per_store!(oversized_response_is_streamed_whole_but_not_stored);
-async fn oversized_response_is_streamed_whole_but_not_stored(store: TestStore) {
+/// A handler that counts its runs and answers 500 bytes in ten frames, so a
+/// limit of 100 is crossed mid-stream.
+fn report(runs: Runs) -> Router {
+    Router::new().route(
+        "/report",
+        post(move || async move {
+            runs.bump();
+            let chunks =
+                (0..10).map(|i| Ok::<_, BoxError>(Frame::data(Bytes::from(vec![b'0' + i; 50]))));
+            (
+                [("location", "/reports/1")],
+                Body::new(StreamBody::new(futures_util::stream::iter(chunks))),
+            )
+        }),
+    )
+}
+
+per_store!(oversized_response_is_streamed_whole_and_its_head_replayed);
+async fn oversized_response_is_streamed_whole_and_its_head_replayed(store: TestStore) {
     let layer = IdempotencyLayer::builder()
         .store(store)
         .max_response_body(100)
         .build()
         .unwrap();
     let runs = Runs::default();
-    let app = Router::new().route(
-        "/report",
-        post({
-            let runs = runs.clone();
-            move || async move {
-                runs.bump();
-                // Several frames, so the limit is crossed mid-stream.
-                let chunks = (0..10)
-                    .map(|i| Ok::<_, BoxError>(Frame::data(Bytes::from(vec![b'0' + i; 50]))));
-                Body::new(StreamBody::new(futures_util::stream::iter(chunks)))
-            }
-        }),
+    let (server, handle) = serve_layered(layer, report(runs.clone())).await;
+    let first = server.post("/report", Some("r"), "").await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(
+        first.body.len(),
+        500,
+        "the first client gets the whole body"
     );
-    let (server, handle) = serve_layered(layer, app).await;
+    assert_eq!(&first.body[450..], &[b'9'; 50][..]);
+    assert!(!first.replayed());
+    for _ in 0..2 {
+        let retry = server.post("/report", Some("r"), "").await;
+        assert_eq!(retry.status, StatusCode::OK);
+        assert!(retry.replayed());
+        assert_eq!(retry.headers["idempotency-replay"], "omitted");
+        assert_eq!(retry.headers["location"], "/reports/1");
+        assert_eq!(retry.headers["content-length"], "0");
+        assert!(retry.body.is_empty());
+    }
+    assert_eq!(runs.get(), 1, "an oversized answer never runs twice");
+    let stats = handle.stats();
+    assert_eq!((stats.omitted, stats.not_stored), (1, 0));
+    assert_eq!(stats.replayed, 2);
+}
+
+per_store!(oversized_response_under_release_is_streamed_whole_but_not_stored);
+async fn oversized_response_under_release_is_streamed_whole_but_not_stored(store: TestStore) {
+    let layer = IdempotencyLayer::builder()
+        .store(store)
+        .max_response_body(100)
+        .oversized_response(OversizedResponse::Release)
+        .build()
+        .unwrap();
+    let runs = Runs::default();
+    let (server, handle) = serve_layered(layer, report(runs.clone())).await;
     for _ in 0..2 {
         let reply = server.post("/report", Some("r"), "").await;
         assert_eq!(reply.status, StatusCode::OK);
@@ -292,6 +330,7 @@ async fn oversized_response_is_streamed_whole_but_not_stored(store: TestStore) {
     }
     assert_eq!(runs.get(), 2);
     assert_eq!(handle.stats().not_stored, 2);
+    assert_eq!(handle.stats().omitted, 0);
 }
 
 per_store!(panicking_handler_gets_500_and_does_not_wedge_the_key);

@@ -209,3 +209,59 @@ async fn a_body_that_fails_midway_is_an_error_for_the_client_and_not_stored(stor
     assert!(!retry.replayed());
     assert_eq!(runs.get(), 2);
 }
+
+per_store!(trailers_are_recorded_and_replayed_after_the_body);
+/// Trailers end the first response and its replay alike (in process, where
+/// no HTTP/1 framing drops them), with the same names, order and values.
+async fn trailers_are_recorded_and_replayed_after_the_body(store: TestStore) {
+    use tower::ServiceExt;
+    let runs = Runs::default();
+    let app = Router::new()
+        .route(
+            "/status",
+            post({
+                let runs = runs.clone();
+                move || async move {
+                    runs.bump();
+                    let mut trailers = HeaderMap::new();
+                    trailers.insert("grpc-status", "9".parse().unwrap());
+                    trailers.append("x-detail", "a".parse().unwrap());
+                    trailers.append("x-detail", "b".parse().unwrap());
+                    let frames = futures_util::stream::iter([
+                        Ok::<_, BoxError>(Frame::data(Bytes::from("message"))),
+                        Ok(Frame::trailers(trailers)),
+                    ]);
+                    // Announced, so the record waits for them.
+                    (
+                        [("trailer", "grpc-status, x-detail")],
+                        Body::new(StreamBody::new(frames)),
+                    )
+                }
+            }),
+        )
+        .layer(IdempotencyLayer::builder().store(store).build().unwrap());
+    let request = || {
+        http::Request::post("/status")
+            .header("idempotency-key", "tr")
+            .body(Body::empty())
+            .unwrap()
+    };
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let response = within(app.clone().oneshot(request())).await.unwrap();
+        let replayed = response.headers().contains_key("idempotent-replayed");
+        let collected = within(response.into_body().collect()).await.unwrap();
+        let trailers = collected
+            .trailers()
+            .cloned()
+            .expect("trailers follow the body");
+        seen.push((replayed, collected.to_bytes(), trailers));
+    }
+    assert!(!seen[0].0 && seen[1].0);
+    assert_eq!(seen[0].1, "message");
+    assert_eq!(seen[1].1, "message");
+    assert_eq!(seen[1].2, seen[0].2);
+    let details: Vec<_> = seen[1].2.get_all("x-detail").iter().collect();
+    assert_eq!(details, ["a", "b"]);
+    assert_eq!(runs.get(), 1);
+}
