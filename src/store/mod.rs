@@ -167,6 +167,48 @@ pub trait Store: Send + Sync + 'static {
         lease_ttl: Duration,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
+    /// Optional: renews many leases at once, each as [`renew`](Self::renew)
+    /// would: extends the marker's expiry to `lease_ttl` from now if it still
+    /// holds its lease. Answers one result per lease, in the order given:
+    /// whether that marker was renewed, or the error that kept the store
+    /// from asking.
+    ///
+    /// The engine's heartbeat renews every lease it holds through this, in
+    /// batches, each third of the lease TTL; a store that renews a batch in
+    /// one round trip (a pipeline, one statement) keeps that round short
+    /// however many leases are held. The default renews one lease after
+    /// another.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// use std::time::Duration;
+    /// use tower_idempotency::store::{LeaseToken, MemoryStore, Store};
+    /// use tower_idempotency::Fingerprint;
+    ///
+    /// let store = MemoryStore::new();
+    /// let (held, other) = (LeaseToken::random(), LeaseToken::random());
+    /// let minute = Duration::from_secs(60);
+    /// store.begin("a", Fingerprint::of_bytes(b"a"), held, minute).await.unwrap();
+    /// let renewed = store.renew_many(&[("a", held), ("a", other), ("b", held)], minute).await;
+    /// let renewed: Vec<bool> = renewed.into_iter().map(Result::unwrap).collect();
+    /// assert_eq!(renewed, [true, false, false]);
+    /// # }
+    /// ```
+    fn renew_many(
+        &self,
+        leases: &[(&str, LeaseToken)],
+        lease_ttl: Duration,
+    ) -> impl Future<Output = Vec<Result<bool, StoreError>>> + Send {
+        async move {
+            let mut renewed = Vec::with_capacity(leases.len());
+            for &(key, lease) in leases {
+                renewed.push(self.renew(key, lease, lease_ttl).await);
+            }
+            renewed
+        }
+    }
+
     /// Replaces the marker by `record`, expiring after `ttl`, if the marker
     /// still holds `lease`. Answers whether it did.
     fn complete(
@@ -301,6 +343,17 @@ pub(crate) fn completed(entry: Option<Entry>) -> Option<SharedRecord> {
         }) => Some(record),
         _ => None,
     }
+}
+
+/// `error` as the answer of each of `leases` leases of a batch it failed
+/// whole (the backend could not be asked at all).
+#[cfg_attr(not(any(feature = "redis", feature = "postgres")), allow(dead_code))]
+pub(crate) fn each_failed(error: StoreError, leases: usize) -> Vec<Result<bool, StoreError>> {
+    let mut failed: Vec<_> = (1..leases).map(|_| Err(error.again())).collect();
+    if leases > 0 {
+        failed.push(Err(error));
+    }
+    failed
 }
 
 /// A random token that names one holder of one lease.
@@ -483,5 +536,16 @@ impl StoreError {
     /// ```
     pub fn is_unavailable(&self) -> bool {
         matches!(self, Self::Unavailable(_))
+    }
+
+    /// The same failure again, for each lease of a batch that one error
+    /// failed ([`Store::renew_many`]): same kind, the source kept as text.
+    #[cfg_attr(not(any(feature = "redis", feature = "postgres")), allow(dead_code))]
+    pub(crate) fn again(&self) -> Self {
+        let text = self.to_string();
+        match self {
+            Self::Unavailable(_) => Self::Unavailable(text.into()),
+            _ => Self::Backend(text.into()),
+        }
     }
 }
