@@ -100,6 +100,7 @@ use crate::key::Fingerprint;
 use crate::record::{now_ms, SharedRecord};
 use crate::stats::CacheInfo;
 
+mod batch;
 mod builder;
 mod cluster;
 mod codec;
@@ -373,6 +374,14 @@ impl Store for RedisStore {
             .script(&scripts::RENEW, key, &[&prefix, &px(lease_ttl)])
             .await?;
         Ok(answer == Value::Int(1))
+    }
+
+    async fn renew_many(
+        &self,
+        leases: &[(&str, LeaseToken)],
+        lease_ttl: Duration,
+    ) -> Vec<Result<bool, StoreError>> {
+        self.renew_batch(leases, lease_ttl).await
     }
 
     async fn complete(
