@@ -57,6 +57,7 @@
 //!
 //! [`Record::encode`]: crate::Record::encode
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -304,6 +305,33 @@ impl Store for PostgresStore {
             )
             .await?;
         Ok(renewed.rows_affected() == 1)
+    }
+
+    async fn renew_many(
+        &self,
+        leases: &[(&str, LeaseToken)],
+        lease_ttl: Duration,
+    ) -> Vec<Result<bool, StoreError>> {
+        let keys: Vec<&str> = leases.iter().map(|(key, _)| *key).collect();
+        let tokens: Vec<String> = leases.iter().map(|(_, lease)| lease.to_string()).collect();
+        let renewed: Result<Vec<(String, String)>, StoreError> = self
+            .run(
+                sqlx::query_as(&self.inner.sql.renew_many)
+                    .bind(&keys)
+                    .bind(&tokens)
+                    .bind(ttl_ms(lease_ttl))
+                    .fetch_all(&self.inner.pool),
+            )
+            .await;
+        match renewed {
+            Ok(renewed) => {
+                let renewed: HashSet<(String, String)> = renewed.into_iter().collect();
+                (keys.into_iter().zip(tokens))
+                    .map(|(key, token)| Ok(renewed.contains(&(key.to_owned(), token))))
+                    .collect()
+            }
+            Err(error) => super::each_failed(error, leases.len()),
+        }
     }
 
     async fn complete(
