@@ -323,6 +323,23 @@ pub trait StoreAdmin: Store {
     /// Size and bounds of the store.
     fn info(&self) -> impl Future<Output = Result<CacheInfo, StoreError>> + Send;
 
+    /// Writes the store answered as done although fewer replicas than it
+    /// was asked to wait for acknowledged them in time, since it was made
+    /// (the Redis store with
+    /// [`replica_ack`](crate::store::redis::RedisStoreBuilder::replica_ack)):
+    /// each holds on its primary, but a failover before replication catches
+    /// up may lose it. Read from a counter in the process, no round trip. A
+    /// store without replicas answers 0, the default.
+    ///
+    /// ```
+    /// use tower_idempotency::store::{MemoryStore, StoreAdmin};
+    ///
+    /// assert_eq!(MemoryStore::new().unacknowledged_writes(), 0);
+    /// ```
+    fn unacknowledged_writes(&self) -> u64 {
+        0
+    }
+
     /// Checks that the store answers (`/healthz`). The default asks for
     /// [`len`](Self::len).
     fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
