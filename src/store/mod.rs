@@ -524,6 +524,14 @@ pub enum StoreError {
     /// Any other backend failure.
     #[error("store error: {0}")]
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A write the database refused because it conflicted with a concurrent
+    /// transaction (Postgres SQLSTATE `40001`, serialization failure, or
+    /// `40P01`, deadlock), in a transaction at `REPEATABLE READ` or
+    /// `SERIALIZABLE`: the transaction rolled back and nothing of it was
+    /// kept. Calling again is safe and may succeed
+    /// ([`is_retryable`](Self::is_retryable)).
+    #[error("store write conflicted with a concurrent transaction: {0}")]
+    SerializationFailure(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl StoreError {
@@ -555,6 +563,20 @@ impl StoreError {
         matches!(self, Self::Unavailable(_))
     }
 
+    /// Whether the operation failed only because it conflicted with a
+    /// concurrent transaction ([`SerializationFailure`](Self::SerializationFailure)):
+    /// nothing was committed, and the same call made again may succeed.
+    ///
+    /// ```
+    /// use tower_idempotency::store::StoreError;
+    ///
+    /// assert!(StoreError::SerializationFailure("40001".into()).is_retryable());
+    /// assert!(!StoreError::backend("WRONGTYPE").is_retryable());
+    /// ```
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::SerializationFailure(_))
+    }
+
     /// The same failure again, for each lease of a batch that one error
     /// failed ([`Store::renew_many`]): same kind, the source kept as text.
     #[cfg_attr(not(any(feature = "redis", feature = "postgres")), allow(dead_code))]
@@ -562,6 +584,7 @@ impl StoreError {
         let text = self.to_string();
         match self {
             Self::Unavailable(_) => Self::Unavailable(text.into()),
+            Self::SerializationFailure(_) => Self::SerializationFailure(text.into()),
             _ => Self::Backend(text.into()),
         }
     }

@@ -35,6 +35,17 @@
 //!   itself when it returns. A value this build cannot read (a foreign
 //!   state, a truncated or newer record) is [`StoreError::Corrupt`].
 //!
+//! # Isolation
+//!
+//! The store's statements are written for READ COMMITTED, and the pool the
+//! builder opens makes it every session's default (`SET SESSION
+//! CHARACTERISTICS` when a connection opens), whatever the server's or the
+//! database's `default_transaction_isolation`: a transaction that asks for
+//! another level (`BEGIN ISOLATION LEVEL ...`, or `SET TRANSACTION ...` as
+//! its first statement) still gets it. A pool of your own
+//! ([`PostgresStore::new`]) should do the same. The heartbeat's renewals
+//! are one statement per batch ([`Store::renew_many`]).
+//!
 //! # Exactly once for work in the same database
 //!
 //! [`Idempotency::execute_in_transaction`](crate::Idempotency::execute_in_transaction)
@@ -149,6 +160,10 @@ impl PostgresStore {
     /// A store on a pool you configured yourself, in `table` (optionally
     /// `schema.table`), with the default timeout. Use the pool your service
     /// already has, and the transactional form of `execute` runs on it.
+    /// Its sessions should default to READ COMMITTED (see
+    /// [Isolation](self#isolation)): under REPEATABLE READ or SERIALIZABLE
+    /// the store's own statements may fail with
+    /// [`StoreError::SerializationFailure`] when they race each other.
     ///
     /// # Errors
     ///
