@@ -6,6 +6,12 @@
 //! Redis answers on 127.0.0.1:6379 (or `$REDIS_URL`); otherwise it says so
 //! and skips them; likewise the Postgres groups (first request, replay, and
 //! the transactional form) on 127.0.0.1:5432 (or `$DATABASE_URL`).
+//!
+//! `*/renew_10k/...`: one heartbeat round over 10,000 held leases, as
+//! batches of 500 through `Store::renew_many` (what the heartbeat does) and,
+//! for reference, one `renew` after another (what it did before). The
+//! Redis Cluster group runs when a cluster answers on 127.0.0.1:7000-7002
+//! (or `$REDIS_CLUSTER_URLS`, comma-separated).
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
@@ -160,6 +166,59 @@ fn memory(c: &mut Criterion) {
         b.iter(|| cache.get("bench:moka:1"));
     });
     group.finish();
+    renewal_round(
+        c,
+        &rt,
+        "memory_store",
+        &tower_idempotency::store::MemoryStore::new(),
+    );
+}
+
+/// Leases one heartbeat round renews in the `renew_10k` benches.
+const ROUND: usize = 10_000;
+
+/// One heartbeat round over `ROUND` leases held on `store`, batched and one
+/// by one, in a group of its own (an iteration lasts a round).
+fn renewal_round<S: Store>(c: &mut Criterion, rt: &Runtime, name: &str, store: &S) {
+    use tower_idempotency::store::LeaseToken;
+
+    let lease_ttl = Duration::from_secs(300);
+    let token = LeaseToken::random();
+    let keys: Vec<String> = (0..ROUND).map(|n| format!("bench:renew:{n}")).collect();
+    let fingerprint = Fingerprint::of_bytes(b"renew");
+    rt.block_on(async {
+        for key in &keys {
+            store
+                .begin(key, fingerprint, token, lease_ttl)
+                .await
+                .expect("begin");
+        }
+    });
+    let leases: Vec<(&str, LeaseToken)> = keys.iter().map(|key| (key.as_str(), token)).collect();
+    let mut group = c.benchmark_group("stores");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(ROUND as u64));
+    group.bench_function(format!("{name}/renew_10k/batches_of_500"), |b| {
+        b.to_async(rt).iter(|| async {
+            for batch in leases.chunks(500) {
+                let renewed = store.renew_many(batch, lease_ttl).await;
+                assert!(renewed.iter().all(|answer| matches!(answer, Ok(true))));
+            }
+        });
+    });
+    group.bench_function(format!("{name}/renew_10k/one_by_one"), |b| {
+        b.to_async(rt).iter(|| async {
+            for (key, token) in &leases {
+                assert!(store.renew(key, *token, lease_ttl).await.expect("renew"));
+            }
+        });
+    });
+    group.finish();
+    rt.block_on(async {
+        for (key, token) in &leases {
+            let _ = store.release(key, *token).await;
+        }
+    });
 }
 
 #[cfg(feature = "redis")]
@@ -191,18 +250,58 @@ fn redis(c: &mut Criterion) {
         }
     };
     let engine = Idempotency::builder()
-        .store(store)
+        .store(store.clone())
         .build()
         .expect("engine on Redis");
     let mut group = c.benchmark_group("stores");
     group.throughput(Throughput::Elements(1));
     engine_paths(&mut group, &rt, "redis", &engine);
     group.finish();
+    renewal_round(c, &rt, "redis_store", &store);
     // Leave nothing behind in a Redis that others use.
     if let Err(error) = rt.block_on(engine.clear()) {
         eprintln!("note: could not clear the bench keys: {error}");
     }
 }
+
+#[cfg(feature = "redis")]
+fn redis_cluster(c: &mut Criterion) {
+    use tower_idempotency::store::redis::RedisStore;
+
+    let rt = runtime();
+    let urls: Vec<String> = std::env::var("REDIS_CLUSTER_URLS")
+        .unwrap_or_else(|_| {
+            "redis://127.0.0.1:7000,redis://127.0.0.1:7001,redis://127.0.0.1:7002".into()
+        })
+        .split(',')
+        .map(str::to_owned)
+        .collect();
+    let prefix = format!("bench:{}:", std::process::id());
+    let store = rt.block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            RedisStore::cluster_builder(urls.clone())
+                .prefix(prefix)
+                .build(),
+        )
+        .await
+    });
+    let store = match store {
+        Ok(Ok(store)) => store,
+        Ok(Err(error)) => {
+            eprintln!("note: no Redis Cluster at {urls:?} ({error}): cluster groups skipped");
+            return;
+        }
+        Err(_) => {
+            eprintln!("note: no Redis Cluster at {urls:?} within 5 s: cluster groups skipped");
+            return;
+        }
+    };
+    renewal_round(c, &rt, "redis_cluster_store", &store);
+}
+
+#[cfg(not(feature = "redis"))]
+fn redis_cluster(_: &mut Criterion) {}
 
 #[cfg(not(feature = "redis"))]
 fn redis(_: &mut Criterion) {
@@ -235,12 +334,16 @@ fn postgres(c: &mut Criterion) {
     };
     let pool = store.pool().clone();
     let engine = Idempotency::builder()
-        .store(store)
+        .store(store.clone())
         .build()
         .expect("engine on Postgres");
     let mut group = c.benchmark_group("stores");
     group.throughput(Throughput::Elements(1));
     engine_paths(&mut group, &rt, "postgres", &engine);
+    group.finish();
+    renewal_round(c, &rt, "postgres_store", &store);
+    let mut group = c.benchmark_group("stores");
+    group.throughput(Throughput::Elements(1));
 
     // The transactional form on a new key: begin, a transaction with no
     // writes of its own, the record written into it, one commit.
@@ -280,6 +383,6 @@ criterion_group! {
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3))
         .sample_size(30);
-    targets = memory, redis, postgres
+    targets = memory, redis, redis_cluster, postgres
 }
 criterion_main!(benches);

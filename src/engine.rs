@@ -853,6 +853,11 @@ fn replay_or_mismatch<S: Store>(
     }
 }
 
+/// How many leases one [`Store::renew_many`] call renews: large enough that
+/// thousands of leases cost a few round trips, small enough that one batch
+/// (one pipeline, one statement) stays well within a store's time limit.
+const HEARTBEAT_BATCH: usize = 500;
+
 async fn heartbeat<S: Store>(engine: Weak<Inner<S>>, period: Duration, at_once: bool) {
     let mut ticks = tokio::time::interval(period);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -870,15 +875,33 @@ async fn heartbeat<S: Store>(engine: Weak<Inner<S>>, period: Duration, at_once: 
             .filter_map(|FlightEntry(flight)| Some((*flight.lease.get()?, flight.clone())))
             .collect();
         let marker_ttl = inner.config().marker_ttl();
-        for (token, flight) in held {
-            let key = flight.key.as_str();
+        for batch in held.chunks(HEARTBEAT_BATCH) {
+            let leases: Vec<(&str, LeaseToken)> = batch
+                .iter()
+                .map(|(token, flight)| (flight.key.as_str(), *token))
+                .collect();
             let asked_at = tokio::time::Instant::now();
-            match inner.store.renew(key, token, marker_ttl).await {
-                Ok(true) => flight.confirm(asked_at),
-                Ok(false) => {}
-                Err(error) => {
-                    Stats::incr(&inner.stats.here().store_errors);
-                    tracing::warn!(%error, key, "idempotency lease renewal failed");
+            let renewed = inner.store.renew_many(&leases, marker_ttl).await;
+            if renewed.len() != batch.len() {
+                // A store that answers a batch with the wrong count breaks
+                // the trait's contract; nothing of it can be trusted.
+                Stats::incr(&inner.stats.here().store_errors);
+                tracing::warn!(
+                    asked = batch.len(),
+                    answered = renewed.len(),
+                    "idempotency lease renewal answered the wrong number of leases"
+                );
+                continue;
+            }
+            for ((_, flight), result) in batch.iter().zip(renewed) {
+                match result {
+                    Ok(true) => flight.confirm(asked_at),
+                    Ok(false) => {}
+                    Err(error) => {
+                        Stats::incr(&inner.stats.here().store_errors);
+                        let key = flight.key.as_str();
+                        tracing::warn!(%error, key, "idempotency lease renewal failed");
+                    }
                 }
             }
         }

@@ -10,6 +10,7 @@ mod engine {
     mod decoders;
     mod eviction;
     mod header_key;
+    mod heartbeat;
     mod keys;
     mod memory;
     mod mixed_policies;

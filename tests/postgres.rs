@@ -6,6 +6,7 @@ mod support;
 
 mod postgres {
     mod http_layer;
+    mod isolation;
     mod store;
     mod transaction;
 }

@@ -128,6 +128,8 @@ async fn stats<S: StoreAdmin>(State(state): State<AdminState<S>>) -> impl IntoRe
         "weighted_bytes": cache.weighted_bytes,
         "utilization_percent": cache.utilization_percent(),
         "store_up": u8::from(info.is_some()),
+        // Writes fewer replicas acknowledged in time than --redis-replicas asked.
+        "unacknowledged_writes": state.engine.unacknowledged_writes(),
         // Duplicates waiting on a first request (--concurrent wait) or on a slow store.
         "waiting": (state.waiting)(),
         // The edge limits (limits.rs).
@@ -144,6 +146,11 @@ async fn metrics<S: StoreAdmin>(State(state): State<AdminState<S>>) -> Response<
     let stats = state.engine.stats();
     let info = cache_info(&state.engine).await;
     let mut registry = registry(&stats, info, (state.waiting)());
+    registry.register(
+        "unacknowledged_writes",
+        "Writes fewer replicas acknowledged in time than asked (Redis replica ack)",
+        ConstCounter::new(state.engine.unacknowledged_writes()),
+    );
     register_edge(&mut registry, &state.edge);
     let mut text = String::new();
     if let Err(e) = encode(&mut text, &registry) {

@@ -72,6 +72,21 @@ impl<S: StoreAdmin> Idempotency<S> {
         self.inner.store.info().await
     }
 
+    /// Writes the store answered as done that fewer replicas than it was
+    /// asked to wait for acknowledged in time (see
+    /// [`StoreAdmin::unacknowledged_writes`]): 0 for a store without
+    /// replicas. No round trip.
+    ///
+    /// ```
+    /// use tower_idempotency::Idempotency;
+    ///
+    /// let engine = Idempotency::builder().build().unwrap();
+    /// assert_eq!(engine.unacknowledged_writes(), 0);
+    /// ```
+    pub fn unacknowledged_writes(&self) -> u64 {
+        self.inner.store.unacknowledged_writes()
+    }
+
     /// Checks that the store answers.
     ///
     /// # Errors

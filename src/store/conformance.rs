@@ -8,7 +8,8 @@
 //! `begin` is atomic under hundreds of concurrent tasks; it answers
 //! `Acquired`, `InFlight` and `Completed` as the key holds; `local_record`
 //! answers nothing but a completed record; `complete`,
-//! `renew` and `release` are fenced by the lease token; markers expire after
+//! `renew`, `renew_many` (lease by lease, in order) and `release` are fenced
+//! by the lease token; markers expire after
 //! their lease TTL and can then be taken over (the old lease can no longer
 //! act); records expire after their TTL; `put`, `get`, `remove`, `clear`,
 //! `scan` (kinds, creation times, expiries, no expired entries), `len`,
@@ -158,6 +159,7 @@ impl<S: StoreAdmin> Suite<S> {
             .await;
         self.case(cases::complete_is_fenced).await;
         self.case(cases::renew_extends_the_lease).await;
+        self.case(cases::renew_many_is_fenced).await;
         self.case(cases::release_frees_the_key).await;
         self.case(move |store| cases::marker_expires_and_is_taken_over(store, short))
             .await;

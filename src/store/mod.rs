@@ -167,6 +167,48 @@ pub trait Store: Send + Sync + 'static {
         lease_ttl: Duration,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
+    /// Optional: renews many leases at once, each as [`renew`](Self::renew)
+    /// would: extends the marker's expiry to `lease_ttl` from now if it still
+    /// holds its lease. Answers one result per lease, in the order given:
+    /// whether that marker was renewed, or the error that kept the store
+    /// from asking.
+    ///
+    /// The engine's heartbeat renews every lease it holds through this, in
+    /// batches, each third of the lease TTL; a store that renews a batch in
+    /// one round trip (a pipeline, one statement) keeps that round short
+    /// however many leases are held. The default renews one lease after
+    /// another.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// use std::time::Duration;
+    /// use tower_idempotency::store::{LeaseToken, MemoryStore, Store};
+    /// use tower_idempotency::Fingerprint;
+    ///
+    /// let store = MemoryStore::new();
+    /// let (held, other) = (LeaseToken::random(), LeaseToken::random());
+    /// let minute = Duration::from_secs(60);
+    /// store.begin("a", Fingerprint::of_bytes(b"a"), held, minute).await.unwrap();
+    /// let renewed = store.renew_many(&[("a", held), ("a", other), ("b", held)], minute).await;
+    /// let renewed: Vec<bool> = renewed.into_iter().map(Result::unwrap).collect();
+    /// assert_eq!(renewed, [true, false, false]);
+    /// # }
+    /// ```
+    fn renew_many(
+        &self,
+        leases: &[(&str, LeaseToken)],
+        lease_ttl: Duration,
+    ) -> impl Future<Output = Vec<Result<bool, StoreError>>> + Send {
+        async move {
+            let mut renewed = Vec::with_capacity(leases.len());
+            for &(key, lease) in leases {
+                renewed.push(self.renew(key, lease, lease_ttl).await);
+            }
+            renewed
+        }
+    }
+
     /// Replaces the marker by `record`, expiring after `ttl`, if the marker
     /// still holds `lease`. Answers whether it did.
     fn complete(
@@ -289,6 +331,23 @@ pub trait StoreAdmin: Store {
     /// Size and bounds of the store.
     fn info(&self) -> impl Future<Output = Result<CacheInfo, StoreError>> + Send;
 
+    /// Writes the store answered as done although fewer replicas than it
+    /// was asked to wait for acknowledged them in time, since it was made
+    /// (the Redis store with
+    /// [`replica_ack`](crate::store::redis::RedisStoreBuilder::replica_ack)):
+    /// each holds on its primary, but a failover before replication catches
+    /// up may lose it. Read from a counter in the process, no round trip. A
+    /// store without replicas answers 0, the default.
+    ///
+    /// ```
+    /// use tower_idempotency::store::{MemoryStore, StoreAdmin};
+    ///
+    /// assert_eq!(MemoryStore::new().unacknowledged_writes(), 0);
+    /// ```
+    fn unacknowledged_writes(&self) -> u64 {
+        0
+    }
+
     /// Checks that the store answers (`/healthz`). The default asks for
     /// [`len`](Self::len).
     fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
@@ -309,6 +368,17 @@ pub(crate) fn completed(entry: Option<Entry>) -> Option<SharedRecord> {
         }) => Some(record),
         _ => None,
     }
+}
+
+/// `error` as the answer of each of `leases` leases of a batch it failed
+/// whole (the backend could not be asked at all).
+#[cfg_attr(not(any(feature = "redis", feature = "postgres")), allow(dead_code))]
+pub(crate) fn each_failed(error: StoreError, leases: usize) -> Vec<Result<bool, StoreError>> {
+    let mut failed: Vec<_> = (1..leases).map(|_| Err(error.again())).collect();
+    if leases > 0 {
+        failed.push(Err(error));
+    }
+    failed
 }
 
 /// A random token that names one holder of one lease.
@@ -462,6 +532,14 @@ pub enum StoreError {
     /// Any other backend failure.
     #[error("store error: {0}")]
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A write the database refused because it conflicted with a concurrent
+    /// transaction (Postgres SQLSTATE `40001`, serialization failure, or
+    /// `40P01`, deadlock), in a transaction at `REPEATABLE READ` or
+    /// `SERIALIZABLE`: the transaction rolled back and nothing of it was
+    /// kept. Calling again is safe and may succeed
+    /// ([`is_retryable`](Self::is_retryable)).
+    #[error("store write conflicted with a concurrent transaction: {0}")]
+    SerializationFailure(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl StoreError {
@@ -491,5 +569,31 @@ impl StoreError {
     /// ```
     pub fn is_unavailable(&self) -> bool {
         matches!(self, Self::Unavailable(_))
+    }
+
+    /// Whether the operation failed only because it conflicted with a
+    /// concurrent transaction ([`SerializationFailure`](Self::SerializationFailure)):
+    /// nothing was committed, and the same call made again may succeed.
+    ///
+    /// ```
+    /// use tower_idempotency::store::StoreError;
+    ///
+    /// assert!(StoreError::SerializationFailure("40001".into()).is_retryable());
+    /// assert!(!StoreError::backend("WRONGTYPE").is_retryable());
+    /// ```
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::SerializationFailure(_))
+    }
+
+    /// The same failure again, for each lease of a batch that one error
+    /// failed ([`Store::renew_many`]): same kind, the source kept as text.
+    #[cfg_attr(not(any(feature = "redis", feature = "postgres")), allow(dead_code))]
+    pub(crate) fn again(&self) -> Self {
+        let text = self.to_string();
+        match self {
+            Self::Unavailable(_) => Self::Unavailable(text.into()),
+            Self::SerializationFailure(_) => Self::SerializationFailure(text.into()),
+            _ => Self::Backend(text.into()),
+        }
     }
 }

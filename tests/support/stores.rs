@@ -252,6 +252,13 @@ impl Store for TestStore {
     async fn renew(&self, key: &str, lease: LeaseToken, ttl: Duration) -> Result<bool, StoreError> {
         delegate!(self, s => s.renew(key, lease, ttl).await)
     }
+    async fn renew_many(
+        &self,
+        leases: &[(&str, LeaseToken)],
+        ttl: Duration,
+    ) -> Vec<Result<bool, StoreError>> {
+        delegate!(self, s => s.renew_many(leases, ttl).await)
+    }
     async fn complete(
         &self,
         key: &str,

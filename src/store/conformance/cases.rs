@@ -420,8 +420,10 @@ pub(super) async fn marker_expires_and_is_taken_over<S: StoreAdmin>(
     );
 }
 
+mod batch;
 mod entries;
 
+pub(super) use batch::renew_many_is_fenced;
 pub(super) use entries::{
     clear_removes_everything, corrupt_values, ping_answers, put_get_remove, record_expires,
     scan_lists_live_entries,

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::Executor;
 
 use super::convert::map_error;
 use super::PostgresStore;
@@ -15,6 +16,11 @@ pub const DEFAULT_TABLE: &str = "idempotency";
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 /// The default size of the connection pool: 10.
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 10;
+
+/// Makes READ COMMITTED the isolation of every transaction of a session
+/// that does not ask for another.
+const READ_COMMITTED: &str =
+    "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL READ COMMITTED";
 
 /// Builds a [`PostgresStore`]; made by [`PostgresStore::builder`].
 #[derive(Debug, Clone)]
@@ -103,6 +109,20 @@ impl PostgresStoreBuilder {
             // default), so a connection the server dropped is replaced
             // instead of failing a request.
             .test_before_acquire(true)
+            // The store's statements are written for READ COMMITTED: each
+            // sees rows committed before it began, and an update that meets
+            // a row changed meanwhile re-reads it instead of failing with
+            // 40001 as under REPEATABLE READ or SERIALIZABLE. Set as the
+            // session default, whatever the server's or the database's, so
+            // that a caller's `SET TRANSACTION ISOLATION LEVEL ...` (or an
+            // explicit `BEGIN ISOLATION LEVEL ...`) still overrides it for
+            // a transaction of its own.
+            .after_connect(|connection, _| {
+                Box::pin(async move {
+                    connection.execute(READ_COMMITTED).await?;
+                    Ok(())
+                })
+            })
             .connect_lazy(&self.url)
             .map_err(map_error)?;
         PostgresStore::assemble(pool, &self.table, self.timeout)

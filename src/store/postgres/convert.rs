@@ -83,8 +83,9 @@ pub(super) fn scan_entry(row: &PgRow) -> Result<ScanEntry, StoreError> {
 }
 
 /// Connection failures, timeouts, a server shutting down or refusing
-/// connections are `Unavailable` (the layer's fail mode applies); the rest is
-/// `Backend`.
+/// connections are `Unavailable` (the layer's fail mode applies); a
+/// serialization failure or a deadlock (class 40: the transaction rolled
+/// back) is `SerializationFailure`, retryable; the rest is `Backend`.
 pub(super) fn map_error(error: sqlx::Error) -> StoreError {
     let unavailable = match &error {
         sqlx::Error::Io(_)
@@ -96,8 +97,12 @@ pub(super) fn map_error(error: sqlx::Error) -> StoreError {
         sqlx::Error::Database(error) => error.code().is_some_and(|code| unavailable_state(&code)),
         _ => false,
     };
+    let conflicted = matches!(&error, sqlx::Error::Database(error)
+        if error.code().is_some_and(|code| matches!(&*code, "40001" | "40P01")));
     if unavailable {
         StoreError::unavailable(error)
+    } else if conflicted {
+        StoreError::SerializationFailure(Box::new(error))
     } else {
         StoreError::backend(error)
     }

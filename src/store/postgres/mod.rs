@@ -35,6 +35,17 @@
 //!   itself when it returns. A value this build cannot read (a foreign
 //!   state, a truncated or newer record) is [`StoreError::Corrupt`].
 //!
+//! # Isolation
+//!
+//! The store's statements are written for READ COMMITTED, and the pool the
+//! builder opens makes it every session's default (`SET SESSION
+//! CHARACTERISTICS` when a connection opens), whatever the server's or the
+//! database's `default_transaction_isolation`: a transaction that asks for
+//! another level (`BEGIN ISOLATION LEVEL ...`, or `SET TRANSACTION ...` as
+//! its first statement) still gets it. A pool of your own
+//! ([`PostgresStore::new`]) should do the same. The heartbeat's renewals
+//! are one statement per batch ([`Store::renew_many`]).
+//!
 //! # Exactly once for work in the same database
 //!
 //! [`Idempotency::execute_in_transaction`](crate::Idempotency::execute_in_transaction)
@@ -57,6 +68,7 @@
 //!
 //! [`Record::encode`]: crate::Record::encode
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -148,6 +160,10 @@ impl PostgresStore {
     /// A store on a pool you configured yourself, in `table` (optionally
     /// `schema.table`), with the default timeout. Use the pool your service
     /// already has, and the transactional form of `execute` runs on it.
+    /// Its sessions should default to READ COMMITTED (see
+    /// [Isolation](self#isolation)): under REPEATABLE READ or SERIALIZABLE
+    /// the store's own statements may fail with
+    /// [`StoreError::SerializationFailure`] when they race each other.
     ///
     /// # Errors
     ///
@@ -304,6 +320,33 @@ impl Store for PostgresStore {
             )
             .await?;
         Ok(renewed.rows_affected() == 1)
+    }
+
+    async fn renew_many(
+        &self,
+        leases: &[(&str, LeaseToken)],
+        lease_ttl: Duration,
+    ) -> Vec<Result<bool, StoreError>> {
+        let keys: Vec<&str> = leases.iter().map(|(key, _)| *key).collect();
+        let tokens: Vec<String> = leases.iter().map(|(_, lease)| lease.to_string()).collect();
+        let renewed: Result<Vec<(String, String)>, StoreError> = self
+            .run(
+                sqlx::query_as(&self.inner.sql.renew_many)
+                    .bind(&keys)
+                    .bind(&tokens)
+                    .bind(ttl_ms(lease_ttl))
+                    .fetch_all(&self.inner.pool),
+            )
+            .await;
+        match renewed {
+            Ok(renewed) => {
+                let renewed: HashSet<(String, String)> = renewed.into_iter().collect();
+                (keys.into_iter().zip(tokens))
+                    .map(|(key, token)| Ok(renewed.contains(&(key.to_owned(), token))))
+                    .collect()
+            }
+            Err(error) => super::each_failed(error, leases.len()),
+        }
     }
 
     async fn complete(

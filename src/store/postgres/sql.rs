@@ -62,6 +62,10 @@ pub(super) struct Statements {
     pub(super) get: String,
     /// `$1` key, `$2` lease, `$3` lease TTL.
     pub(super) renew: String,
+    /// `$1` keys, `$2` leases (`text[]` each, pairwise), `$3` lease TTL:
+    /// `renew` for every pair in one statement; answers the key and lease
+    /// of each row it renewed.
+    pub(super) renew_many: String,
     /// `$1` key, `$2` lease, `$3` fingerprint, `$4` record, `$5`
     /// created_at_ms, `$6` TTL: the marker becomes the record, fenced.
     pub(super) complete: String,
@@ -99,6 +103,15 @@ impl Statements {
             renew: format!(
                 "UPDATE {t} SET expires_at = {until3} \
                  WHERE key = $1 AND state = 'in_flight' AND lease_token = $2 AND {LIVE}",
+                until3 = until(3)
+            ),
+            renew_many: format!(
+                "UPDATE {t} AS held SET expires_at = {until3} \
+                 FROM unnest($1::text[], $2::text[]) AS asked(key, lease_token) \
+                 WHERE held.key = asked.key AND held.state = 'in_flight' \
+                 AND held.lease_token = asked.lease_token \
+                 AND held.expires_at > clock_timestamp() \
+                 RETURNING held.key, held.lease_token",
                 until3 = until(3)
             ),
             complete: format!(

@@ -40,6 +40,18 @@ impl Idempotency<PostgresStore> {
     ///   transaction, fenced by the lease: if the lease was lost meanwhile
     ///   (it expired and another caller took the key over), the transaction
     ///   rolls back and the call fails with [`ExecuteError::Store`].
+    /// * The transaction runs at READ COMMITTED (the store's session
+    ///   default) unless `action` asks for another level with `SET
+    ///   TRANSACTION ISOLATION LEVEL ...` as its first statement. Under
+    ///   REPEATABLE READ or SERIALIZABLE, the final write conflicts with any
+    ///   change to the marker's row after the transaction's snapshot, among
+    ///   them the heartbeat's renewal (every third of the lease TTL): the
+    ///   write or the commit then fails with SQLSTATE 40001, the transaction
+    ///   rolls back, the marker is released and the call fails with
+    ///   [`ExecuteError::Store`] holding
+    ///   [`StoreError::SerializationFailure`]
+    ///   ([`is_retryable`](StoreError::is_retryable)): nothing was
+    ///   committed, and calling again runs the action once.
     /// * If the commit's answer is lost (the connection dies as it commits),
     ///   the call fails with [`ExecuteError::Store`] and the marker is
     ///   released: the retry replays if the commit landed and runs the action

@@ -90,6 +90,18 @@ impl ClusterHandle {
         answer
     }
 
+    /// The slot ranges of the cluster and the primary of each, as a node
+    /// answers `CLUSTER SLOTS` now.
+    pub(super) async fn slot_ranges(&self) -> RedisResult<Vec<(u16, u16, Address)>> {
+        self.run(|mut connection| async move {
+            let slots = redis::cmd("CLUSTER").arg("SLOTS").clone();
+            let random = RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random);
+            connection.route_command(slots, random).await
+        })
+        .await
+        .and_then(slot_ranges)
+    }
+
     /// Replaces the connection of `generation` unless it is already replaced
     /// or younger than the limit (a new connection needs a moment to learn the
     /// topology).
@@ -178,15 +190,7 @@ impl Shards {
     }
 
     async fn load(&self) -> RedisResult<SlotTable> {
-        let primaries = self
-            .admin
-            .run(|mut connection| async move {
-                let slots = redis::cmd("CLUSTER").arg("SLOTS").clone();
-                let random = RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random);
-                connection.route_command(slots, random).await
-            })
-            .await
-            .and_then(slot_ranges)?;
+        let primaries = self.admin.slot_ranges().await?;
         let mut addresses: Vec<&Address> = Vec::new();
         let mut ranges = Vec::with_capacity(primaries.len());
         for (start, end, primary) in &primaries {

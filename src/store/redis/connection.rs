@@ -15,7 +15,7 @@ use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult, Value};
 
 use super::builder::{DEFAULT_CONNECTION_TIMEOUT, DEFAULT_RESPONSE_TIMEOUT};
-use super::cluster::{slot_ranges, ClusterHandle, Shards};
+use super::cluster::{slot_of, Address, ClusterHandle, Shards};
 
 /// Slots of a Redis Cluster: a key's slot is CRC16 of the key modulo 16384.
 const CLUSTER_SLOTS: i64 = 16_384;
@@ -122,14 +122,7 @@ impl RedisConnection {
                 address: None,
             }]);
         };
-        let table = cluster
-            .run(move |mut connection| async move {
-                let slots = redis::cmd("CLUSTER").arg("SLOTS").clone();
-                let random = RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random);
-                connection.route_command(slots, random).await
-            })
-            .await?;
-        let addresses = primaries_of(table)?;
+        let addresses = primaries_of(cluster.slot_ranges().await?)?;
         Ok(addresses
             .into_iter()
             .map(|address| Primary {
@@ -137,6 +130,56 @@ impl RedisConnection {
                 address: Some(address),
             })
             .collect())
+    }
+}
+
+impl RedisConnection {
+    /// The indices of `keys` (Redis keys) grouped by the primary that serves
+    /// them, each group with a connection that sends pipelines to that
+    /// primary alone: every key on the one node; on a cluster, by the slot
+    /// table a node answers now, each group on the shard connection of its
+    /// keys when the store opened them. Keys of a slot that has no primary
+    /// now form the group without one.
+    ///
+    /// A pipeline's commands may name keys of any slots its node serves:
+    /// Redis checks slots per command, and the cluster client's own pipeline
+    /// routing (by the first key, refusing a second slot) is bypassed by
+    /// routing to the node.
+    pub(super) async fn by_primary(
+        &self,
+        keys: &[String],
+    ) -> RedisResult<Vec<(Option<Primary>, Vec<usize>)>> {
+        let Kind::Cluster(cluster, _) = &self.kind else {
+            let node = Primary {
+                connection: self.clone(),
+                address: None,
+            };
+            return Ok(vec![(Some(node), (0..keys.len()).collect())]);
+        };
+        let ranges = cluster.slot_ranges().await?;
+        let mut groups: Vec<(Option<&Address>, Vec<usize>)> = Vec::new();
+        for (index, key) in keys.iter().enumerate() {
+            let slot = slot_of(key.as_bytes());
+            let primary = (ranges.iter())
+                .find(|(start, end, _)| (*start..=*end).contains(&slot))
+                .map(|(_, _, primary)| primary);
+            match groups.iter_mut().find(|(known, _)| *known == primary) {
+                Some((_, members)) => members.push(index),
+                None => groups.push((primary, vec![index])),
+            }
+        }
+        let mut routed = Vec::with_capacity(groups.len());
+        for (address, members) in groups {
+            let primary = match address {
+                Some(address) => Some(Primary {
+                    connection: self.for_key(&keys[members[0]]).await,
+                    address: Some(address.clone()),
+                }),
+                None => None,
+            };
+            routed.push((primary, members));
+        }
+        Ok(routed)
     }
 }
 
@@ -245,10 +288,10 @@ impl ConnectionLike for Primary {
 
 /// The distinct primaries of a `CLUSTER SLOTS` answer, when they cover
 /// every slot.
-fn primaries_of(table: Value) -> RedisResult<Vec<(String, u16)>> {
-    let mut primaries: Vec<(String, u16)> = Vec::new();
+fn primaries_of(ranges: Vec<(u16, u16, Address)>) -> RedisResult<Vec<Address>> {
+    let mut primaries: Vec<Address> = Vec::new();
     let mut covered = 0;
-    for (start, end, primary) in slot_ranges(table)? {
+    for (start, end, primary) in ranges {
         covered += i64::from(end) - i64::from(start) + 1;
         if !primaries.contains(&primary) {
             primaries.push(primary);
@@ -266,7 +309,14 @@ fn primaries_of(table: Value) -> RedisResult<Vec<(String, u16)>> {
 
 #[cfg(test)]
 mod tests {
-    use redis::Value;
+    use redis::{RedisResult, Value};
+
+    use super::Address;
+
+    /// The distinct primaries of a `CLUSTER SLOTS` answer.
+    fn primaries_of(table: Value) -> RedisResult<Vec<Address>> {
+        super::super::cluster::slot_ranges(table).and_then(super::primaries_of)
+    }
 
     fn node(host: &str, port: i64) -> Value {
         Value::Array(vec![
@@ -288,7 +338,7 @@ mod tests {
             range(10001, 16383, node("10.0.0.1", 7000)),
         ]);
         assert_eq!(
-            super::primaries_of(table).unwrap(),
+            primaries_of(table).unwrap(),
             vec![("10.0.0.1".to_owned(), 7000), ("10.0.0.2".to_owned(), 7001)]
         );
     }
@@ -296,7 +346,7 @@ mod tests {
     #[test]
     fn a_slot_without_primary_is_cluster_down() {
         let table = Value::Array(vec![range(0, 5000, node("10.0.0.1", 7000))]);
-        let error = super::primaries_of(table).unwrap_err();
+        let error = primaries_of(table).unwrap_err();
         assert_eq!(
             error.kind(),
             redis::ErrorKind::Server(redis::ServerErrorKind::ClusterDown)
@@ -305,8 +355,8 @@ mod tests {
 
     #[test]
     fn a_malformed_table_is_an_error_not_a_panic() {
-        assert!(super::primaries_of(Value::Int(3)).is_err());
+        assert!(primaries_of(Value::Int(3)).is_err());
         let table = Value::Array(vec![Value::Array(vec![Value::Int(0)])]);
-        assert!(super::primaries_of(table).is_err());
+        assert!(primaries_of(table).is_err());
     }
 }

@@ -5,6 +5,8 @@
 //!   each is atomic; the last three act only while the marker holds the
 //!   caller's lease token (fencing).
 //! * Every operation touches one key, so the scripts work on Redis Cluster.
+//!   The heartbeat's renewals ([`Store::renew_many`]) go as one pipeline of
+//!   `renew` scripts per primary (one round trip per primary per batch).
 //! * Values are versioned binary encodings: records as [`Record::encode`]
 //!   writes them, markers in their own small encoding; Redis expires both
 //!   (`PX`). A value this build cannot read is a [`StoreError::Corrupt`].
@@ -76,11 +78,19 @@
 //!   write holds on the primary), logged as a warning, and counted in
 //!   [`RedisStore::unacknowledged_writes`]; a failover before replication
 //!   catches up may lose it, and a retry may run the action again.
+//! * A `WAIT` that fails with an error of its own (not an outage: refused
+//!   by an ACL, say): `begin` deletes the marker it wrote (fenced by its
+//!   token) before answering the error, so the key is not refused for the
+//!   lease TTL; `complete` answers the error (its record may be written).
+//! * The count of such writes is [`StoreAdmin::unacknowledged_writes`], so
+//!   the handle ([`Idempotency::unacknowledged_writes`]) and the reverse
+//!   proxy's `/stats` and `/metrics` show it.
 //! * Each such write waits for a replica round trip, and while replicas are
 //!   missing, for the whole `timeout`; commands queued behind it on the same
 //!   connection wait too.
 //!
 //! [`Record::encode`]: crate::Record::encode
+//! [`Idempotency::unacknowledged_writes`]: crate::Idempotency::unacknowledged_writes
 
 use std::future::Future;
 use std::sync::Arc;
@@ -100,6 +110,7 @@ use crate::key::Fingerprint;
 use crate::record::{now_ms, SharedRecord};
 use crate::stats::CacheInfo;
 
+mod batch;
 mod builder;
 mod cluster;
 mod codec;
@@ -343,13 +354,22 @@ impl Store for RedisStore {
             created_at_ms: now_ms(),
         }
         .encode();
-        let answer = self
+        let written = self
             .write_script(&scripts::BEGIN, key, &[&marker, &px(lease_ttl)])
             .await?;
-        if answer == Value::Int(1) {
+        let wrote = written.wrote();
+        if let Some(error) = written.wait_failed {
+            if wrote {
+                // The marker is ours and nothing ran under it: left behind
+                // it would refuse the key for the lease TTL.
+                self.release_failed_begin(key, lease).await;
+                return Err(error);
+            }
+        }
+        if wrote {
             return Ok(BeginOutcome::Acquired);
         }
-        match Self::held(key, answer)? {
+        match Self::held(key, written.answer)? {
             (Stored::Marker(marker), expires_in) => Ok(BeginOutcome::InFlight {
                 fingerprint: marker.fingerprint,
                 expires_in,
@@ -375,6 +395,14 @@ impl Store for RedisStore {
         Ok(answer == Value::Int(1))
     }
 
+    async fn renew_many(
+        &self,
+        leases: &[(&str, LeaseToken)],
+        lease_ttl: Duration,
+    ) -> Vec<Result<bool, StoreError>> {
+        self.renew_batch(leases, lease_ttl).await
+    }
+
     async fn complete(
         &self,
         key: &str,
@@ -384,14 +412,19 @@ impl Store for RedisStore {
     ) -> Result<bool, StoreError> {
         let prefix = codec::lease_prefix(lease);
         let encoded = record.encode();
-        let answer = self
+        let written = self
             .write_script(
                 &scripts::COMPLETE,
                 key,
                 &[&prefix, &encoded, &px(ttl), self.inner.channel.as_bytes()],
             )
             .await?;
-        let completed = answer == Value::Int(1);
+        if let Some(error) = written.wait_failed {
+            // The record may be written; the engine asks `completed_record`
+            // when its retry finds the marker gone.
+            return Err(error);
+        }
+        let completed = written.wrote();
         if completed {
             self.remember(key, &record, ttl);
         }
@@ -523,6 +556,10 @@ impl StoreAdmin for RedisStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         self.ping_redis().await
+    }
+
+    fn unacknowledged_writes(&self) -> u64 {
+        RedisStore::unacknowledged_writes(self)
     }
 }
 
