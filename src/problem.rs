@@ -95,6 +95,32 @@ impl Problem {
             .insert(CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE_PROBLEM));
         response
     }
+
+    /// The same answer for a gRPC call: a Trailers-Only response (HTTP 200)
+    /// whose `grpc-status` is mapped from the problem's status (400
+    /// `INVALID_ARGUMENT`, 409 `ABORTED` with `grpc-retry-pushback-ms` when
+    /// a `Retry-After` is given, 413 `RESOURCE_EXHAUSTED`, 422
+    /// `FAILED_PRECONDITION`, 502 and 503 `UNAVAILABLE`, 504
+    /// `DEADLINE_EXCEEDED`, anything else `INTERNAL`) and whose
+    /// `grpc-message` is its title and detail.
+    ///
+    /// ```
+    /// use http::StatusCode;
+    /// use tower_idempotency::problem::Problem;
+    ///
+    /// let timeout = Problem::new(
+    ///     "tag:example,2026:upstream-timeout",
+    ///     StatusCode::GATEWAY_TIMEOUT,
+    ///     "Upstream timeout",
+    ///     "The outcome is unknown; a retry with the same key gets it once known.",
+    /// );
+    /// let answer = timeout.into_grpc_response();
+    /// assert_eq!(answer.status(), StatusCode::OK);
+    /// assert_eq!(answer.headers()["grpc-status"], "4");
+    /// ```
+    pub fn into_grpc_response(self) -> Response<Bytes> {
+        crate::layer::grpc_answer(self.into_response())
+    }
 }
 
 pub(crate) fn missing_key() -> Response<Bytes> {
