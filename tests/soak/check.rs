@@ -1,27 +1,57 @@
-//! The soak test's checker: what the handler ran and what the clients got,
-//! held against the promise and against the layer's counters.
+//! The soak test's checker: what the handler ran, what the clients got and
+//! what the store holds at the end, held against the promise key by key,
+//! and against the layer's counters.
+//!
+//! Every key is judged on its own: each of its runs must be allowed by what
+//! happened to that key, each answer its clients got must come from a run
+//! of that key, and the store must end holding what its last run left.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
 
-use bytes::Bytes;
 use http::StatusCode;
-use tower_idempotency::StatsSnapshot;
+use tokio::time::Instant;
+use tower_idempotency::{StatsSnapshot, StoredResponse};
 
-use super::traffic::{ClientLog, Outcome, Run};
+use super::traffic::{Answer, Body, ClientLog, Outcome, Run};
+
+/// A client's scope (`Authorization`) and its key.
+pub(crate) type ScopedKey = (String, String);
 
 /// Everything observed in one soak run.
 pub(crate) struct Observed {
+    /// When the traffic began; times in messages are counted from it.
+    pub(crate) start: Instant,
     pub(crate) runs: Vec<Run>,
     pub(crate) logs: Vec<ClientLog>,
     /// The counters of every engine, added up.
     pub(crate) totals: Totals,
-    /// Records the store dropped by itself (`evicted` + `expired`): each one
-    /// lets its key run once more.
+    /// Records the store dropped by itself (`evicted` + `expired`).
     pub(crate) dropped_records: u64,
+    /// Whether the store drops records by itself (the memory store at its
+    /// entry bound), which no key can see.
+    pub(crate) store_can_evict: bool,
     /// Whether the store may fail (a Redis paused mid-run).
     pub(crate) store_can_fail: bool,
-    /// The body of every record the store held at the end.
-    pub(crate) stored: Vec<Bytes>,
+    /// The engines' lease TTL: an abandoned marker lives that long at least.
+    pub(crate) lease_ttl: Duration,
+    /// Per key, when the store wrote a record for it.
+    pub(crate) writes: HashMap<ScopedKey, Vec<Instant>>,
+    /// Per key, what the store held at the end.
+    pub(crate) held: HashMap<ScopedKey, Held>,
+    /// When `held` was read.
+    pub(crate) held_at: Instant,
+    /// Entries in the store under no key of the soak's.
+    pub(crate) foreign: Vec<String>,
+}
+
+/// What the store held under a key at the end.
+#[derive(Debug)]
+pub(crate) enum Held {
+    /// An in-flight marker.
+    Marker,
+    /// A completed record.
+    Record(StoredResponse),
 }
 
 /// Counters of several engines, added up.
@@ -36,6 +66,8 @@ pub(crate) struct Totals {
     pub(crate) rejected_keys: u64,
     pub(crate) too_large: u64,
     pub(crate) not_stored: u64,
+    pub(crate) omitted: u64,
+    pub(crate) ambiguous: u64,
     pub(crate) store_errors: u64,
 }
 
@@ -50,165 +82,359 @@ impl Totals {
         self.rejected_keys += stats.rejected_keys;
         self.too_large += stats.too_large;
         self.not_stored += stats.not_stored;
+        self.omitted += stats.omitted;
+        self.ambiguous += stats.ambiguous;
         self.store_errors += stats.store_errors;
     }
 }
 
-/// Every broken promise in `observed`, in words.
+/// What one key went through.
+#[derive(Default)]
+struct Trace<'a> {
+    /// Its runs, in the order they began.
+    runs: Vec<&'a Run>,
+    answers: Vec<&'a Answer>,
+}
+
+/// Every broken promise in `observed`, in words; each names its key.
 pub(crate) fn check(observed: &Observed) -> Vec<String> {
-    let mut failures = Vec::new();
-    let stored_runs = check_runs(observed, &mut failures);
-    check_answers(observed, &stored_runs, &mut failures);
-    check_store(observed, &stored_runs, &mut failures);
+    let mut failures: Vec<String> = observed
+        .logs
+        .iter()
+        .flat_map(|log| &log.errors)
+        .map(|error| format!("request failed: {error}"))
+        .collect();
+    failures.extend(
+        observed
+            .foreign
+            .iter()
+            .map(|key| format!("the store holds {key:?}, no key of the soak's")),
+    );
+    let mut traces: BTreeMap<ScopedKey, Trace> = BTreeMap::new();
+    for run in &observed.runs {
+        let scoped = (run.scope.clone(), run.key.clone());
+        traces.entry(scoped).or_default().runs.push(run);
+    }
+    for answer in observed.logs.iter().flat_map(|log| &log.answers) {
+        let scoped = (answer.scope.to_owned(), answer.key.clone());
+        traces.entry(scoped).or_default().answers.push(answer);
+    }
+    for scoped in observed.held.keys() {
+        traces.entry(scoped.clone()).or_default();
+    }
+    let mut evicted_reruns = Vec::new();
+    for (scoped, trace) in &mut traces {
+        trace.runs.sort_by_key(|run| run.started);
+        let mut judge = Judge {
+            observed,
+            name: format!("{} {}", scoped.0, scoped.1),
+            failures: &mut failures,
+        };
+        evicted_reruns.extend(judge.runs(scoped, &trace.runs));
+        judge.answers(&trace.runs, &trace.answers);
+        judge.store(observed.held.get(scoped), trace.runs.last().copied());
+    }
+    // Evictions are counted in total only: the reruns each key put down to
+    // one cannot outnumber them.
+    if evicted_reruns.len() as u64 > observed.dropped_records {
+        failures.push(format!(
+            "{} keys ran again after an eviction, but the store dropped only {} records: {evicted_reruns:#?}",
+            evicted_reruns.len(),
+            observed.dropped_records
+        ));
+    }
     check_counters(observed, &mut failures);
     failures
 }
 
-type ScopedKey = (String, String);
-
-/// Per key, the runs whose answer the layer stores: at most one, unless the
-/// store dropped records. Answers them by key and run number.
-fn check_runs(
-    observed: &Observed,
-    failures: &mut Vec<String>,
-) -> HashMap<ScopedKey, Vec<(usize, Bytes)>> {
-    let mut stored: HashMap<ScopedKey, Vec<(usize, Bytes)>> = HashMap::new();
-    for (index, run) in observed.runs.iter().enumerate() {
-        let number = index + 1;
-        match &run.outcome {
-            Outcome::Running => failures.push(format!("run {number} never finished")),
-            Outcome::Storable(body) => stored
-                .entry((run.scope.clone(), run.key.clone()))
-                .or_default()
-                .push((number, body.clone())),
-            Outcome::NotStored | Outcome::Panicked => {}
-        }
-    }
-    let reruns: usize = stored.values().map(|runs| runs.len() - 1).sum();
-    if reruns as u64 > observed.dropped_records {
-        let mut twice: Vec<_> = stored
-            .iter()
-            .filter(|(_, runs)| runs.len() > 1)
-            .map(|((scope, key), runs)| {
-                format!(
-                    "{scope} {key}: runs {:?}",
-                    runs.iter().map(|r| r.0).collect::<Vec<_>>()
-                )
-            })
-            .collect();
-        twice.sort();
-        failures.push(format!(
-            "{reruns} stored results ran again, but the store dropped only {} records: {twice:#?}",
-            observed.dropped_records
-        ));
-    }
-    stored
+/// Judges one key.
+struct Judge<'a> {
+    observed: &'a Observed,
+    /// The key, as failures name it.
+    name: String,
+    failures: &'a mut Vec<String>,
 }
 
-/// Every answer belongs to its client's scope and key; every 201 is the
-/// stored body of a run of that key, byte for byte, and all 201s of a key
-/// that ran once are identical; only stored results are replayed.
-fn check_answers(
-    observed: &Observed,
-    stored: &HashMap<ScopedKey, Vec<(usize, Bytes)>>,
-    failures: &mut Vec<String>,
-) {
-    for log in &observed.logs {
-        failures.extend(
-            log.errors
-                .iter()
-                .map(|error| format!("request failed: {error}")),
-        );
-        for answer in &log.answers {
-            let scoped = (answer.scope.to_owned(), answer.key.clone());
-            let from_handler = [StatusCode::CREATED, StatusCode::OK, StatusCode::BAD_GATEWAY];
-            if from_handler.contains(&answer.status) {
-                let text = String::from_utf8_lossy(&answer.body);
-                let mut fields = text.split('|');
-                let (scope, key) = (fields.next(), fields.next());
-                if (scope, key) != (Some(answer.scope), Some(answer.key.as_str())) {
-                    failures.push(format!(
-                        "{} {} got another client's answer: {text:?}",
-                        answer.scope, answer.key
-                    ));
-                    continue;
-                }
+impl Judge<'_> {
+    fn fail(&mut self, what: String) {
+        self.failures.push(format!("{}: {what}", self.name));
+    }
+
+    /// Milliseconds since the traffic began.
+    fn at(&self, instant: Instant) -> u128 {
+        instant
+            .saturating_duration_since(self.observed.start)
+            .as_millis()
+    }
+
+    /// Every run finished, no two overlap, and each run after the first is
+    /// allowed by how the one before it ended: a release (502, `no-store`,
+    /// panic), its abandoned marker running out, or (memory store) its
+    /// record written and then evicted. Answers the reruns put down to an
+    /// eviction.
+    fn runs(&mut self, scoped: &ScopedKey, runs: &[&Run]) -> Vec<String> {
+        let mut evicted = Vec::new();
+        for run in runs {
+            if run.outcome == Outcome::Running || run.ended.is_none() {
+                self.fail(format!("run {} never finished", run.id));
             }
-            if answer.replayed && answer.status != StatusCode::CREATED {
-                failures.push(format!("a {} was replayed: {answer:?}", answer.status));
+        }
+        for pair in runs.windows(2) {
+            let (before, next) = (pair[0], pair[1]);
+            let (b, n) = (before.id, next.id);
+            // The layer frees a key no earlier than its handler's answer,
+            // and writes a record no earlier than the end of its body.
+            let freed = match before.outcome {
+                Outcome::Stored(_) | Outcome::Omitted(_) => before.ended,
+                _ => before.answered,
+            };
+            if freed.is_none_or(|freed| next.started < freed) {
+                self.fail(format!(
+                    "runs {b} and {n} overlap: run {n} began at {} ms, before run {b} ({}) let go of the key",
+                    self.at(next.started),
+                    describe(&before.outcome)
+                ));
+                continue;
             }
-            match answer.status {
-                StatusCode::CREATED => {
-                    let runs = stored.get(&scoped).map(Vec::as_slice).unwrap_or_default();
-                    if !runs.iter().any(|(_, body)| *body == answer.body) {
-                        failures.push(format!(
-                            "a 201 that no stored run of its key answered: {answer:?}"
+            match &before.outcome {
+                Outcome::NotStored(..) | Outcome::Panicked | Outcome::Running => {}
+                Outcome::CutOff => {
+                    // The marker expires no earlier than a lease TTL after
+                    // its begin, which came after the request was sent.
+                    let expired = before.sent + self.observed.lease_ttl;
+                    if next.started < expired {
+                        self.fail(format!(
+                            "run {n} ran at {} ms while run {b}'s abandoned marker lived (its body was cut off after the head; the marker lives until {} ms at least)",
+                            self.at(next.started),
+                            self.at(expired)
                         ));
-                    } else if runs.len() == 1 && runs[0].1 != answer.body {
-                        failures.push(format!("a 201 differs from the first: {answer:?}"));
                     }
                 }
-                StatusCode::OK if answer.no_store => {}
-                StatusCode::BAD_GATEWAY
-                | StatusCode::CONFLICT
-                // The handler panicked.
-                | StatusCode::INTERNAL_SERVER_ERROR => {}
-                StatusCode::SERVICE_UNAVAILABLE if observed.store_can_fail => {}
-                _ => failures.push(format!("unexpected answer: {answer:?}")),
+                Outcome::Stored(_) | Outcome::Omitted(_) => {
+                    let what = describe(&before.outcome);
+                    if !self.observed.store_can_evict {
+                        self.fail(format!(
+                            "run {n} ran again after run {b} ({what}), and the store drops no records"
+                        ));
+                        continue;
+                    }
+                    // The memory store evicts in silence: a rerun is put
+                    // down to an eviction only when the store did write
+                    // the record before.
+                    let written = self.observed.writes.get(scoped).is_some_and(|writes| {
+                        writes
+                            .iter()
+                            .any(|&at| before.started < at && at < next.started)
+                    });
+                    if written {
+                        evicted.push(format!("{} after run {b}: run {n}", self.name));
+                    } else {
+                        self.fail(format!(
+                            "run {n} ran again after run {b} ({what}), whose record the store never wrote"
+                        ));
+                    }
+                }
             }
+        }
+        evicted
+    }
+
+    /// Every answer with a run's header comes from a run of this key and
+    /// matches it: a first answer is that run's own (one per run), a replay
+    /// is a stored run's record (a head-only record replayed as one) read
+    /// before any later run of the key began. The layer's own answers are
+    /// 409, 503 (a store that can fail) and 500 (after a panicked run).
+    fn answers(&mut self, runs: &[&Run], answers: &[&Answer]) {
+        let mut firsts: HashMap<usize, usize> = HashMap::new();
+        for answer in answers {
+            let Some(id) = answer.run else {
+                self.own_answer(runs, answer);
+                continue;
+            };
+            let Some(run) = runs.iter().find(|run| run.id == id) else {
+                let other = self
+                    .observed
+                    .runs
+                    .iter()
+                    .find(|run| run.id == id)
+                    .map_or_else(
+                        || "no run at all".to_owned(),
+                        |run| format!("a run of {} {}", run.scope, run.key),
+                    );
+                self.fail(format!(
+                    "got run {id}'s answer, which was {other}: {answer:?}"
+                ));
+                continue;
+            };
+            if answer.replayed {
+                self.replay(runs, run, answer);
+            } else {
+                *firsts.entry(id).or_default() += 1;
+                self.first(run, answer);
+            }
+        }
+        for (id, count) in firsts {
+            if count > 1 {
+                self.fail(format!("run {id}'s own answer reached {count} clients"));
+            }
+        }
+    }
+
+    /// The answer the layer made itself (no run's header).
+    fn own_answer(&mut self, runs: &[&Run], answer: &Answer) {
+        let panicked = || {
+            runs.iter()
+                .any(|run| run.outcome == Outcome::Panicked && run.started < answer.received)
+        };
+        let expected = match answer.status {
+            StatusCode::CONFLICT => true,
+            StatusCode::SERVICE_UNAVAILABLE => self.observed.store_can_fail,
+            StatusCode::INTERNAL_SERVER_ERROR => panicked(),
+            _ => false,
+        };
+        if !expected || answer.replayed || matches!(answer.body, Body::Failed(_)) {
+            self.fail(format!("an answer no run of the key explains: {answer:?}"));
+        }
+    }
+
+    /// The first answer of `run`, to the client whose request ran it.
+    fn first(&mut self, run: &Run, answer: &Answer) {
+        let (status, body) = match &run.outcome {
+            Outcome::Stored(body) | Outcome::Omitted(body) => (StatusCode::CREATED, Some(body)),
+            Outcome::NotStored(status, body) => (*status, Some(body)),
+            Outcome::CutOff => (StatusCode::CREATED, None),
+            Outcome::Panicked | Outcome::Running => {
+                let what = describe(&run.outcome);
+                self.fail(format!("run {} ({what}) answered: {answer:?}", run.id));
+                return;
+            }
+        };
+        let body_as_run = match (&answer.body, body) {
+            (Body::Unread, _) => true,
+            (Body::Read(read), Some(body)) => read == body,
+            // A cut-off body fails; no other does.
+            (Body::Failed(_), None) => true,
+            (Body::Failed(error), Some(_)) => {
+                let (id, what) = (run.id, describe(&run.outcome));
+                self.fail(format!("the body of run {id} ({what}) failed: {error}"));
+                return;
+            }
+            (Body::Read(_), None) => false,
+        };
+        let no_store = status == StatusCode::OK;
+        if answer.status != status || answer.omitted || answer.no_store != no_store || !body_as_run
+        {
+            let what = describe(&run.outcome);
+            self.fail(format!(
+                "the first answer of run {} ({what}) is not what it answered: {answer:?}",
+                run.id
+            ));
+        }
+    }
+
+    /// A replayed (or coalesced) answer of `run`.
+    fn replay(&mut self, runs: &[&Run], run: &Run, answer: &Answer) {
+        let as_recorded = match (&run.outcome, &answer.body) {
+            (Outcome::Stored(_), Body::Unread) => !answer.omitted,
+            (Outcome::Stored(body), Body::Read(read)) => !answer.omitted && read == body,
+            (Outcome::Omitted(_), Body::Unread) => answer.omitted,
+            (Outcome::Omitted(_), Body::Read(read)) => answer.omitted && read.is_empty(),
+            _ => false,
+        };
+        if answer.status != StatusCode::CREATED || !as_recorded {
+            let what = describe(&run.outcome);
+            self.fail(format!(
+                "a replay of run {} ({what}) is not its record: {answer:?}",
+                run.id
+            ));
+        }
+        // A later run began only once this record was gone.
+        if let Some(later) = runs
+            .iter()
+            .find(|later| later.started > run.started && later.started < answer.sent)
+        {
+            self.fail(format!(
+                "replayed run {} to a request sent at {} ms, after run {} began at {} ms (the record was gone by then): {answer:?}",
+                run.id,
+                self.at(answer.sent),
+                later.id,
+                self.at(later.started)
+            ));
+        }
+    }
+
+    /// The store ends holding what the key's last run left: its record (or,
+    /// on a store that evicts, nothing), a marker for a run cut off (until
+    /// the marker can have expired), and nothing after a release.
+    fn store(&mut self, held: Option<&Held>, last: Option<&Run>) {
+        let Some(last) = last else {
+            if let Some(held) = held {
+                self.fail(format!("the store holds {held:?}, but the key never ran"));
+            }
+            return;
+        };
+        let what = describe(&last.outcome);
+        let id = last.id;
+        match (held, &last.outcome) {
+            (Some(Held::Record(record)), Outcome::Stored(body)) => {
+                if !is_record_of(record, id) || record.is_body_omitted() || record.body() != body {
+                    self.fail(format!(
+                        "the store holds {record:?}, not the record of run {id}, the last ({what})"
+                    ));
+                }
+            }
+            (Some(Held::Record(record)), Outcome::Omitted(_)) => {
+                if !is_record_of(record, id) || !record.is_body_omitted() {
+                    self.fail(format!(
+                        "the store holds {record:?}, not the head of run {id}, the last ({what})"
+                    ));
+                }
+            }
+            (Some(Held::Marker), Outcome::CutOff) => {}
+            (None, Outcome::Stored(_) | Outcome::Omitted(_)) if !self.observed.store_can_evict => {
+                self.fail(format!(
+                    "the store lost the record of run {id}, the last ({what})"
+                ));
+            }
+            (None, Outcome::CutOff)
+                if self.observed.held_at < last.sent + self.observed.lease_ttl =>
+            {
+                self.fail(format!(
+                    "run {id}'s abandoned marker is gone at {} ms, before its lease TTL (its body was cut off after the head)",
+                    self.at(self.observed.held_at)
+                ));
+            }
+            (None, _) => {}
+            (Some(held), _) => self.fail(format!(
+                "the store holds {held:?} after run {id}, the last ({what})"
+            )),
         }
     }
 }
 
-/// Every record the store holds is the result of a run of its key; and a
-/// store that drops nothing holds the result of every run that answered 201:
-/// none was lost to a failed write.
-fn check_store(
-    observed: &Observed,
-    stored_runs: &HashMap<ScopedKey, Vec<(usize, Bytes)>>,
-    failures: &mut Vec<String>,
-) {
-    let mut held: HashMap<ScopedKey, Vec<Bytes>> = HashMap::new();
-    for body in &observed.stored {
-        let text = String::from_utf8_lossy(body);
-        let mut fields = text.split('|');
-        let (Some(scope), Some(key)) = (fields.next(), fields.next()) else {
-            failures.push(format!("the store holds a foreign record: {text:?}"));
-            continue;
-        };
-        let scoped = (scope.to_owned(), key.to_owned());
-        let runs = stored_runs
-            .get(&scoped)
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        if !runs.iter().any(|(_, run)| run == body) {
-            failures.push(format!(
-                "the store holds a record no stored run answered: {text:?}"
-            ));
-        }
-        held.entry(scoped).or_default().push(body.clone());
-    }
-    if observed.dropped_records > 0 {
-        return;
-    }
-    let mut lost: Vec<_> = stored_runs
-        .iter()
-        .filter(|(scoped, _)| !held.contains_key(*scoped))
-        .map(|((scope, key), runs)| {
-            format!(
-                "{scope} {key} (runs {:?})",
-                runs.iter().map(|r| r.0).collect::<Vec<_>>()
-            )
-        })
-        .collect();
-    lost.sort();
-    if !lost.is_empty() {
-        failures.push(format!("results answered 201 but not stored: {lost:#?}"));
+/// Whether `record` is the answer of run `id` (its `x-soak-run` header).
+fn is_record_of(record: &StoredResponse, id: usize) -> bool {
+    record.status() == StatusCode::CREATED
+        && record
+            .headers()
+            .get("x-soak-run")
+            .is_some_and(|run| run.to_str().ok() == Some(id.to_string().as_str()))
+}
+
+/// A run's outcome, for a failure message.
+fn describe(outcome: &Outcome) -> &'static str {
+    match outcome {
+        Outcome::Running => "still running",
+        Outcome::Stored(_) => "a stored 201",
+        Outcome::Omitted(_) => "an oversized 201, recorded head only",
+        Outcome::NotStored(..) => "a 502 or no-store answer, released",
+        Outcome::Panicked => "a panic, released",
+        Outcome::CutOff => "a body cut off after its head, lease abandoned",
     }
 }
 
 /// The counters add up to the requests sent, and agree with what the
-/// clients and the handler saw.
+/// clients and the handler saw. (The counters exist in total only.)
 fn check_counters(observed: &Observed, failures: &mut Vec<String>) {
     let totals = &observed.totals;
     let sent: u64 = observed.logs.iter().map(|log| log.sent).sum();
@@ -225,11 +451,12 @@ fn check_counters(observed: &Observed, failures: &mut Vec<String>) {
         })
         .count() as u64;
     let runs = observed.runs.len() as u64;
-    let not_stored = observed
-        .runs
-        .iter()
-        .filter(|run| run.outcome == Outcome::NotStored)
-        .count() as u64;
+    let outcomes = |is: fn(&Outcome) -> bool| {
+        observed.runs.iter().filter(|run| is(&run.outcome)).count() as u64
+    };
+    let not_stored = outcomes(|outcome| matches!(outcome, Outcome::NotStored(..)));
+    let omitted = outcomes(|outcome| matches!(outcome, Outcome::Omitted(_)));
+    let cut_off = outcomes(|outcome| *outcome == Outcome::CutOff);
     let decided =
         totals.executed + totals.replayed + totals.coalesced + totals.conflicts + totals.mismatches;
 
@@ -267,6 +494,15 @@ fn check_counters(observed: &Observed, failures: &mut Vec<String>) {
     expect(
         not_stored <= totals.not_stored && totals.not_stored <= not_stored + totals.store_errors,
         format!("not_stored is not the {not_stored} runs answered 502 or no-store"),
+    );
+    // Counted once the head is stored: a store that fails may lose one.
+    expect(
+        totals.omitted <= omitted && (observed.store_can_fail || totals.omitted == omitted),
+        format!("omitted is not the {omitted} runs answered over max_response_body"),
+    );
+    expect(
+        totals.ambiguous == cut_off,
+        format!("ambiguous is not the {cut_off} runs whose body was cut off"),
     );
     expect(
         totals.mismatches + totals.rejected_keys + totals.too_large == 0,
