@@ -62,9 +62,9 @@ pub use engine::{
 pub use execute::ExecuteError;
 pub use key::{Fingerprint, FingerprintMode, IdempotencyKey, KeyParseError};
 pub use layer::{
-    BoxError, Disconnect, FailMode, IdempotencyLayer, IdempotencyLayerBuilder, Idempotent,
-    OutcomeUnknown, OversizedResponse, RequestBody, ResponseBody, ResponseFuture, UnclearOutcome,
-    DEFAULT_MAX_BODY,
+    BoxError, Disconnect, FailMode, GrpcCode, IdempotencyLayer, IdempotencyLayerBuilder,
+    Idempotent, OutcomeUnknown, OversizedResponse, RequestBody, ResponseBody, ResponseFuture,
+    UnclearOutcome, DEFAULT_GRPC_REQUEST_TIMEOUT, DEFAULT_MAX_BODY,
 };
 pub use record::{Payload, Record, StoredResponse};
 pub use stats::{CacheInfo, StatsSnapshot};

@@ -88,6 +88,8 @@ impl Problem {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let mut response = Response::new(self.to_json());
         *response.status_mut() = status;
+        // Kept beside its JSON, so that a gRPC call's answer is made from it.
+        response.extensions_mut().insert(self);
         response
             .headers_mut()
             .insert(CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE_PROBLEM));

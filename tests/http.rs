@@ -9,6 +9,7 @@ mod http {
     mod concurrency;
     mod contract;
     mod disconnect;
+    mod grpc_layer;
     mod protocol_only_store;
     mod replay;
     mod stacks;

@@ -4,7 +4,9 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Method, StatusCode};
+use http::{HeaderName, Method, StatusCode};
+
+use super::grpc::GrpcCode;
 
 use super::layer::{Disconnect, FailMode, OversizedResponse, Settings, UnclearOutcome};
 use super::IdempotencyLayer;
@@ -267,6 +269,69 @@ impl<E, K> IdempotencyLayerBuilder<E, K> {
     /// How request bodies are fingerprinted (default `Exact`).
     pub fn fingerprint(mut self, mode: FingerprintMode) -> Self {
         self.settings.fingerprint = mode;
+        self
+    }
+
+    /// Which gRPC statuses are stored, read from a call's `grpc-status`
+    /// (default [`GrpcCode::is_stored_by_default`]: `OK` and the errors a
+    /// retry would meet again). A call whose status is not stored is
+    /// returned, and its key released.
+    pub fn grpc_store_status<F>(mut self, policy: F) -> Self
+    where
+        F: Fn(GrpcCode) -> bool + Send + Sync + 'static,
+    {
+        self.settings.grpc_store_status = Arc::new(policy);
+        self
+    }
+
+    /// The gRPC methods that stream (their paths, `/package.Service/Method`):
+    /// they pass through the layer untouched and unprotected. Every other
+    /// gRPC call is treated as unary: its request is read to its end before
+    /// the service is called, which a bidirectional call whose client waits
+    /// for a reply first never reaches (it is answered `UNIMPLEMENTED` after
+    /// [`grpc_request_timeout`](Self::grpc_request_timeout)). Replaces the
+    /// list given before.
+    ///
+    /// ```
+    /// let layer = tower_idempotency::IdempotencyLayer::builder()
+    ///     .grpc_streaming_paths(["/orders.Orders/Watch", "/orders.Orders/Chat"])
+    ///     .build()
+    ///     .unwrap();
+    /// ```
+    pub fn grpc_streaming_paths<I, P>(mut self, paths: I) -> Self
+    where
+        I: IntoIterator<Item = P>,
+        P: Into<String>,
+    {
+        self.settings.grpc_streaming_paths = paths.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// How long a gRPC call's request stream may take to end (default
+    /// [`DEFAULT_GRPC_REQUEST_TIMEOUT`](crate::DEFAULT_GRPC_REQUEST_TIMEOUT),
+    /// 10 s): past it the call is answered `UNIMPLEMENTED`, saying that a
+    /// streaming method must be listed in
+    /// [`grpc_streaming_paths`](Self::grpc_streaming_paths), and the service
+    /// is not called.
+    pub fn grpc_request_timeout(mut self, timeout: Duration) -> Self {
+        self.settings.grpc_request_timeout = timeout;
+        self
+    }
+
+    /// The header that marks a replay (default `Idempotent-Replayed: true`,
+    /// Stripe's; `Idempotency-Replayed` is the other common name). gRPC
+    /// replays carry it as metadata.
+    ///
+    /// ```
+    /// use http::HeaderName;
+    ///
+    /// let layer = tower_idempotency::IdempotencyLayer::builder()
+    ///     .replay_header(HeaderName::from_static("idempotency-replayed"))
+    ///     .build()
+    ///     .unwrap();
+    /// ```
+    pub fn replay_header(mut self, name: HeaderName) -> Self {
+        self.settings.replay_header = name;
         self
     }
 

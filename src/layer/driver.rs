@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http::request::Parts;
 use http::{Request, Response};
 use http_body::Body;
@@ -32,9 +33,11 @@ use tracing::Span;
 
 use super::body::{BoxError, Gathered, RequestBody};
 use super::future::{Begun, Protected};
+use super::grpc;
 use super::layer::{Disconnect, FailMode, Settings, Shared};
 use super::recording::{release, Recording};
 use super::replay::replay;
+use super::service::own;
 use super::tee::Left;
 use crate::engine::{Begin, Lease};
 use crate::key::{canonical_json, Fingerprint, FingerprintMode, KeyParts};
@@ -94,14 +97,38 @@ type Decision<Svc, ReqBody, ResBody> = Begun<
 
 /// Buffers, fingerprints and begins in the client's own future: a replay,
 /// a conflict or a mismatch is answered at once; a request that runs is
-/// handed back as the service's future and its recorder.
-// Not an `async fn`: see the comment on the block.
-#[allow(clippy::manual_async_fn)]
+/// handed back as the service's future and its recorder. `grpc`: the
+/// request is a gRPC call, whose own answers are gRPC statuses.
 pub(crate) fn drive<Svc, S, K, ReqBody, ResBody>(
     driver: Driver<Svc, S, K>,
     parts: Parts,
     body: ReqBody,
     key: KeyParts,
+    grpc: bool,
+) -> impl Future<Output = Decision<Svc, ReqBody, ResBody>>
+where
+    Svc: Wrapped<ReqBody, ResBody> + Send + 'static,
+    S: Store,
+    K: Send + Sync + 'static,
+    ReqBody: BytesBody,
+    ResBody: BytesBody,
+{
+    // A combinator, not an `async` block around `decide`: a block that
+    // awaits the future it holds keeps it twice.
+    decide(driver, parts, body, key, grpc).map(move |begun| match begun {
+        Begun::Answer(answer) => Begun::Answer(own(grpc, answer)),
+        run => run,
+    })
+}
+
+// Not an `async fn`: see the comment on the block.
+#[allow(clippy::manual_async_fn)]
+fn decide<Svc, S, K, ReqBody, ResBody>(
+    driver: Driver<Svc, S, K>,
+    parts: Parts,
+    body: ReqBody,
+    key: KeyParts,
+    grpc: bool,
 ) -> impl Future<Output = Decision<Svc, ReqBody, ResBody>>
 where
     Svc: Wrapped<ReqBody, ResBody> + Send + 'static,
@@ -117,7 +144,22 @@ where
         let shared = &*driver.shared;
         let settings = &shared.settings;
         let counters = shared.engine.counters();
-        let body = match buffer(body, settings.max_request_body).await {
+        let buffered = if grpc && has_runtime() {
+            // A gRPC call is read to the end of its request stream: a
+            // streaming call not listed as one would wait here for ever.
+            match tokio::time::timeout(
+                settings.grpc_request_timeout,
+                buffer(body, settings.max_request_body),
+            )
+            .await
+            {
+                Ok(buffered) => buffered,
+                Err(_elapsed) => return Begun::Answer(grpc::unfinished_request()),
+            }
+        } else {
+            buffer(body, settings.max_request_body).await
+        };
+        let body = match buffered {
             Ok(body) => body,
             Err(Unbuffered::TooLarge) => {
                 Stats::incr(&counters.here().too_large);

@@ -4,7 +4,11 @@ use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
-use http::{Method, StatusCode};
+use http::{HeaderName, Method, StatusCode};
+use std::time::Duration;
+
+use super::grpc::{self, GrpcStatusPolicy};
+use super::replay::REPLAYED;
 
 use crate::engine::Idempotency;
 use crate::key::{FingerprintMode, HeaderKey};
@@ -95,6 +99,11 @@ pub enum UnclearOutcome {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct OutcomeUnknown;
 
+/// How long a gRPC call's request stream may take to end before the layer
+/// answers it `UNIMPLEMENTED` (see
+/// [`grpc_request_timeout`](crate::IdempotencyLayerBuilder::grpc_request_timeout)).
+pub const DEFAULT_GRPC_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
 pub(super) type StatusPolicy = dyn Fn(StatusCode) -> bool + Send + Sync;
 
 /// The default storage policy: everything but 5xx, 408 and 429, which a
@@ -122,6 +131,22 @@ pub(crate) struct Settings {
     pub(crate) fingerprint: FingerprintMode,
     pub(crate) oversized: OversizedResponse,
     pub(crate) unclear: UnclearOutcome,
+    pub(crate) grpc_store_status: Arc<GrpcStatusPolicy>,
+    /// Paths of streaming gRPC methods, which pass through unprotected.
+    pub(crate) grpc_streaming_paths: Arc<[String]>,
+    /// How long a gRPC call's request stream may take to end.
+    pub(crate) grpc_request_timeout: Duration,
+    /// The header that marks a replay.
+    pub(crate) replay_header: HeaderName,
+}
+
+impl Settings {
+    /// Whether `path` is a streaming gRPC method's, passed through.
+    pub(crate) fn is_grpc_streaming(&self, path: &str) -> bool {
+        self.grpc_streaming_paths
+            .iter()
+            .any(|listed| listed == path)
+    }
 }
 
 impl Default for Settings {
@@ -138,6 +163,10 @@ impl Default for Settings {
             fingerprint: FingerprintMode::Exact,
             oversized: OversizedResponse::RecordHead,
             unclear: UnclearOutcome::LeaveToExpire,
+            grpc_store_status: grpc::default_policy(),
+            grpc_streaming_paths: Arc::new([]),
+            grpc_request_timeout: DEFAULT_GRPC_REQUEST_TIMEOUT,
+            replay_header: REPLAYED,
         }
     }
 }
@@ -155,6 +184,9 @@ impl fmt::Debug for Settings {
             .field("fingerprint", &self.fingerprint)
             .field("oversized", &self.oversized)
             .field("unclear", &self.unclear)
+            .field("grpc_streaming_paths", &self.grpc_streaming_paths)
+            .field("grpc_request_timeout", &self.grpc_request_timeout)
+            .field("replay_header", &self.replay_header)
             .finish_non_exhaustive()
     }
 }

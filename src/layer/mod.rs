@@ -7,6 +7,7 @@ mod body;
 mod builder;
 mod driver;
 mod future;
+mod grpc;
 #[allow(clippy::module_inception)]
 mod layer;
 mod recording;
@@ -17,8 +18,9 @@ mod tee;
 pub use body::{BoxError, RequestBody, ResponseBody};
 pub use builder::IdempotencyLayerBuilder;
 pub use future::ResponseFuture;
+pub use grpc::GrpcCode;
 pub use layer::{
     Disconnect, FailMode, IdempotencyLayer, OutcomeUnknown, OversizedResponse, UnclearOutcome,
-    DEFAULT_MAX_BODY,
+    DEFAULT_GRPC_REQUEST_TIMEOUT, DEFAULT_MAX_BODY,
 };
 pub use service::Idempotent;

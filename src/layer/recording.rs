@@ -6,6 +6,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::body::Gathered;
+use super::grpc;
 use super::layer::{OversizedResponse, Shared, UnclearOutcome};
 use super::replay::{storable, stored_head};
 use super::tee::{GiveUp, Pending, Recorder};
@@ -26,6 +27,22 @@ pub(crate) struct Recording<S: Store, K> {
     /// Set once the body outgrew what is stored: only the head is kept.
     omitted: bool,
     trailers: Option<http::HeaderMap>,
+    /// A gRPC answer's fate, read from the `grpc-status` of its trailers.
+    grpc: GrpcFate,
+}
+
+/// Whether a gRPC answer is stored: it depends on the status its trailers
+/// bring at the end of the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GrpcFate {
+    /// Not a gRPC answer, or one decided by its Trailers-Only head.
+    Decided,
+    /// A gRPC answer whose trailers have not come yet.
+    AwaitingStatus,
+    /// Its status is one the policy stores.
+    Stored,
+    /// Its status is one the policy does not store, or no status at all.
+    NotStored,
 }
 
 impl<S: Store, K> Recording<S, K> {
@@ -42,6 +59,7 @@ impl<S: Store, K> Recording<S, K> {
             body: Gathered::default(),
             omitted: false,
             trailers: None,
+            grpc: GrpcFate::Decided,
         }
     }
 
@@ -69,6 +87,9 @@ impl<S: Store, K: Send + Sync + 'static> Recorder for Recording<S, K> {
             .filter(|&len| len <= self.max_body())
             .unwrap_or(0);
         self.head = Some(stored_head(head, settings, room));
+        if grpc::is_grpc(&head.headers) && grpc::status_in(&head.headers).is_none() {
+            self.grpc = GrpcFate::AwaitingStatus;
+        }
         true
     }
 
@@ -91,10 +112,23 @@ impl<S: Store, K: Send + Sync + 'static> Recorder for Recording<S, K> {
     }
 
     fn keep_trailers(&mut self, trailers: &http::HeaderMap) {
+        if self.grpc == GrpcFate::AwaitingStatus {
+            let policy = &self.shared.settings.grpc_store_status;
+            self.grpc = match grpc::status_in(trailers) {
+                Some(Some(code)) if policy(code) => GrpcFate::Stored,
+                _ => GrpcFate::NotStored,
+            };
+        }
         self.trailers = Some(trailers.clone());
     }
 
     fn store(self: Box<Self>) -> Pending {
+        match self.grpc {
+            GrpcFate::Decided | GrpcFate::Stored => {}
+            GrpcFate::NotStored => return self.give_up(GiveUp::NotStored),
+            // A gRPC stream that ended without its status was cut off.
+            GrpcFate::AwaitingStatus => return self.give_up(GiveUp::Unclear),
+        }
         let Self {
             lease,
             fingerprint,
@@ -103,6 +137,7 @@ impl<S: Store, K: Send + Sync + 'static> Recorder for Recording<S, K> {
             body,
             omitted,
             trailers,
+            grpc: _,
         } = *self;
         let Some(head) = head else {
             // A body recorded without its head is a bug: release, store nothing.

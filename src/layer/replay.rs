@@ -5,6 +5,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::Response;
 
 use super::body::ReplayTrailers;
+use super::grpc;
 use super::layer::Settings;
 use crate::record::{StoredHead, StoredResponse};
 
@@ -15,8 +16,16 @@ pub(crate) const REPLAYED: HeaderName = HeaderName::from_static("idempotent-repl
 /// (it was larger than what is stored): `Idempotency-Replay: omitted`.
 pub(crate) const REPLAY_KIND: HeaderName = HeaderName::from_static("idempotency-replay");
 
+/// Whether a response with this head may be stored. A gRPC answer is
+/// judged by its `grpc-status` when the head carries it (Trailers-Only);
+/// otherwise by its trailers, at the end of its stream.
 pub(crate) fn storable(head: &http::response::Parts, settings: &Settings) -> bool {
-    (settings.store_status)(head.status) && !no_store(&head.headers)
+    let by_status = match grpc::status_in(&head.headers).filter(|_| grpc::is_grpc(&head.headers)) {
+        Some(Some(code)) => (settings.grpc_store_status)(code),
+        Some(None) => false,
+        None => (settings.store_status)(head.status),
+    };
+    by_status && !no_store(&head.headers)
 }
 
 /// Whether `Cache-Control` carries the `no-store` directive.
@@ -48,6 +57,7 @@ fn replayable(name: &HeaderName, listed: &[HeaderName], settings: &Settings) -> 
         || listed.contains(name)
         || name == header::DATE
         || name == REPLAYED
+        || name == settings.replay_header
         || name == REPLAY_KIND
         || (name == header::SET_COOKIE && !settings.replay_set_cookie))
 }
@@ -103,7 +113,10 @@ pub(crate) fn replay(stored: &StoredResponse, settings: &Settings) -> Response<B
     }
     // Fails only for a response of 32,768 distinct names, which a header
     // map holds without room for one more: it goes unmarked.
-    let _ = headers.try_insert(REPLAYED, HeaderValue::from_static("true"));
+    let _ = headers.try_insert(
+        settings.replay_header.clone(),
+        HeaderValue::from_static("true"),
+    );
     if stored.is_body_omitted() {
         // The body the first client got is not kept: say so, and say that
         // this empty one is all there is.
@@ -116,6 +129,9 @@ pub(crate) fn replay(stored: &StoredResponse, settings: &Settings) -> Response<B
         let mut trailers = HeaderMap::new();
         for (name, value) in trailer_fields.by_ref() {
             let _ = trailers.try_append(name, value);
+        }
+        if stored.is_body_omitted() {
+            grpc::say_response_not_kept(&mut trailers);
         }
         trailers
     });

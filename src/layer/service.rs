@@ -14,6 +14,7 @@ use tower_service::Service;
 use super::body::{BoxError, RequestBody, ResponseBody};
 use super::driver::{self, Driver};
 use super::future::ResponseFuture;
+use super::grpc;
 use super::layer::{IdempotencyLayer, Shared};
 use super::IdempotencyLayerBuilder;
 use crate::engine::Idempotency;
@@ -136,7 +137,10 @@ where
         let counters = shared.engine.counters();
         Stats::incr(&counters.here().requests);
         let settings = &shared.settings;
-        if !settings.methods.contains(request.method()) {
+        let grpc = grpc::is_grpc(request.headers());
+        if !settings.methods.contains(request.method())
+            || (grpc && settings.is_grpc_streaming(request.uri().path()))
+        {
             return ResponseFuture::passthrough(
                 self.inner.call(request.map(RequestBody::passthrough)),
             );
@@ -150,11 +154,12 @@ where
             }
             Ok(None) => {
                 Stats::incr(&counters.here().rejected_keys);
-                return ResponseFuture::answered(problem::missing_key());
+                return ResponseFuture::answered(own(grpc, problem::missing_key()));
             }
             Err(rejection) => {
                 Stats::incr(&counters.here().rejected_keys);
-                return ResponseFuture::answered(problem::malformed_key(rejection.detail()));
+                let answer = problem::malformed_key(rejection.detail());
+                return ResponseFuture::answered(own(grpc, answer));
             }
         };
         // A declared length over the limit is refused before reading a byte.
@@ -165,7 +170,8 @@ where
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|len| len > settings.max_request_body as u64) {
             Stats::incr(&counters.here().too_large);
-            return ResponseFuture::answered(problem::too_large(settings.max_request_body));
+            let answer = problem::too_large(settings.max_request_body);
+            return ResponseFuture::answered(own(grpc, answer));
         }
         // The driver calls the service only after awaiting the store, so it
         // must own a service that is ready: take the one `poll_ready` readied
@@ -179,7 +185,17 @@ where
             shared: self.shared.clone(),
             span: tracing::Span::current(),
         };
-        ResponseFuture::beginning(Box::pin(driver::drive(driver, parts, body, key)))
+        ResponseFuture::beginning(Box::pin(driver::drive(driver, parts, body, key, grpc)))
+    }
+}
+
+/// The layer's own answer in the request's protocol: problem+json, or for a
+/// gRPC call a Trailers-Only status.
+pub(crate) fn own(grpc: bool, answer: Response<Bytes>) -> Response<Bytes> {
+    if grpc {
+        grpc::answer(answer)
+    } else {
+        answer
     }
 }
 
