@@ -117,6 +117,8 @@ async fn stats<S: StoreAdmin>(State(state): State<AdminState<S>>) -> impl IntoRe
         "rejected_keys": s.rejected_keys,
         "too_large": s.too_large,
         "not_stored": s.not_stored,
+        "omitted": s.omitted,
+        "ambiguous": s.ambiguous,
         "store_errors": s.store_errors,
         "expired": s.expired,
         "evicted": s.evicted,
@@ -172,7 +174,7 @@ async fn metrics<S: StoreAdmin>(State(state): State<AdminState<S>>) -> Response<
 /// keeps its own counters, so nothing here has to track them.
 fn registry(s: &StatsSnapshot, info: Option<CacheInfo>, waiting: usize) -> Registry {
     let mut registry = Registry::with_prefix("idempotency");
-    let counters: [(&str, &str, u64); 13] = [
+    let counters: [(&str, &str, u64); 15] = [
         (
             "requests",
             "Requests the layer saw, protected or not",
@@ -217,6 +219,16 @@ fn registry(s: &StatsSnapshot, info: Option<CacheInfo>, waiting: usize) -> Regis
             "not_stored",
             "Responses returned but not stored",
             s.not_stored,
+        ),
+        (
+            "omitted",
+            "Oversized responses recorded head only, their body omitted",
+            s.omitted,
+        ),
+        (
+            "ambiguous",
+            "Keys left to their marker: the upstream may have acted, no answer came",
+            s.ambiguous,
         ),
         (
             "store_errors",

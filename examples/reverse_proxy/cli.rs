@@ -89,10 +89,18 @@ pub(crate) struct Args {
     #[arg(long, default_value_t = 1 << 20)]
     pub(crate) max_body: usize,
 
-    /// Largest response body stored, in bytes (larger ones are passed
-    /// through, not stored).
+    /// Largest response body stored, in bytes (a larger one streams through
+    /// whole; see --oversized-response for what is recorded).
     #[arg(long, default_value_t = 1 << 20)]
     pub(crate) max_response_body: usize,
+
+    /// What is recorded for a response over --max-response-body: `head`
+    /// records its status and headers without the body (a retry gets them,
+    /// an empty body and `Idempotency-Replay: omitted`; the upstream runs
+    /// once); `release` records nothing and frees the key (a retry runs the
+    /// upstream again).
+    #[arg(long, value_enum, default_value_t = OversizedFlag::Head)]
+    pub(crate) oversized_response: OversizedFlag,
 
     /// Refuse protected requests (POST, PATCH) without an Idempotency-Key (400).
     #[arg(long)]
@@ -112,11 +120,29 @@ pub(crate) struct Args {
     #[arg(long)]
     pub(crate) fail_open: bool,
 
-    /// Longest wait for the upstream's response headers, in seconds (504 after it).
+    /// Longest a client waits for the upstream's response head, in seconds,
+    /// counted from when the request is sent upstream; it then gets 504 (also
+    /// the connect timeout). A request with an Idempotency-Key is not given
+    /// up: the proxy awaits the upstream in the background (up to
+    /// --upstream-abandon) with the key held, records its answer, and a
+    /// retry gets 409 until then and the upstream's answer after. Once the
+    /// upstream request may have been sent, only a definite answer or the
+    /// key's marker running out (--lease-ttl) frees the key; an upstream
+    /// that cannot be reached (nothing sent) frees it at once.
     #[arg(long, default_value = "30", value_parser = parse_seconds)]
     pub(crate) upstream_timeout: Duration,
 
-    /// On SIGINT/SIGTERM, longest wait for in-flight requests, in seconds.
+    /// Longest the proxy keeps an upstream exchange it started, head and
+    /// body, in seconds. After it (or when the upstream breaks the
+    /// connection after the request was sent) the outcome is unknown: the
+    /// key is neither stored nor freed, but left to its marker (--lease-ttl).
+    #[arg(long, default_value = "300", value_parser = parse_seconds)]
+    pub(crate) upstream_abandon: Duration,
+
+    /// On SIGINT/SIGTERM, longest wait for in-flight requests and upstream
+    /// exchanges still running in the background, in seconds. Exchanges
+    /// still running after it are abandoned: their keys are left to their
+    /// markers, never freed.
     #[arg(long, default_value = "30", value_parser = parse_seconds)]
     pub(crate) drain_timeout: Duration,
 
@@ -131,6 +157,15 @@ pub(crate) enum ConcurrentFlag {
     Reject,
     /// Wait for the first request and replay its response.
     Wait,
+}
+
+/// `--oversized-response`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum OversizedFlag {
+    /// Record the status and headers, the body omitted.
+    Head,
+    /// Record nothing; free the key.
+    Release,
 }
 
 /// A positive number of seconds; fractions allowed (`0.5`).

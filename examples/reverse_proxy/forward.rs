@@ -1,5 +1,13 @@
 //! The innermost service: forwards a request to the upstream and streams the
 //! answer back.
+//!
+//! Once the request may have reached the upstream, the forwarder never
+//! answers as if nothing ran: a failure other than a connect error, or the
+//! exchange outliving `--upstream-abandon`, is a 502/504 carrying
+//! [`OutcomeUnknown`], so the idempotency layer leaves the key to its
+//! marker instead of releasing it; a body cut off after its head ends with
+//! an error, which the layer treats the same way. A connect error (nothing
+//! was sent) is a plain 502, and the key is released.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -16,9 +24,11 @@ use http::{Request, Response, StatusCode};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use tower::timeout::{error::Elapsed, Timeout};
-use tower::{BoxError, Service, ServiceExt};
+use tower::{BoxError, Service};
+use tower_idempotency::OutcomeUnknown;
 
+use crate::deadline::UpstreamClock;
+use crate::exchange::{Exchanges, UpstreamBody};
 use crate::problem::problem;
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -39,26 +49,38 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 ];
 
 /// Sends each request to the upstream on a pooled client. Never fails: an
-/// unreachable upstream is a 502, one that does not answer in time a 504.
+/// unreachable upstream is a 502; one that fails after the request was sent
+/// a 502, and one that outlives `abandon` a 504, both [`OutcomeUnknown`].
+/// The client-facing timeout is [`UpstreamDeadline`](crate::deadline), above
+/// the idempotency layer.
 #[derive(Clone)]
 pub(crate) struct Forwarder {
-    // tower's ready timeout around the client bounds the wait for response
-    // headers; the body then streams for as long as the upstream sends it.
-    client: Timeout<Client<HttpConnector, Body>>,
+    client: Client<HttpConnector, Body>,
     upstream: Uri,
+    // The longest an exchange (head and, for a keyed request, body) is kept.
+    abandon: Duration,
+    exchanges: Exchanges,
 }
 
 impl Forwarder {
-    pub(crate) fn new(upstream: Uri, timeout: Duration) -> Self {
+    /// `connect_timeout` bounds opening a connection (nothing is sent before).
+    pub(crate) fn new(
+        upstream: Uri,
+        connect_timeout: Duration,
+        abandon: Duration,
+        exchanges: Exchanges,
+    ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(timeout));
+        connector.set_connect_timeout(Some(connect_timeout));
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .build(connector);
         Self {
-            client: Timeout::new(client, timeout),
+            client,
             upstream,
+            abandon,
+            exchanges,
         }
     }
 
@@ -86,6 +108,7 @@ impl Forwarder {
             .extensions
             .get::<ConnectInfo<SocketAddr>>()
             .map(|ConnectInfo(addr)| addr.ip());
+        let clock = parts.extensions.remove::<UpstreamClock>();
 
         strip_hop_by_hop(&mut parts.headers);
         // The client's Host names the proxy; the upstream gets its own (the
@@ -104,26 +127,53 @@ impl Forwarder {
         parts.version = http::Version::HTTP_11;
 
         let request = Request::from_parts(parts, Body::new(body));
-        match self.client.oneshot(request).await {
-            Ok(response) => {
+        let running = self.exchanges.start();
+        let abandon_at = tokio::time::Instant::now() + self.abandon;
+        if let Some(clock) = &clock {
+            clock.sent();
+        }
+        let answer = tokio::time::timeout_at(abandon_at, self.client.request(request)).await;
+        if let Some(clock) = &clock {
+            clock.answered();
+        }
+        let keyed = clock.as_ref().is_none_or(UpstreamClock::keyed);
+        match answer {
+            Ok(Ok(response)) => {
                 let (mut parts, body) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
+                // A keyed exchange holds its key while its body streams: it
+                // is bounded too. Other bodies stream as long as they last.
+                let bound = keyed.then_some(abandon_at);
+                let body = UpstreamBody::new(Body::new(body), bound, running);
                 Response::from_parts(parts, Body::new(body))
             }
-            Err(e) if e.is::<Elapsed>() => {
-                tracing::warn!(upstream = %self.upstream, "upstream timed out");
-                problem(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "Upstream timeout",
-                    "The upstream did not answer in time.",
-                )
-            }
-            Err(e) => {
-                tracing::warn!(upstream = %self.upstream, error = %error_chain(&*e), "upstream failed");
+            Ok(Err(e)) if e.is_connect() => {
+                let error = error_chain(&e);
+                tracing::warn!(upstream = %self.upstream, error, "upstream unreachable");
                 problem(
                     StatusCode::BAD_GATEWAY,
                     "Upstream unreachable",
-                    "The upstream could not be reached or broke the connection.",
+                    "The upstream could not be reached; nothing was sent to it.",
+                )
+            }
+            Ok(Err(e)) => {
+                let error = error_chain(&e);
+                tracing::warn!(upstream = %self.upstream, error, "upstream failed, request sent");
+                outcome_unknown(
+                    StatusCode::BAD_GATEWAY,
+                    "Upstream failed",
+                    "The upstream broke the connection after the request was sent.",
+                    keyed,
+                )
+            }
+            Err(_) => {
+                let abandon = self.abandon;
+                tracing::warn!(upstream = %self.upstream, ?abandon, "upstream exchange abandoned");
+                outcome_unknown(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "Upstream timeout",
+                    "The upstream did not answer within --upstream-abandon.",
+                    keyed,
                 )
             }
         }
@@ -187,6 +237,22 @@ fn append_forwarded_for(headers: &mut HeaderMap, ip: &str) {
     if let Ok(value) = HeaderValue::from_str(&value) {
         headers.insert(X_FORWARDED_FOR, value);
     }
+}
+
+/// A problem+json answer for an exchange that may have reached the upstream:
+/// it carries [`OutcomeUnknown`], so the key is left to its marker.
+fn outcome_unknown(status: StatusCode, title: &str, what: &str, keyed: bool) -> Response<Body> {
+    let detail = if keyed {
+        format!(
+            "{what} Whether it acted is not known: a retry with the same Idempotency-Key \
+             gets 409 until the key's in-flight marker expires (--lease-ttl)."
+        )
+    } else {
+        format!("{what} Whether it acted is not known.")
+    };
+    let mut response = problem(status, title, &detail);
+    response.extensions_mut().insert(OutcomeUnknown);
+    response
 }
 
 fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {

@@ -32,14 +32,18 @@ use tower::{BoxError, ServiceBuilder};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 use tower_idempotency::store::StoreAdmin;
-use tower_idempotency::{Concurrent, FailMode, Idempotency, IdempotencyLayer};
+use tower_idempotency::{
+    Concurrent, Disconnect, FailMode, Idempotency, IdempotencyLayer, OversizedResponse,
+};
 use tracing_subscriber::EnvFilter;
 
 mod admin;
 mod body_timeout;
 mod cli;
 mod connection;
+mod deadline;
 mod demo;
+mod exchange;
 mod forward;
 mod limits;
 mod page;
@@ -50,7 +54,9 @@ mod runtime_config;
 mod shutdown;
 
 use body_timeout::BodyTimeoutLayer;
-use cli::{Args, ConcurrentFlag};
+use cli::{Args, ConcurrentFlag, OversizedFlag};
+use deadline::{UpstreamDeadlineLayer, PROTECTED_METHODS};
+use exchange::Exchanges;
 use forward::Forwarder;
 use limits::EdgeStats;
 
@@ -186,7 +192,13 @@ async fn serve<S: StoreAdmin>(args: Args, engine: Idempotency<S>) -> Result<(), 
 
     let shutting_down = Arc::new(AtomicBool::new(false));
     let edge_stats = Arc::new(EdgeStats::default());
-    let forwarder = Forwarder::new(upstream.clone(), args.upstream_timeout);
+    let exchanges = Exchanges::new();
+    let forwarder = Forwarder::new(
+        upstream.clone(),
+        args.upstream_timeout,
+        args.upstream_abandon,
+        exchanges.clone(),
+    );
     let (app, waiting) = proxy_app(&args, &engine, forwarder, &edge_stats)?;
     let admin_app = admin::router(
         engine.clone(),
@@ -227,14 +239,26 @@ async fn serve<S: StoreAdmin>(args: Args, engine: Idempotency<S>) -> Result<(), 
     // proxy drains so a load balancer can see it.
     shutting_down.store(true, Ordering::SeqCst);
     let _ = stop_proxy.send(true);
-    match tokio::time::timeout(args.drain_timeout, proxy).await {
+    // Connections first, then the exchanges whose clients got their 504 and
+    // went: each holds a key until the upstream answers.
+    let drain = async {
+        let served = proxy.await;
+        exchanges.idle().await;
+        served
+    };
+    match tokio::time::timeout(args.drain_timeout, drain).await {
         Ok(Ok(())) => tracing::info!("drained"),
         Ok(Err(e)) => tracing::error!(error = %e, "proxy server task failed"),
         Err(_) => tracing::warn!(
             drain_timeout = ?args.drain_timeout,
-            "requests still in flight after the drain timeout; exiting anyway"
+            running = exchanges.running(),
+            "requests or upstream exchanges still running after the drain timeout; \
+             their keys are left to their markers; exiting anyway"
         ),
     }
+    // Whatever still runs may have reached the upstream: its key must not be
+    // freed as the process goes, only left to expire.
+    engine.abandon_leases();
     let _ = stop_admin.send(true);
     if tokio::time::timeout(Duration::from_secs(1), admin)
         .await
@@ -245,9 +269,11 @@ async fn serve<S: StoreAdmin>(args: Args, engine: Idempotency<S>) -> Result<(), 
     Ok(())
 }
 
-/// The proxy's service stack: request id and trace outside, the idempotency
-/// layer in front of the forwarder. Answers the app and the layer's gauge of
-/// waiting requests (for the admin server).
+/// The proxy's service stack: request id and trace outside, the client-facing
+/// upstream deadline above the idempotency layer (so a request that outlives
+/// it is finished in the background, see `deadline.rs`), the layer in front
+/// of the forwarder. Answers the app and the layer's gauge of waiting
+/// requests (for the admin server).
 fn proxy_app<S: StoreAdmin>(
     args: &Args,
     engine: &Idempotency<S>,
@@ -258,6 +284,14 @@ fn proxy_app<S: StoreAdmin>(
         .require_key(args.require_key)
         .max_request_body(args.max_body)
         .max_response_body(args.max_response_body)
+        .oversized_response(match args.oversized_response {
+            OversizedFlag::Head => OversizedResponse::RecordHead,
+            OversizedFlag::Release => OversizedResponse::Release,
+        })
+        .methods(PROTECTED_METHODS)
+        // The upstream deadline drops the layer's response future: the
+        // exchange must then run on, not be cancelled with its key released.
+        .disconnect(Disconnect::Complete)
         .fail_mode(if args.fail_open {
             FailMode::Open
         } else {
@@ -297,6 +331,7 @@ fn proxy_app<S: StoreAdmin>(
             args.edge.body_read_timeout,
             edge_stats.clone(),
         ))
+        .layer(UpstreamDeadlineLayer::new(args.upstream_timeout))
         .layer(layer)
         .service(forwarder);
     Ok((Router::new().fallback_service(service), waiting))

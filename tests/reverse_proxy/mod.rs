@@ -8,6 +8,7 @@ use crate::support::stores::cluster as cluster_support;
 mod config;
 mod edge;
 mod harness;
+mod hostile;
 mod http2;
 mod idempotency;
 mod page;
@@ -17,6 +18,7 @@ mod postgres_only;
 use crate::support::stores::postgres as postgres_support;
 #[cfg(feature = "redis")]
 mod redis_only;
+mod unclear;
 mod upstream;
 
 use std::time::Duration;
@@ -66,15 +68,15 @@ pub(crate) async fn redis_answers() -> bool {
     matches!(timeout(Duration::from_secs(2), ping).await, Ok(Some(true)))
 }
 
-/// Each behaviour of `idempotency` as a test on the embedded store and, with
-/// feature `redis`, one on Redis.
+/// Each behaviour of `idempotency` and `unclear` (`module::function`) as a
+/// test on the embedded store and, with feature `redis`, one on Redis.
 macro_rules! on_every_store {
-    ($($name:ident),* $(,)?) => {
+    ($($module:ident :: $name:ident),* $(,)?) => {
         mod memory {
             $(
                 #[tokio::test]
                 async fn $name() {
-                    crate::reverse_proxy::idempotency::$name(false).await;
+                    crate::reverse_proxy::$module::$name(false).await;
                 }
             )*
         }
@@ -88,7 +90,7 @@ macro_rules! on_every_store {
         "Redis does not answer on {}: start it (bash .ci/run does)",
         crate::reverse_proxy::redis_url()
     );
-                    crate::reverse_proxy::idempotency::$name(true).await;
+                    crate::reverse_proxy::$module::$name(true).await;
                 }
             )*
         }
@@ -96,16 +98,23 @@ macro_rules! on_every_store {
 }
 
 on_every_store!(
-    retry_is_replayed_and_runs_upstream_once,
-    duplicate_in_flight_is_409_under_reject,
-    duplicate_in_flight_is_coalesced_under_wait,
-    changed_body_is_422,
-    body_over_max_body_is_413,
-    server_errors_are_not_stored,
-    upstream_down_is_502_and_not_stored,
-    large_response_is_passed_through_not_stored,
-    require_key_refuses_keyless_posts,
-    admin_reports_a_known_sequence,
+    idempotency::retry_is_replayed_and_runs_upstream_once,
+    idempotency::duplicate_in_flight_is_409_under_reject,
+    idempotency::duplicate_in_flight_is_coalesced_under_wait,
+    idempotency::changed_body_is_422,
+    idempotency::body_over_max_body_is_413,
+    idempotency::server_errors_are_not_stored,
+    idempotency::upstream_down_is_502_and_not_stored,
+    idempotency::large_response_is_passed_through_not_stored,
+    idempotency::require_key_refuses_keyless_posts,
+    idempotency::admin_reports_a_known_sequence,
+    unclear::unclear_slow_upstream_runs_once_and_its_answer_is_replayed,
+    unclear::unclear_slow_upstream_answers_a_waiting_duplicate,
+    unclear::unclear_exchange_past_upstream_abandon_holds_the_key,
+    unclear::unclear_reset_after_the_request_runs_once_and_holds_the_key,
+    unclear::unclear_body_cut_off_after_its_head_runs_once_and_holds_the_key,
+    unclear::unclear_oversized_answer_runs_once_and_its_head_is_replayed,
+    unclear::unclear_connect_error_is_502_and_frees_the_key,
 );
 
 /// Polls `check` until it holds; every try is a real request, the whole wait
@@ -243,6 +252,8 @@ async fn admin_answers_health_stats_and_metrics() {
         "rejected_keys",
         "too_large",
         "not_stored",
+        "omitted",
+        "ambiguous",
         "store_errors",
         "expired",
         "evicted",

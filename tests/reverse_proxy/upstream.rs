@@ -40,6 +40,12 @@ pub(crate) struct Upstream {
 
 impl Upstream {
     pub(crate) async fn start() -> Upstream {
+        Self::start_at("http://127.0.0.1:0").await
+    }
+
+    /// [`Upstream::start`] on the address of `url` (one that was
+    /// [`dead_url`] until now, say).
+    pub(crate) async fn start_at(url: &str) -> Upstream {
         let (entered_tx, entered) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             executions: AtomicU64::new(0),
@@ -55,7 +61,8 @@ impl Upstream {
             .route("/echo", any(echo))
             .route("/echo/{*rest}", any(echo))
             .with_state(shared.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = url.trim_start_matches("http://");
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await });
         Upstream {
