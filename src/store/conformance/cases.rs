@@ -423,6 +423,6 @@ pub(super) async fn marker_expires_and_is_taken_over<S: StoreAdmin>(
 mod entries;
 
 pub(super) use entries::{
-    clear_removes_everything, corrupt_values, ping_answers, put_get_remove, record_expires,
-    scan_lists_live_entries,
+    admin_removal_and_pages, clear_removes_everything, corrupt_values, ping_answers,
+    put_get_remove, record_expires, scan_lists_live_entries,
 };
