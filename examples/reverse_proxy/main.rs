@@ -31,11 +31,12 @@ use tokio::sync::watch;
 use tower::{BoxError, ServiceBuilder};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
-use tower_idempotency::store::StoreAdmin;
+use tower_idempotency::store::{StoreAdmin, DEFAULT_MAX_ENTRIES};
 use tower_idempotency::{Concurrent, FailMode, Idempotency, IdempotencyLayer};
 use tracing_subscriber::EnvFilter;
 
 mod admin;
+mod admin_access;
 mod body_timeout;
 mod cli;
 mod connection;
@@ -70,12 +71,18 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("reverse_proxy: {e}");
-            ExitCode::FAILURE
+            // A mistake in the flags exits as clap's own do.
+            if e.is::<cli::UsageError>() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
 
 async fn run(args: Args) -> Result<(), BoxError> {
+    args.check()?;
     let concurrent = match args.concurrent {
         ConcurrentFlag::Reject => Concurrent::Reject,
         ConcurrentFlag::Wait => Concurrent::Wait {
@@ -98,9 +105,6 @@ async fn run(args: Args) -> Result<(), BoxError> {
             );
         }
     }
-    if args.redis_replicas.is_some() && args.redis.is_none() && args.redis_cluster.is_empty() {
-        return Err("--redis-replicas needs --redis or --redis-cluster".into());
-    }
     if args.redis.is_some() || !args.redis_cluster.is_empty() {
         #[cfg(feature = "redis")]
         {
@@ -120,7 +124,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
         .ttl(args.ttl)
         .lease_ttl(args.lease_ttl)
         .concurrent(concurrent)
-        .max_entries(args.max_entries)
+        .max_entries(args.max_entries.unwrap_or(DEFAULT_MAX_ENTRIES))
         .build()?;
     serve(args, engine).await
 }
@@ -166,6 +170,12 @@ async fn redis_engine(
 /// Binds both listeners, reports ready, serves until a signal, then drains.
 async fn serve<S: StoreAdmin>(args: Args, engine: Idempotency<S>) -> Result<(), BoxError> {
     let mut signals = shutdown::Signals::new()?;
+    let access = admin_access::Access::from_flags(
+        args.admin_access.admin_token_file.as_deref(),
+        std::env::var(admin_access::TOKEN_ENV).ok(),
+        args.admin_access.admin_token_reads,
+        &args.admin_access.admin_hosts,
+    )?;
     let upstream = match &args.upstream {
         Some(upstream) => upstream.clone(),
         None => {
@@ -193,6 +203,7 @@ async fn serve<S: StoreAdmin>(args: Args, engine: Idempotency<S>) -> Result<(), 
         waiting,
         shutting_down.clone(),
         edge_stats.clone(),
+        access,
     );
 
     let (stop_proxy, proxy_stopped) = watch::channel(false);
