@@ -6,6 +6,7 @@ mod support;
 
 mod postgres {
     mod http_layer;
+    mod paging;
     mod store;
     mod transaction;
 }

@@ -14,5 +14,6 @@ mod redis {
     mod faults;
     mod http_layer;
     mod outage;
+    mod paging;
     mod store;
 }

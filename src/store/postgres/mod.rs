@@ -414,7 +414,8 @@ impl StoreAdmin for PostgresStore {
         limit: usize,
     ) -> Result<KeyPage, StoreError> {
         let pattern = filter.pattern("%", like_escape);
-        let limit_sql = i64::try_from(limit).unwrap_or(i64::MAX);
+        // One row more than the page: whether a next page follows.
+        let limit_sql = i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX);
         let query = match cursor {
             None => sqlx::query(&self.inner.sql.page_first)
                 .bind(pattern)
@@ -433,7 +434,9 @@ impl StoreAdmin for PostgresStore {
             .iter()
             .map(convert::scan_entry)
             .collect::<Result<Vec<_>, _>>()?;
-        let next_cursor = (keys.len() == limit)
+        let more = keys.len() > limit;
+        keys.truncate(limit);
+        let next_cursor = more
             .then(|| keys.last().map(|last| encode_cursor(last.key.as_bytes())))
             .flatten();
         keys.retain(|entry| filter.matches(entry));
