@@ -9,7 +9,10 @@
 //! A POST or PATCH carrying `Idempotency-Key` runs upstream once; retries get
 //! the first response back with `idempotent-replayed: true`. The admin server
 //! (`--admin`, default 127.0.0.1:3002) answers `/` (the operator's page),
-//! `/stats`, `/metrics`, `/healthz`, `/keys` and `DELETE /keys/{key}`.
+//! `/stats`, `/metrics`, `/healthz`, `/keys` (a page at a time), `/config`
+//! and `DELETE /keys/{key}`; writes need the admin token
+//! (`--admin-token-file`), and only its own names are answered
+//! (`admin_access.rs`).
 //! Clients are held to the edge limits of `limits.rs` (header, body and idle
 //! timeouts, a connection cap, an HTTP/2 stream cap). `RUST_LOG` sets the
 //! log level.
