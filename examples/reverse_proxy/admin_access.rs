@@ -92,7 +92,7 @@ impl Access {
         bare.parse::<IpAddr>().is_ok()
             || name == "localhost"
             || name.ends_with(".localhost")
-            || self.hosts.iter().any(|allowed| *allowed == name)
+            || self.hosts.contains(&name)
     }
 }
 

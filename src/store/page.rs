@@ -151,7 +151,7 @@ pub(crate) fn encode_cursor(bytes: &[u8]) -> String {
 
 /// The bytes of a cursor written by [`encode_cursor`].
 pub(crate) fn decode_cursor(cursor: &str) -> Result<Vec<u8>, super::StoreError> {
-    if cursor.len() % 2 != 0 {
+    if !cursor.len().is_multiple_of(2) {
         return Err(bad_cursor());
     }
     (0..cursor.len())

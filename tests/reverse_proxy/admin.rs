@@ -223,7 +223,7 @@ async fn foreign_host_names_get_421_and_every_answer_is_stamped() {
     for tag in ["script", "style"] {
         let start = html.find(&format!("<{tag}>")).unwrap() + tag.len() + 2;
         let end = start + html[start..].find(&format!("</{tag}>")).unwrap();
-        let hash = base64(&Sha256::digest(html[start..end].as_bytes()));
+        let hash = base64(&Sha256::digest(&html.as_bytes()[start..end]));
         assert!(
             policy.contains(&format!("{tag}-src 'sha256-{hash}'")),
             "{tag}: {policy}"
