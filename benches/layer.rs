@@ -290,6 +290,14 @@ impl StoreAdmin for Counting {
         self.store.remove(key).await
     }
 
+    async fn remove_unless_in_flight(
+        &self,
+        key: &str,
+    ) -> Result<tower_idempotency::store::Removal, StoreError> {
+        self.other();
+        self.store.remove_unless_in_flight(key).await
+    }
+
     async fn clear(&self) -> Result<(), StoreError> {
         self.store.clear().await
     }

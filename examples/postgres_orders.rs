@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! cargo run --example postgres_orders --features postgres -- \
-//!     [--listen 127.0.0.1:3002] [--database postgres://postgres@127.0.0.1:5432/test]
+//!     [--listen 127.0.0.1:3004] [--database postgres://postgres@127.0.0.1:5432/test]
 //! ```
 //!
 //! `POST /orders` with an `Idempotency-Key` header and `{"item": "..."}`
@@ -33,7 +33,7 @@ use tower_idempotency::{Concurrent, ExecuteError, Idempotency, IdempotencyKey};
 #[command(about = "An orders API on Postgres, created exactly once per Idempotency-Key")]
 struct Args {
     /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1:3002")]
+    #[arg(long, default_value = "127.0.0.1:3004")]
     listen: SocketAddr,
     /// The database.
     #[arg(

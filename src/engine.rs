@@ -67,13 +67,13 @@ mod configure;
 mod handle;
 mod retry;
 
+pub use crate::store::KeyFilter;
 #[cfg(feature = "redis")]
 pub(crate) use config::check_duration;
 pub use config::{
     Concurrent, Config, ConfigError, IdempotencyBuilder, IntoStore, LeaseExpiry, DEFAULT_LEASE_TTL,
     DEFAULT_TTL, DEFAULT_WAIT_TIMEOUT, MAX_DURATION,
 };
-pub use handle::KeyFilter;
 
 use std::borrow::Borrow;
 use std::collections::HashSet;

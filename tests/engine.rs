@@ -101,6 +101,12 @@ impl StoreAdmin for CountingStore {
     async fn remove(&self, key: &str) -> Result<bool, StoreError> {
         self.inner.remove(key).await
     }
+    async fn remove_unless_in_flight(
+        &self,
+        key: &str,
+    ) -> Result<tower_idempotency::store::Removal, StoreError> {
+        self.inner.remove_unless_in_flight(key).await
+    }
     async fn clear(&self) -> Result<(), StoreError> {
         self.inner.clear().await
     }
@@ -521,8 +527,14 @@ async fn queries_and_maintenance_work_through_the_handle(store: TestStore) {
         .await
         .unwrap()
         .is_none());
-    assert!(engine.remove("evt1:send:slack").await.unwrap());
-    assert!(!engine.remove("evt1:send:slack").await.unwrap());
+    assert_eq!(
+        engine.remove("evt1:send:slack").await.unwrap(),
+        tower_idempotency::store::Removal::Removed
+    );
+    assert_eq!(
+        engine.remove("evt1:send:slack").await.unwrap(),
+        tower_idempotency::store::Removal::Absent
+    );
     engine.clear().await.unwrap();
     assert_eq!(engine.cache_info().await.unwrap().entries, 0);
 

@@ -14,6 +14,7 @@ mod redis {
     mod faults;
     mod http_layer;
     mod outage;
+    mod paging;
     mod replica_wait;
     mod store;
 }

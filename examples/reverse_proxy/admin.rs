@@ -1,8 +1,9 @@
 //! The admin server: counters, Prometheus metrics, health, the keys the
-//! store holds and the configuration (`/config`, changed at run time), all
-//! through the engine handle.
+//! store holds (a page at a time) and the configuration (`/config`, changed
+//! at run time), all through the engine handle. Who may ask is
+//! `admin_access.rs`'s business.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,8 +20,10 @@ use prometheus_client::registry::Registry;
 use serde::Deserialize;
 use serde_json::json;
 use tower_http::timeout::TimeoutLayer;
-use tower_idempotency::store::StoreAdmin;
+use tower_idempotency::store::{Removal, StoreAdmin, StoreError, MAX_PAGE_LIMIT};
 use tower_idempotency::{CacheInfo, Idempotency, KeyFilter, StatsSnapshot};
+
+use crate::admin_access::{self, Access};
 
 use crate::limits::EdgeStats;
 use crate::page::{self, RequestCount};
@@ -39,6 +42,8 @@ pub(crate) struct AdminState<S> {
     waiting: Waiting,
     shutting_down: Arc<AtomicBool>,
     edge: Arc<EdgeStats>,
+    /// In-flight keys deleted with `?in_flight=true`.
+    admin_deletes: Arc<AtomicU64>,
 }
 
 impl<S> Clone for AdminState<S> {
@@ -48,17 +53,19 @@ impl<S> Clone for AdminState<S> {
             waiting: self.waiting.clone(),
             shutting_down: self.shutting_down.clone(),
             edge: self.edge.clone(),
+            admin_deletes: self.admin_deletes.clone(),
         }
     }
 }
 
-/// The admin routes over `engine` and the edge limits' `edge` counters;
-/// `/healthz` fails once `shutting_down` is set.
+/// The admin routes over `engine` and the edge limits' `edge` counters,
+/// answered under `access`; `/healthz` fails once `shutting_down` is set.
 pub(crate) fn router<S: StoreAdmin>(
     engine: Idempotency<S>,
     waiting: Waiting,
     shutting_down: Arc<AtomicBool>,
     edge: Arc<EdgeStats>,
+    access: Access,
 ) -> Router {
     let counter = engine.clone();
     let requests: RequestCount = Box::new(move || counter.stats().requests);
@@ -84,12 +91,18 @@ pub(crate) fn router<S: StoreAdmin>(
             waiting,
             shutting_down,
             edge,
+            admin_deletes: Arc::default(),
         })
+        .layer(axum::middleware::from_fn_with_state(
+            access,
+            admin_access::guard,
+        ))
 }
 
-/// The store's info, or `None` (and zeros in the answers) when it is down.
+/// The store's info from its counters or an estimate (never a walk of the
+/// keys per request), or `None` (and zeros in the answers) when it is down.
 async fn cache_info<S: StoreAdmin>(engine: &Idempotency<S>) -> Option<CacheInfo> {
-    match tokio::time::timeout(PING_TIMEOUT, engine.cache_info()).await {
+    match tokio::time::timeout(PING_TIMEOUT, engine.cache_info_estimate()).await {
         Ok(Ok(info)) => Some(info),
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "store did not answer cache info");
@@ -140,6 +153,8 @@ async fn stats<S: StoreAdmin>(State(state): State<AdminState<S>>) -> impl IntoRe
         "header_timeouts": EdgeStats::get(&state.edge.header_timeouts),
         "body_timeouts": EdgeStats::get(&state.edge.body_timeouts),
         "idle_closed": EdgeStats::get(&state.edge.idle_closed),
+        "write_timeouts": EdgeStats::get(&state.edge.write_timeouts),
+        "admin_deletes": state.admin_deletes.load(Ordering::Relaxed),
     }))
 }
 
@@ -154,6 +169,11 @@ async fn metrics<S: StoreAdmin>(State(state): State<AdminState<S>>) -> Response<
         ConstCounter::new(state.engine.unacknowledged_writes()),
     );
     register_edge(&mut registry, &state.edge);
+    registry.register(
+        "admin_deletes",
+        "In-flight keys deleted through the admin server (?in_flight=true)",
+        ConstCounter::new(state.admin_deletes.load(Ordering::Relaxed)),
+    );
     let mut text = String::new();
     if let Err(e) = encode(&mut text, &registry) {
         return problem(
@@ -321,6 +341,11 @@ fn register_edge(registry: &mut Registry, edge: &EdgeStats) {
             "Keep-alive connections closed for idling too long",
             &edge.idle_closed,
         ),
+        (
+            "write_timeouts",
+            "Responses cut off because the client took none of their bytes in time",
+            &edge.write_timeouts,
+        ),
     ];
     for (name, help, counter) in counters {
         registry.register(name, help, ConstCounter::new(EdgeStats::get(counter)));
@@ -361,13 +386,31 @@ struct KeysQuery {
     signal: Option<String>,
     action: Option<String>,
     target: Option<String>,
+    limit: Option<String>,
+    cursor: Option<String>,
 }
 
-/// The live keys, filtered by the components of their text form.
+/// Keys a page holds unless `limit` says otherwise.
+const DEFAULT_PAGE_LIMIT: usize = 100;
+
+/// One page of the live keys, filtered by the components of their text
+/// form: `{"keys": [...], "next_cursor": "..." | null}`.
 async fn keys<S: StoreAdmin>(
     State(state): State<AdminState<S>>,
-    Query(query): Query<KeysQuery>,
+    query: Result<Query<KeysQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response<Body> {
+    let Ok(Query(query)) = query else {
+        return bad_request("The query of /keys is signal, action, target, limit and cursor.");
+    };
+    let limit = match query.limit.as_deref().map(str::parse::<usize>) {
+        None => DEFAULT_PAGE_LIMIT,
+        Some(Ok(limit)) if (1..=MAX_PAGE_LIMIT).contains(&limit) => limit,
+        Some(_) => {
+            return bad_request(&format!(
+                "limit is a number of keys from 1 to {MAX_PAGE_LIMIT}."
+            ))
+        }
+    };
     let mut filter = KeyFilter::new();
     if let Some(signal) = query.signal.filter(|s| !s.is_empty()) {
         filter = filter.signal(signal);
@@ -378,27 +421,78 @@ async fn keys<S: StoreAdmin>(
     if let Some(target) = query.target.filter(|s| !s.is_empty()) {
         filter = filter.target(target);
     }
-    match state.engine.keys(&filter).await {
-        Ok(entries) => Json(entries).into_response(),
+    let cursor = query.cursor.filter(|c| !c.is_empty());
+    match state
+        .engine
+        .keys_page(&filter, cursor.as_deref(), limit)
+        .await
+    {
+        Ok(page) => Json(page).into_response(),
+        Err(StoreError::InvalidCursor) => {
+            bad_request("cursor is not one a page of /keys answered (use its next_cursor).")
+        }
         Err(e) => store_down(&e),
     }
 }
 
+#[derive(Debug, Deserialize)]
+struct DeleteQuery {
+    #[serde(default)]
+    in_flight: bool,
+}
+
 /// Deletes one key (its text form, URL-encoded in the path): the next request
-/// with it runs upstream again.
+/// with it runs upstream again. An in-flight key is refused (409) unless
+/// `?in_flight=true`: then a retry may run while the first is still running.
 async fn delete_key<S: StoreAdmin>(
     State(state): State<AdminState<S>>,
     Path(key): Path<String>,
+    query: Result<Query<DeleteQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response<Body> {
-    match state.engine.remove(&key).await {
-        Ok(true) => StatusCode::NO_CONTENT.into_response(),
-        Ok(false) => problem(
+    let Ok(Query(query)) = query else {
+        return bad_request("The query of DELETE /keys/{key} is in_flight=true or nothing.");
+    };
+    let removal = match state.engine.remove(&key).await {
+        Ok(removal) => removal,
+        Err(e) => return store_down(&e),
+    };
+    match removal {
+        Removal::Removed => StatusCode::NO_CONTENT.into_response(),
+        Removal::Absent => problem(
             StatusCode::NOT_FOUND,
             "No such key",
             &format!("The store holds nothing under {key:?}."),
         ),
-        Err(e) => store_down(&e),
+        Removal::InFlight if !query.in_flight => problem(
+            StatusCode::CONFLICT,
+            "Key in flight",
+            &format!(
+                "{key:?} is in flight: its request is running (or its lease has not run out). \
+                 Deleting it lets a retry run while the first may still be running; add \
+                 ?in_flight=true to delete it anyway."
+            ),
+        ),
+        Removal::InFlight => match state.engine.remove_in_flight(&key).await {
+            Ok(removed) => {
+                if removed {
+                    tracing::warn!(key = %key, "in-flight key deleted through the admin server");
+                    state.admin_deletes.fetch_add(1, Ordering::Relaxed);
+                    StatusCode::NO_CONTENT.into_response()
+                } else {
+                    problem(
+                        StatusCode::NOT_FOUND,
+                        "No such key",
+                        &format!("{key:?} ended before it could be deleted."),
+                    )
+                }
+            }
+            Err(e) => store_down(&e),
+        },
     }
+}
+
+fn bad_request(detail: &str) -> Response<Body> {
+    problem(StatusCode::BAD_REQUEST, "Invalid admin request", detail)
 }
 
 fn store_down(error: &dyn std::error::Error) -> Response<Body> {

@@ -1,6 +1,7 @@
 //! Command-line flags.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
@@ -81,9 +82,11 @@ pub(crate) struct Args {
     #[arg(long, default_value = "60", value_parser = parse_seconds)]
     pub(crate) lease_ttl: Duration,
 
-    /// Most entries the in-memory store holds (ignored with --redis).
-    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
-    pub(crate) max_entries: u64,
+    /// Most entries the in-memory store holds [default: 10000] (the
+    /// embedded store only: refused with --redis, --redis-cluster or
+    /// --postgres).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub(crate) max_entries: Option<u64>,
 
     /// Largest request body accepted on a protected request, in bytes (413 above).
     #[arg(long, default_value_t = 1 << 20)]
@@ -148,6 +151,74 @@ pub(crate) struct Args {
 
     #[command(flatten)]
     pub(crate) edge: EdgeArgs,
+
+    #[command(flatten)]
+    pub(crate) admin_access: AdminAccessArgs,
+}
+
+/// Who may use the admin server (admin_access.rs).
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct AdminAccessArgs {
+    /// A file holding the admin token (only its owner may read it: a group-
+    /// or world-readable file is refused). Admin writes (PUT /config,
+    /// DELETE /keys/*) need `Authorization: Bearer <token>`; without a token
+    /// (this flag or IDEMPOTENCY_ADMIN_TOKEN) the admin server is read-only.
+    #[arg(long, value_name = "PATH")]
+    pub(crate) admin_token_file: Option<PathBuf>,
+
+    /// Reads (/stats, /metrics, /healthz, /keys, /rate, GET /config) need the
+    /// admin token too; the page (/) then asks for it once.
+    #[arg(long)]
+    pub(crate) admin_token_reads: bool,
+
+    /// A name the admin server answers to besides IP addresses and
+    /// localhost (repeatable). Requests for any other `Host` get 421, so a
+    /// web page cannot reach the admin server through DNS rebinding.
+    #[arg(long = "admin-host", value_name = "NAME")]
+    pub(crate) admin_hosts: Vec<String>,
+}
+
+/// A mistake in the flags, found before anything starts: exit code 2.
+#[derive(Debug)]
+pub(crate) struct UsageError(String);
+
+impl UsageError {
+    pub(crate) fn new(message: impl Into<String>) -> Self {
+        Self(message.into())
+    }
+}
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+impl Args {
+    /// Refuses combinations of flags that cannot all be honoured.
+    pub(crate) fn check(&self) -> Result<(), UsageError> {
+        let redis = self.redis.is_some() || !self.redis_cluster.is_empty();
+        let remote = redis || self.postgres.is_some();
+        if self.redis_replicas.is_some() && self.postgres.is_some() {
+            return Err(UsageError::new(
+                "--redis-replicas applies to a Redis store, not to --postgres",
+            ));
+        }
+        if self.redis_replicas.is_some() && !redis {
+            return Err(UsageError::new(
+                "--redis-replicas needs --redis or --redis-cluster",
+            ));
+        }
+        if self.max_entries.is_some() && remote {
+            return Err(UsageError::new(
+                "--max-entries bounds the embedded store; it does not apply with \
+                 --redis, --redis-cluster or --postgres",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// `--concurrent`.

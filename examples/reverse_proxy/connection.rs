@@ -1,5 +1,6 @@
 //! One client connection's clock: how long it may take to send a request
-//! head, and how long it may sit idle between requests.
+//! head, how long it may sit idle between requests, and how long it may
+//! leave the proxy's response bytes untaken.
 //!
 //! The clock lives in the connection's socket ([`Watched`]), not in hyper:
 //! hyper's own HTTP/1 header timeout closes without a word and also times
@@ -205,6 +206,10 @@ pub(crate) struct Watched<IO> {
     protocol: Protocol,
     first_bytes: Vec<u8>,
     expired: Option<Expired>,
+    /// Runs while a write waits for the client to take bytes.
+    write_timer: Pin<Box<Sleep>>,
+    /// When the waiting write gives up; `None` while writes go through.
+    write_deadline: Option<Instant>,
 }
 
 impl<IO> Watched<IO> {
@@ -218,6 +223,46 @@ impl<IO> Watched<IO> {
             protocol: Protocol::Unknown,
             first_bytes: Vec::new(),
             expired: None,
+            write_timer: Box::pin(tokio::time::sleep_until(Instant::now())),
+            write_deadline: None,
+        }
+    }
+
+    /// Passes a write's answer through; a write that has waited for the
+    /// client longer than the response write timeout fails instead, and
+    /// hyper closes the connection (every stream on HTTP/2).
+    fn timed_write<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        answer: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if answer.is_ready() {
+            self.write_deadline = None;
+            return answer;
+        }
+        let deadline = match self.write_deadline {
+            Some(deadline) => deadline,
+            None => {
+                let deadline = Instant::now() + self.clock.limits.response_write_timeout;
+                self.write_timer.as_mut().reset(deadline);
+                self.write_deadline = Some(deadline);
+                deadline
+            }
+        };
+        match self.write_timer.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                EdgeStats::incr(&self.stats.write_timeouts);
+                tracing::debug!(
+                    waited = ?self.clock.limits.response_write_timeout,
+                    ?deadline,
+                    "the client took no response bytes in time; closing the connection"
+                );
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the client took no response bytes in time",
+                )))
+            }
+            Poll::Pending => Poll::Pending,
         }
     }
 
@@ -323,7 +368,8 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let answer = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.timed_write(cx, answer)
     }
 
     fn poll_write_vectored(
@@ -331,7 +377,8 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let answer = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.timed_write(cx, answer)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -339,7 +386,8 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        let answer = Pin::new(&mut self.io).poll_flush(cx);
+        self.timed_write(cx, answer)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -52,6 +52,13 @@ pub(crate) struct EdgeArgs {
     /// that opens more gets REFUSED_STREAM for them.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
     pub(crate) http2_max_streams: u32,
+
+    /// Longest time a client may take none of a response's bytes, in
+    /// seconds, while the proxy has some to send: past it the connection is
+    /// closed and its slot freed (on HTTP/2, with its streams). The action's
+    /// result is recorded all the same, as when a client disconnects.
+    #[arg(long, default_value = "30", value_parser = parse_seconds)]
+    pub(crate) response_write_timeout: Duration,
 }
 
 /// The time limits a connection's clock applies.
@@ -59,6 +66,7 @@ pub(crate) struct EdgeArgs {
 pub(crate) struct Limits {
     pub(crate) header_read_timeout: Duration,
     pub(crate) idle_timeout: Duration,
+    pub(crate) response_write_timeout: Duration,
 }
 
 /// What the limits did, for `/stats` and `/metrics`.
@@ -74,6 +82,9 @@ pub(crate) struct EdgeStats {
     pub(crate) body_timeouts: AtomicU64,
     /// Keep-alive connections closed for idling past `--idle-timeout`.
     pub(crate) idle_closed: AtomicU64,
+    /// Connections closed because the client took no response bytes for
+    /// `--response-write-timeout`.
+    pub(crate) write_timeouts: AtomicU64,
 }
 
 impl EdgeStats {
@@ -99,6 +110,7 @@ pub(crate) async fn serve(
     let limits = Limits {
         header_read_timeout: edge.header_read_timeout,
         idle_timeout: edge.idle_timeout,
+        response_write_timeout: edge.response_write_timeout,
     };
     let builder = http_builder(edge);
     let slots = Arc::new(Semaphore::new(edge.max_connections as usize));

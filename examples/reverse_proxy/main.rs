@@ -9,7 +9,10 @@
 //! A POST or PATCH carrying `Idempotency-Key` runs upstream once; retries get
 //! the first response back with `idempotent-replayed: true`. The admin server
 //! (`--admin`, default 127.0.0.1:3002) answers `/` (the operator's page),
-//! `/stats`, `/metrics`, `/healthz`, `/keys` and `DELETE /keys/{key}`.
+//! `/stats`, `/metrics`, `/healthz`, `/keys` (a page at a time), `/config`
+//! and `DELETE /keys/{key}`; writes need the admin token
+//! (`--admin-token-file`), and only its own names are answered
+//! (`admin_access.rs`).
 //! Clients are held to the edge limits of `limits.rs` (header, body and idle
 //! timeouts, a connection cap, an HTTP/2 stream cap). `RUST_LOG` sets the
 //! log level.
@@ -31,13 +34,14 @@ use tokio::sync::watch;
 use tower::{BoxError, ServiceBuilder};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
-use tower_idempotency::store::StoreAdmin;
+use tower_idempotency::store::{StoreAdmin, DEFAULT_MAX_ENTRIES};
 use tower_idempotency::{
     Concurrent, Disconnect, FailMode, Idempotency, IdempotencyLayer, OversizedResponse,
 };
 use tracing_subscriber::EnvFilter;
 
 mod admin;
+mod admin_access;
 mod body_timeout;
 mod cli;
 mod connection;
@@ -76,12 +80,18 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("reverse_proxy: {e}");
-            ExitCode::FAILURE
+            // A mistake in the flags exits as clap's own do.
+            if e.is::<cli::UsageError>() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
 
 async fn run(args: Args) -> Result<(), BoxError> {
+    args.check()?;
     let concurrent = match args.concurrent {
         ConcurrentFlag::Reject => Concurrent::Reject,
         ConcurrentFlag::Wait => Concurrent::Wait {
@@ -104,9 +114,6 @@ async fn run(args: Args) -> Result<(), BoxError> {
             );
         }
     }
-    if args.redis_replicas.is_some() && args.redis.is_none() && args.redis_cluster.is_empty() {
-        return Err("--redis-replicas needs --redis or --redis-cluster".into());
-    }
     if args.redis.is_some() || !args.redis_cluster.is_empty() {
         #[cfg(feature = "redis")]
         {
@@ -126,7 +133,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
         .ttl(args.ttl)
         .lease_ttl(args.lease_ttl)
         .concurrent(concurrent)
-        .max_entries(args.max_entries)
+        .max_entries(args.max_entries.unwrap_or(DEFAULT_MAX_ENTRIES))
         .build()?;
     serve(args, engine).await
 }
@@ -172,6 +179,12 @@ async fn redis_engine(
 /// Binds both listeners, reports ready, serves until a signal, then drains.
 async fn serve<S: StoreAdmin>(args: Args, engine: Idempotency<S>) -> Result<(), BoxError> {
     let mut signals = shutdown::Signals::new()?;
+    let access = admin_access::Access::from_flags(
+        args.admin_access.admin_token_file.as_deref(),
+        std::env::var(admin_access::TOKEN_ENV).ok(),
+        args.admin_access.admin_token_reads,
+        &args.admin_access.admin_hosts,
+    )?;
     let upstream = match &args.upstream {
         Some(upstream) => upstream.clone(),
         None => {
@@ -205,6 +218,7 @@ async fn serve<S: StoreAdmin>(args: Args, engine: Idempotency<S>) -> Result<(), 
         waiting,
         shutting_down.clone(),
         edge_stats.clone(),
+        access,
     );
 
     let (stop_proxy, proxy_stopped) = watch::channel(false);

@@ -1,11 +1,16 @@
 //! The operator's page: one self-contained HTML file (inline CSS, SVG and
 //! script, nothing fetched from elsewhere, so it works offline) that reads
-//! `/stats`, `/keys` and `/rate` every few seconds, and the request rate
-//! history behind `/rate`, sampled here so the chart has the last minutes
-//! even when the page was just opened.
+//! `/stats` and `/rate` every few seconds and lists `/keys` a page at a time
+//! when asked, and the request rate history behind `/rate`, sampled here so
+//! the chart has the last minutes even when the page was just opened.
+//!
+//! The page is served with a `Content-Security-Policy` that lets run only
+//! its own inline script and style, by their SHA-256, computed here from
+//! the page's text when the proxy starts (an edit of the page can never
+//! leave a stale hash behind).
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::Duration;
 
 use axum::extract::State;
@@ -14,8 +19,60 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
+use sha2::{Digest, Sha256};
 
 const PAGE: &str = include_str!("page.html");
+
+/// The page's policy: nothing from elsewhere, no framing, and only the
+/// inline script and style whose hashes it names.
+static POLICY: LazyLock<HeaderValue> = LazyLock::new(|| {
+    let policy = format!(
+        "default-src 'none'; script-src '{}'; style-src '{}'; connect-src 'self'; \
+         img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+        hash_of(inline(PAGE, "script")),
+        hash_of(inline(PAGE, "style")),
+    );
+    HeaderValue::from_str(&policy)
+        .unwrap_or_else(|_| HeaderValue::from_static("default-src 'none'"))
+});
+
+/// The text of the page's one inline `<tag>` element.
+fn inline<'a>(page: &'a str, tag: &str) -> &'a str {
+    let open = format!("<{tag}>");
+    let close = format!("</{tag}>");
+    let Some(start) = page.find(&open).map(|at| at + open.len()) else {
+        return "";
+    };
+    let end = page[start..]
+        .find(&close)
+        .map_or(page.len(), |at| start + at);
+    &page[start..end]
+}
+
+/// A CSP hash source: `sha256-` and the base64 of the text's SHA-256.
+fn hash_of(text: &str) -> String {
+    format!("sha256-{}", base64(&Sha256::digest(text.as_bytes())))
+}
+
+/// Standard base64, with padding.
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
 
 /// How often the request counter is sampled.
 const SAMPLE_EVERY: Duration = Duration::from_secs(5);
@@ -84,9 +141,9 @@ pub(crate) fn router<T: Clone + Send + Sync + 'static>(requests: RequestCount) -
 
 async fn page() -> Response {
     let mut response = Html(PAGE).into_response();
-    response
-        .headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_SECURITY_POLICY, POLICY.clone());
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     response
 }
 
@@ -95,4 +152,20 @@ async fn rate(State(history): State<Arc<RequestHistory>>) -> Json<serde_json::Va
         "interval_secs": SAMPLE_EVERY.as_secs(),
         "requests_per_second": history.rates(),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn base64_matches_the_rfc_examples() {
+        for (text, encoded) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(super::base64(text.as_bytes()), encoded);
+        }
+    }
 }

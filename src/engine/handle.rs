@@ -6,10 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::Idempotency;
-use crate::key::IdempotencyKey;
 use crate::record::Record;
 use crate::stats::{CacheInfo, Stats, StatsSnapshot};
-use crate::store::{Entry, EntryKind, ScanEntry, Store, StoreAdmin, StoreError};
+use crate::store::{
+    Entry, EntryKind, KeyFilter, KeyPage, Removal, ScanEntry, Store, StoreAdmin, StoreError,
+    MAX_PAGE_LIMIT,
+};
 
 impl<S: Store> Idempotency<S> {
     /// The counters, with the store's own `expired` and `evicted` counts.
@@ -87,6 +89,19 @@ impl<S: StoreAdmin> Idempotency<S> {
         self.inner.store.unacknowledged_writes()
     }
 
+    /// Entries held, the entry bound, and bytes held, from the store's
+    /// counters or an estimate at most
+    /// [`ESTIMATE_MAX_AGE`](crate::store::ESTIMATE_MAX_AGE) old: never a walk
+    /// of the entries per call, so a dashboard may poll it (the proxy's
+    /// `/stats`). [`cache_info`](Self::cache_info) counts exactly.
+    ///
+    /// # Errors
+    ///
+    /// The [`StoreError`] of a store that failed.
+    pub async fn cache_info_estimate(&self) -> Result<CacheInfo, StoreError> {
+        self.inner.store.info_estimate().await
+    }
+
     /// Checks that the store answers.
     ///
     /// # Errors
@@ -116,6 +131,26 @@ impl<S: StoreAdmin> Idempotency<S> {
             .into_iter()
             .filter(|entry| filter.matches(entry))
             .collect())
+    }
+
+    /// One page of the live keys that match `filter`: at most `limit` (cut
+    /// to [`MAX_PAGE_LIMIT`]) from `cursor` (`None` for the first page, else
+    /// the [`KeyPage::next_cursor`] of the page before). A page costs about
+    /// the same however many keys the store holds, where the store can; see
+    /// [`StoreAdmin::page`].
+    ///
+    /// # Errors
+    ///
+    /// The [`StoreError`] of a store that failed;
+    /// [`StoreError::InvalidCursor`] for a cursor the store did not answer.
+    pub async fn keys_page(
+        &self,
+        filter: &KeyFilter,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<KeyPage, StoreError> {
+        let limit = limit.clamp(1, MAX_PAGE_LIMIT);
+        self.inner.store.page(filter, cursor, limit).await
     }
 
     /// The live keys whose signal is `signal`.
@@ -154,14 +189,28 @@ impl<S: StoreAdmin> Idempotency<S> {
         self.keys(&KeyFilter::new().expiring_within(within)).await
     }
 
-    /// Deletes what `key` holds (a record, or a marker: then a retry may run
-    /// the action while the first run is still going). Answers whether there
-    /// was anything.
+    /// Deletes the record `key` holds, so the next request with it runs the
+    /// action again; leaves an in-flight marker in place and answers
+    /// [`Removal::InFlight`] (deleting it would let a retry run the action
+    /// while the first run is still going). The check and the delete are one
+    /// atomic step in the store.
     ///
     /// # Errors
     ///
     /// The [`StoreError`] of a store that failed.
-    pub async fn remove(&self, key: &str) -> Result<bool, StoreError> {
+    pub async fn remove(&self, key: &str) -> Result<Removal, StoreError> {
+        self.inner.store.remove_unless_in_flight(key).await
+    }
+
+    /// Deletes what `key` holds, an in-flight marker too: then a retry may
+    /// run the action while the first run is still going. The way out of a
+    /// marker that [`LeaseExpiry::Block`](crate::LeaseExpiry::Block) keeps
+    /// until the record TTL. Answers whether there was anything.
+    ///
+    /// # Errors
+    ///
+    /// The [`StoreError`] of a store that failed.
+    pub async fn remove_in_flight(&self, key: &str) -> Result<bool, StoreError> {
         self.inner.store.remove(key).await
     }
 
@@ -195,83 +244,11 @@ impl<S: StoreAdmin> Idempotency<S> {
         records.sort_by_key(|entry| (entry.created_at_ms, entry.expires_in));
         let mut removed = 0;
         for entry in records.into_iter().take(n) {
-            if self.remove(&entry.key).await? {
+            if self.remove(&entry.key).await? == Removal::Removed {
                 removed += 1;
                 Stats::incr(&self.inner.stats.here().evicted);
             }
         }
         Ok(removed)
-    }
-}
-
-/// Which keys [`Idempotency::keys`] lists. Components match the parts of an
-/// [`IdempotencyKey`]; a key that is not in that form matches only a filter
-/// on nothing but expiry.
-///
-/// ```
-/// use std::time::Duration;
-/// use tower_idempotency::KeyFilter;
-///
-/// let filter = KeyFilter::new().action("create_task").expiring_within(Duration::from_secs(60));
-/// # drop(filter);
-/// ```
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct KeyFilter {
-    signal: Option<String>,
-    action: Option<String>,
-    target: Option<String>,
-    expiring_within: Option<Duration>,
-}
-
-impl KeyFilter {
-    /// A filter that matches every key.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Only keys with this signal.
-    pub fn signal(mut self, signal: impl Into<String>) -> Self {
-        self.signal = Some(signal.into());
-        self
-    }
-
-    /// Only keys with this action.
-    pub fn action(mut self, action: impl Into<String>) -> Self {
-        self.action = Some(action.into());
-        self
-    }
-
-    /// Only keys with this target.
-    pub fn target(mut self, target: impl Into<String>) -> Self {
-        self.target = Some(target.into());
-        self
-    }
-
-    /// Only keys that expire within `within`.
-    pub fn expiring_within(mut self, within: Duration) -> Self {
-        self.expiring_within = Some(within);
-        self
-    }
-
-    /// Whether `entry` passes the filter.
-    pub fn matches(&self, entry: &ScanEntry) -> bool {
-        if self
-            .expiring_within
-            .is_some_and(|within| entry.expires_in > within)
-        {
-            return false;
-        }
-        if self.signal.is_none() && self.action.is_none() && self.target.is_none() {
-            return true;
-        }
-        let Ok(key) = IdempotencyKey::parse(&entry.key) else {
-            return false;
-        };
-        let component = |wanted: &Option<String>, actual: &str| {
-            wanted.as_deref().is_none_or(|wanted| wanted == actual)
-        };
-        component(&self.signal, key.signal())
-            && component(&self.action, key.action())
-            && component(&self.target, key.target())
     }
 }

@@ -218,6 +218,13 @@ fn write_escaped(f: &mut fmt::Formatter<'_>, component: &str) -> fmt::Result {
     result
 }
 
+/// `component` as a key's text form holds it (`:` and `%` escaped).
+pub(crate) fn escaped(component: &str) -> String {
+    let mut text = String::with_capacity(component.len());
+    push_escaped(&mut text, component);
+    text
+}
+
 fn push_escaped(text: &mut String, component: &str) {
     escape_into(component, |piece| text.push_str(piece));
 }

@@ -18,8 +18,8 @@ mod tee;
 pub use body::{BoxError, RequestBody, ResponseBody};
 pub use builder::IdempotencyLayerBuilder;
 pub use future::ResponseFuture;
-pub use grpc::GrpcCode;
 pub(crate) use grpc::answer as grpc_answer;
+pub use grpc::GrpcCode;
 pub use layer::{
     Disconnect, FailMode, IdempotencyLayer, OutcomeUnknown, OversizedResponse, UnclearOutcome,
     DEFAULT_GRPC_REQUEST_TIMEOUT, DEFAULT_MAX_BODY,

@@ -166,6 +166,7 @@ impl<S: StoreAdmin> Suite<S> {
         self.case(move |store| cases::record_expires(store, short))
             .await;
         self.case(cases::put_get_remove).await;
+        self.case(cases::admin_removal_and_pages).await;
         self.case(move |store| cases::scan_lists_live_entries(store, short))
             .await;
         self.case(cases::clear_removes_everything).await;

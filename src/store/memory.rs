@@ -17,8 +17,8 @@ use moka::{Equivalent, Expiry};
 use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError, TryLockError};
 
 use super::{
-    completed, BeginOutcome, Entry, EntryKind, EntryState, LeaseToken, RemovalCounts, ScanEntry,
-    Store, StoreAdmin, StoreError,
+    completed, decode_cursor, encode_cursor, BeginOutcome, Entry, EntryKind, EntryState, KeyFilter,
+    KeyPage, LeaseToken, Removal, RemovalCounts, ScanEntry, Store, StoreAdmin, StoreError,
 };
 use crate::engine::{ConfigError, MAX_DURATION};
 use crate::key::Fingerprint;
@@ -103,6 +103,9 @@ pub struct MemoryStore {
     max_entries: u64,
     /// The byte bound, when records are weighed.
     max_bytes: Option<u64>,
+    /// Entries a listing walked, for the tests that bound it.
+    #[cfg(test)]
+    walked: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for MemoryStore {
@@ -203,6 +206,8 @@ impl MemoryStoreBuilder {
             maintaining: Arc::default(),
             max_entries: self.max_entries,
             max_bytes: self.max_bytes,
+            #[cfg(test)]
+            walked: Arc::default(),
         }
     }
 }
@@ -526,6 +531,12 @@ impl Expiry<RecordKey, Slot> for SlotExpiry {
 }
 
 impl MemoryStore {
+    /// Counts one entry a listing walked (tests only).
+    fn visited(&self) {
+        #[cfg(test)]
+        self.walked.fetch_add(1, Relaxed);
+    }
+
     /// The live record under `key`.
     fn live(&self, key: KeyQuery<'_>, now: Instant) -> Option<Slot> {
         self.cache.get(&key).filter(|slot| slot.is_live(now))
@@ -804,6 +815,69 @@ impl StoreAdmin for MemoryStore {
         Ok(marker == Some(true) || record == Some(true))
     }
 
+    async fn remove_unless_in_flight(&self, key: &str) -> Result<Removal, StoreError> {
+        let query = self.stripes.query(key);
+        // Under the key's stripe lock, as `begin`: no marker appears meanwhile.
+        let mut markers = self.stripes.lock(query);
+        let now = Instant::now();
+        if let Some(marker) = markers.get(key) {
+            if marker.is_live(now) {
+                return Ok(Removal::InFlight);
+            }
+            markers.remove(key);
+            self.counters.expired(1);
+        }
+        let record = self.cache.remove(&query).map(|slot| slot.is_live(now));
+        Ok(if record == Some(true) {
+            Removal::Removed
+        } else {
+            Removal::Absent
+        })
+    }
+
+    /// Pages in the order of the keys' stored hashes, and each page walks
+    /// every marker and record once (O(n), n at most the entry bound plus
+    /// the markers), keeping only the `limit` next ones: an ordered index
+    /// would cost every write, to make a listing cheaper. The cursor is the
+    /// last key's hash and text.
+    async fn page(
+        &self,
+        filter: &KeyFilter,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<KeyPage, StoreError> {
+        let after = cursor.map(parse_cursor).transpose()?;
+        let mut walk = PageWalk::new(after, limit);
+        let now = Instant::now();
+        for markers in self.stripes.each() {
+            for (key, marker) in markers.iter() {
+                self.visited();
+                if !marker.is_live(now) || !filter.matches_key(key) {
+                    continue;
+                }
+                walk.offer(self.stripes.query(key).hash, key, || ScanEntry {
+                    key: key.clone(),
+                    kind: EntryKind::InFlight,
+                    expires_in: marker.expires_in(now),
+                    created_at_ms: marker.created_at_ms,
+                });
+            }
+        }
+        for (key, slot) in self.cache.iter() {
+            self.visited();
+            if !slot.is_live(now) || !filter.matches_key(&key.text) {
+                continue;
+            }
+            walk.offer(key.hash, &key.text, || ScanEntry {
+                key: key.text.to_string(),
+                kind: EntryKind::Completed,
+                expires_in: slot.expires_in(now),
+                created_at_ms: slot.record.created_at_ms,
+            });
+        }
+        Ok(walk.finish(filter))
+    }
+
     async fn clear(&self) -> Result<(), StoreError> {
         let now = Instant::now();
         for mut markers in self.stripes.each() {
@@ -859,8 +933,131 @@ impl StoreAdmin for MemoryStore {
         })
     }
 
+    /// From moka's entry count (after its pending work, which is bounded)
+    /// and the markers' maps: no walk. Records whose TTL ran out may count
+    /// until moka drops them, about a second late.
+    async fn info_estimate(&self) -> Result<CacheInfo, StoreError> {
+        self.cache.run_pending_tasks();
+        let markers: usize = self.stripes.each().map(|markers| markers.len()).sum();
+        Ok(CacheInfo {
+            entries: self.cache.entry_count() + markers as u64,
+            max_entries: Some(self.max_entries),
+            weighted_bytes: if self.max_bytes.is_some() {
+                self.cache.weighted_size()
+            } else {
+                0
+            },
+        })
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+}
+
+/// A page cursor's hash and key text.
+fn parse_cursor(cursor: &str) -> Result<(u64, Vec<u8>), StoreError> {
+    let bytes = decode_cursor(cursor)?;
+    let (hash, key) = bytes.split_at_checked(8).ok_or(StoreError::InvalidCursor)?;
+    let hash = u64::from_be_bytes(hash.try_into().map_err(|_| StoreError::InvalidCursor)?);
+    Ok((hash, key.to_vec()))
+}
+
+/// The entries of one page, in (hash, key) order: the `limit + 1` smallest
+/// past the cursor (the last one only tells that there is a next page).
+struct PageWalk {
+    after: Option<(u64, Vec<u8>)>,
+    limit: usize,
+    /// A max-heap: its top is the first to give up its place.
+    best: std::collections::BinaryHeap<Candidate>,
+}
+
+struct Candidate {
+    hash: u64,
+    entry: ScanEntry,
+}
+
+impl Candidate {
+    fn order(&self) -> (u64, &[u8]) {
+        (self.hash, self.entry.key.as_bytes())
+    }
+}
+
+impl PartialEq for Candidate {
+    fn eq(&self, other: &Self) -> bool {
+        self.order() == other.order()
+    }
+}
+
+impl Eq for Candidate {}
+
+impl PartialOrd for Candidate {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Candidate {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.order().cmp(&other.order())
+    }
+}
+
+impl PageWalk {
+    fn new(after: Option<(u64, Vec<u8>)>, limit: usize) -> Self {
+        Self {
+            after,
+            limit,
+            best: std::collections::BinaryHeap::with_capacity(limit.saturating_add(1).min(1 << 12)),
+        }
+    }
+
+    /// Keeps the entry `make` builds when `(hash, key)` is past the cursor
+    /// and among the smallest yet; builds nothing otherwise.
+    fn offer(&mut self, hash: u64, key: &str, make: impl FnOnce() -> ScanEntry) {
+        let at = (hash, key.as_bytes());
+        if self
+            .after
+            .as_ref()
+            .is_some_and(|(h, k)| at <= (*h, k.as_slice()))
+        {
+            return;
+        }
+        if self.best.len() > self.limit {
+            match self.best.peek() {
+                Some(top) if at < top.order() => {
+                    self.best.pop();
+                }
+                _ => return,
+            }
+        }
+        self.best.push(Candidate {
+            hash,
+            entry: make(),
+        });
+    }
+
+    fn finish(self, filter: &KeyFilter) -> KeyPage {
+        let mut best = self.best.into_sorted_vec();
+        let more = best.len() > self.limit;
+        best.truncate(self.limit);
+        let next_cursor = more
+            .then(|| {
+                best.last().map(|last| {
+                    let mut bytes = last.hash.to_be_bytes().to_vec();
+                    bytes.extend_from_slice(last.entry.key.as_bytes());
+                    encode_cursor(&bytes)
+                })
+            })
+            .flatten();
+        KeyPage {
+            keys: best
+                .into_iter()
+                .map(|candidate| candidate.entry)
+                .filter(|entry| filter.matches(entry))
+                .collect(),
+            next_cursor,
+        }
     }
 }
 
@@ -1021,5 +1218,53 @@ mod tests {
         assert!(store.complete("k", lease, record, long).await.unwrap());
         assert_eq!(marker_count(&store), 0);
         assert_eq!(store.len().await.unwrap(), 1);
+    }
+}
+
+#[cfg(test)]
+mod paging {
+    use super::*;
+    use crate::record::Record;
+
+    /// A store of `n` records, built for them, and `limit` keys a page.
+    async fn filled(n: usize) -> MemoryStore {
+        let store = MemoryStore::builder()
+            .max_entries(n as u64 + 10)
+            .build()
+            .unwrap();
+        let record: SharedRecord = Arc::new(Record::value(
+            Fingerprint::of_bytes(b"r"),
+            bytes::Bytes::from_static(b"r"),
+        ));
+        for i in 0..n {
+            store
+                .put(
+                    &format!("s:a:t{i}"),
+                    record.clone(),
+                    Duration::from_secs(600),
+                )
+                .await
+                .unwrap();
+        }
+        store
+    }
+
+    /// What one `/stats` and one page cost, in entries walked, at 100 and at
+    /// 100,000 records: the estimate walks none; a page walks each entry
+    /// once (the documented O(n), bounded by the entry bound) and answers
+    /// its limit.
+    #[tokio::test]
+    async fn a_page_and_an_estimate_at_100_and_100_000_keys() {
+        for n in [100, 100_000] {
+            let store = filled(n).await;
+            store.walked.store(0, Relaxed);
+            let info = store.info_estimate().await.unwrap();
+            assert_eq!(info.entries, n as u64);
+            assert_eq!(store.walked.load(Relaxed), 0, "the estimate walked entries");
+            let page = store.page(&KeyFilter::new(), None, 100).await.unwrap();
+            assert_eq!(page.keys.len(), 100);
+            assert_eq!(page.next_cursor.is_some(), n > 100);
+            assert_eq!(store.walked.load(Relaxed), n as u64);
+        }
     }
 }

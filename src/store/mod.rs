@@ -39,7 +39,9 @@ use crate::stats::CacheInfo;
 #[cfg(feature = "test-util")]
 #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 pub mod conformance;
+mod estimate;
 mod memory;
+mod page;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub mod postgres;
@@ -47,7 +49,11 @@ pub mod postgres;
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
 
+pub(crate) use estimate::Estimate;
+pub use estimate::ESTIMATE_MAX_AGE;
 pub use memory::{MemoryStore, MemoryStoreBuilder, DEFAULT_MAX_ENTRIES};
+pub(crate) use page::{decode_cursor, encode_cursor, page_of};
+pub use page::{KeyFilter, KeyPage, Removal, MAX_PAGE_LIMIT};
 
 /// The protocol a store keeps: in-flight markers and records, each under one
 /// key.
@@ -315,8 +321,39 @@ pub trait StoreAdmin: Store {
     /// What `key` holds, if anything.
     fn get(&self, key: &str) -> impl Future<Output = Result<Option<Entry>, StoreError>> + Send;
 
-    /// Deletes whatever `key` holds. Answers whether there was anything.
+    /// Deletes whatever `key` holds, an in-flight marker too. Answers
+    /// whether there was anything.
     fn remove(&self, key: &str) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Deletes what `key` holds unless it is a live in-flight marker, in one
+    /// atomic step (a single script, statement or locked section, never a
+    /// read then a delete: a marker written in between must not be deleted).
+    fn remove_unless_in_flight(
+        &self,
+        key: &str,
+    ) -> impl Future<Output = Result<Removal, StoreError>> + Send;
+
+    /// One page of the live entries that `filter` matches: at most `limit`
+    /// of them, from `cursor` (`None`: the first page; otherwise a
+    /// [`KeyPage::next_cursor`] this store answered). A page costs about the
+    /// same however many entries the store holds, where the store can
+    /// (the crate's remote stores; the memory store walks its entries, at
+    /// most its entry bound).
+    ///
+    /// The default lists every entry ([`scan`](Self::scan)) and answers a
+    /// page of them in key order: right for any store, and O(n) per page.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::InvalidCursor`] for a cursor this store did not answer.
+    fn page(
+        &self,
+        filter: &KeyFilter,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> impl Future<Output = Result<KeyPage, StoreError>> + Send {
+        async move { page_of(self.scan().await?, filter, cursor, limit) }
+    }
 
     /// Deletes every entry of this store (and only this store's, for a shared
     /// backend such as Redis under a prefix).
@@ -346,6 +383,13 @@ pub trait StoreAdmin: Store {
     /// ```
     fn unacknowledged_writes(&self) -> u64 {
         0
+    }
+
+    /// Size and bounds of the store from counters, or an estimate at most
+    /// [`ESTIMATE_MAX_AGE`] old, never a walk of its entries per call: what a
+    /// dashboard that polls may ask for. The default is [`info`](Self::info).
+    fn info_estimate(&self) -> impl Future<Output = Result<CacheInfo, StoreError>> + Send {
+        self.info()
     }
 
     /// Checks that the store answers (`/healthz`). The default asks for
@@ -529,6 +573,9 @@ pub enum StoreError {
         #[source]
         source: DecodeError,
     },
+    /// A listing's cursor that this store did not answer.
+    #[error("the cursor is not one this store answered")]
+    InvalidCursor,
     /// Any other backend failure.
     #[error("store error: {0}")]
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),

@@ -219,6 +219,13 @@ impl StoreAdmin for SwitchStore {
         self.check()?;
         self.inner.remove(key).await
     }
+    async fn remove_unless_in_flight(
+        &self,
+        key: &str,
+    ) -> Result<tower_idempotency::store::Removal, StoreError> {
+        self.check()?;
+        self.inner.remove_unless_in_flight(key).await
+    }
     async fn clear(&self) -> Result<(), StoreError> {
         self.check()?;
         self.inner.clear().await

@@ -40,7 +40,10 @@ async fn a_corrupt_value_is_a_typed_error() {
         matches!(record, Err(StoreError::Corrupt { .. })),
         "{record:?}"
     );
-    assert!(engine.remove("s:a:bad").await.unwrap());
+    assert_eq!(
+        engine.remove("s:a:bad").await.unwrap(),
+        tower_idempotency::store::Removal::Removed
+    );
     assert!(matches!(
         engine
             .begin_with("s:a:bad", fp, Concurrent::Reject)
@@ -247,10 +250,13 @@ async fn handle_methods_work_on_redis_and_stay_within_the_prefix() {
 
     let info = engine.cache_info().await.unwrap();
     assert_eq!((info.entries, info.max_entries), (4, None));
-    assert!(engine
-        .remove(&key("evt-2", "create_task", "jira"))
-        .await
-        .unwrap());
+    assert_eq!(
+        engine
+            .remove(&key("evt-2", "create_task", "jira"))
+            .await
+            .unwrap(),
+        tower_idempotency::store::Removal::Removed
+    );
     assert_eq!(engine.cache_info().await.unwrap().entries, 3);
 
     engine.clear().await.unwrap();
@@ -296,7 +302,7 @@ async fn the_local_tier_replays_without_a_round_trip_until_removed() {
         Begin::Replay { .. }
     ));
     // remove invalidates the local tier: the next call runs the action.
-    engine.remove("s:a:hot").await.unwrap();
+    let _ = engine.remove("s:a:hot").await.unwrap();
     assert!(matches!(
         engine
             .begin_with("s:a:hot", fp, Concurrent::Reject)

@@ -213,8 +213,13 @@ async fn a_lease_removed_by_another_instance_cannot_complete_over_the_new_one() 
     let Begin::Execute(first) = a.begin_with(key, fp, Concurrent::Reject).await.unwrap() else {
         panic!("the first call runs");
     };
-    // An operator drops the marker through instance B; a retry runs there.
-    assert!(b.remove(key).await.unwrap());
+    // An operator drops the marker through instance B (a plain `remove`
+    // refuses: it is in flight); a retry runs there.
+    assert_eq!(
+        b.remove(key).await.unwrap(),
+        tower_idempotency::store::Removal::InFlight
+    );
+    assert!(b.remove_in_flight(key).await.unwrap());
     let Begin::Execute(second) = b.begin_with(key, fp, Concurrent::Reject).await.unwrap() else {
         panic!("the retry runs once the marker is gone");
     };

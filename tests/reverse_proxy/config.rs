@@ -6,11 +6,11 @@ use http::{Method, StatusCode};
 use serde_json::{json, Value};
 
 use super::first_and_waiting_duplicate;
-use super::harness::{send, Proxy};
+use super::harness::Proxy;
 use super::upstream::Upstream;
 
 async fn put_config(proxy: &Proxy, body: &str) -> (StatusCode, Value, String) {
-    let reply = send(Method::PUT, &format!("{}/config", proxy.admin), None, body).await;
+    let reply = proxy.admin_write(Method::PUT, "/config", body).await;
     let content_type = reply.content_type().to_owned();
     (reply.status, reply.json(), content_type)
 }
@@ -18,7 +18,7 @@ async fn put_config(proxy: &Proxy, body: &str) -> (StatusCode, Value, String) {
 #[tokio::test]
 async fn config_changes_at_run_time_and_refuses_invalid_values() {
     let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&["--upstream", &upstream.url]).await;
+    let proxy = Proxy::start_with_token(&["--upstream", &upstream.url]).await;
 
     let (status, initial) = proxy.admin_json("/config").await;
     assert_eq!(status, StatusCode::OK);
@@ -65,7 +65,7 @@ async fn config_changes_at_run_time_and_refuses_invalid_values() {
         .await;
     assert_eq!(created.status, StatusCode::CREATED);
     let (_, keys) = proxy.admin_json("/keys?signal=cfg-ttl").await;
-    let expires_in_ms = keys[0]["expires_in_ms"]
+    let expires_in_ms = keys["keys"][0]["expires_in_ms"]
         .as_u64()
         .expect("the record is listed");
     assert!(expires_in_ms <= 60_000, "{keys}");

@@ -67,6 +67,8 @@ pub(crate) struct Proxy {
     pub(crate) url: String,
     pub(crate) admin: String,
     log: Arc<Mutex<String>>,
+    /// The admin token, for a proxy started with one.
+    pub(crate) token: Option<String>,
 }
 
 impl Proxy {
@@ -82,7 +84,29 @@ impl Proxy {
             url,
             admin,
             log,
+            token: None,
         }
+    }
+
+    /// [`start`](Self::start) with an admin token, in a file only its owner
+    /// may read (`--admin-token-file`): admin writes are then allowed with
+    /// [`admin_write`](Self::admin_write).
+    pub(crate) async fn start_with_token(args: &[&str]) -> Proxy {
+        let (file, token) = token_file(0o600);
+        let file = file.display().to_string();
+        let mut all = vec!["--admin-token-file", file.as_str()];
+        all.extend_from_slice(args);
+        let mut proxy = Self::start(&all).await;
+        proxy.token = Some(token);
+        proxy
+    }
+
+    /// A request to the admin server with the admin token.
+    pub(crate) async fn admin_write(&self, method: Method, path: &str, body: &str) -> Reply {
+        let token = self.token.as_deref().expect("a proxy started with a token");
+        let bearer = format!("Bearer {token}");
+        let url = format!("{}{path}", self.admin);
+        send_with(method, &url, &[("authorization", bearer.as_str())], body).await
     }
 
     /// Sends a request to the proxy.
@@ -107,6 +131,11 @@ impl Proxy {
         let (status, stats) = self.admin_json("/stats").await;
         assert_eq!(status, StatusCode::OK);
         stats
+    }
+
+    /// What the proxy logged so far.
+    pub(crate) fn log_text(&self) -> String {
+        self.log.lock().map(|log| log.clone()).unwrap_or_default()
     }
 
     /// Sends SIGTERM.
@@ -144,9 +173,18 @@ impl Drop for Proxy {
 /// answers the child, its `ready:` line (None when it exited first), and its
 /// log (stderr).
 pub(crate) async fn spawn(args: &[&str]) -> (Child, Option<String>, Arc<Mutex<String>>) {
+    spawn_env(args, &[]).await
+}
+
+/// [`spawn`] with environment variables `env` set for the proxy.
+pub(crate) async fn spawn_env(
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (Child, Option<String>, Arc<Mutex<String>>) {
     let mut child = Command::new(binary())
         .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
         .args(args)
+        .envs(env.iter().copied())
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -182,6 +220,18 @@ pub(crate) async fn spawn(args: &[&str]) -> (Child, Option<String>, Arc<Mutex<St
     // Keep reading stdout so the child never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     (child, ready, log)
+}
+
+/// A file holding a fresh admin token, with permissions `mode`; answers its
+/// path and the token.
+pub(crate) fn token_file(mode: u32) -> (PathBuf, String) {
+    use std::os::unix::fs::PermissionsExt;
+    let token = format!("{:032x}", rand::random::<u128>());
+    let path = std::env::temp_dir().join(format!("admin-token-{:016x}", rand::random::<u64>()));
+    std::fs::write(&path, format!("{token}\n")).expect("write the token file");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+        .expect("set the token file's mode");
+    (path, token)
 }
 
 fn between(text: &str, start: &str, end: &str) -> String {

@@ -181,7 +181,7 @@ async fn a_client_over_the_stream_cap_is_held_to_it_and_replays_still_work() {
     // Two streams are open and held upstream; the third waits for a free one.
     let (status, keys) = proxy.admin_json("/keys").await;
     assert_eq!(status, StatusCode::OK);
-    let in_flight_keys = keys
+    let in_flight_keys = keys["keys"]
         .as_array()
         .unwrap()
         .iter()

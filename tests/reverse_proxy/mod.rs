@@ -1,6 +1,7 @@
 //! The `reverse_proxy` example, run for real: the built binary in front of a
 //! real upstream server, over loopback.
 
+mod admin;
 #[cfg(feature = "redis")]
 mod cluster;
 #[cfg(feature = "redis")]

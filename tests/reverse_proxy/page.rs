@@ -1,6 +1,8 @@
 //! The operator's page in a real browser: headless Chromium loads the admin
-//! server's `GET /`, runs its script, and the rendered DOM shows the numbers
-//! `/stats` and `/keys` answer.
+//! server's `GET /` under its Content-Security-Policy, runs its script, and
+//! the rendered DOM shows the numbers `/stats` answers, and the keys of
+//! `/keys` only when asked (`#keys`). With `--admin-token-reads` the page
+//! asks for the token.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -126,14 +128,43 @@ async fn the_operators_page_shows_what_the_proxy_reports_in_a_real_browser() {
     assert_eq!(text_of(&dom, "stat-hit_rate"), format!("{hit_rate:.1} %"));
     assert_eq!(text_of(&dom, "cache-entries"), stats["entries"].to_string());
     assert_eq!(text_of(&dom, "cache-max"), "500");
-    assert_eq!(text_of(&dom, "in-flight-count"), "(1)");
+    // The counts refresh on their own; the keys are listed only when asked.
+    assert!(
+        !dom.contains("held-key") && !dom.contains("order-2"),
+        "keys listed unasked:\n{dom}"
+    );
+    assert_eq!(text_of(&dom, "keys-count"), "");
+
+    let dom = render(&format!("{}/#keys", proxy.admin)).await;
     assert!(
         dom.contains("held-key"),
         "the key in flight is listed:\n{dom}"
     );
     assert!(dom.contains("order-2"), "a stored key is listed:\n{dom}");
+    assert_eq!(text_of(&dom, "keys-count"), "3 listed");
 
     upstream.release(1);
     let reply = timeout(QUICK, held).await.unwrap().unwrap();
     assert_eq!(reply.status, StatusCode::CREATED);
+}
+
+/// With reads behind the token the page loads, shows no numbers, and asks
+/// for the token (kept in the page's memory once given).
+#[tokio::test]
+async fn the_page_asks_for_the_token_when_reads_need_it() {
+    let upstream = Upstream::start().await;
+    let proxy =
+        Proxy::start_with_token(&["--upstream", &upstream.url, "--admin-token-reads"]).await;
+    let dom = render(&format!("{}/", proxy.admin)).await;
+    let prompt = dom
+        .find("id=\"token-prompt\"")
+        .expect("the page has a token prompt");
+    let tag = &dom[dom[..prompt].rfind('<').unwrap()..prompt];
+    assert!(!tag.contains("hidden"), "the prompt is shown: {tag}");
+    assert_eq!(
+        text_of(&dom, "stat-requests"),
+        "\u{2013}",
+        "no numbers without the token"
+    );
+    assert!(text_of(&dom, "updated").contains("token"));
 }

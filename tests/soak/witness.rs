@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 use tower_idempotency::store::{
-    BeginOutcome, Entry, LeaseToken, RemovalCounts, ScanEntry, SharedRecord, Store, StoreAdmin,
-    StoreError,
+    BeginOutcome, Entry, KeyFilter, KeyPage, LeaseToken, Removal, RemovalCounts, ScanEntry,
+    SharedRecord, Store, StoreAdmin, StoreError,
 };
 use tower_idempotency::{CacheInfo, Fingerprint};
 
@@ -95,6 +95,14 @@ impl<S: Store> Store for Witness<S> {
     async fn until_changed(&self, key: &str, deadline: Instant) {
         self.inner.until_changed(key, deadline).await;
     }
+
+    async fn renew_many(
+        &self,
+        leases: &[(&str, LeaseToken)],
+        lease_ttl: Duration,
+    ) -> Vec<Result<bool, StoreError>> {
+        self.inner.renew_many(leases, lease_ttl).await
+    }
 }
 
 impl<S: StoreAdmin> StoreAdmin for Witness<S> {
@@ -108,6 +116,27 @@ impl<S: StoreAdmin> StoreAdmin for Witness<S> {
 
     async fn remove(&self, key: &str) -> Result<bool, StoreError> {
         self.inner.remove(key).await
+    }
+
+    async fn remove_unless_in_flight(&self, key: &str) -> Result<Removal, StoreError> {
+        self.inner.remove_unless_in_flight(key).await
+    }
+
+    async fn page(
+        &self,
+        filter: &KeyFilter,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<KeyPage, StoreError> {
+        self.inner.page(filter, cursor, limit).await
+    }
+
+    fn unacknowledged_writes(&self) -> u64 {
+        self.inner.unacknowledged_writes()
+    }
+
+    async fn info_estimate(&self) -> Result<CacheInfo, StoreError> {
+        self.inner.info_estimate().await
     }
 
     async fn clear(&self) -> Result<(), StoreError> {

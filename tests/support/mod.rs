@@ -7,4 +7,5 @@
 pub mod common;
 #[cfg(feature = "redis")]
 pub mod redis;
+pub mod relay;
 pub mod stores;

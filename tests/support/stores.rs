@@ -301,6 +301,23 @@ impl StoreAdmin for TestStore {
     async fn remove(&self, key: &str) -> Result<bool, StoreError> {
         delegate!(self, s => s.remove(key).await)
     }
+    async fn remove_unless_in_flight(
+        &self,
+        key: &str,
+    ) -> Result<tower_idempotency::store::Removal, StoreError> {
+        delegate!(self, s => s.remove_unless_in_flight(key).await)
+    }
+    async fn page(
+        &self,
+        filter: &tower_idempotency::KeyFilter,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<tower_idempotency::store::KeyPage, StoreError> {
+        delegate!(self, s => s.page(filter, cursor, limit).await)
+    }
+    async fn info_estimate(&self) -> Result<CacheInfo, StoreError> {
+        delegate!(self, s => s.info_estimate().await)
+    }
     async fn clear(&self) -> Result<(), StoreError> {
         delegate!(self, s => s.clear().await)
     }

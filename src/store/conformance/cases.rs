@@ -425,6 +425,6 @@ mod entries;
 
 pub(super) use batch::renew_many_is_fenced;
 pub(super) use entries::{
-    clear_removes_everything, corrupt_values, ping_answers, put_get_remove, record_expires,
-    scan_lists_live_entries,
+    admin_removal_and_pages, clear_removes_everything, corrupt_values, ping_answers,
+    put_get_remove, record_expires, scan_lists_live_entries,
 };

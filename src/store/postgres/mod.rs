@@ -79,8 +79,8 @@ use sqlx::postgres::PgPool;
 use self::convert::{map_error, ttl_ms};
 use self::sql::{Statements, Table};
 use super::{
-    BeginOutcome, Entry, EntryState, LeaseToken, RemovalCounts, ScanEntry, Store, StoreAdmin,
-    StoreError,
+    decode_cursor, encode_cursor, BeginOutcome, Entry, EntryState, Estimate, KeyFilter, KeyPage,
+    LeaseToken, Removal, RemovalCounts, ScanEntry, Store, StoreAdmin, StoreError,
 };
 use crate::key::Fingerprint;
 use crate::record::{now_ms, SharedRecord};
@@ -139,6 +139,8 @@ struct Inner {
     timeout: Duration,
     /// Rows deleted by `cleanup_expired`.
     expired: AtomicU64,
+    /// The last count of the rows, for `info_estimate`.
+    estimate: Arc<Estimate>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -182,6 +184,7 @@ impl PostgresStore {
                 table,
                 timeout,
                 expired: AtomicU64::new(0),
+                estimate: Arc::default(),
             }),
         })
     }
@@ -427,6 +430,62 @@ impl StoreAdmin for PostgresStore {
         Ok(live == Some(true))
     }
 
+    async fn remove_unless_in_flight(&self, key: &str) -> Result<Removal, StoreError> {
+        let (removed, in_flight): (bool, bool) = self
+            .run(
+                sqlx::query_as(&self.inner.sql.remove_unless_in_flight)
+                    .bind(key)
+                    .fetch_one(&self.inner.pool),
+            )
+            .await?;
+        Ok(if removed {
+            Removal::Removed
+        } else if in_flight {
+            Removal::InFlight
+        } else {
+            Removal::Absent
+        })
+    }
+
+    /// Keyset paging in key order on the primary key's index, the filter's
+    /// components as a `LIKE` pattern: a page reads about `limit` rows
+    /// however many the table holds. The cursor is the page's last key.
+    async fn page(
+        &self,
+        filter: &KeyFilter,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<KeyPage, StoreError> {
+        let pattern = filter.pattern("%", like_escape);
+        // One row more than the page: whether a next page follows.
+        let limit_sql = i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX);
+        let query = match cursor {
+            None => sqlx::query(&self.inner.sql.page_first)
+                .bind(pattern)
+                .bind(limit_sql),
+            Some(cursor) => {
+                let after = String::from_utf8(decode_cursor(cursor)?)
+                    .map_err(|_| StoreError::InvalidCursor)?;
+                sqlx::query(&self.inner.sql.page_after)
+                    .bind(pattern)
+                    .bind(limit_sql)
+                    .bind(after)
+            }
+        };
+        let rows = self.run(query.fetch_all(&self.inner.pool)).await?;
+        let mut keys = rows
+            .iter()
+            .map(convert::scan_entry)
+            .collect::<Result<Vec<_>, _>>()?;
+        let more = keys.len() > limit;
+        keys.truncate(limit);
+        let next_cursor = more
+            .then(|| keys.last().map(|last| encode_cursor(last.key.as_bytes())))
+            .flatten();
+        keys.retain(|entry| filter.matches(entry));
+        Ok(KeyPage { keys, next_cursor })
+    }
+
     async fn clear(&self) -> Result<(), StoreError> {
         self.run(sqlx::query(&self.inner.sql.clear).execute(&self.inner.pool))
             .await?;
@@ -458,9 +517,28 @@ impl StoreAdmin for PostgresStore {
         })
     }
 
+    /// The last count (`count(*)` of the live rows), made again in the
+    /// background once it is [`ESTIMATE_MAX_AGE`](crate::store::ESTIMATE_MAX_AGE) old.
+    async fn info_estimate(&self) -> Result<CacheInfo, StoreError> {
+        let estimate = Arc::clone(&self.inner.estimate);
+        estimate.get(self).await
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         self.run(sqlx::query("SELECT 1").execute(&self.inner.pool))
             .await?;
         Ok(())
     }
+}
+
+/// `text` as a `LIKE` pattern that matches it literally (backslash escapes).
+fn like_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }

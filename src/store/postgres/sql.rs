@@ -75,6 +75,16 @@ pub(super) struct Statements {
     pub(super) put: String,
     /// `$1` key: answers whether the deleted row was live.
     pub(super) remove: String,
+    /// `$1` key: deletes the row unless it is a live marker; answers
+    /// whether it deleted a live row, and whether the key holds a live
+    /// marker (one statement: the check and the delete are one step).
+    pub(super) remove_unless_in_flight: String,
+    /// `$1` pattern (LIKE) or NULL, `$2` limit: the first page, keyset
+    /// paging on the primary key's index.
+    pub(super) page_first: String,
+    /// `$1` pattern (LIKE) or NULL, `$2` limit, `$3` the last key of the
+    /// page before.
+    pub(super) page_after: String,
     pub(super) clear: String,
     pub(super) scan: String,
     pub(super) len: String,
@@ -134,6 +144,21 @@ impl Statements {
                 until5 = until(5)
             ),
             remove: format!("DELETE FROM {t} WHERE key = $1 RETURNING {LIVE} AS live"),
+            remove_unless_in_flight: format!(
+                "WITH gone AS (DELETE FROM {t} WHERE key = $1 \
+                 AND NOT (state = 'in_flight' AND {LIVE}) RETURNING {LIVE} AS live) \
+                 SELECT COALESCE((SELECT live FROM gone), false) AS removed, \
+                 EXISTS (SELECT 1 FROM {t} WHERE key = $1 AND state = 'in_flight' AND {LIVE}) \
+                 AND NOT EXISTS (SELECT 1 FROM gone) AS in_flight"
+            ),
+            page_first: format!(
+                "SELECT key, {LISTED} FROM {t} WHERE {LIVE} \
+                 AND ($1::text IS NULL OR key LIKE $1) ORDER BY key LIMIT $2"
+            ),
+            page_after: format!(
+                "SELECT key, {LISTED} FROM {t} WHERE key > $3 AND {LIVE} \
+                 AND ($1::text IS NULL OR key LIKE $1) ORDER BY key LIMIT $2"
+            ),
             clear: format!("DELETE FROM {t}"),
             scan: format!("SELECT key, {LISTED} FROM {t} WHERE {LIVE}"),
             len: format!("SELECT count(*) FROM {t} WHERE {LIVE}"),

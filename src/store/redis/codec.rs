@@ -16,7 +16,7 @@ use crate::key::Fingerprint;
 use crate::record::{is_known_version, DecodeError, Record};
 use crate::store::{EntryKind, LeaseToken};
 
-const MARKER_MAGIC: &[u8; 3] = b"TIM";
+pub(super) const MARKER_MAGIC: &[u8; 3] = b"TIM";
 const RECORD_MAGIC: &[u8; 3] = b"TIR";
 const MARKER_VERSION: u8 = 1;
 /// Header and lease token: what the scripts compare to fence a lease.

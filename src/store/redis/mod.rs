@@ -104,7 +104,8 @@ use self::local::LocalTier;
 use self::notify::Notices;
 use self::replicas::ReplicaAck;
 use super::{
-    BeginOutcome, Entry, EntryState, LeaseToken, ScanEntry, Store, StoreAdmin, StoreError,
+    BeginOutcome, Entry, EntryState, Estimate, KeyFilter, KeyPage, LeaseToken, Removal, ScanEntry,
+    Store, StoreAdmin, StoreError,
 };
 use crate::key::Fingerprint;
 use crate::record::{now_ms, SharedRecord};
@@ -169,6 +170,8 @@ struct Inner {
     /// The limit on one operation, whatever Redis does meanwhile.
     timeout: Duration,
     replica_ack: Option<ReplicaAck>,
+    /// The last count of the keys, for `info_estimate`.
+    estimate: Arc<Estimate>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -254,6 +257,7 @@ impl RedisStore {
                 local,
                 timeout,
                 replica_ack,
+                estimate: Arc::default(),
             }),
         }
     }
@@ -528,6 +532,39 @@ impl StoreAdmin for RedisStore {
         Ok(removed > 0)
     }
 
+    async fn remove_unless_in_flight(&self, key: &str) -> Result<Removal, StoreError> {
+        if let Some(local) = &self.inner.local {
+            local.invalidate(key);
+        }
+        let answer = self
+            .script(
+                &scripts::REMOVE_UNLESS_IN_FLIGHT,
+                key,
+                &[codec::MARKER_MAGIC],
+            )
+            .await?;
+        Ok(match answer {
+            Value::Int(1) => Removal::Removed,
+            Value::Int(2) => Removal::InFlight,
+            _ => Removal::Absent,
+        })
+    }
+
+    /// `SCAN` on each primary in turn (in the order of their addresses), a
+    /// bounded number of calls per page, with the filter's components as the
+    /// `MATCH` pattern; the cursor is the primary, its `SCAN` cursor, and how
+    /// many keys of that batch were answered already. As with `SCAN`, a key
+    /// may show up on two pages, and a page may hold fewer keys than the
+    /// limit (none, even) while more follow.
+    async fn page(
+        &self,
+        filter: &KeyFilter,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<KeyPage, StoreError> {
+        self.page_keys(filter, cursor, limit).await
+    }
+
     async fn clear(&self) -> Result<(), StoreError> {
         if let Some(local) = &self.inner.local {
             local.clear();
@@ -552,6 +589,13 @@ impl StoreAdmin for RedisStore {
             max_entries: None,
             weighted_bytes: 0,
         })
+    }
+
+    /// The last count (a `SCAN` of every primary), made again in the
+    /// background once it is [`ESTIMATE_MAX_AGE`](crate::store::ESTIMATE_MAX_AGE) old.
+    async fn info_estimate(&self) -> Result<CacheInfo, StoreError> {
+        let estimate = Arc::clone(&self.inner.estimate);
+        estimate.get(self).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

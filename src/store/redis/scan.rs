@@ -10,10 +10,52 @@ use super::connection::Primary;
 use super::convert::{expires_in, map_error};
 use super::RedisStore;
 use crate::record::DecodeError;
-use crate::store::{ScanEntry, StoreError};
+use crate::store::{KeyFilter, KeyPage, ScanEntry, StoreError};
 
 /// Keys asked for per `SCAN` call, and per pipeline of per-key commands.
 const BATCH: usize = 500;
+
+/// Most `SCAN` calls one page makes: with a filter that few keys match, a
+/// page may end short (or empty) with a cursor, rather than walk on.
+const PAGE_SCANS: usize = 16;
+
+/// Where a page starts: the primary (in address order), its `SCAN` cursor,
+/// how many keys of that call's answer (sorted) earlier pages took, and the
+/// `COUNT` the call was made with (the same call answers the same keys).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PageCursor {
+    primary: usize,
+    scan: u64,
+    skip: usize,
+    count: usize,
+}
+
+impl PageCursor {
+    fn parse(text: &str) -> Result<Self, StoreError> {
+        let mut parts = text.split('.').map(|part| part.parse::<u64>().ok());
+        let mut next = || parts.next().flatten().ok_or(StoreError::InvalidCursor);
+        let cursor = Self {
+            primary: usize::try_from(next()?).map_err(|_| StoreError::InvalidCursor)?,
+            scan: next()?,
+            skip: usize::try_from(next()?).map_err(|_| StoreError::InvalidCursor)?,
+            count: usize::try_from(next()?).map_err(|_| StoreError::InvalidCursor)?,
+        };
+        if parts.next().is_some() || cursor.count == 0 {
+            return Err(StoreError::InvalidCursor);
+        }
+        Ok(cursor)
+    }
+}
+
+impl std::fmt::Display for PageCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}.{}.{}.{}",
+            self.primary, self.scan, self.skip, self.count
+        )
+    }
+}
 
 /// The keys under the prefix that one primary holds.
 pub(super) struct PrimaryKeys {
@@ -64,6 +106,83 @@ impl RedisStore {
         keys.sort_unstable();
         keys.dedup();
         Ok(keys)
+    }
+
+    /// One page of the keys that `filter` matches; see `StoreAdmin::page`.
+    pub(super) async fn page_keys(
+        &self,
+        filter: &KeyFilter,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<KeyPage, StoreError> {
+        let mut primaries = self.primaries().await?;
+        primaries.sort_by_cached_key(ToString::to_string);
+        let mut at = match cursor {
+            Some(text) => PageCursor::parse(text)?,
+            None => PageCursor {
+                primary: 0,
+                scan: 0,
+                skip: 0,
+                count: limit.max(10),
+            },
+        };
+        if at.primary > primaries.len() {
+            return Err(StoreError::InvalidCursor);
+        }
+        let pattern = format!(
+            "{}{}",
+            glob_escape(&self.inner.prefix),
+            filter.pattern("*", glob_escape).as_deref().unwrap_or("*")
+        );
+        let mut listed: Vec<PrimaryKeys> = Vec::new();
+        let mut found = 0;
+        let mut calls = 0;
+        while at.primary < primaries.len() && found < limit && calls < PAGE_SCANS {
+            let mut primary = primaries[at.primary].clone();
+            let mut command = redis::cmd("SCAN");
+            command
+                .arg(at.scan)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(at.count);
+            let (next, mut batch): (u64, Vec<Vec<u8>>) =
+                self.run(command.query_async(&mut primary)).await?;
+            calls += 1;
+            batch.sort_unstable();
+            // Keys past those earlier pages took from this same answer.
+            let fresh = batch.len().saturating_sub(at.skip);
+            let taken: Vec<Vec<u8>> = batch
+                .into_iter()
+                .skip(at.skip)
+                .take(limit - found)
+                .collect();
+            found += taken.len();
+            if taken.len() < fresh {
+                // The page is full within this answer: the next page asks
+                // the same again and skips what this one took.
+                at.skip += taken.len();
+            } else {
+                at.skip = 0;
+                at.count = limit.max(10);
+                if next == 0 {
+                    at.primary += 1;
+                    at.scan = 0;
+                } else {
+                    at.scan = next;
+                }
+            }
+            listed.push(PrimaryKeys {
+                primary,
+                keys: taken,
+            });
+        }
+        let mut keys = self.peek_keys(listed).await?;
+        keys.retain(|entry| filter.matches(entry));
+        Ok(KeyPage {
+            keys,
+            next_cursor: (at.primary < primaries.len()).then(|| at.to_string()),
+        })
     }
 
     /// Deletes `keys`, one single-key command each, pipelined to the primary

@@ -99,3 +99,18 @@ return 0
 "
     ))
 });
+
+/// `ARGV[1]` the marker's magic. Deletes the key unless it holds a marker
+/// (in one step, so no marker written meanwhile is deleted): answers 1 when
+/// it deleted a value, 2 for a marker left in place, 0 for a missing key.
+pub(super) static REMOVE_UNLESS_IN_FLIGHT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local kind = redis.call('TYPE', KEYS[1]).ok
+if kind == 'none' then return 0 end
+if kind == 'string' and redis.call('GETRANGE', KEYS[1], 0, 2) == ARGV[1] then return 2 end
+redis.call('DEL', KEYS[1])
+return 1
+",
+    )
+});

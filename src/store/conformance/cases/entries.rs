@@ -250,3 +250,69 @@ pub(in crate::store::conformance) async fn corrupt_values<S: StoreAdmin>(
         );
     }
 }
+
+pub(in crate::store::conformance) async fn admin_removal_and_pages<S: StoreAdmin>(store: Arc<S>) {
+    use crate::store::{KeyFilter, Removal};
+    ok!(
+        "admin",
+        store.begin("pg:a:held", fingerprint(1), LeaseToken::random(), LONG)
+    );
+    for i in 0..25 {
+        let key = format!("pg:a:t{i}");
+        ok!("admin", store.put(&key, record(1, "p"), LONG));
+    }
+    let refused = ok!("admin", store.remove_unless_in_flight("pg:a:held"));
+    check!(
+        "admin",
+        refused == Removal::InFlight && ok!("admin", store.get("pg:a:held")).is_some(),
+        "remove_unless_in_flight answered {refused:?} for a live marker, or deleted it"
+    );
+    let removed = ok!("admin", store.remove_unless_in_flight("pg:a:t24"));
+    let again = ok!("admin", store.remove_unless_in_flight("pg:a:t24"));
+    check!(
+        "admin",
+        (removed, again) == (Removal::Removed, Removal::Absent),
+        "a record's removal answered {removed:?} then {again:?}"
+    );
+
+    // Every page holds at most its limit, and the pages together hold every
+    // matching key.
+    let filter = KeyFilter::new().signal("pg");
+    let mut seen = std::collections::BTreeSet::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..100 {
+        let page = ok!("pages", store.page(&filter, cursor.as_deref(), 7));
+        check!(
+            "pages",
+            page.keys.len() <= 7,
+            "a page of limit 7 held {}",
+            page.keys.len()
+        );
+        seen.extend(page.keys.into_iter().map(|entry| entry.key));
+        cursor = page.next_cursor;
+        if cursor.is_none() {
+            break;
+        }
+    }
+    check!(
+        "pages",
+        cursor.is_none() && seen.len() == 25 && seen.contains("pg:a:held"),
+        "the pages listed {} keys (expected 24 records and the marker)",
+        seen.len()
+    );
+    let one = KeyFilter::new().signal("pg").target("t3");
+    let page = ok!("pages", store.page(&one, None, 100));
+    let keys: Vec<_> = page.keys.iter().map(|entry| entry.key.as_str()).collect();
+    check!(
+        "pages",
+        keys == ["pg:a:t3"],
+        "a filter on one key listed {keys:?}"
+    );
+    let bad = store.page(&filter, Some("not a cursor!"), 7).await;
+    check!(
+        "pages",
+        matches!(bad, Err(StoreError::InvalidCursor)),
+        "a foreign cursor answered {bad:?}"
+    );
+    ok!("admin", store.remove("pg:a:held"));
+}
