@@ -7,6 +7,7 @@ mod support;
 mod postgres {
     mod http_layer;
     mod isolation;
+    mod round_trips;
     mod store;
     mod transaction;
 }
