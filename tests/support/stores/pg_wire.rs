@@ -222,20 +222,15 @@ impl Messages {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn urls_go_through_the_forwarder() {
-        let addr: SocketAddr = "127.0.0.1:4000".parse().unwrap();
-        assert_eq!(
-            through("postgres://postgres@127.0.0.1:5432/test", addr),
-            "postgres://postgres@127.0.0.1:4000/test?sslmode=disable"
-        );
-        assert_eq!(
-            through("postgres://u:p@db/x?application_name=a", addr),
-            "postgres://u:p@127.0.0.1:4000/x?application_name=a&sslmode=disable"
-        );
-    }
+#[test]
+fn urls_go_through_the_forwarder() {
+    let addr: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+    assert_eq!(
+        through("postgres://postgres@127.0.0.1:5432/test", addr),
+        "postgres://postgres@127.0.0.1:4000/test?sslmode=disable"
+    );
+    assert_eq!(
+        through("postgres://u:p@db/x?application_name=a", addr),
+        "postgres://u:p@127.0.0.1:4000/x?application_name=a&sslmode=disable"
+    );
 }
