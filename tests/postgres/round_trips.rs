@@ -152,7 +152,7 @@ async fn dead_pooled_connections_fail_no_request() {
         )
         .await
         .unwrap();
-        assert!(terminated.len() >= 3 && terminated.iter().all(|done| *done));
+        assert!(!terminated.is_empty() && terminated.iter().all(|done| *done));
         // The backends are gone once they leave pg_stat_activity.
         within(async {
             loop {
