@@ -7,6 +7,14 @@
 //! and skips them; likewise the Postgres groups (first request, replay, and
 //! the transactional form) on 127.0.0.1:5432 (or `$DATABASE_URL`).
 //!
+//! Postgres round trips per request are counted, not timed: a forwarder in
+//! front of Postgres counts what Postgres answers (one `CommandComplete` per
+//! statement it carried out, one `ReadyForQuery` per round trip) over a few
+//! hundred first requests, replays, and bare `INSERT ... ON CONFLICT DO
+//! NOTHING`s of the same row, and the bench prints the figures per request
+//! before the timings (`postgres/bare_insert_on_conflict` times the bare
+//! insert).
+//!
 //! `*/renew_10k/...`: one heartbeat round over 10,000 held leases, as
 //! batches of 500 through `Store::renew_many` (what the heartbeat does) and,
 //! for reference, one `renew` after another (what it did before). The
@@ -309,6 +317,124 @@ fn redis(_: &mut Criterion) {
 }
 
 #[cfg(feature = "postgres")]
+#[path = "../tests/support/stores/pg_wire.rs"]
+mod pg_wire;
+
+/// Requests per counted path.
+#[cfg(feature = "postgres")]
+const COUNTED: u64 = 500;
+
+/// Counts statements and round trips per request on Postgres through a
+/// forwarder, as the store's own pool (the builder's) makes them, and prints
+/// them: a first request, a replay, and a bare `INSERT ... ON CONFLICT DO
+/// NOTHING` of the same row for reference.
+#[cfg(feature = "postgres")]
+fn postgres_round_trips(rt: &Runtime, url: &str, table: &str) {
+    use tower_idempotency::store::postgres::PostgresStore;
+
+    rt.block_on(async {
+        let wire = pg_wire::Wire::start(url).await;
+        let store = PostgresStore::builder(wire.url(""))
+            .table(table)
+            .build()
+            .await
+            .expect("store through the forwarder");
+        let pool = store.pool().clone();
+        let engine = Idempotency::builder()
+            .store(store.clone())
+            .build()
+            .expect("engine on Postgres");
+        let fingerprint = Fingerprint::of_bytes(&[b'r'; 1024]);
+        let record = Record::response(fingerprint, response());
+        // Waits until every connection is back in the pool (sqlx pings each
+        // as it returns, after the answer reached the caller).
+        let settled = async || {
+            while pool.num_idle() < pool.size() as usize {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        };
+        let first = async |key: String| {
+            let Begin::Execute(lease) = engine
+                .begin_with(key, fingerprint, Concurrent::Reject)
+                .await
+                .expect("begin")
+            else {
+                panic!("a new key executes");
+            };
+            assert!(lease.complete(record.clone()).await.expect("complete"));
+        };
+        let replay = async || {
+            let begun = engine
+                .begin_with("bench:count:replay", fingerprint, Concurrent::Reject)
+                .await
+                .expect("begin");
+            assert!(matches!(begun, Begin::Replay { .. }), "{begun:?}");
+        };
+        let insert = format!(
+            "INSERT INTO \"{table}\" \
+             (key, state, lease_token, fingerprint, record, created_at_ms, expires_at) \
+             VALUES ($1, 'in_flight', $2, $3, NULL, $4, clock_timestamp() + interval '1 minute') \
+             ON CONFLICT DO NOTHING"
+        );
+        let bare = async |n: u64| {
+            sqlx::query(&insert)
+                .bind(format!("bench:count:bare:{n}"))
+                .bind("0123456789abcdef0123456789abcdef")
+                .bind(fingerprint.as_bytes().as_slice())
+                .bind(0_i64)
+                .execute(&pool)
+                .await
+                .expect("bare insert");
+        };
+        // Every connection the pool opens prepares each statement once:
+        // warm them all (and the replay key) before counting.
+        first("bench:count:replay".to_owned()).await;
+        for n in 0..50 {
+            first(format!("bench:count:warm:{n}")).await;
+            replay().await;
+            bare(u64::MAX - n).await;
+        }
+        settled().await;
+
+        let mut figures = Vec::new();
+        let mut report = |name: &str, (statements, round_trips): (u64, u64)| {
+            let per = |total: u64| total as f64 / COUNTED as f64;
+            figures.push(format!(
+                "  {name:<40} {:>5.2} statements, {:>5.2} round trips",
+                per(wire.statements() - statements),
+                per(wire.round_trips() - round_trips),
+            ));
+        };
+        let mark = || (wire.statements(), wire.round_trips());
+
+        let before = mark();
+        for n in 0..COUNTED {
+            first(format!("bench:count:first:{n}")).await;
+        }
+        settled().await;
+        report("first request (begin, complete)", before);
+        let before = mark();
+        for _ in 0..COUNTED {
+            replay().await;
+        }
+        settled().await;
+        report("replay (begin)", before);
+        let before = mark();
+        for n in 0..COUNTED {
+            bare(n).await;
+        }
+        settled().await;
+        report("bare INSERT ... ON CONFLICT DO NOTHING", before);
+        eprintln!(
+            "postgres, per request (counted on the wire over {COUNTED} requests each; \
+             round trips include sqlx's ping as a connection returns to the pool, \
+             one per statement, after its answer reached the caller):\n{}",
+            figures.join("\n")
+        );
+    });
+}
+
+#[cfg(feature = "postgres")]
 fn postgres(c: &mut Criterion) {
     use tower_idempotency::store::postgres::PostgresStore;
     use tower_idempotency::IdempotencyKey;
@@ -333,6 +459,7 @@ fn postgres(c: &mut Criterion) {
         }
     };
     let pool = store.pool().clone();
+    postgres_round_trips(&rt, &url, &table);
     let engine = Idempotency::builder()
         .store(store.clone())
         .build()
@@ -340,6 +467,28 @@ fn postgres(c: &mut Criterion) {
     let mut group = c.benchmark_group("stores");
     group.throughput(Throughput::Elements(1));
     engine_paths(&mut group, &rt, "postgres", &engine);
+    // The same row as a first request's marker, written by one bare insert
+    // that does nothing on a conflict: the floor of a write per request.
+    let insert = format!(
+        "INSERT INTO \"{table}\" \
+         (key, state, lease_token, fingerprint, record, created_at_ms, expires_at) \
+         VALUES ($1, 'in_flight', $2, $3, NULL, $4, clock_timestamp() + interval '1 minute') \
+         ON CONFLICT DO NOTHING"
+    );
+    let fingerprint = Fingerprint::of_bytes(&[b'r'; 1024]);
+    let next = AtomicU64::new(0);
+    group.bench_function("postgres/bare_insert_on_conflict", |b| {
+        b.to_async(&rt).iter(|| async {
+            sqlx::query(&insert)
+                .bind(format!("bench:bare:{}", next.fetch_add(1, Relaxed)))
+                .bind("0123456789abcdef0123456789abcdef")
+                .bind(fingerprint.as_bytes().as_slice())
+                .bind(0_i64)
+                .execute(&pool)
+                .await
+                .expect("bare insert")
+        });
+    });
     group.finish();
     renewal_round(c, &rt, "postgres_store", &store);
     let mut group = c.benchmark_group("stores");

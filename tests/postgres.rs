@@ -8,6 +8,7 @@ mod postgres {
     mod http_layer;
     mod isolation;
     mod paging;
+    mod round_trips;
     mod store;
     mod transaction;
 }

@@ -29,6 +29,8 @@ use tower_idempotency::{CacheInfo, Fingerprint};
 use tower_idempotency::store::redis::RedisStore;
 
 #[cfg(feature = "postgres")]
+pub mod pg_wire;
+#[cfg(feature = "postgres")]
 pub mod postgres;
 #[cfg(feature = "postgres")]
 use tower_idempotency::store::postgres::PostgresStore;

@@ -105,10 +105,11 @@ impl PostgresStoreBuilder {
         let pool: PgPool = PgPoolOptions::new()
             .max_connections(self.max_connections)
             .acquire_timeout(self.timeout)
-            // Pooled connections are checked before use (the pool's
-            // default), so a connection the server dropped is replaced
-            // instead of failing a request.
-            .test_before_acquire(true)
+            // No ping before each statement (the pool's default): it would
+            // be one more round trip per statement. A statement whose
+            // connection the server closed runs once more on a live one
+            // instead (see `connection.rs`).
+            .test_before_acquire(false)
             // The store's statements are written for READ COMMITTED: each
             // sees rows committed before it began, and an update that meets
             // a row changed meanwhile re-reads it instead of failing with

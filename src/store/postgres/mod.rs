@@ -9,15 +9,23 @@
 //!   (the versioned [`Record::encode`] form), its creation time and its
 //!   expiry. [`PostgresStore::migrate`] creates it; the SQL is in
 //!   [`PostgresStore::MIGRATION`] for teams that run their own migrations.
-//! * `begin` reads the live row under the key (a replay, a conflict or a
-//!   mismatch costs that one read, and writes nothing); when there is none,
-//!   one `INSERT ... ON CONFLICT (key) DO UPDATE ... WHERE expired` writes
-//!   the marker, taking an expired row over, or changes nothing when another
-//!   caller's row won the key meanwhile (then that row is read). The primary
-//!   key makes the insert atomic: of any number of concurrent callers on any
-//!   number of instances exactly one acquires.
+//! * `begin` is one statement: it answers the live row under the key (a
+//!   replay, a conflict or a mismatch, and it writes nothing then: no
+//!   insert, no update, no row lock), or writes the marker with an
+//!   `INSERT ... ON CONFLICT (key) DO UPDATE ... WHERE expired`, taking an
+//!   expired row over. The primary key makes the insert atomic: of any
+//!   number of concurrent callers on any number of instances exactly one
+//!   acquires; a loser whose snapshot predates the winner's row reads it
+//!   with a second statement. So a first request costs two round trips
+//!   (`begin`, `complete`) and a replay one.
 //! * `complete`, `renew` and `release` are single statements that act only
 //!   on a live `in_flight` row holding the caller's lease token (fencing).
+//! * A pooled connection is not checked before use (a ping would be one
+//!   more round trip per statement). A statement whose connection the
+//!   server closed meanwhile (a restart, `pg_terminate_backend`) runs once
+//!   more on a live connection: the caller sees no error. `begin` then
+//!   recognises its own lease token if the lost attempt wrote the marker,
+//!   and `complete` its own record.
 //! * Times are the database's clock, so instances agree on expiry. Expired
 //!   rows are ignored by every read, taken over by `begin`, and deleted by
 //!   [`cleanup_expired`](Store::cleanup_expired) (the engine's auto-cleanup
@@ -75,7 +83,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::postgres::PgPool;
+use sqlx::Row;
 
+use self::connection::{statement, Attempt};
 use self::convert::{map_error, ttl_ms};
 use self::sql::{Statements, Table};
 use super::{
@@ -87,6 +97,7 @@ use crate::record::{now_ms, SharedRecord};
 use crate::stats::CacheInfo;
 
 mod builder;
+mod connection;
 mod convert;
 mod migration;
 mod sql;
@@ -94,9 +105,9 @@ mod transactional;
 
 pub use builder::{PostgresStoreBuilder, DEFAULT_MAX_CONNECTIONS, DEFAULT_TABLE, DEFAULT_TIMEOUT};
 
-/// How many times `begin` goes round when the key changes between its read
-/// and its insert (another caller's row wins the key, or expires or is
-/// deleted before it is read). Each round is a fresh look at a key that is
+/// How many statements `begin` runs when the key changes under it (another
+/// caller's row wins the key after the statement's snapshot, or expires or
+/// is deleted before it is read). Each is a fresh look at a key that is
 /// changing under it, so more than a couple means something keeps deleting
 /// the key.
 const BEGIN_ROUNDS: usize = 8;
@@ -166,6 +177,10 @@ impl PostgresStore {
     /// [Isolation](self#isolation)): under REPEATABLE READ or SERIALIZABLE
     /// the store's own statements may fail with
     /// [`StoreError::SerializationFailure`] when they race each other.
+    /// sqlx pings a pooled connection before every use unless told not to
+    /// (`PgPoolOptions::test_before_acquire(false)`, as the builder's pool
+    /// does): a round trip per statement that the store does not need, since
+    /// it runs a statement whose connection turns out dead once more.
     ///
     /// # Errors
     ///
@@ -217,40 +232,70 @@ impl PostgresStore {
 
     /// The live row under `key`: what it holds and its time left.
     async fn held(&self, key: &str) -> Result<Option<(EntryState, Duration)>, StoreError> {
-        let row = self
-            .run(
-                sqlx::query(&self.inner.sql.get)
-                    .bind(key)
-                    .fetch_optional(&self.inner.pool),
-            )
-            .await?;
+        let (row, _) = statement!(self, |connection| sqlx::query(&self.inner.sql.get)
+            .bind(key)
+            .fetch_optional(connection))
+        .await?;
         row.map(|row| convert::held(key, &row)).transpose()
     }
 
-    /// Replaces the marker held by `lease` with `record`, on `connection`:
-    /// inside the caller's transaction, for the transactional form. Answers
-    /// whether the marker was still the lease's.
-    async fn complete_on<'c>(
+    /// The statement that replaces the marker held by `token` with
+    /// `record`, fenced: it affects one row if the marker was still the
+    /// lease's, none otherwise.
+    fn complete_statement<'q>(
+        &'q self,
+        key: &'q str,
+        token: &'q str,
+        record: &'q Completion,
+        ttl: Duration,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        sqlx::query(&self.inner.sql.complete)
+            .bind(key)
+            .bind(token)
+            .bind(record.fingerprint.as_slice())
+            .bind(record.encoded.as_ref())
+            .bind(record.created_at)
+            .bind(ttl_ms(ttl))
+    }
+
+    /// Replaces the marker held by `lease` with `record` inside the
+    /// caller's transaction, for the transactional form (no retry: a lost
+    /// connection has rolled the transaction back). Answers whether the
+    /// marker was still the lease's.
+    async fn complete_in(
         &self,
-        connection: impl sqlx::PgExecutor<'c>,
+        transaction: &mut sqlx::PgConnection,
         key: &str,
         lease: LeaseToken,
         record: &crate::Record,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
+        let (token, record) = (lease.to_string(), Completion::of(record));
         let completed = self
             .run(
-                sqlx::query(&self.inner.sql.complete)
-                    .bind(key)
-                    .bind(lease.to_string())
-                    .bind(record.fingerprint.as_bytes().as_slice())
-                    .bind(record.encode().as_ref())
-                    .bind(created_at(record.created_at_ms))
-                    .bind(ttl_ms(ttl))
-                    .execute(connection),
+                self.complete_statement(key, &token, &record, ttl)
+                    .execute(transaction),
             )
             .await?;
         Ok(completed.rows_affected() == 1)
+    }
+}
+
+/// A record as `complete` writes it, encoded once however many times the
+/// statement runs.
+struct Completion {
+    fingerprint: [u8; 32],
+    encoded: bytes::Bytes,
+    created_at: i64,
+}
+
+impl Completion {
+    fn of(record: &crate::Record) -> Self {
+        Self {
+            fingerprint: *record.fingerprint.as_bytes(),
+            encoded: record.encode(),
+            created_at: created_at(record.created_at_ms),
+        }
     }
 }
 
@@ -269,38 +314,32 @@ impl Store for PostgresStore {
     ) -> Result<BeginOutcome, StoreError> {
         let token = lease.to_string();
         for _ in 0..BEGIN_ROUNDS {
-            // A live row answers at once, with a read: a replay or a conflict
-            // writes nothing (the insert below would lock the row, and a
-            // lock is a write that waits for the WAL to be flushed).
-            match self.held(key).await? {
-                Some((EntryState::InFlight { fingerprint, .. }, expires_in)) => {
-                    return Ok(BeginOutcome::InFlight {
-                        fingerprint,
-                        expires_in,
-                    })
-                }
-                Some((EntryState::Completed(record), _)) => {
-                    return Ok(BeginOutcome::Completed(record))
-                }
-                None => {}
-            }
-            let acquired = self
-                .run(
-                    sqlx::query(&self.inner.sql.acquire)
-                        .bind(key)
-                        .bind(&token)
-                        .bind(fingerprint.as_bytes().as_slice())
-                        .bind(created_at(now_ms()))
-                        .bind(ttl_ms(lease_ttl))
-                        .execute(&self.inner.pool),
-                )
-                .await?;
-            if acquired.rows_affected() == 1 {
+            let (row, _) = statement!(self, |connection| sqlx::query(&self.inner.sql.begin)
+                .bind(key)
+                .bind(&token)
+                .bind(fingerprint.as_bytes().as_slice())
+                .bind(created_at(now_ms()))
+                .bind(ttl_ms(lease_ttl))
+                .fetch_optional(connection))
+            .await?;
+            // No row: another caller's row won the key after this
+            // statement's snapshot; the next one sees it.
+            let Some(row) = row else { continue };
+            if row.try_get::<bool, _>("acquired").map_err(map_error)? {
                 return Ok(BeginOutcome::Acquired);
             }
-            // Another caller's row won the key between the read and the
-            // insert: read it (in a statement of its own, whose snapshot
-            // includes it).
+            return Ok(match convert::held(key, &row)? {
+                // Our own marker: an attempt whose connection died wrote it
+                // before its answer was lost.
+                (EntryState::InFlight { lease: held, .. }, _) if held == lease => {
+                    BeginOutcome::Acquired
+                }
+                (EntryState::InFlight { fingerprint, .. }, expires_in) => BeginOutcome::InFlight {
+                    fingerprint,
+                    expires_in,
+                },
+                (EntryState::Completed(record), _) => BeginOutcome::Completed(record),
+            });
         }
         Err(StoreError::backend(format!(
             "the row of key {key:?} kept changing during begin"
@@ -313,15 +352,13 @@ impl Store for PostgresStore {
         lease: LeaseToken,
         lease_ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let renewed = self
-            .run(
-                sqlx::query(&self.inner.sql.renew)
-                    .bind(key)
-                    .bind(lease.to_string())
-                    .bind(ttl_ms(lease_ttl))
-                    .execute(&self.inner.pool),
-            )
-            .await?;
+        let token = lease.to_string();
+        let (renewed, _) = statement!(self, |connection| sqlx::query(&self.inner.sql.renew)
+            .bind(key)
+            .bind(&token)
+            .bind(ttl_ms(lease_ttl))
+            .execute(connection))
+        .await?;
         Ok(renewed.rows_affected() == 1)
     }
 
@@ -332,17 +369,17 @@ impl Store for PostgresStore {
     ) -> Vec<Result<bool, StoreError>> {
         let keys: Vec<&str> = leases.iter().map(|(key, _)| *key).collect();
         let tokens: Vec<String> = leases.iter().map(|(_, lease)| lease.to_string()).collect();
-        let renewed: Result<Vec<(String, String)>, StoreError> = self
-            .run(
-                sqlx::query_as(&self.inner.sql.renew_many)
-                    .bind(&keys)
-                    .bind(&tokens)
-                    .bind(ttl_ms(lease_ttl))
-                    .fetch_all(&self.inner.pool),
-            )
-            .await;
+        let renewed: Result<(Vec<(String, String)>, _), StoreError> = statement!(
+            self,
+            |connection| sqlx::query_as(&self.inner.sql.renew_many)
+                .bind(&keys)
+                .bind(&tokens)
+                .bind(ttl_ms(lease_ttl))
+                .fetch_all(connection)
+        )
+        .await;
         match renewed {
-            Ok(renewed) => {
+            Ok((renewed, _)) => {
                 let renewed: HashSet<(String, String)> = renewed.into_iter().collect();
                 (keys.into_iter().zip(tokens))
                     .map(|(key, token)| Ok(renewed.contains(&(key.to_owned(), token))))
@@ -359,19 +396,31 @@ impl Store for PostgresStore {
         record: SharedRecord,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        self.complete_on(&self.inner.pool, key, lease, &record, ttl)
-            .await
+        let (token, completion) = (lease.to_string(), Completion::of(&record));
+        let (completed, attempt) = statement!(self, |connection| self
+            .complete_statement(key, &token, &completion, ttl)
+            .execute(connection))
+        .await?;
+        if completed.rows_affected() == 1 {
+            return Ok(true);
+        }
+        if attempt == Attempt::First {
+            return Ok(false);
+        }
+        // The lost attempt may have stored the record: then the row holds it.
+        Ok(matches!(
+            self.held(key).await?,
+            Some((EntryState::Completed(stored), _)) if *stored == *record
+        ))
     }
 
     async fn release(&self, key: &str, lease: LeaseToken) -> Result<bool, StoreError> {
-        let released = self
-            .run(
-                sqlx::query(&self.inner.sql.release)
-                    .bind(key)
-                    .bind(lease.to_string())
-                    .execute(&self.inner.pool),
-            )
-            .await?;
+        let token = lease.to_string();
+        let (released, _) = statement!(self, |connection| sqlx::query(&self.inner.sql.release)
+            .bind(key)
+            .bind(&token)
+            .execute(connection))
+        .await?;
         Ok(released.rows_affected() == 1)
     }
 
@@ -387,9 +436,9 @@ impl Store for PostgresStore {
     }
 
     async fn cleanup_expired(&self) -> Result<(), StoreError> {
-        let deleted = self
-            .run(sqlx::query(&self.inner.sql.cleanup).execute(&self.inner.pool))
-            .await?;
+        let (deleted, _) = statement!(self, |connection| sqlx::query(&self.inner.sql.cleanup)
+            .execute(connection))
+        .await?;
         self.inner
             .expired
             .fetch_add(deleted.rows_affected(), Relaxed);
@@ -399,15 +448,14 @@ impl Store for PostgresStore {
 
 impl StoreAdmin for PostgresStore {
     async fn put(&self, key: &str, record: SharedRecord, ttl: Duration) -> Result<(), StoreError> {
-        self.run(
-            sqlx::query(&self.inner.sql.put)
-                .bind(key)
-                .bind(record.fingerprint.as_bytes().as_slice())
-                .bind(record.encode().as_ref())
-                .bind(created_at(record.created_at_ms))
-                .bind(ttl_ms(ttl))
-                .execute(&self.inner.pool),
-        )
+        let encoded = record.encode();
+        statement!(self, |connection| sqlx::query(&self.inner.sql.put)
+            .bind(key)
+            .bind(record.fingerprint.as_bytes().as_slice())
+            .bind(encoded.as_ref())
+            .bind(created_at(record.created_at_ms))
+            .bind(ttl_ms(ttl))
+            .execute(connection))
         .await?;
         Ok(())
     }
@@ -420,13 +468,12 @@ impl StoreAdmin for PostgresStore {
     }
 
     async fn remove(&self, key: &str) -> Result<bool, StoreError> {
-        let live: Option<bool> = self
-            .run(
-                sqlx::query_scalar(&self.inner.sql.remove)
-                    .bind(key)
-                    .fetch_optional(&self.inner.pool),
-            )
-            .await?;
+        let (live, _): (Option<bool>, _) = statement!(self, |connection| sqlx::query_scalar(
+            &self.inner.sql.remove
+        )
+        .bind(key)
+        .fetch_optional(connection))
+        .await?;
         Ok(live == Some(true))
     }
 
@@ -487,29 +534,33 @@ impl StoreAdmin for PostgresStore {
     }
 
     async fn clear(&self) -> Result<(), StoreError> {
-        self.run(sqlx::query(&self.inner.sql.clear).execute(&self.inner.pool))
-            .await?;
+        statement!(self, |connection| sqlx::query(&self.inner.sql.clear)
+            .execute(connection))
+        .await?;
         Ok(())
     }
 
     async fn scan(&self) -> Result<Vec<ScanEntry>, StoreError> {
-        let rows = self
-            .run(sqlx::query(&self.inner.sql.scan).fetch_all(&self.inner.pool))
-            .await?;
+        let (rows, _) = statement!(self, |connection| sqlx::query(&self.inner.sql.scan)
+            .fetch_all(connection))
+        .await?;
         rows.iter().map(convert::scan_entry).collect()
     }
 
     async fn len(&self) -> Result<u64, StoreError> {
-        let count: i64 = self
-            .run(sqlx::query_scalar(&self.inner.sql.len).fetch_one(&self.inner.pool))
+        let (count, _): (i64, _) =
+            statement!(self, |connection| sqlx::query_scalar(&self.inner.sql.len)
+                .fetch_one(connection))
             .await?;
         Ok(u64::try_from(count).unwrap_or(0))
     }
 
     async fn info(&self) -> Result<CacheInfo, StoreError> {
-        let bytes: i64 = self
-            .run(sqlx::query_scalar(&self.inner.sql.stored_bytes).fetch_one(&self.inner.pool))
-            .await?;
+        let (bytes, _): (i64, _) = statement!(self, |connection| sqlx::query_scalar(
+            &self.inner.sql.stored_bytes
+        )
+        .fetch_one(connection))
+        .await?;
         Ok(CacheInfo {
             entries: self.len().await?,
             max_entries: None,
@@ -525,8 +576,9 @@ impl StoreAdmin for PostgresStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        self.run(sqlx::query("SELECT 1").execute(&self.inner.pool))
-            .await?;
+        statement!(self, |connection| sqlx::query("SELECT 1")
+            .execute(connection))
+        .await?;
         Ok(())
     }
 }

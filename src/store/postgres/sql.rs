@@ -40,7 +40,7 @@ fn quote(identifier: &str) -> String {
     format!("\"{}\"", identifier.replace('"', "\"\""))
 }
 
-/// The columns a read answers, in this order, decoded by `row.rs`.
+/// The columns a read answers, in this order, decoded by `convert::held`.
 const HELD: &str = "state, lease_token, fingerprint, record, created_at_ms, \
      GREATEST(0, (EXTRACT(EPOCH FROM expires_at - clock_timestamp()) * 1000)::bigint) AS expires_in_ms";
 
@@ -55,9 +55,17 @@ const LIVE: &str = "expires_at > clock_timestamp()";
 #[derive(Debug)]
 pub(super) struct Statements {
     /// `$1` key, `$2` lease, `$3` fingerprint, `$4` created_at_ms, `$5` lease
-    /// TTL: writes the marker when the key is free or its row has expired
-    /// (takeover); affects no row when a live row holds the key.
-    pub(super) acquire: String,
+    /// TTL: the whole of `begin` in one statement. When the statement's
+    /// snapshot holds a live row under the key, it answers that row
+    /// (`acquired` false, then the columns of `HELD`) and writes nothing: the
+    /// insert's `SELECT` yields no row, so no row is inserted, updated or
+    /// locked. Otherwise it writes the marker (`acquired` true), into a free
+    /// key or over an expired row (takeover, fenced as ever by the expiry
+    /// that the `ON CONFLICT` update re-checks on the newest version of the
+    /// row). No row at all: another caller's row won the key after the
+    /// snapshot was taken (a concurrent insert, or a takeover of the same
+    /// expired row); a second statement, with a newer snapshot, reads it.
+    pub(super) begin: String,
     /// `$1` key: the live row.
     pub(super) get: String,
     /// `$1` key, `$2` lease, `$3` lease TTL.
@@ -98,15 +106,20 @@ impl Statements {
         let until =
             |param: u8| format!("clock_timestamp() + ${param}::bigint * interval '1 millisecond'");
         Self {
-            acquire: format!(
-                "INSERT INTO {t} AS held \
+            begin: format!(
+                "WITH live AS (SELECT {HELD} FROM {t} WHERE key = $1 AND {LIVE}), \
+                 acquired AS (INSERT INTO {t} AS held \
                  (key, state, lease_token, fingerprint, record, created_at_ms, expires_at) \
-                 VALUES ($1, 'in_flight', $2, $3, NULL, $4, {until5}) \
+                 SELECT $1, 'in_flight', $2, $3, NULL, $4, {until5} \
+                 WHERE NOT EXISTS (SELECT FROM live) \
                  ON CONFLICT (key) DO UPDATE SET state = 'in_flight', \
                  lease_token = EXCLUDED.lease_token, fingerprint = EXCLUDED.fingerprint, \
                  record = NULL, created_at_ms = EXCLUDED.created_at_ms, \
                  expires_at = EXCLUDED.expires_at \
-                 WHERE held.expires_at <= clock_timestamp()",
+                 WHERE held.expires_at <= clock_timestamp() \
+                 RETURNING {HELD}) \
+                 SELECT true AS acquired, * FROM acquired \
+                 UNION ALL SELECT false AS acquired, * FROM live",
                 until5 = until(5)
             ),
             get: format!("SELECT {HELD} FROM {t} WHERE key = $1 AND {LIVE}"),

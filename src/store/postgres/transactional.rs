@@ -103,7 +103,7 @@ impl Idempotency<PostgresStore> {
             Started::Replayed(value) => return Ok(value),
         };
         let store = self.store();
-        let mut transaction = match store.run(store.pool().begin()).await {
+        let mut transaction = match store.transaction().await {
             Ok(transaction) => transaction,
             Err(error) => return Err(release(lease, ExecuteError::Store(error)).await),
         };
@@ -127,7 +127,7 @@ impl Idempotency<PostgresStore> {
         let committed = lease
             .complete_with(record, async |record, ttl| {
                 let completed = store
-                    .complete_on(&mut *transaction, &key, token, &record, ttl)
+                    .complete_in(&mut transaction, &key, token, &record, ttl)
                     .await?;
                 if !completed {
                     // Dropping the transaction rolls it back.
