@@ -36,7 +36,7 @@
 //! ```
 //!
 //! It prints markdown tables, then the issue's targets, met or missed, then
-//! what the parts of a first request that `DESIGN.md` fixes (moka at the
+//! what the parts of a first request that ARCHITECTURE.md fixes (moka at the
 //! bound as the memory store sets it up, SHA-256 of the body) cost alone,
 //! against the first-request target (`support/floor.rs`). Beside
 //! throughput it gives the process's CPU time per request (all threads, from
@@ -509,9 +509,9 @@ fn main() {
     print_floor(&results, round_len);
 }
 
-/// The parts of a first request that `DESIGN.md` fixes, each measured alone
-/// on `WORKERS` threads (contended as in the run) and on one (uncontended),
-/// against the first-request target of the same run.
+/// The parts of a first request that ARCHITECTURE.md fixes, each measured
+/// alone on `WORKERS` threads (contended as in the run) and on one
+/// (uncontended), against the first-request target of the same run.
 fn print_floor(results: &[(usize, Vec<Figures>)], round_len: Duration) {
     let Some((_, f)) = results.iter().find(|(i, _)| SIZES[*i].0 == "1KiB") else {
         return;

@@ -1,6 +1,6 @@
 //! The engine's protocol: single-flight, policies, leases, stats and the
 //! handle, on each store (`name::memory`, `name::redis`). What only the
-//! embedded store has (bounds, the cleanup task) is in `engine_memory.rs`.
+//! embedded store has (bounds, the cleanup task) is in `engine/memory.rs`.
 
 mod support;
 mod engine {

@@ -1,7 +1,7 @@
 //! What a first request cannot cost less than while the memory store is what
-//! `DESIGN.md` makes it: a moka cache bounded by entries, evicting the least
-//! recently used record, with an expiry per entry and an eviction listener
-//! (the source of the `expired` and `evicted` counters), and a SHA-256
+//! ARCHITECTURE.md makes it: a moka cache bounded by entries, evicting the
+//! least recently used record, with an expiry per entry and an eviction
+//! listener (the source of the `expired` and `evicted` counters), and a SHA-256
 //! fingerprint of the body.
 //!
 //! Each part runs alone here, on as many threads as the concurrent run has

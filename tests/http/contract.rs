@@ -1,6 +1,7 @@
-//! The HTTP behaviour table of DESIGN.md, over real HTTP: what reaches the
-//! service (pass-through, keys, 400, 413). Replays and storage policy are in
-//! `http_replay.rs`.
+//! The HTTP behaviour table (ARCHITECTURE.md; `src/layer/docs.md` is the
+//! authoritative one), over real HTTP: what reaches the service
+//! (pass-through, keys, 400, 413). Replays and storage policy are in
+//! `replay.rs`.
 
 use crate::support::common;
 use crate::support::stores;

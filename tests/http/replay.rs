@@ -1,5 +1,6 @@
-//! The HTTP behaviour table of DESIGN.md, over real HTTP: replays,
-//! mismatches, what is stored and what is not.
+//! The HTTP behaviour table (ARCHITECTURE.md; `src/layer/docs.md` is the
+//! authoritative one), over real HTTP: replays, mismatches, what is stored
+//! and what is not.
 
 use crate::support::common;
 use crate::support::stores;

@@ -141,7 +141,8 @@ async fn in_a_service_builder_stack(store: TestStore) {
 
 /// A store that can be switched off, answering every call with
 /// `StoreError::Unavailable` meanwhile: how an unreachable Redis looks to
-/// the layer. (`redis_outage.rs` and `redis_http.rs` take a real Redis down.)
+/// the layer. (`tests/redis/outage.rs` and `tests/redis/http_layer.rs` take a
+/// real Redis down.)
 #[derive(Clone)]
 struct SwitchStore {
     inner: TestStore,

@@ -3,7 +3,7 @@
 //! answer): keys spread over every primary and listing covers them all;
 //! duplicates split over two instances run once; writes acknowledged by
 //! replicas. Nothing here stops or kills a node (see
-//! `redis_cluster_failover.rs` for that, on a cluster of its own).
+//! `cluster_failover.rs` for that, on a cluster of its own).
 #![cfg(feature = "redis")]
 
 use std::collections::HashMap;
