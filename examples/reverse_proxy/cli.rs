@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use http::Uri;
+use http::{HeaderName, Uri};
 
 use crate::limits::EdgeArgs;
 
@@ -26,6 +26,12 @@ pub(crate) struct Args {
     /// prefix). When absent, the built-in demo upstream is used.
     #[arg(long, value_parser = parse_upstream)]
     pub(crate) upstream: Option<Uri>,
+
+    /// Speak HTTP/2 to the upstream, with prior knowledge over cleartext
+    /// (h2c): for a gRPC upstream. `TE: trailers` and trailers are passed on
+    /// both ways whichever protocol is spoken.
+    #[arg(long, requires = "upstream")]
+    pub(crate) upstream_http2: bool,
 
     /// Start the built-in counting upstream on an ephemeral loopback port
     /// (the default when --upstream is absent).
@@ -117,6 +123,18 @@ pub(crate) struct Args {
     /// (409 after it).
     #[arg(long, default_value = "30", value_parser = parse_seconds)]
     pub(crate) wait_timeout: Duration,
+
+    /// A gRPC method that streams (`/package.Service/Method`, repeatable):
+    /// its calls pass through unprotected. Every other gRPC call is read to
+    /// its end as a unary call before it is forwarded; an unlisted streaming
+    /// call is answered UNIMPLEMENTED instead of hanging.
+    #[arg(long = "grpc-streaming-path", value_name = "PATH")]
+    pub(crate) grpc_streaming_paths: Vec<String>,
+
+    /// The header (gRPC: metadata entry) that marks a replayed answer, set
+    /// to `true`; `idempotency-replayed` is the other common name.
+    #[arg(long, value_name = "NAME", default_value = "idempotent-replayed", value_parser = parse_header_name)]
+    pub(crate) replay_header: HeaderName,
 
     /// When the store is unreachable, forward requests unprotected instead of
     /// answering 503.
@@ -248,6 +266,10 @@ pub(crate) fn parse_seconds(text: &str) -> Result<Duration, String> {
         return Err("must be greater than zero".into());
     }
     Duration::try_from_secs_f64(seconds).map_err(|e| e.to_string())
+}
+
+fn parse_header_name(text: &str) -> Result<HeaderName, String> {
+    HeaderName::from_bytes(text.as_bytes()).map_err(|_| format!("`{text}` is not a header name"))
 }
 
 fn parse_upstream(text: &str) -> Result<Uri, String> {

@@ -11,7 +11,8 @@
 //! exchange goes on (or, under `--concurrent wait`, waits for it) and the
 //! upstream's own answer after it: the upstream runs once. Once the upstream
 //! request may have been sent, only a definite answer or the key's marker
-//! running out frees the key.
+//! running out frees the key. A gRPC call gets `DEADLINE_EXCEEDED` instead
+//! of the 504 (and `ABORTED` instead of the 409).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -26,7 +27,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tower::{BoxError, Layer, Service};
 
-use crate::problem::problem;
+use crate::problem::{answer, is_grpc};
 
 /// The methods the proxy's idempotency layer protects (it is built with
 /// exactly these).
@@ -100,7 +101,7 @@ impl<S> Layer<S> for UpstreamDeadlineLayer {
     }
 }
 
-/// Answers 504 problem+json when the upstream's head has not come within
+/// Answers 504 problem+json (gRPC: `DEADLINE_EXCEEDED`) when the upstream's head has not come within
 /// `timeout` of the request being sent, dropping the inner future.
 #[derive(Clone)]
 pub(crate) struct UpstreamDeadline<S> {
@@ -126,6 +127,7 @@ where
     fn call(&mut self, mut request: Request<Body>) -> Self::Future {
         let keyed = PROTECTED_METHODS.contains(request.method())
             && request.headers().contains_key("idempotency-key");
+        let grpc = is_grpc(request.headers());
         let (clock, phase) = UpstreamClock::new(keyed);
         request.extensions_mut().insert(clock);
         let answer = self.inner.call(request);
@@ -135,7 +137,7 @@ where
                 Some(answer) => Ok(answer?.map(Body::new)),
                 None => {
                     tracing::warn!(?timeout, keyed, "upstream timed out");
-                    Ok(upstream_timeout(timeout, keyed))
+                    Ok(upstream_timeout(timeout, keyed, grpc))
                 }
             }
         })
@@ -174,16 +176,22 @@ async fn within<F: Future>(
     }
 }
 
-fn upstream_timeout(timeout: Duration, keyed: bool) -> Response<Body> {
+fn upstream_timeout(timeout: Duration, keyed: bool, grpc: bool) -> Response<Body> {
     let seconds = timeout.as_secs_f64();
+    let conflict = if grpc { "ABORTED" } else { "409" };
     let detail = if keyed {
         format!(
             "The upstream did not answer within {seconds} s. Whether it acted is not known \
              yet: the proxy awaits its answer in the background, and a retry with the same \
-             Idempotency-Key gets that answer once it is known (409 until then)."
+             Idempotency-Key gets that answer once it is known ({conflict} until then)."
         )
     } else {
         format!("The upstream did not answer within {seconds} s.")
     };
-    problem(StatusCode::GATEWAY_TIMEOUT, "Upstream timeout", &detail)
+    answer(
+        grpc,
+        StatusCode::GATEWAY_TIMEOUT,
+        "Upstream timeout",
+        &detail,
+    )
 }

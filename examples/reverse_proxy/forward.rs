@@ -7,7 +7,13 @@
 //! [`OutcomeUnknown`], so the idempotency layer leaves the key to its
 //! marker instead of releasing it; a body cut off after its head ends with
 //! an error, which the layer treats the same way. A connect error (nothing
-//! was sent) is a plain 502, and the key is released.
+//! was sent) is a plain 502, and the key is released. A gRPC call gets
+//! these answers as gRPC statuses (`UNAVAILABLE`, `DEADLINE_EXCEEDED`).
+//!
+//! With `--upstream-http2` the upstream is spoken to in HTTP/2 with prior
+//! knowledge (h2c), as a gRPC server expects. Either way `TE: trailers` is
+//! passed on, and trailers flow both ways: the bodies are handed over frame
+//! by frame, trailer frames included.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -29,21 +35,21 @@ use tower_idempotency::OutcomeUnknown;
 
 use crate::deadline::UpstreamClock;
 use crate::exchange::{Exchanges, UpstreamBody};
-use crate::problem::problem;
+use crate::problem::{self, is_grpc};
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Headers that describe one connection, not the message (RFC 9110 7.6.1):
-/// a proxy must not pass them on.
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// a proxy must not pass them on. `TE: trailers` is passed on all the same
+/// (see [`accepts_trailers`]): gRPC needs it.
+const HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
     header::TE,
-    header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
 ];
@@ -57,15 +63,19 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 pub(crate) struct Forwarder {
     client: Client<HttpConnector, Body>,
     upstream: Uri,
+    // HTTP/2 with prior knowledge (`--upstream-http2`).
+    http2: bool,
     // The longest an exchange (head and, for a keyed request, body) is kept.
     abandon: Duration,
     exchanges: Exchanges,
 }
 
 impl Forwarder {
-    /// `connect_timeout` bounds opening a connection (nothing is sent before).
+    /// `connect_timeout` bounds opening a connection (nothing is sent before);
+    /// `http2` speaks HTTP/2 with prior knowledge.
     pub(crate) fn new(
         upstream: Uri,
+        http2: bool,
         connect_timeout: Duration,
         abandon: Duration,
         exchanges: Exchanges,
@@ -75,10 +85,12 @@ impl Forwarder {
         connector.set_connect_timeout(Some(connect_timeout));
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
+            .http2_only(http2)
             .build(connector);
         Self {
             client,
             upstream,
+            http2,
             abandon,
             exchanges,
         }
@@ -90,10 +102,12 @@ impl Forwarder {
         B::Error: Into<BoxError>,
     {
         let (mut parts, body) = request.into_parts();
+        let grpc = is_grpc(&parts.headers);
         let uri = match self.upstream_uri(&parts.uri) {
             Ok(uri) => uri,
             Err(e) => {
-                return problem(
+                return problem::answer(
+                    grpc,
                     StatusCode::BAD_REQUEST,
                     "Bad request target",
                     &e.to_string(),
@@ -110,7 +124,13 @@ impl Forwarder {
             .map(|ConnectInfo(addr)| addr.ip());
         let clock = parts.extensions.remove::<UpstreamClock>();
 
+        let te_trailers = accepts_trailers(&parts.headers);
         strip_hop_by_hop(&mut parts.headers);
+        if te_trailers {
+            parts
+                .headers
+                .insert(header::TE, HeaderValue::from_static("trailers"));
+        }
         // The client's Host names the proxy; the upstream gets its own (the
         // client sets it from the URI) and the original in x-forwarded-host.
         parts.headers.remove(header::HOST);
@@ -124,7 +144,11 @@ impl Forwarder {
             parts.headers.insert(X_FORWARDED_HOST, host);
         }
         parts.uri = uri;
-        parts.version = http::Version::HTTP_11;
+        parts.version = if self.http2 {
+            http::Version::HTTP_2
+        } else {
+            http::Version::HTTP_11
+        };
 
         let request = Request::from_parts(parts, Body::new(body));
         let running = self.exchanges.start();
@@ -150,7 +174,8 @@ impl Forwarder {
             Ok(Err(e)) if e.is_connect() => {
                 let error = error_chain(&e);
                 tracing::warn!(upstream = %self.upstream, error, "upstream unreachable");
-                problem(
+                problem::answer(
+                    grpc,
                     StatusCode::BAD_GATEWAY,
                     "Upstream unreachable",
                     "The upstream could not be reached; nothing was sent to it.",
@@ -164,6 +189,7 @@ impl Forwarder {
                     "Upstream failed",
                     "The upstream broke the connection after the request was sent.",
                     keyed,
+                    grpc,
                 )
             }
             Err(_) => {
@@ -174,6 +200,7 @@ impl Forwarder {
                     "Upstream timeout",
                     "The upstream did not answer within --upstream-abandon.",
                     keyed,
+                    grpc,
                 )
             }
         }
@@ -223,6 +250,20 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Whether the client accepts trailers (`TE: trailers`, as a gRPC client
+/// sends): the one `TE` value passed on.
+fn accepts_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|coding| {
+            let coding = coding.split(';').next().unwrap_or("").trim();
+            coding.eq_ignore_ascii_case("trailers")
+        })
+}
+
 fn append_forwarded_for(headers: &mut HeaderMap, ip: &str) {
     let previous: Vec<&str> = headers
         .get_all(&X_FORWARDED_FOR)
@@ -239,18 +280,26 @@ fn append_forwarded_for(headers: &mut HeaderMap, ip: &str) {
     }
 }
 
-/// A problem+json answer for an exchange that may have reached the upstream:
-/// it carries [`OutcomeUnknown`], so the key is left to its marker.
-fn outcome_unknown(status: StatusCode, title: &str, what: &str, keyed: bool) -> Response<Body> {
+/// The answer for an exchange that may have reached the upstream (a gRPC
+/// status for a gRPC call, problem+json otherwise): it carries
+/// [`OutcomeUnknown`], so the key is left to its marker.
+fn outcome_unknown(
+    status: StatusCode,
+    title: &str,
+    what: &str,
+    keyed: bool,
+    grpc: bool,
+) -> Response<Body> {
+    let conflict = if grpc { "ABORTED" } else { "409" };
     let detail = if keyed {
         format!(
             "{what} Whether it acted is not known: a retry with the same Idempotency-Key \
-             gets 409 until the key's in-flight marker expires (--lease-ttl)."
+             gets {conflict} until the key's in-flight marker expires (--lease-ttl)."
         )
     } else {
         format!("{what} Whether it acted is not known.")
     };
-    let mut response = problem(status, title, &detail);
+    let mut response = problem::answer(grpc, status, title, &detail);
     response.extensions_mut().insert(OutcomeUnknown);
     response
 }

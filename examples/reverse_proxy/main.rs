@@ -7,7 +7,11 @@
 //! ```
 //!
 //! A POST or PATCH carrying `Idempotency-Key` runs upstream once; retries get
-//! the first response back with `idempotent-replayed: true`. The admin server
+//! the first response back with `idempotent-replayed: true` (the name is
+//! `--replay-header`). gRPC calls (`--upstream-http2` to a gRPC upstream)
+//! are protected by the layer's gRPC rules, their key in the
+//! `idempotency-key` metadata, and the proxy's own answers to them are gRPC
+//! statuses. The admin server
 //! (`--admin`, default 127.0.0.1:3002) answers `/` (the operator's page),
 //! `/stats`, `/metrics`, `/healthz`, `/keys` (a page at a time), `/config`
 //! and `DELETE /keys/{key}`; writes need the admin token
@@ -208,6 +212,7 @@ async fn serve<S: StoreAdmin>(args: Args, engine: Idempotency<S>) -> Result<(), 
     let exchanges = Exchanges::new();
     let forwarder = Forwarder::new(
         upstream.clone(),
+        args.upstream_http2,
         args.upstream_timeout,
         args.upstream_abandon,
         exchanges.clone(),
@@ -303,6 +308,8 @@ fn proxy_app<S: StoreAdmin>(
             OversizedFlag::Release => OversizedResponse::Release,
         })
         .methods(PROTECTED_METHODS)
+        .grpc_streaming_paths(args.grpc_streaming_paths.iter().cloned())
+        .replay_header(args.replay_header.clone())
         // The upstream deadline drops the layer's response future: the
         // exchange must then run on, not be cancelled with its key released.
         .disconnect(Disconnect::Complete)
@@ -314,6 +321,7 @@ fn proxy_app<S: StoreAdmin>(
         .build()?;
     let gauge = layer.clone();
     let waiting: admin::Waiting = Arc::new(move || gauge.waiting());
+    let replay_header = args.replay_header.clone();
     let service = ServiceBuilder::new()
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .layer(
@@ -329,8 +337,8 @@ fn proxy_app<S: StoreAdmin>(
                     )
                 })
                 .on_response(
-                    |response: &http::Response<_>, latency: Duration, _: &tracing::Span| {
-                        let replayed = response.headers().contains_key("idempotent-replayed");
+                    move |response: &http::Response<_>, latency: Duration, _: &tracing::Span| {
+                        let replayed = response.headers().contains_key(&replay_header);
                         tracing::info!(
                             status = response.status().as_u16(),
                             ?latency,

@@ -8,6 +8,7 @@ mod cluster;
 use crate::support::stores::cluster as cluster_support;
 mod config;
 mod edge;
+mod grpc;
 mod harness;
 mod hostile;
 mod http2;
@@ -69,7 +70,7 @@ pub(crate) async fn redis_answers() -> bool {
     matches!(timeout(Duration::from_secs(2), ping).await, Ok(Some(true)))
 }
 
-/// Each behaviour of `idempotency` and `unclear` (`module::function`) as a
+/// Each behaviour of `idempotency`, `unclear` and `grpc` (`module::function`) as a
 /// test on the embedded store and, with feature `redis`, one on Redis.
 macro_rules! on_every_store {
     ($($module:ident :: $name:ident),* $(,)?) => {
@@ -116,6 +117,12 @@ on_every_store!(
     unclear::unclear_body_cut_off_after_its_head_runs_once_and_holds_the_key,
     unclear::unclear_oversized_answer_runs_once_and_its_head_is_replayed,
     unclear::unclear_connect_error_is_502_and_frees_the_key,
+    grpc::grpc_retried_call_runs_once_and_replays_message_status_and_trailers,
+    grpc::grpc_refused_call_replays_its_status_and_metadata,
+    grpc::grpc_hedged_pair_under_wait_runs_once,
+    grpc::grpc_missing_key_is_invalid_argument_with_require_key,
+    grpc::grpc_upstream_timeout_is_deadline_exceeded_and_a_late_retry_gets_the_answer,
+    grpc::grpc_and_http1_clients_share_the_proxy,
 );
 
 /// Polls `check` until it holds; every try is a real request, the whole wait
@@ -354,6 +361,8 @@ async fn bad_flags_are_refused_at_start_up() {
         &["--body-read-timeout", "soon"],
         &["--max-connections", "0"],
         &["--http2-max-streams", "0"],
+        &["--upstream-http2"],
+        &["--replay-header", "not a name"],
     ] {
         let (mut child, ready, _log) = spawn(args).await;
         assert!(ready.is_none(), "{args:?} was accepted");
