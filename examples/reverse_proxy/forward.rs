@@ -11,6 +11,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -55,8 +56,16 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// the idempotency layer.
 #[derive(Clone)]
 pub(crate) struct Forwarder {
+    // One reference count per request instead of the client's several.
+    shared: Arc<Shared>,
+}
+
+struct Shared {
     client: Client<HttpConnector, Body>,
     upstream: Uri,
+    // The upstream's path prefix without its trailing `/` ("" for none: the
+    // request's path and query then go as they are, not re-parsed).
+    prefix: String,
     // The longest an exchange (head and, for a keyed request, body) is kept.
     abandon: Duration,
     exchanges: Exchanges,
@@ -76,21 +85,26 @@ impl Forwarder {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .build(connector);
+        let prefix = upstream.path().trim_end_matches('/').to_owned();
         Self {
-            client,
-            upstream,
-            abandon,
-            exchanges,
+            shared: Arc::new(Shared {
+                client,
+                upstream,
+                prefix,
+                abandon,
+                exchanges,
+            }),
         }
     }
 
-    async fn forward<B>(self, request: Request<B>) -> Response<Body>
+    async fn forward<B>(&self, request: Request<B>) -> Response<Body>
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
         let (mut parts, body) = request.into_parts();
-        let uri = match self.upstream_uri(&parts.uri) {
+        let this = &*self.shared;
+        let uri = match this.upstream_uri(&parts.uri) {
             Ok(uri) => uri,
             Err(e) => {
                 return problem(
@@ -127,12 +141,12 @@ impl Forwarder {
         parts.version = http::Version::HTTP_11;
 
         let request = Request::from_parts(parts, Body::new(body));
-        let running = self.exchanges.start();
-        let abandon_at = tokio::time::Instant::now() + self.abandon;
+        let running = this.exchanges.start();
+        let abandon_at = tokio::time::Instant::now() + this.abandon;
         if let Some(clock) = &clock {
             clock.sent();
         }
-        let answer = tokio::time::timeout_at(abandon_at, self.client.request(request)).await;
+        let answer = tokio::time::timeout_at(abandon_at, this.client.request(request)).await;
         if let Some(clock) = &clock {
             clock.answered();
         }
@@ -149,7 +163,7 @@ impl Forwarder {
             }
             Ok(Err(e)) if e.is_connect() => {
                 let error = error_chain(&e);
-                tracing::warn!(upstream = %self.upstream, error, "upstream unreachable");
+                tracing::warn!(upstream = %this.upstream, error, "upstream unreachable");
                 problem(
                     StatusCode::BAD_GATEWAY,
                     "Upstream unreachable",
@@ -158,7 +172,7 @@ impl Forwarder {
             }
             Ok(Err(e)) => {
                 let error = error_chain(&e);
-                tracing::warn!(upstream = %self.upstream, error, "upstream failed, request sent");
+                tracing::warn!(upstream = %this.upstream, error, "upstream failed, request sent");
                 outcome_unknown(
                     StatusCode::BAD_GATEWAY,
                     "Upstream failed",
@@ -167,8 +181,8 @@ impl Forwarder {
                 )
             }
             Err(_) => {
-                let abandon = self.abandon;
-                tracing::warn!(upstream = %self.upstream, ?abandon, "upstream exchange abandoned");
+                let abandon = this.abandon;
+                tracing::warn!(upstream = %this.upstream, ?abandon, "upstream exchange abandoned");
                 outcome_unknown(
                     StatusCode::GATEWAY_TIMEOUT,
                     "Upstream timeout",
@@ -179,12 +193,23 @@ impl Forwarder {
         }
     }
 
+}
+
+impl Shared {
     /// The upstream base joined with the request's path and query.
     fn upstream_uri(&self, request: &Uri) -> Result<Uri, http::Error> {
-        let prefix = self.upstream.path().trim_end_matches('/');
-        let path_and_query = request.path_and_query().map_or("/", PathAndQuery::as_str);
-        let mut parts = self.upstream.clone().into_parts();
-        parts.path_and_query = Some(format!("{prefix}{path_and_query}").parse()?);
+        let path_and_query = match (self.prefix.as_str(), request.path_and_query()) {
+            // No prefix: the request's own path and query, shared, not parsed again.
+            ("", Some(path_and_query)) => path_and_query.clone(),
+            (prefix, path_and_query) => {
+                let path_and_query = path_and_query.map_or("/", PathAndQuery::as_str);
+                format!("{prefix}{path_and_query}").parse()?
+            }
+        };
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = self.upstream.scheme().cloned();
+        parts.authority = self.upstream.authority().cloned();
+        parts.path_and_query = Some(path_and_query);
         Ok(Uri::from_parts(parts)?)
     }
 }

@@ -32,7 +32,7 @@ use http::Uri;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tower::{BoxError, ServiceBuilder};
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
 use tower_idempotency::store::{StoreAdmin, DEFAULT_MAX_ENTRIES};
 use tower_idempotency::{
     Concurrent, Disconnect, FailMode, Idempotency, IdempotencyLayer, OversizedResponse,
@@ -64,6 +64,11 @@ use deadline::{UpstreamDeadlineLayer, PROTECTED_METHODS};
 use exchange::Exchanges;
 use forward::Forwarder;
 use limits::EdgeStats;
+
+// glibc's malloc and free showed in the forwarding path's profile; mimalloc
+// keeps per-thread free lists (BENCHMARKS.md, "Reverse proxy against nginx").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -318,7 +323,7 @@ fn proxy_app<S: StoreAdmin>(
     let gauge = layer.clone();
     let waiting: admin::Waiting = Arc::new(move || gauge.waiting());
     let service = ServiceBuilder::new()
-        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(SetRequestIdLayer::x_request_id(RandomUuid))
         // One line per request, queued for the writer thread; no span: a
         // span per request at info level cost more than the line itself.
         .layer(AccessLogLayer::new(access_log.clone()))
@@ -331,6 +336,29 @@ fn proxy_app<S: StoreAdmin>(
         .layer(layer)
         .service(forwarder);
     Ok((Router::new().fallback_service(service), waiting))
+}
+
+/// A random (version 4) UUID per request, like tower-http's
+/// `MakeRequestUuid`, but drawn from the thread's generator: that one asked
+/// the kernel (`getrandom`) on every request.
+#[derive(Clone, Copy)]
+struct RandomUuid;
+
+impl MakeRequestId for RandomUuid {
+    fn make_request_id<B>(&mut self, _: &http::Request<B>) -> Option<RequestId> {
+        let bits = rand::random::<u128>() & !(0xF000 << 64) & !(0xC << 60);
+        let bits = bits | (0x4000 << 64) | (0x8 << 60);
+        let hex = format!("{bits:032x}");
+        let id = format!(
+            "{}-{}-{}-{}-{}",
+            &hex[..8],
+            &hex[8..12],
+            &hex[12..16],
+            &hex[16..20],
+            &hex[20..]
+        );
+        http::HeaderValue::from_str(&id).ok().map(RequestId::new)
+    }
 }
 
 fn demo_hint(proxy: SocketAddr, admin: SocketAddr) -> String {
