@@ -298,7 +298,10 @@ mod tests {
     #[test]
     fn timestamps_are_rfc3339_utc() {
         let mut out = String::new();
-        write_timestamp(&mut out, UNIX_EPOCH + Duration::from_millis(1_796_658_526_123));
+        write_timestamp(
+            &mut out,
+            UNIX_EPOCH + Duration::from_millis(1_796_658_526_123),
+        );
         assert_eq!(out, "2026-12-07T15:48:46.123Z");
         out.clear();
         write_timestamp(&mut out, UNIX_EPOCH + Duration::from_secs(951_782_400));

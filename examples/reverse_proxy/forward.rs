@@ -192,7 +192,6 @@ impl Forwarder {
             }
         }
     }
-
 }
 
 impl Shared {

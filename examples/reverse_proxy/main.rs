@@ -32,7 +32,9 @@ use http::Uri;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tower::{BoxError, ServiceBuilder};
-use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
 use tower_idempotency::store::{StoreAdmin, DEFAULT_MAX_ENTRIES};
 use tower_idempotency::{
     Concurrent, Disconnect, FailMode, Idempotency, IdempotencyLayer, OversizedResponse,
