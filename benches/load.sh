@@ -8,6 +8,20 @@
 #   DURATION=30s CONNECTIONS=128 bash benches/load.sh
 #   RUNS=first bash benches/load.sh      # only the first-request run
 #   RUNS=first PROXY_BIN=path/to/reverse_proxy bash benches/load.sh  # another build
+#   RUNS=nginx bash benches/load.sh      # only the reverse proxy against nginx
+#   RUNS=nginx REPEAT=3 PIN=1 bash benches/load.sh   # three rounds, pinned
+#
+# Then the reverse proxy against nginx (RUNS=nginx for this part alone):
+# nginx (Debian's package, installed with apt-get when missing and root) is
+# started on free ports as the upstream (`return 201` with a small body) and
+# as a `proxy_pass` front with upstream `keepalive` and a buffered access
+# log; examples/reverse_proxy (memory store, access log to a file) runs in
+# front of the same upstream. wrk (THREADS, CONNECTIONS, 1 KiB POSTs) then
+# measures, side by side in one round: nginx passthrough; the proxy without
+# a key; first requests (a new key each); replays (one fixed key); and the
+# proxy without a key and with --access-log off (the access log's cost).
+# PIN=1 runs the servers on CPU 0 and wrk on CPU 1 (taskset), the same for
+# nginx and the proxy. Without nginx these rows are skipped with a message.
 #
 # Last, first requests (a new key each: the handler runs and the response is
 # stored) through examples/reverse_proxy on Redis (REDIS_URL, default
@@ -28,11 +42,17 @@ PROXY_ADDR=${PROXY_ADDR:-127.0.0.1:3103}
 PROXY_ADMIN_ADDR=${PROXY_ADMIN_ADDR:-127.0.0.1:3104}
 REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
 RUNS=${RUNS:-all}
+REPEAT=${REPEAT:-1}
+PIN=${PIN:-0}
 
 cd "$(dirname "$0")/.."
 work=$(mktemp -d)
 pids=()
+nginx_confs=()
 cleanup() {
+    for conf in "${nginx_confs[@]}"; do
+        nginx -c "$conf" -s quit 2>/dev/null || true
+    done
     for pid in "${pids[@]}"; do
         kill "$pid" 2>/dev/null || true
         wait "$pid" 2>/dev/null || true
@@ -139,6 +159,192 @@ response = function(status, headers, body)
   end
 end'
 
+# A free loopback port, from the kernel.
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# Waits until something accepts connections on 127.0.0.1:$1.
+wait_port() {
+    for _ in $(seq 1 100); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    echo "nothing listens on 127.0.0.1:$1" >&2
+    return 1
+}
+
+# Starts nginx (a daemon, stopped on exit through its config) named $1 with
+# the http{} block $2.
+start_nginx() {
+    local name=$1 http=$2 dir="$work/nginx-$1"
+    mkdir -p "$dir"
+    cat >"$dir/nginx.conf" <<NGINX
+worker_processes ${NGINX_WORKERS:-auto};
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 4096; }
+http {
+    client_body_temp_path $dir/body;
+    proxy_temp_path $dir/proxy;
+    fastcgi_temp_path $dir/fastcgi;
+    uwsgi_temp_path $dir/uwsgi;
+    scgi_temp_path $dir/scgi;
+    $http
+}
+NGINX
+    $pin_servers nginx -c "$dir/nginx.conf" -e "$dir/error.log"
+    nginx_confs+=("$dir/nginx.conf")
+}
+
+# Prints "requests_per_second p99_ms" for one wrk run against $1 (host:port)
+# with the lua script $2, pinned like the clients.
+wrk_run() {
+    local addr=$1 script=$2 out rps p99
+    out=$($pin_client wrk --latency -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" -s "$script" "http://$addr/orders")
+    echo "$out" >>"$work/wrk.log"
+    if echo "$out" | grep -q "Non-2xx"; then
+        echo "wrk saw non-2xx answers from $addr ($(basename "$script")):" >&2
+        echo "$out" >&2
+        exit 1
+    fi
+    rps=$(echo "$out" | awk '/^Requests\/sec:/ {print $2}')
+    p99=$(echo "$out" | awk -v q="99%" "$latency_ms")
+    echo "$rps $p99"
+}
+
+# The reverse proxy against nginx passthrough, REPEAT rounds.
+proxy_vs_nginx() {
+    PATH=$PATH:/usr/sbin
+    if ! command -v nginx >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "installing nginx with apt-get..."
+        { apt-get update -qq && apt-get install -y -qq nginx; } >/dev/null 2>&1 || true
+    fi
+    if ! command -v nginx >/dev/null; then
+        echo "nginx is not installed and could not be: the reverse proxy against nginx rows are skipped" >&2
+        return 0
+    fi
+    local proxy=${PROXY_BIN:-target/release/examples/reverse_proxy}
+    if [ -z "${PROXY_BIN:-}" ]; then
+        echo "building examples/reverse_proxy (release)..."
+        cargo build --release --quiet --example reverse_proxy
+    fi
+    pin_servers="" pin_client=""
+    if [ "$PIN" = 1 ] && command -v taskset >/dev/null; then
+        pin_servers="taskset -c 0" pin_client="taskset -c 1"
+    fi
+    local up front proxy_port proxy_admin quiet_port quiet_admin
+    up=$(free_port) front=$(free_port) proxy_port=$(free_port) proxy_admin=$(free_port)
+    quiet_port=$(free_port) quiet_admin=$(free_port)
+    start_nginx upstream "access_log off;
+    server {
+        listen 127.0.0.1:$up;
+        location / { return 201 '{\"id\":1,\"status\":\"created\"}\n'; }
+    }"
+    start_nginx front "log_format timed '\$remote_addr [\$time_local] \"\$request\" \$status \$body_bytes_sent \$request_time';
+    access_log $work/nginx-front/access.log timed buffer=64k flush=1s;
+    upstream backend { server 127.0.0.1:$up; keepalive 64; }
+    server {
+        listen 127.0.0.1:$front;
+        location / {
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+        }
+    }"
+    wait_port "$up" && wait_port "$front"
+    # Two proxies: access log to a file (as nginx's), and off.
+    $pin_servers "$proxy" --listen "127.0.0.1:$proxy_port" --admin "127.0.0.1:$proxy_admin" \
+        --upstream "http://127.0.0.1:$up" --access-log "$work/proxy-access.log" \
+        >"$work/proxy.log" 2>&1 &
+    pids+=("$!")
+    $pin_servers "$proxy" --listen "127.0.0.1:$quiet_port" --admin "127.0.0.1:$quiet_admin" \
+        --upstream "http://127.0.0.1:$up" --access-log off \
+        >"$work/proxy-quiet.log" 2>&1 &
+    pids+=("$!")
+    wait_port "$proxy_port" && wait_port "$quiet_port"
+
+    # 1 KiB JSON bodies.
+    local big
+    big=$(python3 -c 'import json; pad = 1024 - len(json.dumps({"item": "book", "pad": ""})); print(json.dumps({"item": "book", "pad": "x" * pad}))')
+    cat >"$work/nokey.lua" <<LUA
+wrk.method = "POST"
+wrk.body = '$big'
+wrk.headers["Content-Type"] = "application/json"
+$check
+LUA
+    # A new key per request: the round's prefix, the thread's number, a counter.
+    cat >"$work/newkey.lua" <<LUA
+wrk.method = "POST"
+wrk.body = '$big'
+wrk.headers["Content-Type"] = "application/json"
+local threads = 0
+function setup(thread)
+  threads = threads + 1
+  thread:set("tid", threads)
+end
+local n = 0
+request = function()
+  n = n + 1
+  wrk.headers["Idempotency-Key"] = prefix .. "-" .. tid .. "-" .. n
+  return wrk.format()
+end
+$check
+LUA
+    cat >"$work/samekey.lua" <<LUA
+wrk.method = "POST"
+wrk.body = '$big'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Idempotency-Key"] = "replay-" .. prefix
+$check
+LUA
+
+    echo
+    echo "reverse proxy against nginx: wrk -t$THREADS -c$CONNECTIONS -d$DURATION, 1 KiB POSTs," \
+        "$REPEAT round(s)$([ -n "$pin_servers" ] && echo ", servers on CPU 0 and wrk on CPU 1")"
+    printf '%-6s %-34s %12s %9s %9s %9s\n' round run "requests/s" "p99 ms" "x nginx" "p99 x"
+    local round nginx_rps nginx_p99 rps p99 row name script addr logged_rps quiet_rps prefix
+    for round in $(seq 1 "$REPEAT"); do
+        echo "round $round, load average: $(uptime | sed 's/.*load average: //')"
+        read -r nginx_rps nginx_p99 < <(wrk_run "127.0.0.1:$front" "$work/nokey.lua")
+        [ -n "$nginx_rps" ] || { echo "the nginx run failed" >&2; exit 1; }
+        printf '%-6s %-34s %12s %9s %9s %9s\n' "$round" "nginx proxy_pass (no key)" "$nginx_rps" "$nginx_p99" 1.000 1.000
+        for row in "proxy, no key:nokey:$proxy_port" "proxy, first request (memory):newkey:$proxy_port" \
+            "proxy, replay (memory):samekey:$proxy_port" "proxy, no key, --access-log off:nokey:$quiet_port"; do
+            IFS=: read -r name script addr <<<"$row"
+            prefix="r$round-$RANDOM-$(date +%s)"
+            sed -i "1i prefix = \"$prefix\"" "$work/$script.lua"
+            # The replayed key is stored just before its run: the first
+            # requests before it may have evicted an older one.
+            if [ "$script" = samekey ]; then
+                curl -sf -o /dev/null -X POST -H 'Content-Type: application/json' \
+                    -H "Idempotency-Key: replay-$prefix" -d "$big" "http://127.0.0.1:$addr/orders" ||
+                    { echo "priming the replay key failed" >&2; exit 1; }
+            fi
+            read -r rps p99 < <(wrk_run "127.0.0.1:$addr" "$work/$script.lua")
+            sed -i 1d "$work/$script.lua"
+            [ -n "$rps" ] || { echo "a wrk run failed" >&2; exit 1; }
+            printf '%-6s %-34s %12s %9s %9s %9s\n' "$round" "$name" "$rps" "$p99" \
+                "$(awk -v a="$rps" -v b="$nginx_rps" 'BEGIN { printf "%.3f", a / b }')" \
+                "$(awk -v a="$p99" -v b="$nginx_p99" 'BEGIN { printf "%.3f", a / b }')"
+            if [ "$script" = nokey ] && [ "$addr" = "$proxy_port" ]; then logged_rps=$rps; fi
+            if [ "$addr" = "$quiet_port" ]; then quiet_rps=$rps; fi
+        done
+        awk -v on="$logged_rps" -v off="$quiet_rps" \
+            'BEGIN { printf "%-6s access log cost (no key, file vs off): %.1f %% of throughput\n", "", (1 - on / off) * 100 }'
+    done
+    echo "proxy /stats after the rounds: $(curl -sf "http://127.0.0.1:$proxy_admin/stats" |
+        python3 -c 'import json, sys; s = json.load(sys.stdin); print({k: s[k] for k in ("requests", "executed", "replayed", "access_log_dropped", "evicted")})' 2>/dev/null || echo '?')"
+}
+
+if [ "$RUNS" = nginx ]; then
+    proxy_vs_nginx
+    exit 0
+fi
+
 if [ "$RUNS" = first ]; then
     first_requests
     exit 0
@@ -217,3 +423,5 @@ echo
 echo "layer server /stats after the runs: $executions"
 
 first_requests
+
+proxy_vs_nginx

@@ -154,6 +154,8 @@ async fn stats<S: StoreAdmin>(State(state): State<AdminState<S>>) -> impl IntoRe
         "body_timeouts": EdgeStats::get(&state.edge.body_timeouts),
         "idle_closed": EdgeStats::get(&state.edge.idle_closed),
         "write_timeouts": EdgeStats::get(&state.edge.write_timeouts),
+        // Access-log lines dropped because the writer was behind (access_log.rs).
+        "access_log_dropped": EdgeStats::get(&state.edge.access_log_dropped),
         "admin_deletes": state.admin_deletes.load(Ordering::Relaxed),
     }))
 }
@@ -345,6 +347,11 @@ fn register_edge(registry: &mut Registry, edge: &EdgeStats) {
             "write_timeouts",
             "Responses cut off because the client took none of their bytes in time",
             &edge.write_timeouts,
+        ),
+        (
+            "access_log_dropped",
+            "Access-log lines dropped because the log writer was behind",
+            &edge.access_log_dropped,
         ),
     ];
     for (name, help, counter) in counters {

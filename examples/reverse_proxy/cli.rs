@@ -167,6 +167,15 @@ pub(crate) struct Args {
     #[arg(long, default_value = "30", value_parser = parse_seconds)]
     pub(crate) drain_timeout: Duration,
 
+    /// Where the access log goes: one line per request (time, method, URI,
+    /// status, latency, replayed, request id). `off`, `stderr` or a file
+    /// PATH (appended to). Lines are written by a separate thread, buffered;
+    /// when it falls behind, lines are dropped, never waited for, and
+    /// counted in `access_log_dropped` (/stats, /metrics). RUST_LOG governs
+    /// every other log line.
+    #[arg(long, default_value = "stderr", value_name = "off|stderr|PATH")]
+    pub(crate) access_log: crate::access_log::Target,
+
     #[command(flatten)]
     pub(crate) edge: EdgeArgs,
 

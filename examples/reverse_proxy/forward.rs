@@ -17,6 +17,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -61,10 +62,18 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 /// the idempotency layer.
 #[derive(Clone)]
 pub(crate) struct Forwarder {
+    // One reference count per request instead of the client's several.
+    shared: Arc<Shared>,
+}
+
+struct Shared {
     client: Client<HttpConnector, Body>,
     upstream: Uri,
     // HTTP/2 with prior knowledge (`--upstream-http2`).
     http2: bool,
+    // The upstream's path prefix without its trailing `/` ("" for none: the
+    // request's path and query then go as they are, not re-parsed).
+    prefix: String,
     // The longest an exchange (head and, for a keyed request, body) is kept.
     abandon: Duration,
     exchanges: Exchanges,
@@ -87,23 +96,28 @@ impl Forwarder {
             .pool_idle_timeout(Duration::from_secs(60))
             .http2_only(http2)
             .build(connector);
+        let prefix = upstream.path().trim_end_matches('/').to_owned();
         Self {
-            client,
-            upstream,
-            http2,
-            abandon,
-            exchanges,
+            shared: Arc::new(Shared {
+                client,
+                upstream,
+                http2,
+                prefix,
+                abandon,
+                exchanges,
+            }),
         }
     }
 
-    async fn forward<B>(self, request: Request<B>) -> Response<Body>
+    async fn forward<B>(&self, request: Request<B>) -> Response<Body>
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
         let (mut parts, body) = request.into_parts();
         let grpc = is_grpc(&parts.headers);
-        let uri = match self.upstream_uri(&parts.uri) {
+        let this = &*self.shared;
+        let uri = match this.upstream_uri(&parts.uri) {
             Ok(uri) => uri,
             Err(e) => {
                 return problem::answer(
@@ -144,19 +158,19 @@ impl Forwarder {
             parts.headers.insert(X_FORWARDED_HOST, host);
         }
         parts.uri = uri;
-        parts.version = if self.http2 {
+        parts.version = if this.http2 {
             http::Version::HTTP_2
         } else {
             http::Version::HTTP_11
         };
 
         let request = Request::from_parts(parts, Body::new(body));
-        let running = self.exchanges.start();
-        let abandon_at = tokio::time::Instant::now() + self.abandon;
+        let running = this.exchanges.start();
+        let abandon_at = tokio::time::Instant::now() + this.abandon;
         if let Some(clock) = &clock {
             clock.sent();
         }
-        let answer = tokio::time::timeout_at(abandon_at, self.client.request(request)).await;
+        let answer = tokio::time::timeout_at(abandon_at, this.client.request(request)).await;
         if let Some(clock) = &clock {
             clock.answered();
         }
@@ -173,7 +187,7 @@ impl Forwarder {
             }
             Ok(Err(e)) if e.is_connect() => {
                 let error = error_chain(&e);
-                tracing::warn!(upstream = %self.upstream, error, "upstream unreachable");
+                tracing::warn!(upstream = %this.upstream, error, "upstream unreachable");
                 problem::answer(
                     grpc,
                     StatusCode::BAD_GATEWAY,
@@ -183,7 +197,7 @@ impl Forwarder {
             }
             Ok(Err(e)) => {
                 let error = error_chain(&e);
-                tracing::warn!(upstream = %self.upstream, error, "upstream failed, request sent");
+                tracing::warn!(upstream = %this.upstream, error, "upstream failed, request sent");
                 outcome_unknown(
                     StatusCode::BAD_GATEWAY,
                     "Upstream failed",
@@ -193,8 +207,8 @@ impl Forwarder {
                 )
             }
             Err(_) => {
-                let abandon = self.abandon;
-                tracing::warn!(upstream = %self.upstream, ?abandon, "upstream exchange abandoned");
+                let abandon = this.abandon;
+                tracing::warn!(upstream = %this.upstream, ?abandon, "upstream exchange abandoned");
                 outcome_unknown(
                     StatusCode::GATEWAY_TIMEOUT,
                     "Upstream timeout",
@@ -205,13 +219,23 @@ impl Forwarder {
             }
         }
     }
+}
 
+impl Shared {
     /// The upstream base joined with the request's path and query.
     fn upstream_uri(&self, request: &Uri) -> Result<Uri, http::Error> {
-        let prefix = self.upstream.path().trim_end_matches('/');
-        let path_and_query = request.path_and_query().map_or("/", PathAndQuery::as_str);
-        let mut parts = self.upstream.clone().into_parts();
-        parts.path_and_query = Some(format!("{prefix}{path_and_query}").parse()?);
+        let path_and_query = match (self.prefix.as_str(), request.path_and_query()) {
+            // No prefix: the request's own path and query, shared, not parsed again.
+            ("", Some(path_and_query)) => path_and_query.clone(),
+            (prefix, path_and_query) => {
+                let path_and_query = path_and_query.map_or("/", PathAndQuery::as_str);
+                format!("{prefix}{path_and_query}").parse()?
+            }
+        };
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = self.upstream.scheme().cloned();
+        parts.authority = self.upstream.authority().cloned();
+        parts.path_and_query = Some(path_and_query);
         Ok(Uri::from_parts(parts)?)
     }
 }

@@ -85,6 +85,9 @@ pub(crate) struct EdgeStats {
     /// Connections closed because the client took no response bytes for
     /// `--response-write-timeout`.
     pub(crate) write_timeouts: AtomicU64,
+    /// Access-log lines dropped because the writer was behind (the
+    /// access log's counter, kept here with the other edge counters).
+    pub(crate) access_log_dropped: Arc<AtomicU64>,
 }
 
 impl EdgeStats {
