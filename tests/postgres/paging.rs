@@ -117,7 +117,11 @@ async fn a_page_and_an_estimate_cost_the_same_at_100_and_100_000_rows() {
                 .unwrap();
             assert_eq!(info.entries, n as u64);
         }
-        assert_eq!(relay.bytes() - before, 0, "{n} rows");
+        // No statement goes out (the shortest, a `SELECT count(*)` of the
+        // table, is over 40 bytes); the pool's own housekeeping may (a
+        // Terminate closing an idle connection is 5 bytes).
+        let sent = relay.bytes() - before;
+        assert!(sent < 32, "{sent} bytes for ten estimates at {n} rows");
     }
     let [at_100, at_100_000] = page_bytes[..] else {
         unreachable!()
