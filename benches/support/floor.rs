@@ -1,7 +1,7 @@
 //! What a first request cannot cost less than while the memory store is what
-//! ARCHITECTURE.md makes it: a moka cache bounded by entries, evicting the
-//! least recently used record, with an expiry per entry and an eviction
-//! listener (the source of the `expired` and `evicted` counters), and a SHA-256
+//! the crate docs describe (`src/store/memory.rs`): a moka cache bounded by entries, evicting the least
+//! recently used record, with an expiry per entry and an eviction listener
+//! (the source of the `expired` and `evicted` counters), and a SHA-256
 //! fingerprint of the body.
 //!
 //! Each part runs alone here, on as many threads as the concurrent run has
@@ -72,10 +72,19 @@ pub(crate) enum Part {
     StoreSetup,
     /// SHA-256 of a 1 KiB body, the fingerprint.
     Sha256,
+    /// A read that hits, on the memory store's setup: what a replay asks
+    /// of the store.
+    Get,
 }
 
 impl Part {
-    pub(crate) const ALL: [Part; 4] = [Part::Lru, Part::LruExpiry, Part::StoreSetup, Part::Sha256];
+    pub(crate) const ALL: [Part; 5] = [
+        Part::Lru,
+        Part::LruExpiry,
+        Part::StoreSetup,
+        Part::Sha256,
+        Part::Get,
+    ];
 
     pub(crate) fn name(self) -> &'static str {
         match self {
@@ -85,6 +94,7 @@ impl Part {
                 "moka insert at the bound: LRU, expiry per entry, eviction listener (the memory store's setup)"
             }
             Part::Sha256 => "SHA-256 of 1 KiB (the fingerprint)",
+            Part::Get => "moka get that hits (the memory store's setup; a replay's store read)",
         }
     }
 }
@@ -99,7 +109,7 @@ fn cache(part: Part, counted: Arc<AtomicU64>) -> Cache<Key, Slot, KeyHasher> {
     if part != Part::Lru {
         builder = builder.expire_after(SlotExpiry);
     }
-    if part == Part::StoreSetup {
+    if matches!(part, Part::StoreSetup | Part::Get) {
         builder = builder.eviction_listener(move |_key, _slot, cause| {
             if matches!(cause, RemovalCause::Expired | RemovalCause::Size) {
                 counted.fetch_add(1, Relaxed);
@@ -153,11 +163,15 @@ pub(crate) fn measure(
                 let (key, body, ready) = (&key, &body, &ready);
                 scope.spawn(move || {
                     let tag = format!("t{thread}");
+                    // A replay reads its client's own key, again and again.
+                    let own = key("fill", thread as u64);
                     ready.wait();
                     let mut n = 0u64;
                     while !stop.load(Relaxed) {
                         if part == Part::Sha256 {
                             std::hint::black_box(Sha256::digest(std::hint::black_box(body)));
+                        } else if part == Part::Get {
+                            assert!(std::hint::black_box(cache.get(&own)).is_some());
                         } else {
                             let slot = Slot {
                                 _record: record.clone(),

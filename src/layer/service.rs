@@ -137,21 +137,27 @@ where
         let counters = shared.engine.counters();
         Stats::incr(&counters.here().requests);
         let settings = &shared.settings;
-        let grpc = grpc::is_grpc(request.headers());
-        if !settings.methods.contains(request.method())
-            || (grpc && settings.is_grpc_streaming(request.uri().path()))
-        {
+        if !settings.methods.contains(request.method()) {
             return ResponseFuture::passthrough(
                 self.inner.call(request.map(RequestBody::passthrough)),
             );
         }
         let (parts, body) = request.into_parts();
-        let key = match shared.extractor.extract(&parts) {
+        let extracted = shared.extractor.extract(&parts);
+        // A request without a key, where none is required, passes through
+        // whatever its protocol: it costs the read of the key's header and
+        // nothing more (the content type is read only for what follows).
+        if matches!(extracted, Ok(None)) && !settings.require_key {
+            let request = Request::from_parts(parts, RequestBody::passthrough(body));
+            return ResponseFuture::passthrough(self.inner.call(request));
+        }
+        let grpc = grpc::is_grpc(&parts.headers);
+        if grpc && settings.is_grpc_streaming(parts.uri.path()) {
+            let request = Request::from_parts(parts, RequestBody::passthrough(body));
+            return ResponseFuture::passthrough(self.inner.call(request));
+        }
+        let key = match extracted {
             Ok(Some(key)) => key,
-            Ok(None) if !settings.require_key => {
-                let request = Request::from_parts(parts, RequestBody::passthrough(body));
-                return ResponseFuture::passthrough(self.inner.call(request));
-            }
             Ok(None) => {
                 Stats::incr(&counters.here().rejected_keys);
                 return ResponseFuture::answered(own(grpc, problem::missing_key()));
