@@ -23,22 +23,7 @@ const QUICK: Duration = Duration::from_secs(20);
 
 /// Builds the example with this test's features and answers its path.
 fn build(example: &str) -> std::path::PathBuf {
-    let mut build = std::process::Command::new(env!("CARGO"));
-    build
-        .args(["build", "--example", example])
-        .current_dir(env!("CARGO_MANIFEST_DIR"));
-    if cfg!(feature = "redis") {
-        build.args(["--features", "redis"]);
-    }
-    if !cfg!(debug_assertions) {
-        build.arg("--release");
-    }
-    assert!(build.status().unwrap().success(), "building {example}");
-    let exe = std::env::current_exe().unwrap();
-    let profile = exe.parent().and_then(|deps| deps.parent()).unwrap();
-    profile
-        .join("examples")
-        .join(format!("{example}{}", std::env::consts::EXE_SUFFIX))
+    support::build_example(example)
 }
 
 /// A running example; dropping it kills the process.

@@ -143,6 +143,104 @@ async fn errors_are_returned_and_not_stored(store: TestStore) {
     assert_eq!(runs.load(SeqCst), 2);
 }
 
+per_store!(a_dropped_execute_releases_the_key);
+/// A caller that gives up (its `execute` future dropped while the action
+/// runs) frees the key: the next call runs the action.
+async fn a_dropped_execute_releases_the_key(store: TestStore) {
+    let engine = Idempotency::builder().store(store).build().unwrap();
+    let key = IdempotencyKey::new("signal-10", "create_card", "trello");
+    let runs = AtomicU64::new(0);
+    let started = Notify::new();
+
+    let first = engine.execute(&key, || async {
+        runs.fetch_add(1, SeqCst);
+        started.notify_one();
+        std::future::pending::<Result<String, Infallible>>().await
+    });
+    // Polled until its action runs, then dropped.
+    bounded(async {
+        tokio::select! {
+            _ = first => unreachable!("the first action never ends"),
+            () = started.notified() => {}
+        }
+    })
+    .await;
+    assert_eq!(runs.load(SeqCst), 1);
+
+    let second = bounded(engine.execute(&key, || async {
+        runs.fetch_add(1, SeqCst);
+        Ok::<_, Infallible>("card-2".to_owned())
+    }))
+    .await
+    .unwrap();
+    assert_eq!(second, "card-2");
+    assert_eq!(runs.load(SeqCst), 2, "the next call ran the action");
+    assert_eq!(
+        bounded(engine.check_executed::<String>(&key))
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("card-2")
+    );
+}
+
+/// What an action that panics half-way returns.
+fn panics() -> Result<String, Infallible> {
+    panic!("the action panics")
+}
+
+per_store!(a_panicking_action_releases_the_key);
+/// A panic in the closure (when it is called, or in the future it returns)
+/// frees the key: the next call runs the action.
+async fn a_panicking_action_releases_the_key(store: TestStore) {
+    let engine = Idempotency::builder().store(store).build().unwrap();
+    let key = IdempotencyKey::new("signal-11", "post_message", "slack");
+    let runs = Arc::new(AtomicU64::new(0));
+
+    let in_the_closure = tokio::spawn({
+        let (engine, key, runs) = (engine.clone(), key.clone(), runs.clone());
+        async move {
+            engine
+                .execute(
+                    &key,
+                    || -> std::future::Ready<Result<String, Infallible>> {
+                        runs.fetch_add(1, SeqCst);
+                        panic!("the closure panics");
+                    },
+                )
+                .await
+        }
+    });
+    assert!(bounded(in_the_closure).await.unwrap_err().is_panic());
+
+    let in_the_future = tokio::spawn({
+        let (engine, key, runs) = (engine.clone(), key.clone(), runs.clone());
+        async move {
+            engine
+                .execute(&key, || async move {
+                    runs.fetch_add(1, SeqCst);
+                    tokio::task::yield_now().await;
+                    panics()
+                })
+                .await
+        }
+    });
+    assert!(bounded(in_the_future).await.unwrap_err().is_panic());
+    assert_eq!(runs.load(SeqCst), 2, "each call after a panic ran");
+
+    let third = bounded(engine.execute(&key, || {
+        let runs = runs.clone();
+        async move {
+            runs.fetch_add(1, SeqCst);
+            Ok::<_, Infallible>("message-3".to_owned())
+        }
+    }))
+    .await
+    .unwrap();
+    assert_eq!(third, "message-3");
+    assert_eq!(runs.load(SeqCst), 3);
+}
+
 per_store!(a_waiter_runs_its_own_action_when_the_first_fails);
 /// A duplicate waiting on a run that fails starts over and runs its own action.
 async fn a_waiter_runs_its_own_action_when_the_first_fails(store: TestStore) {

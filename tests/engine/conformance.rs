@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tower_idempotency::store::{conformance::Suite, MemoryStore};
 
-#[cfg(feature = "redis")]
+#[cfg(feature = "cluster-tests")]
 use crate::support::stores::cluster as cluster_support;
 
 /// The whole suite must finish well within this; a hang is a failure.
@@ -81,6 +81,7 @@ mod redis_store {
 
     /// The same contract on a Redis Cluster: every operation on one key's
     /// primary, listing and clearing over every primary.
+    #[cfg(feature = "cluster-tests")]
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn redis_cluster_store_keeps_the_store_contract() {
         let urls = super::cluster_support::shared_cluster_urls();

@@ -10,7 +10,7 @@ use crate::support::common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tower_idempotency::store::{EntryState, Store};
+use tower_idempotency::store::{EntryState, Store, StoreAdmin};
 use tower_idempotency::{Begin, Concurrent, Fingerprint, Idempotency, IdempotencyLayer, Record};
 
 use common::{serve_orders, within};
@@ -61,6 +61,28 @@ async fn replays<S: Store>(engine: &Idempotency<S>, i: u64) -> bool {
     }
 }
 
+/// Checks which of the records `written` (oldest first) are held, read
+/// without touching the protocol: exactly the newest `held`, none older.
+async fn only_the_newest_are_held<S: StoreAdmin>(
+    engine: &Idempotency<S>,
+    written: std::ops::Range<u64>,
+    held: u64,
+) {
+    let oldest_held = written.end - held;
+    for i in written.clone() {
+        let entry = engine.record(&key(i)).await.unwrap();
+        let is_held = matches!(
+            entry.map(|entry| entry.state),
+            Some(EntryState::Completed(_))
+        );
+        assert_eq!(
+            is_held,
+            i >= oldest_held,
+            "record {i} of {written:?} held: {is_held}; the newest {held} should be"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_full_memory_store_evicts_exactly_the_oldest_records() {
     let engine = Idempotency::builder().max_entries(BOUND).build().unwrap();
@@ -75,23 +97,9 @@ async fn a_full_memory_store_evicts_exactly_the_oldest_records() {
         (BOUND - 1..=BOUND).contains(&held),
         "{held} records held at a bound of {BOUND}"
     );
-    // Which records are held (read without touching the protocol): exactly
-    // the newest ones, none older.
-    let oldest_held = WRITTEN - held;
-    for i in 0..WRITTEN {
-        let entry = engine.record(&key(i)).await.unwrap();
-        let is_held = matches!(
-            entry.map(|entry| entry.state),
-            Some(EntryState::Completed(_))
-        );
-        assert_eq!(
-            is_held,
-            i >= oldest_held,
-            "record {i} of {WRITTEN} held: {is_held}; the newest {held} should be"
-        );
-    }
+    only_the_newest_are_held(&engine, 0..WRITTEN, held).await;
     let stats = engine.stats();
-    assert_eq!(stats.evicted, oldest_held, "only the oldest are counted");
+    assert_eq!(stats.evicted, WRITTEN - held, "only the oldest are counted");
     assert_eq!(stats.executed, WRITTEN);
 
     // And their retries are replays, not second runs.
@@ -135,11 +143,16 @@ async fn the_byte_bound_also_evicts_the_oldest_records() {
         run(&engine, i).await;
     }
     engine.cleanup_expired().await.unwrap();
+    let held = engine.cache_info().await.unwrap().entries;
+    assert!(
+        (BOUND - 1..=BOUND).contains(&held),
+        "{held} records held at a byte bound of {BOUND} records"
+    );
+    only_the_newest_are_held(&engine, 100..100 + WRITTEN, held).await;
+    assert_eq!(engine.stats().evicted, WRITTEN - held);
     for i in 100 + WRITTEN - (BOUND - 1)..100 + WRITTEN {
         assert!(replays(&engine, i).await, "record {i} replays");
     }
-    let held = engine.cache_info().await.unwrap().entries;
-    assert_eq!(engine.stats().evicted, WRITTEN - held);
     assert_eq!(engine.stats().executed, WRITTEN);
 }
 

@@ -23,25 +23,7 @@ const QUICK: Duration = Duration::from_secs(20);
 
 /// Builds the example with this test's features and answers its path.
 fn build() -> std::path::PathBuf {
-    let mut build = std::process::Command::new(env!("CARGO"));
-    build
-        .args([
-            "build",
-            "--example",
-            "postgres_orders",
-            "--features",
-            "postgres",
-        ])
-        .current_dir(env!("CARGO_MANIFEST_DIR"));
-    if !cfg!(debug_assertions) {
-        build.arg("--release");
-    }
-    assert!(build.status().unwrap().success(), "building the example");
-    let exe = std::env::current_exe().unwrap();
-    let profile = exe.parent().and_then(|deps| deps.parent()).unwrap();
-    profile
-        .join("examples")
-        .join(format!("postgres_orders{}", std::env::consts::EXE_SUFFIX))
+    crate::support::build_example("postgres_orders")
 }
 
 /// The running example (killed when dropped) and its URL.

@@ -364,3 +364,69 @@ async fn panicking_handler_gets_500_and_does_not_wedge_the_key(store: TestStore)
     assert_eq!(runs.get(), 2);
     assert_eq!(handle.stats().executed, 2);
 }
+
+per_store!(the_storage_key_is_scoped_by_method_path_and_client);
+async fn the_storage_key_is_scoped_by_method_path_and_client(store: TestStore) {
+    // The storage key is the client's key, the method, the path without its
+    // query, and the client's scope (the Authorization hash): one key sent
+    // to another path, with another method or by another client is another
+    // action and runs; the same key with another query is the same action
+    // with another request (422).
+    let layer = IdempotencyLayer::builder().store(store).build().unwrap();
+    let runs = Runs::default();
+    let handler = {
+        let runs = runs.clone();
+        move |method: Method, uri: http::Uri, body: Bytes| {
+            let runs = runs.clone();
+            async move {
+                let id = runs.bump();
+                format!("run {id}: {method} {uri} {}", body.len())
+            }
+        }
+    };
+    let router = Router::new()
+        .route("/orders", post(handler.clone()).patch(handler.clone()))
+        .route("/invoices", post(handler));
+    let (server, _handle) = serve_layered(layer, router).await;
+    let send = |method: Method, path: &'static str, auth: Option<&'static str>| {
+        let mut request = server
+            .request(method, path)
+            .header("idempotency-key", "same");
+        if let Some(auth) = auth {
+            request = request.header("authorization", auth);
+        }
+        server.send(request.body(full("{}")).unwrap())
+    };
+
+    let first = send(Method::POST, "/orders", None).await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert!(!first.replayed());
+    let other_query = send(Method::POST, "/orders?page=2", None).await;
+    assert_eq!(
+        other_query.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "the query is not part of the key: it is the same key, another request"
+    );
+    let actions = [
+        (Method::POST, "/invoices", None),
+        (Method::PATCH, "/orders", None),
+        (Method::POST, "/orders", Some("Bearer other")),
+    ];
+    let mut answers = vec![first];
+    for (method, path, auth) in actions.clone() {
+        let reply = send(method.clone(), path, auth).await;
+        assert_eq!(reply.status, StatusCode::OK, "{method} {path} {auth:?}");
+        assert!(!reply.replayed(), "{method} {path} {auth:?} was replayed");
+        answers.push(reply);
+    }
+    assert_eq!(runs.get(), 4, "each method, path and client ran once");
+
+    // Each retry replays its own action's answer.
+    let all = std::iter::once((Method::POST, "/orders", None)).chain(actions);
+    for ((method, path, auth), answer) in all.zip(&answers) {
+        let retry = send(method.clone(), path, auth).await;
+        assert!(retry.replayed(), "{method} {path} {auth:?} ran again");
+        assert_eq!(retry.body, answer.body, "{method} {path} {auth:?}");
+    }
+    assert_eq!(runs.get(), 4);
+}

@@ -226,15 +226,30 @@ async fn a_write_that_fails_past_the_lease_ttl_gives_up_and_hands_followers_noth
 /// TTL (or, under `Block`, the record TTL).
 async fn unanswered_begins_do_not_wedge_their_keys(expiry: LeaseExpiry) {
     let redis = OwnRedis::start(free_port()).await;
-    let engine = Idempotency::builder()
-        .store(impatient_store(&redis).await)
-        // Both longer than the test's limit: a marker left behind would
-        // refuse every retry until the test fails.
-        .lease_ttl(Duration::from_secs(120))
-        .ttl(Duration::from_secs(3600))
-        .lease_expiry(expiry)
+    let store = impatient_store(&redis).await;
+    // The caller that gives up does so on an engine whose store waits for
+    // Redis longer than the test runs: with the impatient store's own 300 ms
+    // timeout, a stalled machine could see that timeout answer before the
+    // caller's 150 ms ran out.
+    let patient = RedisStore::builder(redis.url())
+        .prefix(store.prefix())
+        .response_timeout(LIMIT * 2)
         .build()
+        .await
         .unwrap();
+    let build = |store| {
+        Idempotency::builder()
+            .store(store)
+            // Both longer than the test's limit: a marker left behind would
+            // refuse every retry until the test fails.
+            .lease_ttl(Duration::from_secs(120))
+            .ttl(Duration::from_secs(3600))
+            .lease_expiry(expiry)
+            .build()
+            .unwrap()
+    };
+    let (engine, giving_up) = (build(store), build(patient));
+    // The scripts are loaded once for the server, both connections use them.
     load_scripts(&engine).await;
     let fp = Fingerprint::of_bytes(b"order 9");
 
@@ -253,7 +268,7 @@ async fn unanswered_begins_do_not_wedge_their_keys(expiry: LeaseExpiry) {
     // that disconnects): its future is dropped with the command sent.
     let dropped = timeout(
         Duration::from_millis(150),
-        engine.begin_with("s:a:dropped", fp, Concurrent::Reject),
+        giving_up.begin_with("s:a:dropped", fp, Concurrent::Reject),
     )
     .await;
     assert!(dropped.is_err(), "the paused Redis answered: {dropped:?}");
@@ -285,6 +300,7 @@ async fn unanswered_begins_do_not_wedge_their_keys(expiry: LeaseExpiry) {
         assert_eq!(replayed(retry).0, "ran once", "{key}");
     }
     assert_eq!(engine.stats().executed, 2);
+    drop(giving_up);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,7 +9,9 @@ use tower_idempotency::store::redis::RedisStore;
 use tower_idempotency::store::{BeginOutcome, LeaseToken, Store, StoreAdmin};
 use tower_idempotency::{Begin, Concurrent, Fingerprint, Idempotency, Record};
 
-use crate::support::stores::{cluster, redis_url, Cleanup};
+#[cfg(feature = "cluster-tests")]
+use crate::support::stores::cluster;
+use crate::support::stores::{redis_url, Cleanup};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -119,6 +121,7 @@ async fn a_begin_whose_wait_fails_releases_its_marker() {
     failed_wait_leaves_the_key_free(waiting, plain).await;
 }
 
+#[cfg(feature = "cluster-tests")]
 #[tokio::test]
 async fn on_a_cluster_a_begin_whose_wait_fails_releases_its_marker() {
     let urls = cluster::shared_cluster_urls();

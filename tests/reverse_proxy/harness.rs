@@ -22,42 +22,7 @@ pub(crate) const QUICK: Duration = Duration::from_secs(20);
 /// answers its path.
 fn binary() -> &'static PathBuf {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY.get_or_init(|| {
-        let mut features = Vec::new();
-        if cfg!(feature = "redis") {
-            features.push("redis");
-        }
-        if cfg!(feature = "test-util") {
-            features.push("test-util");
-        }
-        if cfg!(feature = "postgres") {
-            features.push("postgres");
-        }
-        let mut build = std::process::Command::new(env!("CARGO"));
-        build
-            .args(["build", "--example", "reverse_proxy"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"));
-        if !features.is_empty() {
-            build.args(["--features", &features.join(",")]);
-        }
-        if !cfg!(debug_assertions) {
-            build.arg("--release");
-        }
-        let status = build.status().expect("cargo runs");
-        assert!(
-            status.success(),
-            "building the reverse_proxy example failed"
-        );
-        // target/<profile>/deps/<this test> -> target/<profile>/examples/
-        let exe = std::env::current_exe().expect("test binary path");
-        let profile_dir = exe
-            .parent()
-            .and_then(|deps| deps.parent())
-            .expect("target/<profile>");
-        profile_dir
-            .join("examples")
-            .join(format!("reverse_proxy{}", std::env::consts::EXE_SUFFIX))
-    })
+    BINARY.get_or_init(|| crate::support::build_example("reverse_proxy"))
 }
 
 /// A running proxy. Dropping it kills the process (and shows its log when

@@ -3,6 +3,9 @@
 //! the rendered DOM shows the numbers `/stats` answers, and the keys of
 //! `/keys` only when asked (`#keys`). With `--admin-token-reads` the page
 //! asks for the token.
+//!
+//! Compiled with feature `browser-tests` only (`.ci/test` turns it on):
+//! `cargo test` needs no browser.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -41,7 +44,7 @@ async fn render(url: &str) -> String {
         Ok(child) => child,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
             "`chromium` is not installed: this test renders the page in a real browser \
-             (apt-get install chromium; bash .ci/run does)"
+             (apt-get install chromium; .ci/test does)"
         ),
         Err(e) => panic!("cannot start chromium: {e}"),
     };

@@ -67,7 +67,7 @@ async fn redis_down_with_fail_open_passes_through_but_is_unhealthy() {
 async fn two_proxies_with_one_redis_prefix_share_keys() {
     assert!(
         redis_answers().await,
-        "Redis does not answer on {}: start it (bash .ci/run does)",
+        "Redis does not answer on {}: start it (.ci/test does)",
         super::redis_url()
     );
     let upstream = Upstream::start().await;

@@ -10,11 +10,12 @@
 //! [`TestStore`] delegates every [`Store`] call to a real `MemoryStore` or a
 //! real `RedisStore` on `REDIS_URL` (default 127.0.0.1:6379), under a fresh
 //! random prefix whose keys are deleted when the test ends, pass or fail.
-//! `name::redis_cluster` runs it on the shared Redis Cluster (see
-//! [`cluster`]), three primaries that the store's keys spread over.
+//! `name::redis_cluster` (feature `cluster-tests`) runs it on the shared
+//! Redis Cluster (see [`cluster`]), three primaries that the store's keys
+//! spread over.
 #![allow(dead_code, unreachable_pub)]
 
-#[cfg(feature = "redis")]
+#[cfg(feature = "cluster-tests")]
 pub mod cluster;
 
 use std::time::Duration;
@@ -68,7 +69,7 @@ macro_rules! per_store {
                 super::$name(store).await
             }
 
-            #[cfg(feature = "redis")]
+            #[cfg(feature = "cluster-tests")]
             #[tokio::test$(($($arg)*))?]
             async fn redis_cluster() {
                 let (store, _cleanup) = $crate::support::stores::TestStore::redis_cluster().await;
@@ -88,7 +89,7 @@ pub enum TestStore {
     #[cfg(feature = "postgres")]
     Postgres(PostgresStore),
     /// A store on the shared Redis Cluster.
-    #[cfg(feature = "redis")]
+    #[cfg(feature = "cluster-tests")]
     RedisCluster(RedisStore),
 }
 
@@ -124,7 +125,7 @@ impl TestStore {
     /// A store on the shared Redis Cluster under a fresh random prefix, and
     /// the guard that deletes the prefix's keys on every primary when
     /// dropped.
-    #[cfg(feature = "redis")]
+    #[cfg(feature = "cluster-tests")]
     pub async fn redis_cluster() -> (Self, cluster::ClusterCleanup) {
         let prefix = format!("test:suite:{:016x}:", rand::random::<u64>());
         let urls = cluster::shared_cluster_urls();
@@ -145,7 +146,7 @@ impl TestStore {
                 let table = store.table().trim_matches('"').to_owned();
                 Self::Postgres(postgres::store(&table).await)
             }
-            #[cfg(feature = "redis")]
+            #[cfg(feature = "cluster-tests")]
             Self::RedisCluster(store) => {
                 let urls = cluster::shared_cluster_urls();
                 Self::RedisCluster(cluster::cluster_store(&urls, store.prefix(), false).await)
@@ -235,7 +236,7 @@ macro_rules! delegate {
             TestStore::Redis($store) => $call,
             #[cfg(feature = "postgres")]
             TestStore::Postgres($store) => $call,
-            #[cfg(feature = "redis")]
+            #[cfg(feature = "cluster-tests")]
             TestStore::RedisCluster($store) => $call,
         }
     };

@@ -1,10 +1,20 @@
 //! The `reverse_proxy` example, run for real: the built binary in front of a
-//! real upstream server, over loopback.
+//! real upstream server, over loopback (the test binary `reverse_proxy`).
+
+#[path = "../support/mod.rs"]
+mod support;
+
+// The `grpc_orders` example's generated code, where its service (run as
+// the upstream of `grpc`) finds it: `crate::orders`.
+#[path = "../../examples/grpc_orders/orders.rs"]
+#[allow(unreachable_pub, dead_code)]
+#[rustfmt::skip]
+mod orders;
 
 mod admin;
-#[cfg(feature = "redis")]
+#[cfg(feature = "cluster-tests")]
 mod cluster;
-#[cfg(feature = "redis")]
+#[cfg(feature = "cluster-tests")]
 use crate::support::stores::cluster as cluster_support;
 mod config;
 mod edge;
@@ -13,6 +23,7 @@ mod harness;
 mod hostile;
 mod http2;
 mod idempotency;
+#[cfg(feature = "browser-tests")]
 mod page;
 #[cfg(feature = "postgres")]
 mod postgres_only;
@@ -78,7 +89,7 @@ macro_rules! on_every_store {
             $(
                 #[tokio::test]
                 async fn $name() {
-                    crate::reverse_proxy::$module::$name(false).await;
+                    crate::$module::$name(false).await;
                 }
             )*
         }
@@ -88,11 +99,11 @@ macro_rules! on_every_store {
                 #[tokio::test]
                 async fn $name() {
                     assert!(
-        crate::reverse_proxy::redis_answers().await,
-        "Redis does not answer on {}: start it (bash .ci/run does)",
-        crate::reverse_proxy::redis_url()
+        crate::redis_answers().await,
+        "Redis does not answer on {}: start it (.ci/test does)",
+        crate::redis_url()
     );
-                    crate::reverse_proxy::$module::$name(true).await;
+                    crate::$module::$name(true).await;
                 }
             )*
         }
