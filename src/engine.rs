@@ -68,11 +68,9 @@ mod handle;
 mod retry;
 
 pub use crate::store::KeyFilter;
-#[cfg(feature = "redis")]
-pub(crate) use config::check_duration;
 pub use config::{
-    Concurrent, Config, ConfigError, IdempotencyBuilder, IntoStore, LeaseExpiry, DEFAULT_LEASE_TTL,
-    DEFAULT_TTL, DEFAULT_WAIT_TIMEOUT, MAX_DURATION,
+    Concurrent, Config, IdempotencyBuilder, IntoStore, LeaseExpiry, DEFAULT_LEASE_TTL, DEFAULT_TTL,
+    DEFAULT_WAIT_TIMEOUT,
 };
 
 use std::borrow::Borrow;
@@ -87,6 +85,7 @@ use futures_util::FutureExt;
 use tokio::task::AbortHandle;
 use tracing::Instrument;
 
+use crate::config::MAX_DURATION;
 use crate::key::Fingerprint;
 use crate::record::{Record, SharedRecord};
 use crate::stats::Stats;

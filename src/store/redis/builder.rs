@@ -10,7 +10,7 @@ use super::connection::RedisConnection;
 use super::convert::map_error;
 use super::replicas::ReplicaAck;
 use super::{local::LocalTier, notify::Notices, RedisStore};
-use crate::engine::check_duration;
+use crate::config::check_duration;
 use crate::store::StoreError;
 use tokio::sync::oneshot;
 
@@ -157,7 +157,7 @@ impl RedisStoreBuilder {
     /// # Errors
     ///
     /// [`StoreError::Backend`] for an invalid URL or setting (a duration over
-    /// [`MAX_DURATION`](crate::engine::MAX_DURATION) among them: its source
+    /// [`MAX_DURATION`](crate::MAX_DURATION) among them: its source
     /// is a [`ConfigError`](crate::ConfigError) naming the maximum),
     /// [`StoreError::Unavailable`] when Redis cannot be reached (for a
     /// cluster: while some slot has no primary that answers).
