@@ -6,7 +6,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClientBuilder, ClusterConfig};
 
 use super::cluster::Shards;
-use super::connection::RedisConnection;
+use super::connection::{RedisConnection, DEFAULT_CONNECTION_TIMEOUT, DEFAULT_RESPONSE_TIMEOUT};
 use super::convert::map_error;
 use super::replicas::ReplicaAck;
 use super::{local::LocalTier, notify::Notices, RedisStore};
@@ -16,10 +16,6 @@ use tokio::sync::oneshot;
 
 /// The default key prefix.
 pub const DEFAULT_PREFIX: &str = "idem:";
-/// The default limit on connecting to Redis: 1 second.
-pub const DEFAULT_CONNECTION_TIMEOUT: Duration = Duration::from_secs(1);
-/// The default limit on waiting for one answer from Redis: 1 second.
-pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// The default lifetime of a record in the local tier: 60 seconds.
 pub const DEFAULT_LOCAL_CACHE_TTL: Duration = Duration::from_secs(60);
 

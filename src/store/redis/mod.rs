@@ -124,11 +124,8 @@ mod replicas;
 mod scan;
 mod scripts;
 
-pub use builder::{
-    RedisStoreBuilder, DEFAULT_CONNECTION_TIMEOUT, DEFAULT_LOCAL_CACHE_TTL, DEFAULT_PREFIX,
-    DEFAULT_RESPONSE_TIMEOUT,
-};
-pub use connection::RedisConnection;
+pub use builder::{RedisStoreBuilder, DEFAULT_LOCAL_CACHE_TTL, DEFAULT_PREFIX};
+pub use connection::{RedisConnection, DEFAULT_CONNECTION_TIMEOUT, DEFAULT_RESPONSE_TIMEOUT};
 
 /// The shared store: markers and records in Redis under a key prefix.
 ///
