@@ -61,11 +61,11 @@
 //! TTL and retries are refused, so nothing runs twice but the key is unusable
 //! until then.
 
-mod complete_with;
 mod config;
 mod configure;
 mod handle;
 mod retry;
+mod transaction;
 
 pub use crate::store::KeyFilter;
 pub use config::{
@@ -959,13 +959,6 @@ impl<S: Store> Lease<S> {
     /// The storage key this lease is for.
     pub fn key(&self) -> &str {
         &self.flight.key
-    }
-
-    /// The lease's token: what a [`complete_with`](Self::complete_with)
-    /// write checks the marker against.
-    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
-    pub(crate) fn token(&self) -> LeaseToken {
-        self.token
     }
 
     /// Stores `record` as the key's result and hands it to the duplicates

@@ -42,6 +42,7 @@ pub mod conformance;
 mod estimate;
 mod memory;
 mod page;
+mod transaction;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub mod postgres;
@@ -54,6 +55,7 @@ pub use estimate::ESTIMATE_MAX_AGE;
 pub use memory::{MemoryStore, MemoryStoreBuilder, DEFAULT_MAX_ENTRIES};
 pub(crate) use page::{decode_cursor, encode_cursor, page_of};
 pub use page::{KeyFilter, KeyPage, Removal, MAX_PAGE_LIMIT};
+pub use transaction::TransactionalStore;
 
 /// The protocol a store keeps: in-flight markers and records, each under one
 /// key.

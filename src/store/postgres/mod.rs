@@ -262,7 +262,7 @@ impl PostgresStore {
     /// caller's transaction, for the transactional form (no retry: a lost
     /// connection has rolled the transaction back). Answers whether the
     /// marker was still the lease's.
-    async fn complete_in(
+    async fn complete_in_transaction(
         &self,
         transaction: &mut sqlx::PgConnection,
         key: &str,
