@@ -61,18 +61,16 @@
 //! TTL and retries are refused, so nothing runs twice but the key is unusable
 //! until then.
 
-mod complete_with;
 mod config;
 mod configure;
 mod handle;
 mod retry;
+mod transaction;
 
 pub use crate::store::KeyFilter;
-#[cfg(feature = "redis")]
-pub(crate) use config::check_duration;
 pub use config::{
-    Concurrent, Config, ConfigError, IdempotencyBuilder, IntoStore, LeaseExpiry, DEFAULT_LEASE_TTL,
-    DEFAULT_TTL, DEFAULT_WAIT_TIMEOUT, MAX_DURATION,
+    Concurrent, Config, IdempotencyBuilder, IntoStore, LeaseExpiry, DEFAULT_LEASE_TTL, DEFAULT_TTL,
+    DEFAULT_WAIT_TIMEOUT,
 };
 
 use std::borrow::Borrow;
@@ -87,6 +85,7 @@ use futures_util::FutureExt;
 use tokio::task::AbortHandle;
 use tracing::Instrument;
 
+use crate::config::MAX_DURATION;
 use crate::key::Fingerprint;
 use crate::record::{Record, SharedRecord};
 use crate::stats::Stats;
@@ -960,13 +959,6 @@ impl<S: Store> Lease<S> {
     /// The storage key this lease is for.
     pub fn key(&self) -> &str {
         &self.flight.key
-    }
-
-    /// The lease's token: what a [`complete_with`](Self::complete_with)
-    /// write checks the marker against.
-    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
-    pub(crate) fn token(&self) -> LeaseToken {
-        self.token
     }
 
     /// Stores `record` as the key's result and hands it to the duplicates

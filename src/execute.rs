@@ -9,6 +9,8 @@
 //! The guarantee is the engine's (see [`engine`](crate::engine)): the closure
 //! runs at most once per key within the record TTL while its caller lives.
 
+mod transaction;
+
 use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
@@ -97,6 +99,16 @@ fn fingerprint(key: &IdempotencyKey, text: &str) -> Fingerprint {
 fn decode<T: DeserializeOwned, E>(record: &Record) -> Result<T, ExecuteError<E>> {
     let value = record.as_value().ok_or(ExecuteError::NotAValue)?;
     serde_json::from_slice(value).map_err(ExecuteError::Decode)
+}
+
+/// Frees the key now rather than by the lease's drop guard, so that it is
+/// free by the time the caller sees `error`; a failed release is logged (the
+/// engine retries it in the background).
+async fn release<S: Store, E>(lease: Lease<S>, error: ExecuteError<E>) -> ExecuteError<E> {
+    if let Err(release) = lease.release().await {
+        tracing::warn!(error = %release, "idempotency lease release failed");
+    }
+    error
 }
 
 /// How a call of the closure API starts: run the action under the lease (its
@@ -212,14 +224,7 @@ impl<S: Store> Idempotency<S> {
 
         let value = match action().await {
             Ok(value) => value,
-            Err(error) => {
-                // Released now rather than by the lease's drop guard, so the
-                // key is free by the time the caller sees the error.
-                if let Err(release) = lease.release().await {
-                    tracing::warn!(error = %release, "idempotency lease release failed");
-                }
-                return Err(ExecuteError::Action(error));
-            }
+            Err(error) => return Err(release(lease, ExecuteError::Action(error)).await),
         };
         // An encoding failure drops the lease: the key is released.
         let encoded = serde_json::to_vec(&value).map_err(ExecuteError::Encode)?;

@@ -46,6 +46,7 @@
 //! engine's protocol on [`Idempotency`].
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod config;
 mod engine;
 mod execute;
 mod key;
@@ -55,9 +56,10 @@ mod record;
 mod stats;
 pub mod store;
 
+pub use config::{ConfigError, MAX_DURATION};
 pub use engine::{
-    Begin, Concurrent, Config, ConfigError, Idempotency, IdempotencyBuilder, KeyFilter, Lease,
-    LeaseExpiry, DEFAULT_LEASE_TTL, DEFAULT_TTL, DEFAULT_WAIT_TIMEOUT, MAX_DURATION,
+    Begin, Concurrent, Config, Idempotency, IdempotencyBuilder, KeyFilter, Lease, LeaseExpiry,
+    DEFAULT_LEASE_TTL, DEFAULT_TTL, DEFAULT_WAIT_TIMEOUT,
 };
 pub use execute::ExecuteError;
 pub use key::{Fingerprint, FingerprintMode, IdempotencyKey, KeyParseError};

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use super::Idempotency;
+use crate::config::{check_duration, ConfigError};
 use crate::store::{MemoryStore, MemoryStoreBuilder, Store};
 
 /// The default record TTL: 24 hours.
@@ -11,41 +12,7 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(60);
 /// The default wait budget of [`Concurrent::Wait`]: 30 seconds.
 pub const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_secs(30);
-/// The longest duration any setting of this crate takes: a century.
-///
-/// One rule for every duration (record TTL, lease TTL, wait timeout,
-/// auto-cleanup interval, and the Redis store's local-cache TTL and
-/// timeouts): a builder refuses a longer one with a [`ConfigError`] that
-/// names this maximum, so `Duration::MAX` is an error at `build()`, never a
-/// panic when a clock reading plus the duration overflows later. Durations
-/// passed per call instead of set at build (the budget of a
-/// [`Concurrent::Wait`] handed to `begin_with`, the TTL handed to `mark_executed` or to a
-/// store) cannot be refused that way: they are cut to this maximum.
-///
-/// ```
-/// use std::time::Duration;
-/// use tower_idempotency::MAX_DURATION;
-/// use tower_idempotency::Idempotency;
-///
-/// let error = Idempotency::builder().ttl(Duration::MAX).build().unwrap_err();
-/// assert!(error.to_string().contains("at most 3153600000 s"));
-/// assert!(Idempotency::builder().ttl(MAX_DURATION).build().is_ok());
-/// ```
-pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
-
-/// Refuses a duration setting over [`MAX_DURATION`], naming the setting and
-/// the maximum.
-pub(crate) fn check_duration(name: &str, value: Duration) -> Result<(), ConfigError> {
-    if value > MAX_DURATION {
-        return Err(ConfigError::new(format!(
-            "{name} must be at most {} s (a century, MAX_DURATION), got {value:?}",
-            MAX_DURATION.as_secs()
-        )));
-    }
-    Ok(())
-}
-
-/// Refuses a zero auto-cleanup interval, or one over [`MAX_DURATION`].
+/// Refuses a zero auto-cleanup interval, or one over [`MAX_DURATION`](crate::MAX_DURATION).
 pub(super) fn check_cleanup_interval(interval: Duration) -> Result<(), ConfigError> {
     if interval.is_zero() {
         return Err(ConfigError::new(
@@ -77,7 +44,7 @@ impl Concurrent {
         }
     }
 
-    /// Refuses a wait budget over [`MAX_DURATION`].
+    /// Refuses a wait budget over [`MAX_DURATION`](crate::MAX_DURATION).
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         match *self {
             Self::Wait { timeout } => check_duration("the wait timeout", timeout),
@@ -150,18 +117,6 @@ impl Config {
             LeaseExpiry::Takeover => self.lease_ttl,
             LeaseExpiry::Block => self.ttl,
         }
-    }
-}
-
-/// An invalid configuration, refused when the engine or layer is built, or
-/// by [`Idempotency::configure`].
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid idempotency configuration: {0}")]
-pub struct ConfigError(String);
-
-impl ConfigError {
-    pub(crate) fn new(reason: impl Into<String>) -> Self {
-        Self(reason.into())
     }
 }
 
@@ -287,7 +242,7 @@ impl<B: IntoStore> IdempotencyBuilder<B> {
     /// # Errors
     ///
     /// [`ConfigError`] for a zero TTL, a zero lease TTL, a duration over
-    /// [`MAX_DURATION`] or an invalid store configuration (such as a zero
+    /// [`MAX_DURATION`](crate::MAX_DURATION) or an invalid store configuration (such as a zero
     /// entry bound).
     pub fn build(self) -> Result<Idempotency<B::Store>, ConfigError> {
         self.config.validate()?;

@@ -7,7 +7,8 @@ use std::time::Duration;
 use tokio::task::AbortHandle;
 
 use super::config::check_cleanup_interval;
-use super::{lock, Config, ConfigError, Idempotency, Inner};
+use super::{lock, Config, Idempotency, Inner};
+use crate::config::ConfigError;
 use crate::store::Store;
 
 impl<S: Store> Idempotency<S> {
@@ -55,7 +56,7 @@ impl<S: Store> Idempotency<S> {
     /// # Errors
     ///
     /// [`ConfigError`] for the values `build()` refuses (a zero TTL or lease
-    /// TTL, a duration over [`MAX_DURATION`](super::MAX_DURATION)), a zero
+    /// TTL, a duration over [`MAX_DURATION`](crate::MAX_DURATION)), a zero
     /// cleanup interval, or a cleanup interval set outside a Tokio runtime.
     /// The configuration is then unchanged.
     pub fn configure(&self, change: impl FnOnce(&mut Config)) -> Result<Config, ConfigError> {
@@ -98,7 +99,7 @@ impl<S: Store> Idempotency<S> {
     /// # Errors
     ///
     /// [`ConfigError`] for a zero interval, one over
-    /// [`MAX_DURATION`](crate::engine::MAX_DURATION), or when called outside
+    /// [`MAX_DURATION`](crate::MAX_DURATION), or when called outside
     /// a Tokio runtime.
     pub fn start_auto_cleanup(&self, interval: Duration) -> Result<(), ConfigError> {
         check_cleanup_interval(interval)?;

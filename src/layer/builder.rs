@@ -10,9 +10,8 @@ use super::grpc::GrpcCode;
 
 use super::layer::{Disconnect, FailMode, OversizedResponse, Settings, UnclearOutcome};
 use super::IdempotencyLayer;
-use crate::engine::{
-    Concurrent, ConfigError, Idempotency, IdempotencyBuilder, IntoStore, LeaseExpiry,
-};
+use crate::config::ConfigError;
+use crate::engine::{Concurrent, Idempotency, IdempotencyBuilder, IntoStore, LeaseExpiry};
 use crate::key::{FingerprintMode, HeaderKey, KeyExtractor};
 use crate::store::{MemoryStoreBuilder, Store};
 
@@ -161,7 +160,7 @@ impl<B: IntoStore, K> IdempotencyLayerBuilder<IdempotencyBuilder<B>, K> {
     /// # Errors
     ///
     /// [`ConfigError`] for a zero TTL or lease TTL, a duration over
-    /// [`MAX_DURATION`](crate::engine::MAX_DURATION) or a zero store bound.
+    /// [`MAX_DURATION`](crate::MAX_DURATION) or a zero store bound.
     pub fn build(self) -> Result<IdempotencyLayer<B::Store, K>, ConfigError> {
         let engine = self.engine.build()?;
         Ok(IdempotencyLayer::from_parts(

@@ -20,7 +20,7 @@ use super::{
     completed, decode_cursor, encode_cursor, BeginOutcome, Entry, EntryKind, EntryState, KeyFilter,
     KeyPage, LeaseToken, Removal, RemovalCounts, ScanEntry, Store, StoreAdmin, StoreError,
 };
-use crate::engine::{ConfigError, MAX_DURATION};
+use crate::config::{ConfigError, MAX_DURATION};
 use crate::key::Fingerprint;
 use crate::record::{now_ms, Payload, Record, SharedRecord, StoredResponse};
 use crate::stats::{total, CacheInfo, Striped};

@@ -34,11 +34,13 @@ use std::time::Duration;
 pub use crate::engine::IntoStore;
 use crate::key::Fingerprint;
 pub use crate::record::{DecodeError, SharedRecord};
-use crate::stats::CacheInfo;
 
+mod admin;
 #[cfg(feature = "test-util")]
 #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 pub mod conformance;
+mod entry;
+mod error;
 mod estimate;
 mod memory;
 mod page;
@@ -48,12 +50,20 @@ pub mod postgres;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
+mod transaction;
 
+pub(crate) use admin::completed;
+pub use admin::StoreAdmin;
+pub use entry::{BeginOutcome, Entry, EntryKind, EntryState, LeaseToken, RemovalCounts, ScanEntry};
+#[cfg(any(feature = "redis", feature = "postgres"))]
+pub(crate) use error::each_failed;
+pub use error::StoreError;
 pub(crate) use estimate::Estimate;
 pub use estimate::ESTIMATE_MAX_AGE;
 pub use memory::{MemoryStore, MemoryStoreBuilder, DEFAULT_MAX_ENTRIES};
-pub(crate) use page::{decode_cursor, encode_cursor, page_of};
+pub(crate) use page::{decode_cursor, encode_cursor};
 pub use page::{KeyFilter, KeyPage, Removal, MAX_PAGE_LIMIT};
+pub use transaction::TransactionalStore;
 
 /// The protocol a store keeps: in-flight markers and records, each under one
 /// key.
@@ -297,350 +307,5 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = ()> + Send {
         let _ = key;
         tokio::time::sleep_until(deadline)
-    }
-}
-
-/// Listing and maintenance: what the handle's queries
-/// ([`Idempotency::keys`](crate::Idempotency::keys),
-/// [`cache_info`](crate::Idempotency::cache_info),
-/// [`remove`](crate::Idempotency::remove), ...) and
-/// [`mark_executed`](crate::Idempotency::mark_executed) need of a store,
-/// beyond the [`Store`] protocol. The stores of this crate implement both; a
-/// store of your own may implement only [`Store`].
-// `len` counts a remote backend's entries; an `is_empty` would be the same round trip.
-#[allow(clippy::len_without_is_empty)]
-pub trait StoreAdmin: Store {
-    /// Writes `record` under `key`, expiring after `ttl`, whatever the key held.
-    fn put(
-        &self,
-        key: &str,
-        record: SharedRecord,
-        ttl: Duration,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
-
-    /// What `key` holds, if anything.
-    fn get(&self, key: &str) -> impl Future<Output = Result<Option<Entry>, StoreError>> + Send;
-
-    /// Deletes whatever `key` holds, an in-flight marker too. Answers
-    /// whether there was anything.
-    fn remove(&self, key: &str) -> impl Future<Output = Result<bool, StoreError>> + Send;
-
-    /// Deletes what `key` holds unless it is a live in-flight marker, in one
-    /// atomic step (a single script, statement or locked section, never a
-    /// read then a delete: a marker written in between must not be deleted).
-    fn remove_unless_in_flight(
-        &self,
-        key: &str,
-    ) -> impl Future<Output = Result<Removal, StoreError>> + Send;
-
-    /// One page of the live entries that `filter` matches: at most `limit`
-    /// of them, from `cursor` (`None`: the first page; otherwise a
-    /// [`KeyPage::next_cursor`] this store answered). A page costs about the
-    /// same however many entries the store holds, where the store can
-    /// (the crate's remote stores; the memory store walks its entries, at
-    /// most its entry bound).
-    ///
-    /// The default lists every entry ([`scan`](Self::scan)) and answers a
-    /// page of them in key order: right for any store, and O(n) per page.
-    ///
-    /// # Errors
-    ///
-    /// [`StoreError::InvalidCursor`] for a cursor this store did not answer.
-    fn page(
-        &self,
-        filter: &KeyFilter,
-        cursor: Option<&str>,
-        limit: usize,
-    ) -> impl Future<Output = Result<KeyPage, StoreError>> + Send {
-        async move { page_of(self.scan().await?, filter, cursor, limit) }
-    }
-
-    /// Deletes every entry of this store (and only this store's, for a shared
-    /// backend such as Redis under a prefix).
-    fn clear(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
-
-    /// Every live entry, without its payload.
-    fn scan(&self) -> impl Future<Output = Result<Vec<ScanEntry>, StoreError>> + Send;
-
-    /// How many entries the store holds.
-    fn len(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
-
-    /// Size and bounds of the store.
-    fn info(&self) -> impl Future<Output = Result<CacheInfo, StoreError>> + Send;
-
-    /// Writes the store answered as done although fewer replicas than it
-    /// was asked to wait for acknowledged them in time, since it was made
-    /// (the Redis store with
-    /// [`replica_ack`](crate::store::redis::RedisStoreBuilder::replica_ack)):
-    /// each holds on its primary, but a failover before replication catches
-    /// up may lose it. Read from a counter in the process, no round trip. A
-    /// store without replicas answers 0, the default.
-    ///
-    /// ```
-    /// use tower_idempotency::store::{MemoryStore, StoreAdmin};
-    ///
-    /// assert_eq!(MemoryStore::new().unacknowledged_writes(), 0);
-    /// ```
-    fn unacknowledged_writes(&self) -> u64 {
-        0
-    }
-
-    /// Size and bounds of the store from counters, or an estimate at most
-    /// [`ESTIMATE_MAX_AGE`] old, never a walk of its entries per call: what a
-    /// dashboard that polls may ask for. The default is [`info`](Self::info).
-    fn info_estimate(&self) -> impl Future<Output = Result<CacheInfo, StoreError>> + Send {
-        self.info()
-    }
-
-    /// Checks that the store answers (`/healthz`). The default asks for
-    /// [`len`](Self::len).
-    fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
-        async {
-            self.len().await?;
-            Ok(())
-        }
-    }
-}
-
-/// The record of an entry that holds one: the crate's stores answer
-/// [`Store::completed_record`] from [`StoreAdmin::get`].
-pub(crate) fn completed(entry: Option<Entry>) -> Option<SharedRecord> {
-    match entry {
-        Some(Entry {
-            state: EntryState::Completed(record),
-            ..
-        }) => Some(record),
-        _ => None,
-    }
-}
-
-/// `error` as the answer of each of `leases` leases of a batch it failed
-/// whole (the backend could not be asked at all).
-#[cfg_attr(not(any(feature = "redis", feature = "postgres")), allow(dead_code))]
-pub(crate) fn each_failed(error: StoreError, leases: usize) -> Vec<Result<bool, StoreError>> {
-    let mut failed: Vec<_> = (1..leases).map(|_| Err(error.again())).collect();
-    if leases > 0 {
-        failed.push(Err(error));
-    }
-    failed
-}
-
-/// A random token that names one holder of one lease.
-///
-/// ```
-/// use tower_idempotency::store::LeaseToken;
-///
-/// let token = LeaseToken::random();
-/// assert_ne!(token, LeaseToken::random());
-/// assert_eq!(LeaseToken::parse(&token.to_string()), Some(token));
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct LeaseToken(u128);
-
-impl LeaseToken {
-    /// A fresh token (128 random bits).
-    pub fn random() -> Self {
-        Self(rand::random())
-    }
-
-    /// The token as a number, for the crate's stores that keep it binary. A
-    /// store of your own keeps its text form (`Display`, read back with
-    /// [`parse`](Self::parse)).
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
-    pub(crate) const fn as_u128(self) -> u128 {
-        self.0
-    }
-
-    /// A token from the number a store kept.
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
-    pub(crate) const fn from_u128(value: u128) -> Self {
-        Self(value)
-    }
-
-    /// Parses the 32 hex characters written by `Display`.
-    pub fn parse(text: &str) -> Option<Self> {
-        if text.len() != 32 {
-            return None;
-        }
-        u128::from_str_radix(text, 16).ok().map(Self)
-    }
-}
-
-impl std::fmt::Display for LeaseToken {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:032x}", self.0)
-    }
-}
-
-/// What [`Store::begin`] found.
-#[derive(Debug, Clone)]
-pub enum BeginOutcome {
-    /// The key was free; the caller's marker is written and the caller runs the action.
-    Acquired,
-    /// The action completed; here is its record.
-    Completed(SharedRecord),
-    /// Another caller holds the lease.
-    InFlight {
-        /// Fingerprint of the request that holds the lease.
-        fingerprint: Fingerprint,
-        /// Time left before the marker expires.
-        expires_in: Duration,
-    },
-}
-
-/// What a key holds.
-#[derive(Debug, Clone)]
-pub struct Entry {
-    /// The marker or the record.
-    pub state: EntryState,
-    /// Time left before the entry expires.
-    pub expires_in: Duration,
-}
-
-/// The two things a key can hold.
-#[derive(Debug, Clone)]
-pub enum EntryState {
-    /// An action is running under a lease.
-    InFlight {
-        /// Fingerprint of the request that holds the lease.
-        fingerprint: Fingerprint,
-        /// The lease's token.
-        lease: LeaseToken,
-    },
-    /// The action completed.
-    Completed(SharedRecord),
-}
-
-/// One entry as [`StoreAdmin::scan`] lists it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ScanEntry {
-    /// The storage key.
-    pub key: String,
-    /// Marker or record.
-    pub kind: EntryKind,
-    /// Time left before the entry expires.
-    pub expires_in: Duration,
-    /// When the entry was written, in milliseconds since the Unix epoch.
-    pub created_at_ms: u64,
-}
-
-/// Serialized as `{"key", "state": "in_flight"|"completed", "expires_in_ms",
-/// "created_at_ms"}`, the form the proxy's `GET /keys` answers.
-impl serde::Serialize for ScanEntry {
-    fn serialize<Ser: serde::Serializer>(&self, serializer: Ser) -> Result<Ser::Ok, Ser::Error> {
-        use serde::ser::SerializeStruct;
-        let mut out = serializer.serialize_struct("ScanEntry", 4)?;
-        out.serialize_field("key", &self.key)?;
-        out.serialize_field("state", &self.kind)?;
-        out.serialize_field("expires_in_ms", &(self.expires_in.as_millis() as u64))?;
-        out.serialize_field("created_at_ms", &self.created_at_ms)?;
-        out.end()
-    }
-}
-
-/// Whether an entry is an in-flight marker or a completed record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum EntryKind {
-    /// An in-flight marker.
-    InFlight,
-    /// A completed record.
-    Completed,
-}
-
-/// Entries a store dropped by itself, since it was made.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct RemovalCounts {
-    /// Dropped because their TTL ran out.
-    pub expired: u64,
-    /// Dropped to stay within the store's bounds.
-    pub evicted: u64,
-}
-
-/// A store operation that failed.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum StoreError {
-    /// The backend could not be reached or did not answer.
-    #[error("store unavailable: {0}")]
-    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
-    /// A stored value could not be decoded.
-    #[error("corrupt value under key {key:?}: {source}")]
-    Corrupt {
-        /// The key whose value is corrupt.
-        key: String,
-        /// What is wrong with it.
-        #[source]
-        source: DecodeError,
-    },
-    /// A listing's cursor that this store did not answer.
-    #[error("the cursor is not one this store answered")]
-    InvalidCursor,
-    /// Any other backend failure.
-    #[error("store error: {0}")]
-    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
-    /// A write the database refused because it conflicted with a concurrent
-    /// transaction (Postgres SQLSTATE `40001`, serialization failure, or
-    /// `40P01`, deadlock), in a transaction at `REPEATABLE READ` or
-    /// `SERIALIZABLE`: the transaction rolled back and nothing of it was
-    /// kept. Calling again is safe and may succeed
-    /// ([`is_retryable`](Self::is_retryable)).
-    #[error("store write conflicted with a concurrent transaction: {0}")]
-    SerializationFailure(#[source] Box<dyn std::error::Error + Send + Sync>),
-}
-
-impl StoreError {
-    /// A backend that could not be reached, from any error.
-    pub fn unavailable(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
-        Self::Unavailable(error.into())
-    }
-
-    /// Any other backend failure, from any error.
-    pub fn backend(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
-        Self::Backend(error.into())
-    }
-
-    /// Whether the store could not be reached or did not answer in time
-    /// ([`Unavailable`](Self::Unavailable)): the only failure on which
-    /// [`FailMode::Open`](crate::FailMode::Open) lets a request through
-    /// unprotected. Anything else means the store answered, with a value it
-    /// cannot read (corrupt, foreign, of an unknown version) or an error: it
-    /// cannot say whether the action already ran, so running it unprotected
-    /// could run it twice. Such a request gets a 500 whatever the fail mode.
-    ///
-    /// ```
-    /// use tower_idempotency::store::StoreError;
-    ///
-    /// assert!(StoreError::unavailable("connection refused").is_unavailable());
-    /// assert!(!StoreError::backend("WRONGTYPE").is_unavailable());
-    /// ```
-    pub fn is_unavailable(&self) -> bool {
-        matches!(self, Self::Unavailable(_))
-    }
-
-    /// Whether the operation failed only because it conflicted with a
-    /// concurrent transaction ([`SerializationFailure`](Self::SerializationFailure)):
-    /// nothing was committed, and the same call made again may succeed.
-    ///
-    /// ```
-    /// use tower_idempotency::store::StoreError;
-    ///
-    /// assert!(StoreError::SerializationFailure("40001".into()).is_retryable());
-    /// assert!(!StoreError::backend("WRONGTYPE").is_retryable());
-    /// ```
-    pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::SerializationFailure(_))
-    }
-
-    /// The same failure again, for each lease of a batch that one error
-    /// failed ([`Store::renew_many`]): same kind, the source kept as text.
-    #[cfg_attr(not(any(feature = "redis", feature = "postgres")), allow(dead_code))]
-    pub(crate) fn again(&self) -> Self {
-        let text = self.to_string();
-        match self {
-            Self::Unavailable(_) => Self::Unavailable(text.into()),
-            Self::SerializationFailure(_) => Self::SerializationFailure(text.into()),
-            _ => Self::Backend(text.into()),
-        }
     }
 }

@@ -7,6 +7,7 @@ use sqlx::Executor;
 
 use super::convert::map_error;
 use super::PostgresStore;
+use crate::config::check_duration;
 use crate::store::StoreError;
 
 /// The default table name.
@@ -61,7 +62,8 @@ impl PostgresStoreBuilder {
 
     /// The limit on one operation, waiting for a connection included
     /// (default 2 s). Past it the operation fails with
-    /// [`StoreError::Unavailable`].
+    /// [`StoreError::Unavailable`]. One over
+    /// [`MAX_DURATION`](crate::MAX_DURATION) is refused at build.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
@@ -72,7 +74,9 @@ impl PostgresStoreBuilder {
     ///
     /// # Errors
     ///
-    /// [`StoreError::Backend`] for an invalid URL or setting,
+    /// [`StoreError::Backend`] for an invalid URL or setting (a timeout
+    /// over [`MAX_DURATION`](crate::MAX_DURATION) among them: its source is
+    /// a [`ConfigError`](crate::ConfigError) naming the maximum),
     /// [`StoreError::Unavailable`] when Postgres cannot be reached.
     pub async fn build(self) -> Result<PostgresStore, StoreError> {
         let store = self.build_lazy()?;
@@ -94,6 +98,7 @@ impl PostgresStoreBuilder {
                 "the postgres timeout must be greater than zero",
             ));
         }
+        check_duration("the postgres timeout", self.timeout).map_err(StoreError::backend)?;
         if self.max_connections == 0 {
             return Err(StoreError::backend(
                 "the postgres pool needs at least one connection",
@@ -127,5 +132,25 @@ impl PostgresStoreBuilder {
             .connect_lazy(&self.url)
             .map_err(map_error)?;
         PostgresStore::assemble(pool, &self.table, self.timeout)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_timeout_over_the_maximum_is_refused_before_it_reaches_the_pool() {
+        let error = PostgresStore::builder("postgres://localhost/unused")
+            .timeout(Duration::MAX)
+            .build_lazy()
+            .unwrap_err();
+        assert!(matches!(error, StoreError::Backend(_)), "{error:?}");
+        let source = std::error::Error::source(&error).expect("a ConfigError");
+        assert!(source.is::<crate::ConfigError>(), "{source:?}");
+        assert!(
+            error.to_string().contains("at most 3153600000 s"),
+            "{error}"
+        );
     }
 }

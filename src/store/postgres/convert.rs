@@ -6,15 +6,16 @@ use std::time::Duration;
 use sqlx::postgres::PgRow;
 use sqlx::Row;
 
+use crate::config::ttl_millis;
 use crate::key::Fingerprint;
 use crate::record::{DecodeError, Record};
 use crate::store::{EntryKind, EntryState, LeaseToken, ScanEntry, StoreError};
 
 /// A TTL as the statements take it: whole milliseconds, at least one, at
-/// most a century (so `clock_timestamp() + ttl` never overflows).
+/// most [`MAX_DURATION`](crate::MAX_DURATION) (so `clock_timestamp() + ttl`
+/// never overflows).
 pub(super) fn ttl_ms(ttl: Duration) -> i64 {
-    const CENTURY_MS: u128 = 100 * 365 * 24 * 60 * 60 * 1000;
-    ttl.as_millis().clamp(1, CENTURY_MS) as i64
+    ttl_millis(ttl) as i64
 }
 
 /// Milliseconds a row answered (never negative) as a duration.
@@ -124,7 +125,10 @@ mod tests {
     fn ttls_are_whole_milliseconds_within_a_century() {
         assert_eq!(ttl_ms(Duration::from_micros(10)), 1);
         assert_eq!(ttl_ms(Duration::from_secs(2)), 2_000);
-        assert_eq!(ttl_ms(Duration::MAX), 100 * 365 * 24 * 60 * 60 * 1000);
+        assert_eq!(
+            ttl_ms(Duration::MAX),
+            crate::MAX_DURATION.as_millis() as i64
+        );
     }
 
     #[test]

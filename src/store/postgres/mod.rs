@@ -28,7 +28,7 @@
 //!   and `complete` its own record.
 //! * Times are the database's clock, so instances agree on expiry. Expired
 //!   rows are ignored by every read, taken over by `begin`, and deleted by
-//!   [`cleanup_expired`](Store::cleanup_expired) (the engine's auto-cleanup
+//!   [`cleanup_expired`](crate::store::Store::cleanup_expired) (the engine's auto-cleanup
 //!   calls it), which the index on `expires_at` keeps cheap.
 //! * Waiters on another instance (`Concurrent::Wait`) learn of a completion
 //!   by bounded polling: the engine re-reads the key with a backoff from
@@ -52,7 +52,7 @@
 //! another level (`BEGIN ISOLATION LEVEL ...`, or `SET TRANSACTION ...` as
 //! its first statement) still gets it. A pool of your own
 //! ([`PostgresStore::new`]) should do the same. The heartbeat's renewals
-//! are one statement per batch ([`Store::renew_many`]).
+//! are one statement per batch ([`Store::renew_many`](crate::store::Store::renew_many)).
 //!
 //! # Exactly once for work in the same database
 //!
@@ -76,41 +76,28 @@
 //!
 //! [`Record::encode`]: crate::Record::encode
 
-use std::collections::HashSet;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::postgres::PgPool;
-use sqlx::Row;
 
-use self::connection::{statement, Attempt};
+use self::connection::statement;
 use self::convert::{map_error, ttl_ms};
 use self::sql::{Statements, Table};
-use super::{
-    decode_cursor, encode_cursor, BeginOutcome, Entry, EntryState, Estimate, KeyFilter, KeyPage,
-    LeaseToken, Removal, RemovalCounts, ScanEntry, Store, StoreAdmin, StoreError,
-};
-use crate::key::Fingerprint;
-use crate::record::{now_ms, SharedRecord};
-use crate::stats::CacheInfo;
+use super::{EntryState, Estimate, LeaseToken, StoreError};
 
+mod admin;
 mod builder;
 mod connection;
 mod convert;
 mod migration;
+mod protocol;
 mod sql;
 mod transactional;
 
 pub use builder::{PostgresStoreBuilder, DEFAULT_MAX_CONNECTIONS, DEFAULT_TABLE, DEFAULT_TIMEOUT};
-
-/// How many statements `begin` runs when the key changes under it (another
-/// caller's row wins the key after the statement's snapshot, or expires or
-/// is deleted before it is read). Each is a fresh look at a key that is
-/// changing under it, so more than a couple means something keeps deleting
-/// the key.
-const BEGIN_ROUNDS: usize = 8;
 
 /// The store on Postgres: markers and records as rows of one table.
 ///
@@ -262,7 +249,7 @@ impl PostgresStore {
     /// caller's transaction, for the transactional form (no retry: a lost
     /// connection has rolled the transaction back). Answers whether the
     /// marker was still the lease's.
-    async fn complete_in(
+    async fn complete_in_transaction(
         &self,
         transaction: &mut sqlx::PgConnection,
         key: &str,
@@ -302,295 +289,4 @@ impl Completion {
 /// A creation time as the `bigint` column takes it.
 fn created_at(ms: u64) -> i64 {
     i64::try_from(ms).unwrap_or(i64::MAX)
-}
-
-impl Store for PostgresStore {
-    async fn begin(
-        &self,
-        key: &str,
-        fingerprint: Fingerprint,
-        lease: LeaseToken,
-        lease_ttl: Duration,
-    ) -> Result<BeginOutcome, StoreError> {
-        let token = lease.to_string();
-        for _ in 0..BEGIN_ROUNDS {
-            let (row, _) = statement!(self, |connection| sqlx::query(&self.inner.sql.begin)
-                .bind(key)
-                .bind(&token)
-                .bind(fingerprint.as_bytes().as_slice())
-                .bind(created_at(now_ms()))
-                .bind(ttl_ms(lease_ttl))
-                .fetch_optional(connection))
-            .await?;
-            // No row: another caller's row won the key after this
-            // statement's snapshot; the next one sees it.
-            let Some(row) = row else { continue };
-            if row.try_get::<bool, _>("acquired").map_err(map_error)? {
-                return Ok(BeginOutcome::Acquired);
-            }
-            return Ok(match convert::held(key, &row)? {
-                // Our own marker: an attempt whose connection died wrote it
-                // before its answer was lost.
-                (EntryState::InFlight { lease: held, .. }, _) if held == lease => {
-                    BeginOutcome::Acquired
-                }
-                (EntryState::InFlight { fingerprint, .. }, expires_in) => BeginOutcome::InFlight {
-                    fingerprint,
-                    expires_in,
-                },
-                (EntryState::Completed(record), _) => BeginOutcome::Completed(record),
-            });
-        }
-        Err(StoreError::backend(format!(
-            "the row of key {key:?} kept changing during begin"
-        )))
-    }
-
-    async fn renew(
-        &self,
-        key: &str,
-        lease: LeaseToken,
-        lease_ttl: Duration,
-    ) -> Result<bool, StoreError> {
-        let token = lease.to_string();
-        let (renewed, _) = statement!(self, |connection| sqlx::query(&self.inner.sql.renew)
-            .bind(key)
-            .bind(&token)
-            .bind(ttl_ms(lease_ttl))
-            .execute(connection))
-        .await?;
-        Ok(renewed.rows_affected() == 1)
-    }
-
-    async fn renew_many(
-        &self,
-        leases: &[(&str, LeaseToken)],
-        lease_ttl: Duration,
-    ) -> Vec<Result<bool, StoreError>> {
-        let keys: Vec<&str> = leases.iter().map(|(key, _)| *key).collect();
-        let tokens: Vec<String> = leases.iter().map(|(_, lease)| lease.to_string()).collect();
-        let renewed: Result<(Vec<(String, String)>, _), StoreError> = statement!(
-            self,
-            |connection| sqlx::query_as(&self.inner.sql.renew_many)
-                .bind(&keys)
-                .bind(&tokens)
-                .bind(ttl_ms(lease_ttl))
-                .fetch_all(connection)
-        )
-        .await;
-        match renewed {
-            Ok((renewed, _)) => {
-                let renewed: HashSet<(String, String)> = renewed.into_iter().collect();
-                (keys.into_iter().zip(tokens))
-                    .map(|(key, token)| Ok(renewed.contains(&(key.to_owned(), token))))
-                    .collect()
-            }
-            Err(error) => super::each_failed(error, leases.len()),
-        }
-    }
-
-    async fn complete(
-        &self,
-        key: &str,
-        lease: LeaseToken,
-        record: SharedRecord,
-        ttl: Duration,
-    ) -> Result<bool, StoreError> {
-        let (token, completion) = (lease.to_string(), Completion::of(&record));
-        let (completed, attempt) = statement!(self, |connection| self
-            .complete_statement(key, &token, &completion, ttl)
-            .execute(connection))
-        .await?;
-        if completed.rows_affected() == 1 {
-            return Ok(true);
-        }
-        if attempt == Attempt::First {
-            return Ok(false);
-        }
-        // The lost attempt may have stored the record: then the row holds it.
-        Ok(matches!(
-            self.held(key).await?,
-            Some((EntryState::Completed(stored), _)) if *stored == *record
-        ))
-    }
-
-    async fn release(&self, key: &str, lease: LeaseToken) -> Result<bool, StoreError> {
-        let token = lease.to_string();
-        let (released, _) = statement!(self, |connection| sqlx::query(&self.inner.sql.release)
-            .bind(key)
-            .bind(&token)
-            .execute(connection))
-        .await?;
-        Ok(released.rows_affected() == 1)
-    }
-
-    async fn completed_record(&self, key: &str) -> Result<Option<SharedRecord>, StoreError> {
-        Ok(super::completed(self.get(key).await?))
-    }
-
-    fn removal_counts(&self) -> RemovalCounts {
-        RemovalCounts {
-            expired: self.inner.expired.load(Relaxed),
-            evicted: 0,
-        }
-    }
-
-    async fn cleanup_expired(&self) -> Result<(), StoreError> {
-        let (deleted, _) = statement!(self, |connection| sqlx::query(&self.inner.sql.cleanup)
-            .execute(connection))
-        .await?;
-        self.inner
-            .expired
-            .fetch_add(deleted.rows_affected(), Relaxed);
-        Ok(())
-    }
-}
-
-impl StoreAdmin for PostgresStore {
-    async fn put(&self, key: &str, record: SharedRecord, ttl: Duration) -> Result<(), StoreError> {
-        let encoded = record.encode();
-        statement!(self, |connection| sqlx::query(&self.inner.sql.put)
-            .bind(key)
-            .bind(record.fingerprint.as_bytes().as_slice())
-            .bind(encoded.as_ref())
-            .bind(created_at(record.created_at_ms))
-            .bind(ttl_ms(ttl))
-            .execute(connection))
-        .await?;
-        Ok(())
-    }
-
-    async fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
-        Ok(self
-            .held(key)
-            .await?
-            .map(|(state, expires_in)| Entry { state, expires_in }))
-    }
-
-    async fn remove(&self, key: &str) -> Result<bool, StoreError> {
-        let (live, _): (Option<bool>, _) = statement!(self, |connection| sqlx::query_scalar(
-            &self.inner.sql.remove
-        )
-        .bind(key)
-        .fetch_optional(connection))
-        .await?;
-        Ok(live == Some(true))
-    }
-
-    async fn remove_unless_in_flight(&self, key: &str) -> Result<Removal, StoreError> {
-        let (removed, in_flight): (bool, bool) = self
-            .run(
-                sqlx::query_as(&self.inner.sql.remove_unless_in_flight)
-                    .bind(key)
-                    .fetch_one(&self.inner.pool),
-            )
-            .await?;
-        Ok(if removed {
-            Removal::Removed
-        } else if in_flight {
-            Removal::InFlight
-        } else {
-            Removal::Absent
-        })
-    }
-
-    /// Keyset paging in key order on the primary key's index, the filter's
-    /// components as a `LIKE` pattern: a page reads about `limit` rows
-    /// however many the table holds. The cursor is the page's last key.
-    async fn page(
-        &self,
-        filter: &KeyFilter,
-        cursor: Option<&str>,
-        limit: usize,
-    ) -> Result<KeyPage, StoreError> {
-        let pattern = filter.pattern("%", like_escape);
-        // One row more than the page: whether a next page follows.
-        let limit_sql = i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX);
-        let query = match cursor {
-            None => sqlx::query(&self.inner.sql.page_first)
-                .bind(pattern)
-                .bind(limit_sql),
-            Some(cursor) => {
-                let after = String::from_utf8(decode_cursor(cursor)?)
-                    .map_err(|_| StoreError::InvalidCursor)?;
-                sqlx::query(&self.inner.sql.page_after)
-                    .bind(pattern)
-                    .bind(limit_sql)
-                    .bind(after)
-            }
-        };
-        let rows = self.run(query.fetch_all(&self.inner.pool)).await?;
-        let mut keys = rows
-            .iter()
-            .map(convert::scan_entry)
-            .collect::<Result<Vec<_>, _>>()?;
-        let more = keys.len() > limit;
-        keys.truncate(limit);
-        let next_cursor = more
-            .then(|| keys.last().map(|last| encode_cursor(last.key.as_bytes())))
-            .flatten();
-        keys.retain(|entry| filter.matches(entry));
-        Ok(KeyPage { keys, next_cursor })
-    }
-
-    async fn clear(&self) -> Result<(), StoreError> {
-        statement!(self, |connection| sqlx::query(&self.inner.sql.clear)
-            .execute(connection))
-        .await?;
-        Ok(())
-    }
-
-    async fn scan(&self) -> Result<Vec<ScanEntry>, StoreError> {
-        let (rows, _) = statement!(self, |connection| sqlx::query(&self.inner.sql.scan)
-            .fetch_all(connection))
-        .await?;
-        rows.iter().map(convert::scan_entry).collect()
-    }
-
-    async fn len(&self) -> Result<u64, StoreError> {
-        let (count, _): (i64, _) =
-            statement!(self, |connection| sqlx::query_scalar(&self.inner.sql.len)
-                .fetch_one(connection))
-            .await?;
-        Ok(u64::try_from(count).unwrap_or(0))
-    }
-
-    async fn info(&self) -> Result<CacheInfo, StoreError> {
-        let (bytes, _): (i64, _) = statement!(self, |connection| sqlx::query_scalar(
-            &self.inner.sql.stored_bytes
-        )
-        .fetch_one(connection))
-        .await?;
-        Ok(CacheInfo {
-            entries: self.len().await?,
-            max_entries: None,
-            weighted_bytes: u64::try_from(bytes).unwrap_or(0),
-        })
-    }
-
-    /// The last count (`count(*)` of the live rows), made again in the
-    /// background once it is [`ESTIMATE_MAX_AGE`](crate::store::ESTIMATE_MAX_AGE) old.
-    async fn info_estimate(&self) -> Result<CacheInfo, StoreError> {
-        let estimate = Arc::clone(&self.inner.estimate);
-        estimate.get(self).await
-    }
-
-    async fn ping(&self) -> Result<(), StoreError> {
-        statement!(self, |connection| sqlx::query("SELECT 1")
-            .execute(connection))
-        .await?;
-        Ok(())
-    }
-}
-
-/// `text` as a `LIKE` pattern that matches it literally (backslash escapes).
-fn like_escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        if matches!(c, '%' | '_' | '\\') {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
 }

@@ -1,158 +1,38 @@
-//! The transactional form of `execute`: the action's writes and its record
-//! commit in one Postgres transaction.
+//! The Postgres store's side of the transactional form of `execute`.
 
-use bytes::Bytes;
-use futures_util::future::BoxFuture;
-use serde::de::DeserializeOwned;
-use serde::Serialize;
+use std::time::Duration;
+
 use sqlx::{Postgres, Transaction};
 
 use super::PostgresStore;
-use crate::engine::{Idempotency, Lease};
-use crate::execute::{ExecuteError, Started};
-use crate::key::IdempotencyKey;
 use crate::record::Record;
-use crate::store::StoreError;
+use crate::store::{LeaseToken, StoreError, TransactionalStore};
 
-impl Idempotency<PostgresStore> {
-    /// Runs `action` in a transaction on the store's pool unless a call with
-    /// the same `key` already committed, and commits the action's writes
-    /// together with its result: the work done in this database happens
-    /// exactly once, even across a crash.
-    ///
-    /// `action` gets the open transaction, does its writes in it and returns
-    /// its value as a boxed future (`|transaction| Box::pin(async move {
-    /// ... })`, the form of sqlx's own `Connection::transaction`, which keeps
-    /// the call `Send` for `tokio::spawn` and axum handlers). It must not
-    /// commit (it cannot: it only borrows the transaction). The engine then
-    /// writes the record into the same transaction and commits once.
-    ///
-    /// * If `action` fails, panics, or this future is dropped (or the process
-    ///   dies) before the commit, the transaction rolls back: neither the
-    ///   action's writes nor the record are kept, and the next call runs the
-    ///   action once.
-    /// * Once the commit happened, every later call replays the value.
-    /// * Concurrent duplicates, on this instance or another, run it once:
-    ///   the in-flight marker is committed (on its own) before the
-    ///   transaction opens, so they wait for the record as with
-    ///   [`execute`](Self::execute) (for the engine's `Wait` budget, or 30 s
-    ///   under `Reject`). The record replaces the marker inside the
-    ///   transaction, fenced by the lease: if the lease was lost meanwhile
-    ///   (it expired and another caller took the key over), the transaction
-    ///   rolls back and the call fails with [`ExecuteError::Store`].
-    /// * The transaction runs at READ COMMITTED (the store's session
-    ///   default) unless `action` asks for another level with `SET
-    ///   TRANSACTION ISOLATION LEVEL ...` as its first statement. Under
-    ///   REPEATABLE READ or SERIALIZABLE, the final write conflicts with any
-    ///   change to the marker's row after the transaction's snapshot, among
-    ///   them the heartbeat's renewal (every third of the lease TTL): the
-    ///   write or the commit then fails with SQLSTATE 40001, the transaction
-    ///   rolls back, the marker is released and the call fails with
-    ///   [`ExecuteError::Store`] holding
-    ///   [`StoreError::SerializationFailure`]
-    ///   ([`is_retryable`](StoreError::is_retryable)): nothing was
-    ///   committed, and calling again runs the action once.
-    /// * If the commit's answer is lost (the connection dies as it commits),
-    ///   the call fails with [`ExecuteError::Store`] and the marker is
-    ///   released: the retry replays if the commit landed and runs the action
-    ///   once if it did not.
-    ///
-    /// The promise covers writes to this database through the transaction.
-    /// It cannot cover anything else the action does: an email sent or
-    /// another API called inside `action` happens again if the transaction
-    /// rolls back and the action is retried.
-    ///
-    /// # Errors
-    ///
-    /// See [`ExecuteError`]; a failed begin or commit is
-    /// [`ExecuteError::Store`].
-    ///
-    /// # Example
-    ///
-    /// ```no_run
-    /// # async fn doc(engine: tower_idempotency::Idempotency<tower_idempotency::store::postgres::PostgresStore>)
-    /// # -> Result<(), Box<dyn std::error::Error>> {
-    /// use tower_idempotency::IdempotencyKey;
-    ///
-    /// let key = IdempotencyKey::new("checkout-81", "create_order", "orders");
-    /// let order_id: i64 = engine
-    ///     .execute_in_transaction(&key, |transaction| {
-    ///         Box::pin(async move {
-    ///             sqlx::query_scalar("INSERT INTO orders (item) VALUES ($1) RETURNING id")
-    ///                 .bind("book")
-    ///                 .fetch_one(&mut **transaction)
-    ///                 .await
-    ///         })
-    ///     })
-    ///     .await?;
-    /// # let _ = order_id;
-    /// # Ok(())
-    /// # }
-    /// ```
-    pub async fn execute_in_transaction<T, E, F>(
+/// The transaction is one on the store's pool, at READ COMMITTED unless the
+/// action asks for another level with `SET TRANSACTION ISOLATION LEVEL ...`
+/// as its first statement; see
+/// [`execute_in_transaction`](crate::Idempotency::execute_in_transaction)
+/// for what the record's write and the commit then do.
+impl TransactionalStore for PostgresStore {
+    type Transaction = Transaction<'static, Postgres>;
+
+    async fn open_transaction(&self) -> Result<Self::Transaction, StoreError> {
+        self.transaction().await
+    }
+
+    async fn complete_in(
         &self,
-        key: &IdempotencyKey,
-        action: F,
-    ) -> Result<T, ExecuteError<E>>
-    where
-        T: Serialize + DeserializeOwned,
-        F: for<'t> FnOnce(&'t mut Transaction<'static, Postgres>) -> BoxFuture<'t, Result<T, E>>,
-    {
-        let (lease, fingerprint) = match self.begin_execute(key).await? {
-            Started::Run(lease, fingerprint) => (lease, fingerprint),
-            Started::Replayed(value) => return Ok(value),
-        };
-        let store = self.store();
-        let mut transaction = match store.transaction().await {
-            Ok(transaction) => transaction,
-            Err(error) => return Err(release(lease, ExecuteError::Store(error)).await),
-        };
-        let value = match action(&mut transaction).await {
-            Ok(value) => value,
-            Err(error) => {
-                drop(transaction);
-                return Err(release(lease, ExecuteError::Action(error)).await);
-            }
-        };
-        let encoded = match serde_json::to_vec(&value) {
-            Ok(encoded) => encoded,
-            Err(error) => {
-                drop(transaction);
-                return Err(release(lease, ExecuteError::Encode(error)).await);
-            }
-        };
-        let key = lease.key().to_owned();
-        let token = lease.token();
-        let record = Record::value(fingerprint, Bytes::from(encoded));
-        let committed = lease
-            .complete_with(record, async |record, ttl| {
-                let completed = store
-                    .complete_in(&mut transaction, &key, token, &record, ttl)
-                    .await?;
-                if !completed {
-                    // Dropping the transaction rolls it back.
-                    return Ok(false);
-                }
-                store.run(transaction.commit()).await?;
-                Ok(true)
-            })
-            .await?;
-        if committed {
-            Ok(value)
-        } else {
-            Err(ExecuteError::Store(StoreError::backend(format!(
-                "the lease on {key:?} was lost before the commit (it expired and another \
-                 caller took the key over): the transaction was rolled back"
-            ))))
-        }
+        transaction: &mut Self::Transaction,
+        key: &str,
+        lease: LeaseToken,
+        record: &Record,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        self.complete_in_transaction(transaction, key, lease, record, ttl)
+            .await
     }
-}
 
-/// Frees the key now (the transaction is already rolled back or dropped),
-/// so it is free by the time the caller sees `error`.
-async fn release<E>(lease: Lease<PostgresStore>, error: ExecuteError<E>) -> ExecuteError<E> {
-    if let Err(release) = lease.release().await {
-        tracing::warn!(error = %release, "idempotency lease release failed");
+    async fn commit(&self, transaction: Self::Transaction) -> Result<(), StoreError> {
+        self.run(transaction.commit()).await
     }
-    error
 }

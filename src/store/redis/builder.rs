@@ -6,20 +6,16 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClientBuilder, ClusterConfig};
 
 use super::cluster::Shards;
-use super::connection::RedisConnection;
+use super::connection::{RedisConnection, DEFAULT_CONNECTION_TIMEOUT, DEFAULT_RESPONSE_TIMEOUT};
 use super::convert::map_error;
 use super::replicas::ReplicaAck;
 use super::{local::LocalTier, notify::Notices, RedisStore};
-use crate::engine::check_duration;
+use crate::config::check_duration;
 use crate::store::StoreError;
 use tokio::sync::oneshot;
 
 /// The default key prefix.
 pub const DEFAULT_PREFIX: &str = "idem:";
-/// The default limit on connecting to Redis: 1 second.
-pub const DEFAULT_CONNECTION_TIMEOUT: Duration = Duration::from_secs(1);
-/// The default limit on waiting for one answer from Redis: 1 second.
-pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// The default lifetime of a record in the local tier: 60 seconds.
 pub const DEFAULT_LOCAL_CACHE_TTL: Duration = Duration::from_secs(60);
 
@@ -157,7 +153,7 @@ impl RedisStoreBuilder {
     /// # Errors
     ///
     /// [`StoreError::Backend`] for an invalid URL or setting (a duration over
-    /// [`MAX_DURATION`](crate::engine::MAX_DURATION) among them: its source
+    /// [`MAX_DURATION`](crate::MAX_DURATION) among them: its source
     /// is a [`ConfigError`](crate::ConfigError) naming the maximum),
     /// [`StoreError::Unavailable`] when Redis cannot be reached (for a
     /// cluster: while some slot has no primary that answers).

@@ -7,6 +7,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::FutureExt;
 use redis::aio::{ConnectionLike, ConnectionManager};
@@ -14,8 +15,12 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult, Value};
 
-use super::builder::{DEFAULT_CONNECTION_TIMEOUT, DEFAULT_RESPONSE_TIMEOUT};
 use super::cluster::{slot_of, Address, ClusterHandle, Shards};
+
+/// The default limit on connecting to Redis: 1 second.
+pub const DEFAULT_CONNECTION_TIMEOUT: Duration = Duration::from_secs(1);
+/// The default limit on waiting for one answer from Redis: 1 second.
+pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Slots of a Redis Cluster: a key's slot is CRC16 of the key modulo 16384.
 const CLUSTER_SLOTS: i64 = 16_384;

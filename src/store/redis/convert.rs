@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use redis::RedisError;
 
+use crate::config::ttl_millis;
 use crate::store::StoreError;
 
 /// Time left from a PTTL answer: -1 (no expiry, not written by this store)
@@ -16,14 +17,11 @@ pub(super) fn expires_in(pttl: i64) -> Duration {
     }
 }
 
-/// A TTL as Redis takes it: whole milliseconds, at least one, at most a
-/// century (Redis refuses expiries that overflow).
+/// A TTL as Redis takes it: whole milliseconds, at least one, at most
+/// [`MAX_DURATION`](crate::MAX_DURATION) (Redis refuses expiries that
+/// overflow).
 pub(super) fn px(ttl: Duration) -> Vec<u8> {
-    const CENTURY_MS: u128 = 100 * 365 * 24 * 60 * 60 * 1000;
-    ttl.as_millis()
-        .clamp(1, CENTURY_MS)
-        .to_string()
-        .into_bytes()
+    ttl_millis(ttl).to_string().into_bytes()
 }
 
 /// Connection failures, timeouts and a server that cannot serve now (loading,

@@ -5,7 +5,7 @@
 //!   each is atomic; the last three act only while the marker holds the
 //!   caller's lease token (fencing).
 //! * Every operation touches one key, so the scripts work on Redis Cluster.
-//!   The heartbeat's renewals ([`Store::renew_many`]) go as one pipeline of
+//!   The heartbeat's renewals ([`Store::renew_many`](crate::store::Store::renew_many)) go as one pipeline of
 //!   `renew` scripts per primary (one round trip per primary per batch).
 //! * Values are versioned binary encodings: records as [`Record::encode`]
 //!   writes them, markers in their own small encoding; Redis expires both
@@ -82,7 +82,7 @@
 //!   by an ACL, say): `begin` deletes the marker it wrote (fenced by its
 //!   token) before answering the error, so the key is not refused for the
 //!   lease TTL; `complete` answers the error (its record may be written).
-//! * The count of such writes is [`StoreAdmin::unacknowledged_writes`], so
+//! * The count of such writes is [`StoreAdmin::unacknowledged_writes`](crate::store::StoreAdmin::unacknowledged_writes), so
 //!   the handle ([`Idempotency::unacknowledged_writes`]) and the reverse
 //!   proxy's `/stats` and `/metrics` show it.
 //! * Each such write waits for a replica round trip, and while replicas are
@@ -98,19 +98,15 @@ use std::time::Duration;
 
 use redis::{RedisResult, Value};
 
-use self::codec::{Marker, Stored};
-use self::convert::{expires_in, map_error, px};
+use self::codec::Stored;
+use self::convert::{expires_in, map_error};
 use self::local::LocalTier;
 use self::notify::Notices;
 use self::replicas::ReplicaAck;
-use super::{
-    BeginOutcome, Entry, EntryState, Estimate, KeyFilter, KeyPage, LeaseToken, Removal, ScanEntry,
-    Store, StoreAdmin, StoreError,
-};
-use crate::key::Fingerprint;
-use crate::record::{now_ms, SharedRecord};
-use crate::stats::CacheInfo;
+use super::{Estimate, StoreError};
+use crate::record::SharedRecord;
 
+mod admin;
 mod batch;
 mod builder;
 mod cluster;
@@ -120,15 +116,13 @@ mod convert;
 mod eviction;
 mod local;
 mod notify;
+mod protocol;
 mod replicas;
 mod scan;
 mod scripts;
 
-pub use builder::{
-    RedisStoreBuilder, DEFAULT_CONNECTION_TIMEOUT, DEFAULT_LOCAL_CACHE_TTL, DEFAULT_PREFIX,
-    DEFAULT_RESPONSE_TIMEOUT,
-};
-pub use connection::RedisConnection;
+pub use builder::{RedisStoreBuilder, DEFAULT_LOCAL_CACHE_TTL, DEFAULT_PREFIX};
+pub use connection::{RedisConnection, DEFAULT_CONNECTION_TIMEOUT, DEFAULT_RESPONSE_TIMEOUT};
 
 /// The shared store: markers and records in Redis under a key prefix.
 ///
@@ -341,269 +335,6 @@ impl RedisStore {
         if let Some(local) = &self.inner.local {
             local.insert(key, record.clone(), expires_in);
         }
-    }
-}
-
-impl Store for RedisStore {
-    async fn begin(
-        &self,
-        key: &str,
-        fingerprint: Fingerprint,
-        lease: LeaseToken,
-        lease_ttl: Duration,
-    ) -> Result<BeginOutcome, StoreError> {
-        let marker = Marker {
-            lease,
-            fingerprint,
-            created_at_ms: now_ms(),
-        }
-        .encode();
-        let written = self
-            .write_script(&scripts::BEGIN, key, &[&marker, &px(lease_ttl)])
-            .await?;
-        let wrote = written.wrote();
-        if let Some(error) = written.wait_failed {
-            if wrote {
-                // The marker is ours and nothing ran under it: left behind
-                // it would refuse the key for the lease TTL.
-                self.release_failed_begin(key, lease).await;
-                return Err(error);
-            }
-        }
-        if wrote {
-            return Ok(BeginOutcome::Acquired);
-        }
-        match Self::held(key, written.answer)? {
-            (Stored::Marker(marker), expires_in) => Ok(BeginOutcome::InFlight {
-                fingerprint: marker.fingerprint,
-                expires_in,
-            }),
-            (Stored::Record(record), expires_in) => {
-                let record = Arc::new(record);
-                self.remember(key, &record, expires_in);
-                Ok(BeginOutcome::Completed(record))
-            }
-        }
-    }
-
-    async fn renew(
-        &self,
-        key: &str,
-        lease: LeaseToken,
-        lease_ttl: Duration,
-    ) -> Result<bool, StoreError> {
-        let prefix = codec::lease_prefix(lease);
-        let answer = self
-            .script(&scripts::RENEW, key, &[&prefix, &px(lease_ttl)])
-            .await?;
-        Ok(answer == Value::Int(1))
-    }
-
-    async fn renew_many(
-        &self,
-        leases: &[(&str, LeaseToken)],
-        lease_ttl: Duration,
-    ) -> Vec<Result<bool, StoreError>> {
-        self.renew_batch(leases, lease_ttl).await
-    }
-
-    async fn complete(
-        &self,
-        key: &str,
-        lease: LeaseToken,
-        record: SharedRecord,
-        ttl: Duration,
-    ) -> Result<bool, StoreError> {
-        let prefix = codec::lease_prefix(lease);
-        let encoded = record.encode();
-        let written = self
-            .write_script(
-                &scripts::COMPLETE,
-                key,
-                &[&prefix, &encoded, &px(ttl), self.inner.channel.as_bytes()],
-            )
-            .await?;
-        if let Some(error) = written.wait_failed {
-            // The record may be written; the engine asks `completed_record`
-            // when its retry finds the marker gone.
-            return Err(error);
-        }
-        let completed = written.wrote();
-        if completed {
-            self.remember(key, &record, ttl);
-        }
-        Ok(completed)
-    }
-
-    async fn release(&self, key: &str, lease: LeaseToken) -> Result<bool, StoreError> {
-        let prefix = codec::lease_prefix(lease);
-        let channel = self.inner.channel.as_bytes();
-        let answer = self
-            .script(&scripts::RELEASE, key, &[&prefix, channel])
-            .await?;
-        Ok(answer == Value::Int(1))
-    }
-
-    async fn completed_record(&self, key: &str) -> Result<Option<SharedRecord>, StoreError> {
-        Ok(super::completed(self.get(key).await?))
-    }
-
-    fn local_record(&self, key: &str) -> Option<SharedRecord> {
-        let local = self.inner.local.as_ref()?;
-        Some(local.get(key)?.record)
-    }
-
-    fn until_changed(
-        &self,
-        key: &str,
-        deadline: tokio::time::Instant,
-    ) -> impl Future<Output = ()> + Send {
-        // Registered now, so that a notice that comes before the first poll
-        // still counts.
-        let notice =
-            (self.inner.notices.as_ref()).map(|n| n.changed(self.redis_key(key), deadline));
-        async move {
-            match notice {
-                Some(notice) => notice.await,
-                None => tokio::time::sleep_until(deadline).await,
-            }
-        }
-    }
-}
-
-impl StoreAdmin for RedisStore {
-    async fn put(&self, key: &str, record: SharedRecord, ttl: Duration) -> Result<(), StoreError> {
-        let redis_key = self.redis_key(key);
-        let mut connection = self.connection().for_key(&redis_key).await;
-        let mut command = redis::cmd("SET");
-        command
-            .arg(redis_key)
-            .arg(record.encode().as_ref())
-            .arg("PX")
-            .arg(px(ttl));
-        self.run(command.query_async::<()>(&mut connection)).await?;
-        self.remember(key, &record, ttl);
-        Ok(())
-    }
-
-    async fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
-        if let Some(local) = &self.inner.local {
-            if let Some(cached) = local.get(key) {
-                return Ok(Some(Entry {
-                    expires_in: cached
-                        .expires_at
-                        .saturating_duration_since(std::time::Instant::now()),
-                    state: EntryState::Completed(cached.record),
-                }));
-            }
-        }
-        let answer = self.script(&scripts::GET, key, &[]).await?;
-        if answer == Value::Int(0) {
-            return Ok(None);
-        }
-        Ok(Some(match Self::held(key, answer)? {
-            (Stored::Marker(marker), expires_in) => Entry {
-                state: EntryState::InFlight {
-                    fingerprint: marker.fingerprint,
-                    lease: marker.lease,
-                },
-                expires_in,
-            },
-            (Stored::Record(record), expires_in) => {
-                let record = Arc::new(record);
-                self.remember(key, &record, expires_in);
-                Entry {
-                    state: EntryState::Completed(record),
-                    expires_in,
-                }
-            }
-        }))
-    }
-
-    async fn remove(&self, key: &str) -> Result<bool, StoreError> {
-        if let Some(local) = &self.inner.local {
-            local.invalidate(key);
-        }
-        let redis_key = self.redis_key(key);
-        let mut connection = self.connection().for_key(&redis_key).await;
-        let mut command = redis::cmd("DEL");
-        command.arg(redis_key);
-        let removed: u64 = self.run(command.query_async(&mut connection)).await?;
-        Ok(removed > 0)
-    }
-
-    async fn remove_unless_in_flight(&self, key: &str) -> Result<Removal, StoreError> {
-        if let Some(local) = &self.inner.local {
-            local.invalidate(key);
-        }
-        let answer = self
-            .script(
-                &scripts::REMOVE_UNLESS_IN_FLIGHT,
-                key,
-                &[codec::MARKER_MAGIC],
-            )
-            .await?;
-        Ok(match answer {
-            Value::Int(1) => Removal::Removed,
-            Value::Int(2) => Removal::InFlight,
-            _ => Removal::Absent,
-        })
-    }
-
-    /// `SCAN` on each primary in turn (in the order of their addresses), a
-    /// bounded number of calls per page, with the filter's components as the
-    /// `MATCH` pattern; the cursor is the primary, its `SCAN` cursor, and how
-    /// many keys of that batch were answered already. As with `SCAN`, a key
-    /// may show up on two pages, and a page may hold fewer keys than the
-    /// limit (none, even) while more follow.
-    async fn page(
-        &self,
-        filter: &KeyFilter,
-        cursor: Option<&str>,
-        limit: usize,
-    ) -> Result<KeyPage, StoreError> {
-        self.page_keys(filter, cursor, limit).await
-    }
-
-    async fn clear(&self) -> Result<(), StoreError> {
-        if let Some(local) = &self.inner.local {
-            local.clear();
-        }
-        let listed = self.scan_keys().await?;
-        self.delete_keys(listed).await
-    }
-
-    async fn scan(&self) -> Result<Vec<ScanEntry>, StoreError> {
-        let keys = self.scan_keys().await?;
-        self.peek_keys(keys).await
-    }
-
-    async fn len(&self) -> Result<u64, StoreError> {
-        let listed = self.scan_keys().await?;
-        Ok(listed.iter().map(|primary| primary.keys.len() as u64).sum())
-    }
-
-    async fn info(&self) -> Result<CacheInfo, StoreError> {
-        Ok(CacheInfo {
-            entries: self.len().await?,
-            max_entries: None,
-            weighted_bytes: 0,
-        })
-    }
-
-    /// The last count (a `SCAN` of every primary), made again in the
-    /// background once it is [`ESTIMATE_MAX_AGE`](crate::store::ESTIMATE_MAX_AGE) old.
-    async fn info_estimate(&self) -> Result<CacheInfo, StoreError> {
-        let estimate = Arc::clone(&self.inner.estimate);
-        estimate.get(self).await
-    }
-
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.ping_redis().await
-    }
-
-    fn unacknowledged_writes(&self) -> u64 {
-        RedisStore::unacknowledged_writes(self)
     }
 }
 
