@@ -219,6 +219,7 @@ fn write_escaped(f: &mut fmt::Formatter<'_>, component: &str) -> fmt::Result {
 }
 
 /// `component` as a key's text form holds it (`:` and `%` escaped).
+#[cfg(any(feature = "redis", feature = "postgres"))]
 pub(crate) fn escaped(component: &str) -> String {
     let mut text = String::with_capacity(component.len());
     push_escaped(&mut text, component);

@@ -3,17 +3,26 @@
 //! background at most every [`ESTIMATE_MAX_AGE`], so a dashboard polling
 //! `/stats` costs one walk per period, whatever its rate.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+// What keeps a remote store's count: the memory store counts as it goes.
+#[cfg(any(feature = "redis", feature = "postgres"))]
+use std::sync::atomic::{AtomicBool, Ordering};
+#[cfg(any(feature = "redis", feature = "postgres"))]
+use std::sync::{Arc, Mutex, PoisonError};
+#[cfg(any(feature = "redis", feature = "postgres"))]
+use std::time::Instant;
+
+#[cfg(any(feature = "redis", feature = "postgres"))]
 use super::{StoreAdmin, StoreError};
+#[cfg(any(feature = "redis", feature = "postgres"))]
 use crate::stats::CacheInfo;
 
 /// How old an estimate may be before a request triggers a new count.
 pub const ESTIMATE_MAX_AGE: Duration = Duration::from_secs(5);
 
 /// The last count of one store.
+#[cfg(any(feature = "redis", feature = "postgres"))]
 #[derive(Debug, Default)]
 pub(crate) struct Estimate {
     last: Mutex<Option<(Instant, CacheInfo)>>,
@@ -21,6 +30,7 @@ pub(crate) struct Estimate {
     refreshing: AtomicBool,
 }
 
+#[cfg(any(feature = "redis", feature = "postgres"))]
 impl Estimate {
     fn set(&self, info: CacheInfo) {
         *self.last.lock().unwrap_or_else(PoisonError::into_inner) = Some((Instant::now(), info));

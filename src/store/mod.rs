@@ -58,6 +58,7 @@ pub use entry::{BeginOutcome, Entry, EntryKind, EntryState, LeaseToken, RemovalC
 #[cfg(any(feature = "redis", feature = "postgres"))]
 pub(crate) use error::each_failed;
 pub use error::StoreError;
+#[cfg(any(feature = "redis", feature = "postgres"))]
 pub(crate) use estimate::Estimate;
 pub use estimate::ESTIMATE_MAX_AGE;
 pub use memory::{MemoryStore, MemoryStoreBuilder, DEFAULT_MAX_ENTRIES};

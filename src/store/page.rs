@@ -98,6 +98,7 @@ impl KeyFilter {
     /// no component (every key can match). Components of a key's text form
     /// hold no raw `:`, so the pattern lets through few keys that the exact
     /// [`matches`](Self::matches), applied after it, then drops.
+    #[cfg(any(feature = "redis", feature = "postgres"))]
     pub(crate) fn pattern(&self, any: &str, literal: impl Fn(&str) -> String) -> Option<String> {
         if !self.filters_components() {
             return None;
