@@ -46,9 +46,9 @@ async fn a_proxy_on_the_cluster_with_replica_acknowledgement_replays() {
     assert_eq!(upstream.executions(), 4);
     let (status, _) = proxy.admin_json("/healthz").await;
     assert_eq!(status, StatusCode::OK);
-    let (status, keys) = proxy.admin_json("/keys").await;
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(keys["keys"].as_array().map(Vec::len), Some(4), "{keys}");
+    // A page of a cluster scan may end before every primary was seen.
+    let keys = proxy.all_keys("limit=100").await;
+    assert_eq!(keys.len(), 4, "{keys:?}");
 }
 
 #[tokio::test]

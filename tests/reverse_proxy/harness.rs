@@ -91,6 +91,22 @@ impl Proxy {
         (reply.status, reply.json())
     }
 
+    /// Every key `/keys?{query}` lists, following `next_cursor` to the end:
+    /// a Redis page may end before its scan has seen every key.
+    pub(crate) async fn all_keys(&self, query: &str) -> Vec<Value> {
+        let mut keys = Vec::new();
+        let mut path = format!("/keys?{query}");
+        loop {
+            let (status, page) = self.admin_json(&path).await;
+            assert_eq!(status, StatusCode::OK, "{page}");
+            keys.extend(page["keys"].as_array().expect("a JSON array").clone());
+            match page["next_cursor"].as_str() {
+                Some(cursor) => path = format!("/keys?{query}&cursor={cursor}"),
+                None => return keys,
+            }
+        }
+    }
+
     /// `/stats` as a JSON object.
     pub(crate) async fn stats(&self) -> Value {
         let (status, stats) = self.admin_json("/stats").await;
