@@ -37,7 +37,6 @@ use super::grpc;
 use super::layer::{Disconnect, FailMode, Settings, Shared};
 use super::recording::{release, Recording};
 use super::replay::replay;
-use super::service::own;
 use super::tee::Left;
 use crate::engine::{Begin, Lease};
 use crate::key::{canonical_json, Fingerprint, FingerprintMode, KeyParts};
@@ -116,7 +115,7 @@ where
     // A combinator, not an `async` block around `decide`: a block that
     // awaits the future it holds keeps it twice.
     decide(driver, parts, body, key, grpc).map(move |begun| match begun {
-        Begun::Answer(answer) => Begun::Answer(own(grpc, answer)),
+        Begun::Answer(answer) => Begun::Answer(grpc::own_answer(grpc, answer)),
         run => run,
     })
 }

@@ -130,6 +130,16 @@ pub(crate) fn status_in(headers: &HeaderMap) -> Option<Option<GrpcCode>> {
     )
 }
 
+/// The layer's own answer in the request's protocol: problem+json, or for a
+/// gRPC call a Trailers-Only status.
+pub(crate) fn own_answer(grpc: bool, answer: Response<Bytes>) -> Response<Bytes> {
+    if grpc {
+        self::answer(answer)
+    } else {
+        answer
+    }
+}
+
 /// The layer's own answer `response` (a problem+json of `crate::problem`)
 /// as a gRPC client reads it: Trailers-Only, its status mapped to a code
 /// and its detail the message. Anything else (a replay) is left as it is.

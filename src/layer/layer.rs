@@ -8,7 +8,6 @@ use http::{HeaderName, Method, StatusCode};
 use std::time::Duration;
 
 use super::grpc::{self, GrpcStatusPolicy};
-use super::replay::REPLAYED;
 
 use crate::engine::Idempotency;
 use crate::key::{FingerprintMode, HeaderKey};
@@ -103,6 +102,11 @@ pub struct OutcomeUnknown;
 /// answers it `UNIMPLEMENTED` (see
 /// [`grpc_request_timeout`](crate::IdempotencyLayerBuilder::grpc_request_timeout)).
 pub const DEFAULT_GRPC_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The header that marks a replayed response, unless
+/// [`replay_header`](crate::IdempotencyLayerBuilder::replay_header) names
+/// another.
+pub(crate) const REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
 pub(super) type StatusPolicy = dyn Fn(StatusCode) -> bool + Send + Sync;
 

@@ -6,11 +6,8 @@ use http::Response;
 
 use super::body::ReplayTrailers;
 use super::grpc;
-use super::layer::Settings;
+use super::layer::{Settings, REPLAYED};
 use crate::record::{StoredHead, StoredResponse};
-
-/// The header that marks a replayed response.
-pub(crate) const REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
 /// The header that marks the replay of a response recorded without its body
 /// (it was larger than what is stored): `Idempotency-Replay: omitted`.

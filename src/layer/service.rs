@@ -160,12 +160,12 @@ where
             Ok(Some(key)) => key,
             Ok(None) => {
                 Stats::incr(&counters.here().rejected_keys);
-                return ResponseFuture::answered(own(grpc, problem::missing_key()));
+                return ResponseFuture::answered(grpc::own_answer(grpc, problem::missing_key()));
             }
             Err(rejection) => {
                 Stats::incr(&counters.here().rejected_keys);
                 let answer = problem::malformed_key(rejection.detail());
-                return ResponseFuture::answered(own(grpc, answer));
+                return ResponseFuture::answered(grpc::own_answer(grpc, answer));
             }
         };
         // A declared length over the limit is refused before reading a byte.
@@ -177,7 +177,7 @@ where
         if declared.is_some_and(|len| len > settings.max_request_body as u64) {
             Stats::incr(&counters.here().too_large);
             let answer = problem::too_large(settings.max_request_body);
-            return ResponseFuture::answered(own(grpc, answer));
+            return ResponseFuture::answered(grpc::own_answer(grpc, answer));
         }
         // The driver calls the service only after awaiting the store, so it
         // must own a service that is ready: take the one `poll_ready` readied
@@ -192,16 +192,6 @@ where
             span: tracing::Span::current(),
         };
         ResponseFuture::beginning(Box::pin(driver::drive(driver, parts, body, key, grpc)))
-    }
-}
-
-/// The layer's own answer in the request's protocol: problem+json, or for a
-/// gRPC call a Trailers-Only status.
-pub(crate) fn own(grpc: bool, answer: Response<Bytes>) -> Response<Bytes> {
-    if grpc {
-        grpc::answer(answer)
-    } else {
-        answer
     }
 }
 
