@@ -5,7 +5,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{FlightOutcome, Lease, LeaseState};
+use super::flight::FlightOutcome;
+use super::lease::LeaseState;
+use super::Lease;
 use crate::record::{Record, SharedRecord};
 use crate::store::{Store, StoreError};
 
