@@ -14,8 +14,9 @@ use pin_project_lite::pin_project;
 use tracing::Span;
 
 use super::body::{BoxError, Gathered, ResponseBody};
+use super::hand_off::{Finish, HandOff};
 use super::layer::OutcomeUnknown;
-use super::tee::{hand_off, GiveUp, Left, Pending, Recorder, Tee, TeeBody};
+use super::tee::{GiveUp, Left, Pending, Recorder, Tee, TeeBody};
 use crate::problem;
 
 /// A body of at most this many bytes, its length known up front, is read
@@ -142,9 +143,9 @@ pin_project! {
         // The request's span, for what runs on after its client went away.
         span: Span,
         left: Left,
-        // Function pointers, made where `F: Send + 'static` is known: `Drop`
-        // cannot ask for more bounds than the type has.
-        on_drop: Option<Finish<F, B, E>>,
+        // Made where `F: Send + 'static` is known (as `recorded` is):
+        // `Drop` cannot ask for more bounds than the type has.
+        on_drop: Option<HandOff<Run<F, B, E>>>,
         recorded: RecordedBody<B>,
         #[pin]
         stage: Stage<F, B, E>,
@@ -153,9 +154,6 @@ pin_project! {
 
 /// Makes a recorded body (its hand-off needs `B: Send + 'static`).
 type RecordedBody<B> = fn(B, Tee, Span, Left) -> ResponseBody<B>;
-
-/// Hands a request whose client went away to a task.
-type Finish<F, B, E> = fn(Pin<Box<Run<F, B, E>>>);
 
 impl<F, B, E> Protected<F, B, E>
 where
@@ -176,7 +174,7 @@ where
         let run = Run {
             span,
             left,
-            on_drop: (left == Left::Finish).then_some(finish::<F, B, E>),
+            on_drop: (left == Left::Finish).then(HandOff::new),
             recorded: ResponseBody::recorded,
             stage: Stage::Running { future, recorder },
         };
@@ -208,38 +206,41 @@ where
 impl<F, B, E> Drop for Protected<F, B, E> {
     fn drop(&mut self) {
         if let Some(run) = self.run.take() {
-            if let Some(finish) = run.on_drop {
-                finish(run);
+            if let Some(hand_off) = run.on_drop {
+                hand_off.run(run);
             }
         }
     }
 }
 
-/// Runs what a client left of its request on a task: the service to its
-/// answer, then the body to its end, so the record is stored.
-fn finish<F, B, E>(mut run: Pin<Box<Run<F, B, E>>>)
+impl<F, B, E> Finish for Run<F, B, E>
 where
     F: Future<Output = Result<Response<B>, E>> + Send + 'static,
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
     E: Send + 'static,
 {
-    if !matches!(run.stage, Stage::Running { .. } | Stage::Gathering { .. }) {
-        return; // answered, or releasing: nothing runs on
+    fn left(self: Pin<&mut Self>) -> Option<Span> {
+        if !matches!(self.stage, Stage::Running { .. } | Stage::Gathering { .. }) {
+            return None; // answered, or releasing: nothing runs on
+        }
+        // Already on the task: dropped there (the runtime shutting down), it
+        // is dropped for good.
+        let this = self.project();
+        *this.on_drop = None;
+        *this.left = Left::Nothing;
+        Some(this.span.clone())
     }
-    // Already on the task: dropped there (the runtime shutting down), it is
-    // dropped for good.
-    let this = run.as_mut().project();
-    *this.on_drop = None;
-    *this.left = Left::Nothing;
-    let span = this.span.clone();
-    let mut left = Protected { run: Some(run) };
-    hand_off(span, async move {
+
+    /// Runs what a client left of its request: the service to its answer,
+    /// then the body to its end, so the record is stored.
+    async fn finish(self: Pin<Box<Self>>) {
+        let mut left = Protected { run: Some(self) };
         if let Ok(response) = poll_fn(|cx| left.poll(cx)).await {
             let mut body = std::pin::pin!(response.into_body());
             while poll_fn(|cx| body.as_mut().poll_frame(cx)).await.is_some() {}
         }
-    });
+    }
 }
 
 pin_project! {
