@@ -27,13 +27,13 @@ const HELD_BODY: u64 = 64 * 1024;
 
 /// What the protected path decided: an answer of its own (a replay, a
 /// conflict, a refusal), or a request that runs.
-pub(crate) enum Begun<F, B, E> {
+pub(crate) enum Decision<F, B, E> {
     Answer(Response<Bytes>),
     Run(Protected<F, B, E>),
 }
 
 /// The decision future of a protected request: buffer, fingerprint, begin.
-pub(crate) type Beginning<F, B, E> = Pin<Box<dyn Future<Output = Begun<F, B, E>> + Send>>;
+pub(crate) type DecisionFuture<F, B, E> = Pin<Box<dyn Future<Output = Decision<F, B, E>> + Send>>;
 
 pin_project! {
     /// The response future of [`Idempotent`](super::Idempotent).
@@ -55,7 +55,7 @@ pin_project! {
         // Boxed: the layer's own answers are rare, and an unboxed response
         // would make every passthrough future as large as one.
         Answered { response: Option<Box<Response<ResponseBody<B>>>> },
-        Beginning { future: Beginning<F, B, E> },
+        Deciding { future: DecisionFuture<F, B, E> },
         Running { protected: Protected<F, B, E> },
     }
 }
@@ -75,9 +75,9 @@ impl<F, B, E> ResponseFuture<F, B, E> {
         }
     }
 
-    pub(crate) fn beginning(future: Beginning<F, B, E>) -> Self {
+    pub(crate) fn deciding(future: DecisionFuture<F, B, E>) -> Self {
         Self {
-            kind: Kind::Beginning { future },
+            kind: Kind::Deciding { future },
         }
     }
 }
@@ -87,7 +87,7 @@ impl<F, B, E> fmt::Debug for ResponseFuture<F, B, E> {
         let kind = match &self.kind {
             Kind::Passthrough { .. } => "Passthrough",
             Kind::Answered { .. } => "Answered",
-            Kind::Beginning { .. } => "Beginning",
+            Kind::Deciding { .. } => "Deciding",
             Kind::Running { .. } => "Running",
         };
         f.debug_struct("ResponseFuture")
@@ -107,7 +107,7 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut kind = self.project().kind;
         loop {
-            let begun = match kind.as_mut().project() {
+            let decision = match kind.as_mut().project() {
                 KindProj::Passthrough { future } => {
                     let response = ready!(future.poll(cx))?;
                     return Poll::Ready(Ok(response.map(ResponseBody::passthrough)));
@@ -117,14 +117,14 @@ where
                         .take()
                         .expect("ResponseFuture polled after completion")))
                 }
-                KindProj::Beginning { future } => ready!(future.as_mut().poll(cx)),
+                KindProj::Deciding { future } => ready!(future.as_mut().poll(cx)),
                 KindProj::Running { protected } => return protected.poll(cx),
             };
-            match begun {
-                Begun::Answer(response) => {
+            match decision {
+                Decision::Answer(response) => {
                     return Poll::Ready(Ok(ResponseBody::answer(response)));
                 }
-                Begun::Run(protected) => kind.set(Kind::Running { protected }),
+                Decision::Run(protected) => kind.set(Kind::Running { protected }),
             }
         }
     }
