@@ -1,10 +1,6 @@
 //! The lease: the right to run one action, and what its `Drop` must still
 //! do (release the key, or finish storing the result); and leaving every
 //! held lease to expire at shutdown.
-//!
-//! [`LeaseExpiry`]: super::LeaseExpiry
-//! [`LeaseExpiry::Block`]: super::LeaseExpiry::Block
-//! [`Concurrent::Wait`]: super::Concurrent::Wait
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -196,6 +192,10 @@ impl<S: Store> Lease<S> {
     /// assert_eq!(engine.stats().ambiguous, 1);
     /// # }
     /// ```
+    ///
+    /// [`LeaseExpiry`]: super::LeaseExpiry
+    /// [`LeaseExpiry::Block`]: super::LeaseExpiry::Block
+    /// [`Concurrent::Wait`]: super::Concurrent::Wait
     pub fn abandon(mut self) {
         self.state = LeaseState::Finished;
         Stats::incr(&self.engine.inner.stats.here().ambiguous);
