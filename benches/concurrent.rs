@@ -37,7 +37,7 @@
 //!
 //! It prints markdown tables, then what the parts of a first request and a
 //! replay that the memory store's setup fixes (moka at the bound as
-//! `src/store/memory.rs` sets it up, SHA-256 of the body, a store read)
+//! `src/store/memory/` sets it up, SHA-256 of the body, a store read)
 //! cost alone (`support/floor.rs`), then the performance targets, met or
 //! missed (`BENCHMARKS.md`). Beside
 //! throughput it gives the process's CPU time per request (all threads, from

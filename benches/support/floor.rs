@@ -1,5 +1,5 @@
 //! What a first request cannot cost less than while the memory store is what
-//! the crate docs describe (`src/store/memory.rs`): a moka cache bounded by entries, evicting the least
+//! the crate docs describe (`src/store/memory/`): a moka cache bounded by entries, evicting the least
 //! recently used record, with an expiry per entry and an eviction listener
 //! (the source of the `expired` and `evicted` counters), and a SHA-256
 //! fingerprint of the body.
@@ -12,7 +12,7 @@
 //! request's and the peer's from the same run, shows how far the issue's
 //! first-request target is below what these parts cost together.
 //!
-//! The cache mirrors `MemoryStore`'s (`src/store/memory.rs`): keys that carry
+//! The cache mirrors `MemoryStore`'s (`src/store/memory/`): keys that carry
 //! their aHash, hashed as that `u64`; values a shared record and an expiry
 //! instant; the same builder calls. Only the record behind the value is
 //! shared by every write, so that its allocation is not counted here (it is

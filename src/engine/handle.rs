@@ -111,7 +111,7 @@ impl<S: StoreAdmin> Idempotency<S> {
         self.inner.store.ping().await
     }
 
-    /// What `key` (the text form of an [`IdempotencyKey`]) holds.
+    /// What `key` (the text form of an [`IdempotencyKey`](crate::IdempotencyKey)) holds.
     ///
     /// # Errors
     ///

@@ -22,7 +22,8 @@ use std::time::Duration;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
-use super::{lock, Flight, FlightOutcome, Idempotency, Inner};
+use super::flight::{Flight, FlightOutcome};
+use super::{lock, Idempotency, Inner};
 use crate::record::SharedRecord;
 use crate::stats::Stats;
 use crate::store::{LeaseToken, Store, StoreError};

@@ -3,7 +3,8 @@
 
 use std::sync::Arc;
 
-use super::{FlightOutcome, Lease, LeaseState};
+use super::flight::FlightOutcome;
+use super::lease::{Lease, LeaseState};
 use crate::record::Record;
 use crate::store::{StoreError, TransactionalStore};
 

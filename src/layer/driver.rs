@@ -32,7 +32,7 @@ use tower_service::Service;
 use tracing::Span;
 
 use super::body::{BoxError, Gathered, RequestBody};
-use super::future::{Begun, Protected};
+use super::future::{Decision, Protected};
 use super::grpc;
 use super::layer::{Disconnect, FailMode, Settings, Shared};
 use super::recording::{release, Recording};
@@ -88,7 +88,8 @@ where
 {
 }
 
-type Decision<Svc, ReqBody, ResBody> = Begun<
+/// The [`Decision`] for a request to `Svc`.
+type DecisionOf<Svc, ReqBody, ResBody> = Decision<
     <Svc as Service<Request<RequestBody<ReqBody>>>>::Future,
     ResBody,
     <Svc as Service<Request<RequestBody<ReqBody>>>>::Error,
@@ -104,7 +105,7 @@ pub(crate) fn drive<Svc, S, K, ReqBody, ResBody>(
     body: ReqBody,
     key: KeyParts,
     grpc: bool,
-) -> impl Future<Output = Decision<Svc, ReqBody, ResBody>>
+) -> impl Future<Output = DecisionOf<Svc, ReqBody, ResBody>>
 where
     Svc: Wrapped<ReqBody, ResBody> + Send + 'static,
     S: Store,
@@ -114,8 +115,8 @@ where
 {
     // A combinator, not an `async` block around `decide`: a block that
     // awaits the future it holds keeps it twice.
-    decide(driver, parts, body, key, grpc).map(move |begun| match begun {
-        Begun::Answer(answer) => Begun::Answer(grpc::own_answer(grpc, answer)),
+    decide(driver, parts, body, key, grpc).map(move |decision| match decision {
+        Decision::Answer(answer) => Decision::Answer(grpc::own_answer(grpc, answer)),
         run => run,
     })
 }
@@ -128,7 +129,7 @@ fn decide<Svc, S, K, ReqBody, ResBody>(
     body: ReqBody,
     key: KeyParts,
     grpc: bool,
-) -> impl Future<Output = Decision<Svc, ReqBody, ResBody>>
+) -> impl Future<Output = DecisionOf<Svc, ReqBody, ResBody>>
 where
     Svc: Wrapped<ReqBody, ResBody> + Send + 'static,
     S: Store,
@@ -153,7 +154,7 @@ where
             .await
             {
                 Ok(buffered) => buffered,
-                Err(_elapsed) => return Begun::Answer(grpc::unfinished_request()),
+                Err(_elapsed) => return Decision::Answer(grpc::unfinished_request()),
             }
         } else {
             buffer(body, settings.max_request_body).await
@@ -162,26 +163,26 @@ where
             Ok(body) => body,
             Err(Unbuffered::TooLarge) => {
                 Stats::incr(&counters.here().too_large);
-                return Begun::Answer(problem::too_large(settings.max_request_body));
+                return Decision::Answer(problem::too_large(settings.max_request_body));
             }
             Err(Unbuffered::Unreadable(error)) => {
-                return Begun::Answer(problem::unreadable_body(&error.to_string()))
+                return Decision::Answer(problem::unreadable_body(&error.to_string()))
             }
         };
         let (fingerprint, storage_key) = identify(&parts, &body, key, settings.fingerprint);
-        if let Some(begun) = shared.engine.begin_local(&storage_key, fingerprint) {
-            return match decided(begun, settings) {
-                Ok(response) => Begun::Answer(response),
+        if let Some(begin) = shared.engine.begin_local(&storage_key, fingerprint) {
+            return match answer_or_lease(begin, settings) {
+                Ok(response) => Decision::Answer(response),
                 // `begin_local` answers replays and mismatches only: never
                 // a lease. Were it to, dropping it releases the key.
-                Err(_lease) => Begun::Answer(problem::internal_error()),
+                Err(_lease) => Decision::Answer(problem::internal_error()),
             };
         }
         // Checked before a lease can exist: waits need the runtime's timer,
         // and a client that goes away hands its request to the runtime's
         // tasks.
         if !has_runtime() {
-            return Begun::Answer(problem::internal_error());
+            return Decision::Answer(problem::internal_error());
         }
         // The rest of the protocol (a flight, the store) is boxed: it is
         // most of a first request's state, and a replay answered above
@@ -189,7 +190,7 @@ where
         // malloc serves it from its per-thread cache; a larger one took
         // its slow path and consolidated its free lists on every first
         // request (about 3 % of its CPU in `perf`).
-        let begun = Box::pin(counted_wait(
+        let begin = Box::pin(counted_wait(
             &shared.waiting,
             shared.engine.begin_in_store(storage_key, fingerprint, None),
         ))
@@ -198,9 +199,9 @@ where
         // The one wait left, the release after a panic in `call`, is
         // boxed: it is rare, and rustc keeps the moved-from locals above
         // beside it, which grew this future by a third.
-        let panicked = match begun {
-            Ok(begun) => match decided(begun, settings) {
-                Ok(response) => return Begun::Answer(response),
+        let panicked = match begin {
+            Ok(begin) => match answer_or_lease(begin, settings) {
+                Ok(response) => return Decision::Answer(response),
                 Err(lease) => match run(driver, request(body), lease, fingerprint) {
                     Ok(running) => return running,
                     Err(lease) => lease,
@@ -209,14 +210,17 @@ where
             Err(error) => return store_failed(driver, request(body), error),
         };
         Box::pin(release(panicked)).await;
-        Begun::Answer(problem::internal_error())
+        Decision::Answer(problem::internal_error())
     }
 }
 
 /// The answer to a decision that runs nothing (a replay, a mismatch, a
 /// conflict), or the lease of one that runs the request.
-fn decided<S: Store>(begun: Begin<S>, settings: &Settings) -> Result<Response<Bytes>, Lease<S>> {
-    Ok(match begun {
+fn answer_or_lease<S: Store>(
+    begin: Begin<S>,
+    settings: &Settings,
+) -> Result<Response<Bytes>, Lease<S>> {
+    Ok(match begin {
         Begin::Execute(lease) => return Err(lease),
         Begin::Replay { record, .. } => match record.as_response() {
             Some(stored) => replay(stored, settings),
@@ -257,7 +261,7 @@ fn store_failed<Svc, S, K, ReqBody, ResBody>(
     driver: Driver<Svc, S, K>,
     request: Request<RequestBody<ReqBody>>,
     error: StoreError,
-) -> Decision<Svc, ReqBody, ResBody>
+) -> DecisionOf<Svc, ReqBody, ResBody>
 where
     Svc: Wrapped<ReqBody, ResBody>,
     ResBody: BytesBody,
@@ -268,11 +272,11 @@ where
         // a store that cannot be reached, never for one that may hold a result.
         _ if !error.is_unavailable() => {
             tracing::error!(%error, "idempotency store failed: answering 500");
-            Begun::Answer(problem::store_failed())
+            Decision::Answer(problem::store_failed())
         }
         FailMode::Closed => {
             tracing::warn!(%error, "idempotency store failed: answering 503");
-            Begun::Answer(problem::store_unavailable())
+            Decision::Answer(problem::store_unavailable())
         }
         FailMode::Open => {
             tracing::warn!(%error, "idempotency store failed: running the request unprotected");
@@ -281,8 +285,8 @@ where
                 mut inner, span, ..
             } = driver;
             match call(&mut inner, request) {
-                Some(future) => Begun::Run(Protected::new(future, None, span, left)),
-                None => Begun::Answer(problem::internal_error()),
+                Some(future) => Decision::Run(Protected::new(future, None, span, left)),
+                None => Decision::Answer(problem::internal_error()),
             }
         }
     }
@@ -295,7 +299,7 @@ fn run<Svc, S, K, ReqBody, ResBody>(
     request: Request<RequestBody<ReqBody>>,
     lease: Lease<S>,
     fingerprint: Fingerprint,
-) -> Result<Decision<Svc, ReqBody, ResBody>, Lease<S>>
+) -> Result<DecisionOf<Svc, ReqBody, ResBody>, Lease<S>>
 where
     Svc: Wrapped<ReqBody, ResBody>,
     S: Store,
@@ -316,7 +320,7 @@ where
     };
     let left = left(&shared.settings);
     let recorder = Box::new(Recording::new(lease, fingerprint, shared));
-    Ok(Begun::Run(Protected::new(
+    Ok(Decision::Run(Protected::new(
         future,
         Some(recorder),
         span,
@@ -429,57 +433,4 @@ impl<F: Future> Future for CountedWait<'_, F> {
 }
 
 #[cfg(test)]
-mod tests {
-    use http_body::Frame;
-    use http_body_util::StreamBody;
-
-    use super::*;
-
-    type Frames = futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, BoxError>>>;
-
-    fn frames(frames: Vec<Result<Frame<Bytes>, BoxError>>) -> StreamBody<Frames> {
-        StreamBody::new(futures_util::stream::iter(frames))
-    }
-
-    fn data(text: &'static str) -> Result<Frame<Bytes>, BoxError> {
-        Ok(Frame::data(Bytes::from_static(text.as_bytes())))
-    }
-
-    #[tokio::test]
-    async fn frames_are_joined_in_order_and_trailers_left_out() {
-        let mut trailers = http::HeaderMap::new();
-        trailers.insert("x-sum", http::HeaderValue::from_static("1"));
-        let body = frames(vec![
-            data(""),
-            data("ab"),
-            data(""),
-            data("cd"),
-            Ok(Frame::trailers(trailers)),
-        ]);
-        let Ok(bytes) = buffer(body, 4).await else {
-            panic!("four bytes fit a limit of four");
-        };
-        assert_eq!(bytes, "abcd");
-    }
-
-    #[tokio::test]
-    async fn a_single_frame_is_handed_on_as_it_came() {
-        let sent = Bytes::from(vec![b'x'; 100]);
-        let Ok(bytes) = buffer(http_body_util::Full::new(sent.clone()), 100).await else {
-            panic!("a body at the limit is read");
-        };
-        assert_eq!(bytes.as_ptr(), sent.as_ptr(), "no copy of a single frame");
-        let Ok(empty) = buffer(http_body_util::Empty::<Bytes>::new(), 0).await else {
-            panic!("an empty body is read");
-        };
-        assert!(empty.is_empty());
-    }
-
-    #[tokio::test]
-    async fn a_body_past_the_limit_or_failing_is_refused() {
-        let over = buffer(frames(vec![data("abc"), data("de")]), 4).await;
-        assert!(matches!(over, Err(Unbuffered::TooLarge)));
-        let failing = buffer(frames(vec![data("ab"), Err("reset".into())]), 4).await;
-        assert!(matches!(failing, Err(Unbuffered::Unreadable(e)) if e.to_string() == "reset"));
-    }
-}
+mod tests;

@@ -14,8 +14,9 @@ use pin_project_lite::pin_project;
 use tracing::Span;
 
 use super::body::{BoxError, Gathered, ResponseBody};
+use super::hand_off::{Finish, HandOff};
 use super::layer::OutcomeUnknown;
-use super::tee::{hand_off, GiveUp, Left, Pending, Recorder, Tee, TeeBody};
+use super::tee::{GiveUp, Left, Pending, Recorder, Tee, TeeBody};
 use crate::problem;
 
 /// A body of at most this many bytes, its length known up front, is read
@@ -26,13 +27,13 @@ const HELD_BODY: u64 = 64 * 1024;
 
 /// What the protected path decided: an answer of its own (a replay, a
 /// conflict, a refusal), or a request that runs.
-pub(crate) enum Begun<F, B, E> {
+pub(crate) enum Decision<F, B, E> {
     Answer(Response<Bytes>),
     Run(Protected<F, B, E>),
 }
 
 /// The decision future of a protected request: buffer, fingerprint, begin.
-pub(crate) type Beginning<F, B, E> = Pin<Box<dyn Future<Output = Begun<F, B, E>> + Send>>;
+pub(crate) type DecisionFuture<F, B, E> = Pin<Box<dyn Future<Output = Decision<F, B, E>> + Send>>;
 
 pin_project! {
     /// The response future of [`Idempotent`](super::Idempotent).
@@ -54,7 +55,7 @@ pin_project! {
         // Boxed: the layer's own answers are rare, and an unboxed response
         // would make every passthrough future as large as one.
         Answered { response: Option<Box<Response<ResponseBody<B>>>> },
-        Beginning { future: Beginning<F, B, E> },
+        Deciding { future: DecisionFuture<F, B, E> },
         Running { protected: Protected<F, B, E> },
     }
 }
@@ -74,9 +75,9 @@ impl<F, B, E> ResponseFuture<F, B, E> {
         }
     }
 
-    pub(crate) fn beginning(future: Beginning<F, B, E>) -> Self {
+    pub(crate) fn deciding(future: DecisionFuture<F, B, E>) -> Self {
         Self {
-            kind: Kind::Beginning { future },
+            kind: Kind::Deciding { future },
         }
     }
 }
@@ -86,7 +87,7 @@ impl<F, B, E> fmt::Debug for ResponseFuture<F, B, E> {
         let kind = match &self.kind {
             Kind::Passthrough { .. } => "Passthrough",
             Kind::Answered { .. } => "Answered",
-            Kind::Beginning { .. } => "Beginning",
+            Kind::Deciding { .. } => "Deciding",
             Kind::Running { .. } => "Running",
         };
         f.debug_struct("ResponseFuture")
@@ -106,7 +107,7 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut kind = self.project().kind;
         loop {
-            let begun = match kind.as_mut().project() {
+            let decision = match kind.as_mut().project() {
                 KindProj::Passthrough { future } => {
                     let response = ready!(future.poll(cx))?;
                     return Poll::Ready(Ok(response.map(ResponseBody::passthrough)));
@@ -116,14 +117,14 @@ where
                         .take()
                         .expect("ResponseFuture polled after completion")))
                 }
-                KindProj::Beginning { future } => ready!(future.as_mut().poll(cx)),
+                KindProj::Deciding { future } => ready!(future.as_mut().poll(cx)),
                 KindProj::Running { protected } => return protected.poll(cx),
             };
-            match begun {
-                Begun::Answer(response) => {
+            match decision {
+                Decision::Answer(response) => {
                     return Poll::Ready(Ok(ResponseBody::answer(response)));
                 }
-                Begun::Run(protected) => kind.set(Kind::Running { protected }),
+                Decision::Run(protected) => kind.set(Kind::Running { protected }),
             }
         }
     }
@@ -142,9 +143,9 @@ pin_project! {
         // The request's span, for what runs on after its client went away.
         span: Span,
         left: Left,
-        // Function pointers, made where `F: Send + 'static` is known: `Drop`
-        // cannot ask for more bounds than the type has.
-        on_drop: Option<Finish<F, B, E>>,
+        // Made where `F: Send + 'static` is known (as `recorded` is):
+        // `Drop` cannot ask for more bounds than the type has.
+        on_drop: Option<HandOff<Run<F, B, E>>>,
         recorded: RecordedBody<B>,
         #[pin]
         stage: Stage<F, B, E>,
@@ -153,9 +154,6 @@ pin_project! {
 
 /// Makes a recorded body (its hand-off needs `B: Send + 'static`).
 type RecordedBody<B> = fn(B, Tee, Span, Left) -> ResponseBody<B>;
-
-/// Hands a request whose client went away to a task.
-type Finish<F, B, E> = fn(Pin<Box<Run<F, B, E>>>);
 
 impl<F, B, E> Protected<F, B, E>
 where
@@ -176,7 +174,7 @@ where
         let run = Run {
             span,
             left,
-            on_drop: (left == Left::Finish).then_some(finish::<F, B, E>),
+            on_drop: (left == Left::Finish).then(HandOff::new),
             recorded: ResponseBody::recorded,
             stage: Stage::Running { future, recorder },
         };
@@ -208,38 +206,41 @@ where
 impl<F, B, E> Drop for Protected<F, B, E> {
     fn drop(&mut self) {
         if let Some(run) = self.run.take() {
-            if let Some(finish) = run.on_drop {
-                finish(run);
+            if let Some(hand_off) = run.on_drop {
+                hand_off.run(run);
             }
         }
     }
 }
 
-/// Runs what a client left of its request on a task: the service to its
-/// answer, then the body to its end, so the record is stored.
-fn finish<F, B, E>(mut run: Pin<Box<Run<F, B, E>>>)
+impl<F, B, E> Finish for Run<F, B, E>
 where
     F: Future<Output = Result<Response<B>, E>> + Send + 'static,
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
     E: Send + 'static,
 {
-    if !matches!(run.stage, Stage::Running { .. } | Stage::Gathering { .. }) {
-        return; // answered, or releasing: nothing runs on
+    fn left(self: Pin<&mut Self>) -> Option<Span> {
+        if !matches!(self.stage, Stage::Running { .. } | Stage::Gathering { .. }) {
+            return None; // answered, or releasing: nothing runs on
+        }
+        // Already on the task: dropped there (the runtime shutting down), it
+        // is dropped for good.
+        let this = self.project();
+        *this.on_drop = None;
+        *this.left = Left::Nothing;
+        Some(this.span.clone())
     }
-    // Already on the task: dropped there (the runtime shutting down), it is
-    // dropped for good.
-    let this = run.as_mut().project();
-    *this.on_drop = None;
-    *this.left = Left::Nothing;
-    let span = this.span.clone();
-    let mut left = Protected { run: Some(run) };
-    hand_off(span, async move {
+
+    /// Runs what a client left of its request: the service to its answer,
+    /// then the body to its end, so the record is stored.
+    async fn finish(self: Pin<Box<Self>>) {
+        let mut left = Protected { run: Some(self) };
         if let Ok(response) = poll_fn(|cx| left.poll(cx)).await {
             let mut body = std::pin::pin!(response.into_body());
             while poll_fn(|cx| body.as_mut().poll_frame(cx)).await.is_some() {}
         }
-    });
+    }
 }
 
 pin_project! {
@@ -415,69 +416,4 @@ fn internal_error<B>() -> Response<ResponseBody<B>> {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::convert::Infallible;
-
-    use http::Request;
-    use http_body::Frame;
-    use http_body_util::{BodyExt, Full, StreamBody};
-    use tower::{service_fn, ServiceBuilder, ServiceExt};
-
-    use super::*;
-    use crate::store::EntryKind;
-    use crate::{IdempotencyLayer, KeyFilter, RequestBody};
-
-    fn post(key: &str) -> Request<Full<Bytes>> {
-        Request::post("/orders")
-            .header("idempotency-key", key)
-            .body(Full::new(Bytes::from_static(b"{}")))
-            .unwrap()
-    }
-
-    async fn completed(layer: &IdempotencyLayer) -> usize {
-        let keys = layer.handle().keys(&KeyFilter::new()).await.unwrap();
-        keys.iter()
-            .filter(|k| k.kind == EntryKind::Completed)
-            .count()
-    }
-
-    #[tokio::test]
-    async fn a_small_body_of_known_length_is_stored_before_its_head_is_handed_on() {
-        let layer = IdempotencyLayer::new();
-        let service = ServiceBuilder::new()
-            .layer(layer.clone())
-            .service(service_fn(|_: Request<RequestBody<Full<Bytes>>>| async {
-                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"created"))))
-            }));
-        let response = service.oneshot(post("small")).await.unwrap();
-        // Head and body are handed on together: the body is whole, and the
-        // record already stored.
-        assert_eq!(response.body().size_hint().exact(), Some(7));
-        assert_eq!(completed(&layer).await, 1);
-        let body = response.into_body().collect().await.unwrap().to_bytes();
-        assert_eq!(body, "created");
-    }
-
-    #[tokio::test]
-    async fn a_streamed_body_hands_its_head_on_at_once_and_is_stored_at_its_end() {
-        let layer = IdempotencyLayer::new();
-        let service = ServiceBuilder::new()
-            .layer(layer.clone())
-            .service(service_fn(|_: Request<RequestBody<Full<Bytes>>>| async {
-                let frames = ["part1,", "part2"].map(|part| {
-                    Ok::<_, Infallible>(Frame::data(Bytes::from_static(part.as_bytes())))
-                });
-                let body = StreamBody::new(futures_util::stream::iter(frames));
-                Ok::<_, Infallible>(Response::new(body))
-            }));
-        let response = service.oneshot(post("streamed")).await.unwrap();
-        assert_eq!(
-            completed(&layer).await,
-            0,
-            "nothing stored before the body is read"
-        );
-        let body = response.into_body().collect().await.unwrap().to_bytes();
-        assert_eq!(body, "part1,part2");
-        assert_eq!(completed(&layer).await, 1);
-    }
-}
+mod tests;

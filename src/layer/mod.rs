@@ -8,6 +8,7 @@ mod builder;
 mod driver;
 mod future;
 mod grpc;
+mod hand_off;
 #[allow(clippy::module_inception)]
 mod layer;
 mod recording;

@@ -191,7 +191,7 @@ where
             shared: self.shared.clone(),
             span: tracing::Span::current(),
         };
-        ResponseFuture::beginning(Box::pin(driver::drive(driver, parts, body, key, grpc)))
+        ResponseFuture::deciding(Box::pin(driver::drive(driver, parts, body, key, grpc)))
     }
 }
 

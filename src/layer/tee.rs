@@ -11,7 +11,7 @@
 //! [`TeeBody`] is the inner body with its tee: it holds back a frame while
 //! the store operation it waits for runs. [`Recorded`] boxes it, so that a
 //! client that drops the body early can hand the rest to a task
-//! ([`hand_off`]), which reads it to the end inside the request's span.
+//! ([`HandOff`]), which reads it to the end inside the request's span.
 
 use std::fmt;
 use std::future::Future;
@@ -23,9 +23,9 @@ use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use sync_wrapper::SyncWrapper;
-use tokio::runtime::Handle;
-use tracing::{Instrument, Span};
+use tracing::Span;
 
+use super::hand_off::{spawn_in, Finish, HandOff};
 /// The error type of the layer's bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -163,9 +163,7 @@ pin_project! {
 }
 
 enum OnDrop<B> {
-    // A function pointer, made where `B: Send + 'static` is known: `Drop`
-    // cannot ask for more bounds than the type has.
-    Finish(fn(Pin<Box<RecordedState<B>>>)),
+    Finish(HandOff<RecordedState<B>>),
     StoreOnly,
     Nothing,
 }
@@ -179,7 +177,7 @@ impl<B> Recorded<B> {
         B::Error: Into<BoxError>,
     {
         let on_drop = match left {
-            Left::Finish => OnDrop::Finish(finish::<B>),
+            Left::Finish => OnDrop::Finish(HandOff::new()),
             Left::StoreOnly => OnDrop::StoreOnly,
             Left::Nothing => OnDrop::Nothing,
         };
@@ -239,11 +237,11 @@ impl<B> Drop for Recorded<B> {
             return;
         };
         match state.on_drop {
-            OnDrop::Finish(finish) => finish(state),
+            OnDrop::Finish(hand_off) => hand_off.run(state),
             OnDrop::StoreOnly => {
                 let state = state.as_mut().project();
                 if let Some(pending) = state.body.project().pending.take() {
-                    hand_off(state.span.clone(), pending.into_inner());
+                    spawn_in(state.span.clone(), pending.into_inner());
                 }
             }
             OnDrop::Nothing => {}
@@ -251,24 +249,25 @@ impl<B> Drop for Recorded<B> {
     }
 }
 
-/// Reads what is left of a body whose client went away, on a task, so its
-/// record is stored (or its key released) as if the client were there.
-fn finish<B>(mut state: Pin<Box<RecordedState<B>>>)
+impl<B> Finish for RecordedState<B>
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    if !state.body.tee.is_recording() && state.body.pending.is_none() {
-        return; // nothing to store, nobody to answer
+    fn left(self: Pin<&mut Self>) -> Option<Span> {
+        // Nothing to store, nobody to answer: nothing is left.
+        (self.body.tee.is_recording() || self.body.pending.is_some()).then(|| self.span.clone())
     }
-    let span = state.span.clone();
-    hand_off(span, async move {
-        let mut body = state.as_mut().project().body;
+
+    /// Reads what is left of the body, so its record is stored (or its key
+    /// released) as if the client were there.
+    async fn finish(mut self: Pin<Box<Self>>) {
+        let mut body = self.as_mut().project().body;
         while std::future::poll_fn(|cx| body.as_mut().poll_frame(cx))
             .await
             .is_some()
         {}
-    });
+    }
 }
 
 pin_project! {
@@ -384,18 +383,5 @@ impl<B: Body> TeeBody<B> {
             hint.set_upper(upper.saturating_add(held));
         }
         hint
-    }
-}
-
-/// Runs `work` on a task of its own, inside `span` (the request's), so
-/// what a client left behind finishes without it. Without a runtime `work`
-/// is dropped, which releases any lease it holds.
-pub(crate) fn hand_off(span: Span, work: impl Future<Output = ()> + Send + 'static) {
-    match Handle::try_current() {
-        Ok(runtime) => drop(runtime.spawn(work.instrument(span))),
-        Err(_) => tracing::warn!(
-            parent: &span,
-            "no Tokio runtime to finish a request whose client went away: its key is released"
-        ),
     }
 }
