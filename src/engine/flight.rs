@@ -8,7 +8,6 @@ use std::pin::pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::lease::LeaseState;
 use super::{later, lock, Begin, Idempotency, Lease};
 use crate::key::Fingerprint;
 use crate::record::SharedRecord;
@@ -203,12 +202,7 @@ impl<S: Store> Idempotency<S> {
                 let _ = flight.lease.set(token);
                 flight.set(FlightOutcome::Executing);
                 self.start_heartbeat();
-                return Ok(Begin::Execute(Lease {
-                    engine: self.clone(),
-                    token,
-                    flight,
-                    state: LeaseState::Held,
-                }));
+                return Ok(Begin::Execute(Lease::held(self.clone(), token, flight)));
             }
             Ok(Led::Completed(record)) => (
                 FlightOutcome::Completed(record.clone()),

@@ -94,6 +94,17 @@ impl<S: Store> std::fmt::Debug for Lease<S> {
 }
 
 impl<S: Store> Lease<S> {
+    /// The lease the leader of `flight` acquired with `token`: held, to be
+    /// completed, released or abandoned.
+    pub(super) fn held(engine: Idempotency<S>, token: LeaseToken, flight: Arc<Flight>) -> Self {
+        Self {
+            engine,
+            token,
+            flight,
+            state: LeaseState::Held,
+        }
+    }
+
     /// The storage key this lease is for.
     pub fn key(&self) -> &str {
         &self.flight.key

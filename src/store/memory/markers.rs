@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::records::KeyQuery;
 use super::KeyHasher;
+use super::MemoryStore;
 use crate::config::MAX_DURATION;
 use crate::key::Fingerprint;
 use crate::stats::Striped;
@@ -157,4 +158,17 @@ pub(super) fn take_held(
 /// cut to it, so the addition cannot overflow.
 pub(super) fn expiry(now: Instant, ttl: Duration) -> Instant {
     now + ttl.min(MAX_DURATION)
+}
+
+impl MemoryStore {
+    /// Drops every expired marker (counted as expired) and answers how many
+    /// live ones are left.
+    pub(super) fn sweep_markers(&self, now: Instant) -> u64 {
+        let mut live = 0;
+        for mut markers in self.stripes.each() {
+            self.counters.expired(sweep(&mut markers, now));
+            live += markers.len() as u64;
+        }
+        live
+    }
 }

@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use moka::{Equivalent, Expiry};
 
-use super::markers::sweep;
 use super::MemoryStore;
 use crate::config::MAX_DURATION;
 use crate::record::{Payload, Record, SharedRecord, StoredResponse};
@@ -172,17 +171,6 @@ impl MemoryStore {
             .iter()
             .filter(|(_, slot)| slot.is_live(now))
             .count() as u64
-    }
-
-    /// Drops every expired marker (counted as expired) and answers how many
-    /// live ones are left.
-    pub(super) fn sweep_markers(&self, now: Instant) -> u64 {
-        let mut live = 0;
-        for mut markers in self.stripes.each() {
-            self.counters.expired(sweep(&mut markers, now));
-            live += markers.len() as u64;
-        }
-        live
     }
 
     /// Counts a record written, and every [`MAINTAIN_EVERY`] writes runs
