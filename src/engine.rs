@@ -70,7 +70,7 @@ mod lease;
 mod retry;
 mod transaction;
 
-pub use crate::store::KeyFilter;
+pub use crate::store::page::KeyFilter;
 pub use config::{
     Concurrent, Config, IdempotencyBuilder, IntoStore, LeaseExpiry, DEFAULT_LEASE_TTL, DEFAULT_TTL,
     DEFAULT_WAIT_TIMEOUT,

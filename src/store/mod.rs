@@ -43,7 +43,7 @@ mod entry;
 mod error;
 mod estimate;
 mod memory;
-mod page;
+pub(crate) mod page;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub mod postgres;
@@ -63,7 +63,9 @@ pub(crate) use estimate::Estimate;
 pub use estimate::ESTIMATE_MAX_AGE;
 pub use memory::{MemoryStore, MemoryStoreBuilder, DEFAULT_MAX_ENTRIES};
 pub(crate) use page::{decode_cursor, encode_cursor};
-pub use page::{KeyFilter, KeyPage, Removal, MAX_PAGE_LIMIT};
+// `KeyFilter` is public at the crate's root, its one path.
+pub(crate) use page::KeyFilter;
+pub use page::{KeyPage, Removal, MAX_PAGE_LIMIT};
 pub use transaction::TransactionalStore;
 
 /// The protocol a store keeps: in-flight markers and records, each under one

@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 use tower_idempotency::store::{
-    BeginOutcome, Entry, KeyFilter, KeyPage, LeaseToken, Removal, RemovalCounts, ScanEntry,
-    SharedRecord, Store, StoreAdmin, StoreError,
+    BeginOutcome, Entry, KeyPage, LeaseToken, Removal, RemovalCounts, ScanEntry, SharedRecord,
+    Store, StoreAdmin, StoreError,
 };
-use tower_idempotency::{CacheInfo, Fingerprint};
+use tower_idempotency::{CacheInfo, Fingerprint, KeyFilter};
 
 /// Per storage key, when `complete` answered that it wrote the record;
 /// shared by the wrappers of one store's instances.
