@@ -72,6 +72,7 @@ impl<S: TransactionalStore> Idempotency<S> {
     /// # Example
     ///
     /// ```no_run
+    /// # #[cfg(feature = "postgres")]
     /// # async fn doc(engine: tower_idempotency::Idempotency<tower_idempotency::store::postgres::PostgresStore>)
     /// # -> Result<(), Box<dyn std::error::Error>> {
     /// use tower_idempotency::IdempotencyKey;
