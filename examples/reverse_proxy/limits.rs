@@ -12,7 +12,7 @@ use axum::extract::ConnectInfo;
 use axum::Router;
 use clap::Args as ClapArgs;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
@@ -22,6 +22,7 @@ use tower::ServiceExt;
 use crate::cli::parse_seconds;
 use crate::connection::{Clock, Guarded, Watched};
 use crate::shutdown;
+use crate::stream_stall::{StallWatched, StreamExecutor};
 
 /// The edge limits' flags.
 #[derive(Debug, Clone, ClapArgs)]
@@ -54,9 +55,10 @@ pub(crate) struct EdgeArgs {
     pub(crate) http2_max_streams: u32,
 
     /// Longest time a client may take none of a response's bytes, in
-    /// seconds, while the proxy has some to send: past it the connection is
-    /// closed and its slot freed (on HTTP/2, with its streams). The action's
-    /// result is recorded all the same, as when a client disconnects.
+    /// seconds, while the proxy has some to send: past it an HTTP/1
+    /// connection is closed and its slot freed, an HTTP/2 stream is reset
+    /// (the connection's other streams go on). The action's result is
+    /// recorded all the same, as when a client disconnects.
     #[arg(long, default_value = "30", value_parser = parse_seconds)]
     pub(crate) response_write_timeout: Duration,
 }
@@ -82,8 +84,8 @@ pub(crate) struct EdgeStats {
     pub(crate) body_timeouts: AtomicU64,
     /// Keep-alive connections closed for idling past `--idle-timeout`.
     pub(crate) idle_closed: AtomicU64,
-    /// Connections closed because the client took no response bytes for
-    /// `--response-write-timeout`.
+    /// HTTP/1 connections closed, and HTTP/2 streams reset, because the
+    /// client took no response bytes for `--response-write-timeout`.
     pub(crate) write_timeouts: AtomicU64,
     /// Access-log lines dropped because the writer was behind (the
     /// access log's counter, kept here with the other edge counters).
@@ -115,7 +117,7 @@ pub(crate) async fn serve(
         idle_timeout: edge.idle_timeout,
         response_write_timeout: edge.response_write_timeout,
     };
-    let builder = http_builder(edge);
+    let builder = http_builder(edge, Arc::clone(&stats));
     let slots = Arc::new(Semaphore::new(edge.max_connections as usize));
     let graceful = GracefulShutdown::new();
     loop {
@@ -147,17 +149,18 @@ pub(crate) async fn serve(
         let clock = Clock::new(limits);
         let io = TokioIo::new(Watched::new(stream, Arc::clone(&clock), Arc::clone(&stats)));
         let app = app.clone();
-        let service = hyper::service::service_fn(move |mut request: http::Request<Incoming>| {
-            let request_guard = clock.request_started();
-            request.extensions_mut().insert(ConnectInfo(remote));
-            let answer = app.clone().oneshot(request.map(Body::new));
-            async move {
-                let response = answer.await?;
-                Ok::<_, std::convert::Infallible>(
-                    response.map(|body| Body::new(Guarded::new(body, request_guard))),
-                )
-            }
-        });
+        let service =
+            hyper::service::service_fn(move |mut request: http::Request<Incoming>| {
+                let request_guard = clock.request_started();
+                request.extensions_mut().insert(ConnectInfo(remote));
+                let answer = app.clone().oneshot(request.map(Body::new));
+                async move {
+                    let response = answer.await?;
+                    Ok::<_, std::convert::Infallible>(response.map(|body| {
+                        Body::new(Guarded::new(StallWatched::new(body), request_guard))
+                    }))
+                }
+            });
         let connection = graceful.watch(builder.serve_connection(io, service).into_owned());
         let stats = Arc::clone(&stats);
         EdgeStats::incr(&stats.connections);
@@ -176,8 +179,10 @@ pub(crate) async fn serve(
 }
 
 /// hyper's server for both protocols, with the limits hyper enforces itself.
-fn http_builder(edge: &EdgeArgs) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+fn http_builder(edge: &EdgeArgs, stats: Arc<EdgeStats>) -> auto::Builder<StreamExecutor> {
+    // HTTP/2 streams run under a watch that resets one whose client stops
+    // taking its response (stream_stall.rs).
+    let mut builder = auto::Builder::new(StreamExecutor::new(edge.response_write_timeout, stats));
     // The connection's clock (connection.rs) times request heads and
     // answers 408; hyper's own timeout would also close idle keep-alive
     // connections at the header timeout.

@@ -62,6 +62,7 @@ mod postgres;
 mod problem;
 mod runtime_config;
 mod shutdown;
+mod stream_stall;
 
 use access_log::{AccessLog, AccessLogLayer};
 use body_timeout::BodyTimeoutLayer;

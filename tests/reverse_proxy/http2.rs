@@ -12,6 +12,7 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 use super::edge::{closed_by_proxy, connect};
+use super::eventually;
 use super::harness::{Proxy, Reply, QUICK};
 use super::upstream::Upstream;
 
@@ -248,4 +249,115 @@ async fn an_idle_http2_connection_is_closed_after_the_idle_timeout() {
         .ok();
     assert_eq!(proxy.stats().await["idle_closed"], 1);
     drop(sender);
+}
+
+/// A client that opens a stream for a large response and never reads it
+/// (it sends no WINDOW_UPDATE for it): after --response-write-timeout that
+/// stream is reset, the connection's other streams go on, and the result is
+/// recorded all the same (the retry replays it).
+#[tokio::test]
+async fn an_http2_stream_whose_client_never_reads_is_reset_and_the_result_recorded() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(&[
+        "--upstream",
+        &upstream.url,
+        "--response-write-timeout",
+        "1",
+        "--max-response-body",
+        "67108864",
+        // The retry may arrive while the record is still being written.
+        "--concurrent",
+        "wait",
+    ])
+    .await;
+    const BYTES: usize = 8 << 20;
+    let tcp = connect(&proxy).await;
+    // A small stream window and a large connection window: the unread
+    // stream stalls while the connection keeps room for others.
+    let (sender, connection) = timeout(
+        QUICK,
+        http2::Builder::new(TokioExecutor::new())
+            .adaptive_window(false)
+            .initial_stream_window_size(65_535)
+            .initial_connection_window_size(32 << 20)
+            .handshake(TokioIo::new(tcp)),
+    )
+    .await
+    .expect("handshake in time")
+    .expect("HTTP/2 handshake");
+    tokio::spawn(connection);
+
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri(format!("{}/big?bytes={BYTES}", proxy.url))
+        .header("idempotency-key", "stall-h2")
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap();
+    let stalled = timeout(QUICK, sender.clone().send_request(request))
+        .await
+        .expect("the head in time")
+        .expect("an answer");
+    assert_eq!(stalled.status(), StatusCode::CREATED);
+
+    // The body is never read: the proxy gives up on that stream only.
+    eventually("the stalled stream is reset", || async {
+        proxy.stats().await["write_timeouts"] == 1
+    })
+    .await;
+    let stats = proxy.stats().await;
+    assert_eq!(
+        stats["connections"], 1,
+        "the connection stays open: {stats}"
+    );
+    let other = post(sender.clone(), proxy.url.clone(), "/orders", "other").await;
+    assert_eq!(other.status, StatusCode::CREATED, "the connection goes on");
+
+    // What the client did receive ends in the reset, not in the whole body.
+    let read = timeout(QUICK, stalled.into_body().collect())
+        .await
+        .expect("the stalled body ends in time");
+    assert!(read.is_err(), "the stalled stream was reset");
+
+    let retry = post(
+        sender,
+        proxy.url.clone(),
+        &format!("/big?bytes={BYTES}"),
+        "stall-h2",
+    )
+    .await;
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert!(retry.replayed(), "the result was recorded");
+    assert_eq!(retry.body.len(), BYTES);
+    assert_eq!(upstream.executions(), 2, "one for each key");
+}
+
+/// The write timeout counts only the time the client leaves the proxy's
+/// bytes untaken: an upstream that pauses mid-body for longer is waited for,
+/// on HTTP/1 and on HTTP/2.
+#[tokio::test]
+async fn an_upstream_pausing_mid_body_is_not_cut_by_the_write_timeout() {
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(&["--upstream", &upstream.url, "--response-write-timeout", "1"]).await;
+    let sender = h2_client(&proxy).await;
+    let over_http2 = tokio::spawn(post(sender, proxy.url.clone(), "/drip", "drip-h2"));
+    let over_http1 = tokio::spawn({
+        let url = proxy.url.clone();
+        async move {
+            super::harness::send(Method::POST, &format!("{url}/drip"), Some("drip-h1"), "{}").await
+        }
+    });
+    upstream.entered().await;
+    upstream.entered().await;
+    // Both bodies have sent their first chunk and wait on the upstream for
+    // more than the write timeout, which must not fire for this wait.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    upstream.release(2);
+    for reply in [
+        timeout(QUICK, over_http2).await.unwrap().unwrap(),
+        timeout(QUICK, over_http1).await.unwrap().unwrap(),
+    ] {
+        assert_eq!(reply.status, StatusCode::CREATED);
+        assert_eq!(&reply.body[..], b"first\nrest\n");
+    }
+    assert_eq!(proxy.stats().await["write_timeouts"], 0);
 }

@@ -30,6 +30,8 @@ struct Shared {
 /// * `POST /fail`: 500;
 /// * `POST /hang`: answers after a minute (past any upstream timeout);
 /// * `POST /big?bytes=N`: 201 with a body of N bytes;
+/// * `POST /drip`: 201 whose body sends `first` at once, then reports that
+///   it entered and waits for [`Upstream::release`] before sending `rest`;
 /// * anything on `/echo...`: 200 with the method, URI, headers and body it
 ///   received (not counted).
 pub(crate) struct Upstream {
@@ -58,6 +60,7 @@ impl Upstream {
             .route("/fail", post(fail))
             .route("/hang", post(hang))
             .route("/big", post(big))
+            .route("/drip", post(drip))
             .route("/echo", any(echo))
             .route("/echo/{*rest}", any(echo))
             .with_state(shared.clone());
@@ -137,6 +140,20 @@ async fn big(
     execute(&shared, &body);
     let bytes = query.get("bytes").copied().unwrap_or(0);
     (StatusCode::CREATED, "x".repeat(bytes))
+}
+
+async fn drip(State(shared): State<Arc<Shared>>, body: Bytes) -> (StatusCode, axum::body::Body) {
+    execute(&shared, &body);
+    let first = futures_util::stream::once(async { Ok::<_, std::io::Error>("first\n") });
+    let rest = futures_util::stream::once(async move {
+        let _ = shared.entered.send(());
+        if let Ok(permit) = shared.gate.acquire().await {
+            permit.forget();
+        }
+        Ok("rest\n")
+    });
+    let chunks = futures_util::StreamExt::chain(first, rest);
+    (StatusCode::CREATED, axum::body::Body::from_stream(chunks))
 }
 
 async fn echo(method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Json<Value> {
