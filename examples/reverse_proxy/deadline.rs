@@ -15,16 +15,17 @@
 //! of the 504 (and `ABORTED` instead of the 409).
 
 use std::future::Future;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
 use bytes::Bytes;
-use futures_util::future::BoxFuture;
+use futures_util::task::AtomicWaker;
 use http::{Method, Request, Response, StatusCode};
-use tokio::sync::watch;
-use tokio::time::Instant;
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
 use tower::{BoxError, Layer, Service};
 
 use crate::problem::{answer, is_grpc};
@@ -44,31 +45,45 @@ enum Phase {
     Answered,
 }
 
+/// What the forwarder ticks and the deadline's future reads. A lock held
+/// for a copy and a waker, not a channel: a watch channel and a boxed
+/// future here cost a few percent of the forwarding path (perf).
+struct Shared {
+    phase: Mutex<Phase>,
+    /// The deadline's future, woken when the phase moves.
+    watcher: AtomicWaker,
+}
+
+impl Shared {
+    fn phase(&self) -> MutexGuard<'_, Phase> {
+        // A panic while holding this lock leaves a plain value behind.
+        self.phase
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn set(&self, phase: Phase) {
+        *self.phase() = phase;
+        self.watcher.wake();
+    }
+}
+
 /// A request extension the forwarder ticks as the exchange goes on.
 #[derive(Clone)]
 pub(crate) struct UpstreamClock {
-    phase: Arc<watch::Sender<Phase>>,
+    shared: Arc<Shared>,
     keyed: bool,
 }
 
 impl UpstreamClock {
-    fn new(keyed: bool) -> (Self, watch::Receiver<Phase>) {
-        let (phase, watching) = watch::channel(Phase::Waiting);
-        let clock = Self {
-            phase: Arc::new(phase),
-            keyed,
-        };
-        (clock, watching)
-    }
-
     /// The request is about to be sent upstream.
     pub(crate) fn sent(&self) {
-        self.phase.send_replace(Phase::Sent(Instant::now()));
+        self.shared.set(Phase::Sent(Instant::now()));
     }
 
     /// The forwarder has its answer.
     pub(crate) fn answered(&self) {
-        self.phase.send_replace(Phase::Answered);
+        self.shared.set(Phase::Answered);
     }
 
     /// Whether the idempotency layer holds a key for this request (a
@@ -101,8 +116,9 @@ impl<S> Layer<S> for UpstreamDeadlineLayer {
     }
 }
 
-/// Answers 504 problem+json (gRPC: `DEADLINE_EXCEEDED`) when the upstream's head has not come within
-/// `timeout` of the request being sent, dropping the inner future.
+/// Answers 504 problem+json (gRPC: `DEADLINE_EXCEEDED`) when the upstream's
+/// head has not come within `timeout` of the request being sent, dropping
+/// the inner future.
 #[derive(Clone)]
 pub(crate) struct UpstreamDeadline<S> {
     inner: S,
@@ -112,13 +128,12 @@ pub(crate) struct UpstreamDeadline<S> {
 impl<S, B> Service<Request<Body>> for UpstreamDeadline<S>
 where
     S: Service<Request<Body>, Response = Response<B>>,
-    S::Future: Send + 'static,
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
     type Response = Response<Body>;
     type Error = S::Error;
-    type Future = BoxFuture<'static, Result<Response<Body>, S::Error>>;
+    type Future = DeadlineFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -128,50 +143,75 @@ where
         let keyed = PROTECTED_METHODS.contains(request.method())
             && request.headers().contains_key("idempotency-key");
         let grpc = is_grpc(request.headers());
-        let (clock, phase) = UpstreamClock::new(keyed);
-        request.extensions_mut().insert(clock);
-        let answer = self.inner.call(request);
-        let timeout = self.timeout;
-        Box::pin(async move {
-            match within(answer, phase, timeout).await {
-                Some(answer) => Ok(answer?.map(Body::new)),
-                None => {
-                    tracing::warn!(?timeout, keyed, "upstream timed out");
-                    Ok(upstream_timeout(timeout, keyed, grpc))
-                }
-            }
-        })
+        let shared = Arc::new(Shared {
+            phase: Mutex::new(Phase::Waiting),
+            watcher: AtomicWaker::new(),
+        });
+        request.extensions_mut().insert(UpstreamClock {
+            shared: Arc::clone(&shared),
+            keyed,
+        });
+        DeadlineFuture {
+            answer: self.inner.call(request),
+            timer: None,
+            shared,
+            timeout: self.timeout,
+            keyed,
+            grpc,
+        }
     }
 }
 
-/// `answer`'s output, or `None` when `timeout` passed between the request
-/// being sent and the forwarder's answer (`answer` is then dropped).
-async fn within<F: Future>(
-    answer: F,
-    mut phase: watch::Receiver<Phase>,
-    timeout: Duration,
-) -> Option<F::Output> {
-    let mut answer = std::pin::pin!(answer);
-    let mut ticking = true;
-    loop {
-        let current = *phase.borrow_and_update();
-        let deadline = match current {
-            Phase::Waiting => None,
-            Phase::Sent(at) => Some(at + timeout),
-            Phase::Answered => return Some(answer.await),
+pin_project! {
+    /// The inner service's answer, or the 504 when the upstream's head is
+    /// late (the inner future is then dropped with this one).
+    pub(crate) struct DeadlineFuture<F> {
+        #[pin]
+        answer: F,
+        // Armed once the request is sent.
+        #[pin]
+        timer: Option<Sleep>,
+        shared: Arc<Shared>,
+        timeout: Duration,
+        keyed: bool,
+        grpc: bool,
+    }
+}
+
+impl<F, B, E> Future for DeadlineFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Output = Result<Response<Body>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        if let Poll::Ready(answer) = this.answer.poll(cx) {
+            return Poll::Ready(answer.map(|response| response.map(Body::new)));
+        }
+        // Registered before the phase is read: a tick in between wakes us.
+        this.shared.watcher.register(cx.waker());
+        let sent_at = match *this.shared.phase() {
+            Phase::Sent(at) => at,
+            // No deadline before the request is sent, nor once answered.
+            Phase::Waiting | Phase::Answered => return Poll::Pending,
         };
-        let expired = async {
-            match deadline {
-                Some(deadline) => tokio::time::sleep_until(deadline).await,
-                None => std::future::pending().await,
+        if this.timer.is_none() {
+            this.timer
+                .set(Some(tokio::time::sleep_until(sent_at + *this.timeout)));
+        }
+        let Some(timer) = this.timer.as_pin_mut() else {
+            return Poll::Pending;
+        };
+        match timer.poll(cx) {
+            Poll::Ready(()) => {
+                let (timeout, keyed) = (*this.timeout, *this.keyed);
+                tracing::warn!(?timeout, keyed, "upstream timed out");
+                Poll::Ready(Ok(upstream_timeout(timeout, keyed, *this.grpc)))
             }
-        };
-        tokio::select! {
-            output = &mut answer => return Some(output),
-            () = expired => return None,
-            // The forwarder gone without a word cannot happen in this stack;
-            // the answer (and the deadline, if armed) still decide.
-            changed = phase.changed(), if ticking => ticking = changed.is_ok(),
+            Poll::Pending => Poll::Pending,
         }
     }
 }

@@ -170,11 +170,20 @@ impl Forwarder {
         if let Some(clock) = &clock {
             clock.sent();
         }
-        let answer = tokio::time::timeout_at(abandon_at, this.client.request(request)).await;
+        let keyed = clock.as_ref().is_none_or(UpstreamClock::keyed);
+        let exchange = this.client.request(request);
+        // The abandon bound is for exchanges that hold a key (and so may run
+        // on after their client's 504); a request without one is bounded by
+        // the upstream deadline above, which drops it, and one timer per
+        // request is enough.
+        let answer = if keyed {
+            tokio::time::timeout_at(abandon_at, exchange).await
+        } else {
+            Ok(exchange.await)
+        };
         if let Some(clock) = &clock {
             clock.answered();
         }
-        let keyed = clock.as_ref().is_none_or(UpstreamClock::keyed);
         match answer {
             Ok(Ok(response)) => {
                 let (mut parts, body) = response.into_parts();

@@ -9,15 +9,17 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::ConnectInfo;
-use axum::Router;
 use clap::Args as ClapArgs;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use std::convert::Infallible;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
-use tower::ServiceExt;
+
+use http::{Request, Response};
+use tower::{Service, ServiceExt};
 
 use crate::cli::parse_seconds;
 use crate::connection::{Clock, Guarded, Watched};
@@ -102,12 +104,31 @@ impl EdgeStats {
     }
 }
 
+/// The service the edge serves (the proxy's stack), cloned per request.
+pub(crate) trait App:
+    Service<Request<Body>, Response = Response<Body>, Error = Infallible, Future: Send>
+    + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S> App for S where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible, Future: Send>
+        + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// Accepts connections on `listener` and serves `app` on each (HTTP/1, or
 /// HTTP/2 with prior knowledge) under the edge limits, until `stop` turns
 /// true; then stops accepting and lets the open connections finish.
 pub(crate) async fn serve(
     listener: TcpListener,
-    app: Router,
+    app: impl App,
     edge: &EdgeArgs,
     stats: Arc<EdgeStats>,
     stop: watch::Receiver<bool>,

@@ -30,7 +30,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
 use clap::Parser;
 use http::Uri;
 use tokio::net::TcpListener;
@@ -309,7 +308,7 @@ fn proxy_app<S: StoreAdmin>(
     forwarder: Forwarder,
     edge_stats: &Arc<EdgeStats>,
     access_log: &AccessLog,
-) -> Result<(Router, admin::Waiting), BoxError> {
+) -> Result<(impl limits::App, admin::Waiting), BoxError> {
     let layer = IdempotencyLayer::with_engine(engine.clone())
         .require_key(args.require_key)
         .max_request_body(args.max_body)
@@ -348,7 +347,9 @@ fn proxy_app<S: StoreAdmin>(
         .layer(UpstreamDeadlineLayer::new(args.upstream_timeout))
         .layer(layer)
         .service(forwarder);
-    Ok((Router::new().fallback_service(service), waiting))
+    // Served as it is: behind an axum Router it was cloned into a box per
+    // request for a match with one outcome.
+    Ok((service, waiting))
 }
 
 /// A random (version 4) UUID per request, like tower-http's
