@@ -14,11 +14,11 @@ const HELD: usize = 3_000;
 
 /// Short enough that the test outlives it several times, long enough that
 /// a round of renewals on a busy machine ends well within a third of it.
-const LEASE_TTL: Duration = Duration::from_secs(3);
+const LEASE_TTL: Duration = Duration::from_secs(5);
 
 /// How long the leases are held: more than three lease TTLs, so a marker
 /// still there at the end was renewed at least three times.
-const HOLD: Duration = Duration::from_secs(10);
+const HOLD: Duration = Duration::from_secs(16);
 
 /// Every network step of the test, thousands of operations each, must end
 /// within this.
