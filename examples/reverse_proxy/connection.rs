@@ -22,6 +22,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 use crate::limits::{EdgeStats, Limits};
+use crate::stream_stall::StreamProgress;
 
 /// What an HTTP/1 client reads when its request head did not arrive in time.
 const REQUEST_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\n\
@@ -159,10 +160,16 @@ impl Drop for RequestGuard {
     }
 }
 
-/// A response body that ends its request when it is dropped.
+/// The response body as the edge serves it: it ends its request when it is
+/// dropped, and on HTTP/2 tells its stream's watch when it waits for hyper
+/// to take a frame (`stream_stall.rs`: a client that takes none of it for
+/// the write timeout has the stream reset).
 pub(crate) struct Guarded<B> {
     body: B,
     _request: RequestGuard,
+    /// Found on the first poll (the body is made outside the stream's task).
+    stream: Option<StreamProgress>,
+    looked: bool,
 }
 
 impl<B> Guarded<B> {
@@ -170,6 +177,8 @@ impl<B> Guarded<B> {
         Self {
             body,
             _request: request,
+            stream: None,
+            looked: false,
         }
     }
 }
@@ -182,11 +191,29 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Guarded<B> {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        let this = &mut *self;
+        if !this.looked {
+            this.looked = true;
+            this.stream = StreamProgress::current();
+        }
+        let Some(stream) = &this.stream else {
+            return Pin::new(&mut this.body).poll_frame(cx);
+        };
+        stream.asked();
+        let frame = Pin::new(&mut this.body).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(_))) = &frame {
+            stream.handed();
+        }
+        frame
     }
 
+    /// On HTTP/2 the end is told by a last, empty poll rather than ahead:
+    /// told ahead, hyper sends a frame marked as the stream's end and stops
+    /// watching the stream, while its bytes may still wait for the client's
+    /// window. Asked for the end, hyper first waits for room for the last
+    /// frame, and that wait is watched like the others.
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.stream.is_none() && self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -24,7 +24,7 @@ use tower::{Service, ServiceExt};
 use crate::cli::parse_seconds;
 use crate::connection::{Clock, Guarded, Watched};
 use crate::shutdown;
-use crate::stream_stall::{StallWatched, StreamExecutor};
+use crate::stream_stall::StreamExecutor;
 
 /// The edge limits' flags.
 #[derive(Debug, Clone, ClapArgs)]
@@ -170,18 +170,17 @@ pub(crate) async fn serve(
         let clock = Clock::new(limits);
         let io = TokioIo::new(Watched::new(stream, Arc::clone(&clock), Arc::clone(&stats)));
         let app = app.clone();
-        let service =
-            hyper::service::service_fn(move |mut request: http::Request<Incoming>| {
-                let request_guard = clock.request_started();
-                request.extensions_mut().insert(ConnectInfo(remote));
-                let answer = app.clone().oneshot(request.map(Body::new));
-                async move {
-                    let response = answer.await?;
-                    Ok::<_, std::convert::Infallible>(response.map(|body| {
-                        Body::new(Guarded::new(StallWatched::new(body), request_guard))
-                    }))
-                }
-            });
+        let service = hyper::service::service_fn(move |mut request: http::Request<Incoming>| {
+            let request_guard = clock.request_started();
+            request.extensions_mut().insert(ConnectInfo(remote));
+            let answer = app.clone().oneshot(request.map(Body::new));
+            async move {
+                let response = answer.await?;
+                Ok::<_, std::convert::Infallible>(
+                    response.map(|body| Body::new(Guarded::new(body, request_guard))),
+                )
+            }
+        });
         let connection = graceful.watch(builder.serve_connection(io, service).into_owned());
         let stats = Arc::clone(&stats);
         EdgeStats::incr(&stats.connections);

@@ -9,7 +9,7 @@
 //! polling the response body again, so no timer in the body can fire. What
 //! hyper does hand out is each stream's future, to the executor: this
 //! executor runs every stream under a watch that sees, through a task-local
-//! the response body writes to ([`StallWatched`]), how long the body has
+//! the response body writes to ([`StreamProgress`]), how long the body has
 //! waited for hyper to take its next frame. Past the limit the watch drops
 //! the stream's future, and h2 resets a stream whose last handle is dropped
 //! (RST_STREAM with CANCEL). The action's result is recorded all the same:
@@ -21,8 +21,6 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
@@ -139,60 +137,25 @@ impl<F: Future<Output = ()>> Future for Watch<F> {
     }
 }
 
-/// A response body that tells its HTTP/2 stream's [`Watch`] when it waits
-/// for hyper to take a frame. Outside an HTTP/2 stream it passes through.
-pub(crate) struct StallWatched<B> {
-    body: B,
-    /// Found on the first poll (the body is made outside the stream's task).
-    progress: Option<Arc<Progress>>,
-    looked: bool,
-}
+/// The HTTP/2 stream a response body is sent on, as the body sees it: the
+/// response body ([`crate::connection::Guarded`]) reports when it hands
+/// hyper a frame and when hyper is back for the next.
+pub(crate) struct StreamProgress(Arc<Progress>);
 
-impl<B> StallWatched<B> {
-    pub(crate) fn new(body: B) -> Self {
-        Self {
-            body,
-            progress: None,
-            looked: false,
-        }
-    }
-}
-
-impl<B: Body<Data = Bytes> + Unpin> Body for StallWatched<B> {
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let this = &mut *self;
-        if !this.looked {
-            this.looked = true;
-            this.progress = STREAM.try_with(Arc::clone).ok();
-        }
-        let Some(progress) = &this.progress else {
-            return Pin::new(&mut this.body).poll_frame(cx);
-        };
-        // hyper is back for a frame: whatever it waited for has come.
-        progress.set(None);
-        let frame = Pin::new(&mut this.body).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(_))) = &frame {
-            progress.set(Some(Instant::now()));
-        }
-        frame
+impl StreamProgress {
+    /// The stream being polled, if this runs in one (an HTTP/2 stream's
+    /// task, under [`StreamExecutor`]); `None` on HTTP/1.
+    pub(crate) fn current() -> Option<Self> {
+        STREAM.try_with(|progress| Self(Arc::clone(progress))).ok()
     }
 
-    /// On HTTP/2 the end is told by a last, empty poll rather than ahead:
-    /// hyper sends a frame marked as the stream's end and stops watching
-    /// the stream, while its bytes may still wait for the client's window.
-    /// Asked for the end, hyper first waits for room for the last frame,
-    /// and that wait is watched like the others.
-    fn is_end_stream(&self) -> bool {
-        self.progress.is_none() && self.body.is_end_stream()
+    /// hyper is back for a frame: whatever it waited for has come.
+    pub(crate) fn asked(&self) {
+        self.0.set(None);
     }
 
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+    /// A frame was handed to hyper: the wait for the client starts.
+    pub(crate) fn handed(&self) {
+        self.0.set(Some(Instant::now()));
     }
 }
