@@ -167,6 +167,13 @@ pub(crate) struct Args {
     #[arg(long, default_value = "30", value_parser = parse_seconds)]
     pub(crate) drain_timeout: Duration,
 
+    /// Threads serving requests. 0 (the default): one per CPU the process
+    /// may run on (its affinity, as `taskset` sets it). With 1 everything
+    /// runs on one thread, on a current-thread runtime, which costs less per
+    /// request than a work-stealing runtime with one worker.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) worker_threads: usize,
+
     /// Where the access log goes: one line per request (time, method, URI,
     /// status, latency, replayed, request id). `off`, `stderr` or a file
     /// PATH (appended to). Lines are written by a separate thread, buffered;

@@ -268,6 +268,10 @@ async fn an_http2_stream_whose_client_never_reads_is_reset_and_the_result_record
         // The retry may arrive while the record is still being written.
         "--concurrent",
         "wait",
+        // The stream's watch and the record's hand-off on a current-thread
+        // runtime (the whole suite runs there under `taskset -c 0`).
+        "--worker-threads",
+        "1",
     ])
     .await;
     const BYTES: usize = 8 << 20;
