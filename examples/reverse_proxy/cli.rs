@@ -168,9 +168,10 @@ pub(crate) struct Args {
     pub(crate) drain_timeout: Duration,
 
     /// Threads serving requests. 0 (the default): one per CPU the process
-    /// may run on (its affinity, as `taskset` sets it). With 1 everything
-    /// runs on one thread, on a current-thread runtime, which costs less per
-    /// request than a work-stealing runtime with one worker.
+    /// may run on (its affinity, as `taskset` sets it), on tokio's
+    /// work-stealing runtime. 1: everything on one thread, a current-thread
+    /// runtime: on one CPU it forwards requests without a key a little
+    /// faster, and first requests a little slower (BENCHMARKS.md).
     #[arg(long, default_value_t = 0)]
     pub(crate) worker_threads: usize,
 

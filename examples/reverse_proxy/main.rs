@@ -107,25 +107,25 @@ fn main() -> ExitCode {
     }
 }
 
-/// The runtime for `--worker-threads`: on one thread a current-thread
-/// runtime. A work-stealing runtime with a single worker still pays for
-/// stealing (atomics, a wake-up of the worker for tasks spawned from
-/// elsewhere): on one core the current-thread runtime forwarded 6-13 % more
-/// requests (BENCHMARKS.md, "Reverse proxy against nginx").
+/// The runtime for `--worker-threads`: 1 is a current-thread runtime, any
+/// other count a work-stealing runtime with that many workers (0: one per
+/// CPU the process may run on). On one CPU the current-thread runtime
+/// forwarded requests without a key about 5 % faster and first requests
+/// about 8 % slower than a work-stealing runtime with one worker, whose
+/// LIFO slot runs a task woken by the running one next (BENCHMARKS.md,
+/// "Reverse proxy against nginx"); the default stays tokio's.
 fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    let threads = match worker_threads {
-        0 => std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
-        n => n,
-    };
-    if threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
+    match worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread()
             .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
+            .build(),
+        0 => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
-            .build()
+            .build(),
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
     }
 }
 
