@@ -269,7 +269,7 @@ async fn an_http2_stream_whose_client_never_reads_is_reset_and_the_result_record
         "--concurrent",
         "wait",
         // The stream's watch and the record's hand-off on a current-thread
-        // runtime (the whole suite runs there under `taskset -c 0`).
+        // runtime too.
         "--worker-threads",
         "1",
     ])
