@@ -12,6 +12,8 @@ mod support;
 #[allow(unreachable_pub, dead_code)]
 #[rustfmt::skip]
 mod orders;
+#[path = "support/grpc.rs"]
+mod grpc_support;
 #[path = "../examples/grpc_orders/service.rs"]
 mod service;
 
@@ -25,59 +27,22 @@ use http_body_util::BodyExt;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tonic::codegen::InterceptedService;
-use tonic::metadata::MetadataMap;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Channel, Server};
-use tonic::{Code, Request, Response, Status, Streaming};
+use tonic::{Code, Response, Status};
 use tower::util::MapResponseLayer;
 use tower_idempotency::{Concurrent, IdempotencyLayer};
 
+use grpc_support::{create, entries, replayed, Client, Gated, REPLAYED, STAMP};
 use orders::orders_client::OrdersClient;
-use orders::orders_server::{Orders, OrdersServer};
-use orders::{CreateOrderRequest, Note, Order};
+use orders::orders_server::OrdersServer;
+use orders::{Note, Order};
 use service::{keyed, OrdersService, SetIdempotencyKey, REJECTED_FIELD, STREAMING_PATHS};
 use support::common::{until, within, Gate};
 use support::stores::{per_store, TestStore};
 
-/// The trailer that the server stamps on each answer it sends with a
-/// message, numbered: tonic's unary handlers cannot add trailers to an `OK`
-/// answer, so the test adds one under the layer, where the layer records it.
-/// A replay carries the first answer's number; a second run would not.
-const STAMP: &str = "orders-stamp";
-
-const REPLAYED: &str = "idempotent-replayed";
-
-type Client = OrdersClient<InterceptedService<Channel, SetIdempotencyKey>>;
-
-/// The example's service, each `CreateOrder` first passing `gate` when
-/// there is one (to hold a call in flight).
-struct Gated {
-    orders: OrdersService,
-    gate: Option<Gate>,
-}
-
-#[tonic::async_trait]
-impl Orders for Gated {
-    async fn create_order(
-        &self,
-        request: Request<CreateOrderRequest>,
-    ) -> Result<Response<Order>, Status> {
-        if let Some(gate) = &self.gate {
-            gate.pass().await;
-        }
-        self.orders.create_order(request).await
-    }
-
-    type ChatStream = <OrdersService as Orders>::ChatStream;
-
-    async fn chat(
-        &self,
-        request: Request<Streaming<Note>>,
-    ) -> Result<Response<Self::ChatStream>, Status> {
-        self.orders.chat(request).await
-    }
-}
+/// No metadata of this server's answers is made anew for each answer.
+const FRESH: &[&str] = &[];
 
 /// A tonic server on 127.0.0.1:0 with `layer` on it, and a client for it.
 struct Harness {
@@ -127,53 +92,6 @@ async fn serve(layer: IdempotencyLayer<TestStore>, gate: Option<Gate>) -> Harnes
     }
 }
 
-fn order(item: &str, quantity: u32) -> CreateOrderRequest {
-    CreateOrderRequest {
-        item: item.to_owned(),
-        quantity,
-    }
-}
-
-/// `CreateOrder` under `key` (none: no `idempotency-key`).
-async fn create(
-    client: &Client,
-    key: Option<&str>,
-    item: &str,
-    quantity: u32,
-) -> Result<Response<Order>, Status> {
-    let request = match key {
-        Some(key) => keyed(key, order(item, quantity)),
-        None => Request::new(order(item, quantity)),
-    };
-    within(client.clone().create_order(request)).await
-}
-
-/// The entries of `metadata` (headers and trailers) a replay must repeat,
-/// sorted: all but the replay marker, `date`, and `content-length`, which
-/// hyper adds to a replay's head because its body's length is known (HTTP/2
-/// framing, not part of the call's answer).
-fn entries(metadata: &MetadataMap) -> Vec<(String, String)> {
-    let mut entries: Vec<_> = metadata
-        .clone()
-        .into_headers()
-        .iter()
-        .filter(|(name, _)| !matches!(name.as_str(), REPLAYED | "date" | "content-length"))
-        .map(|(name, value)| (name.to_string(), value.to_str().unwrap().to_owned()))
-        .collect();
-    entries.sort();
-    entries
-}
-
-fn replayed(metadata: &MetadataMap) -> bool {
-    match metadata.get(REPLAYED) {
-        Some(value) => {
-            assert_eq!(value, "true");
-            true
-        }
-        None => false,
-    }
-}
-
 fn layer_for(
     store: TestStore,
 ) -> tower_idempotency::IdempotencyLayerBuilder<tower_idempotency::IdempotencyBuilder<TestStore>> {
@@ -196,8 +114,8 @@ async fn a_retried_call_runs_once_and_replays_its_message_status_and_trailers(st
     assert!(replayed(retry.metadata()));
     assert_eq!(first.metadata().get(STAMP).unwrap(), "1");
     assert_eq!(
-        entries(first.metadata()),
-        entries(retry.metadata()),
+        entries(first.metadata(), FRESH),
+        entries(retry.metadata(), FRESH),
         "the same headers and trailers"
     );
 
@@ -236,7 +154,10 @@ async fn a_refused_call_replays_its_status_message_and_metadata_without_running_
     assert_eq!(first.metadata().get(REJECTED_FIELD).unwrap(), "quantity");
     assert!(!replayed(first.metadata()));
     assert!(replayed(retry.metadata()));
-    assert_eq!(entries(first.metadata()), entries(retry.metadata()));
+    assert_eq!(
+        entries(first.metadata(), FRESH),
+        entries(retry.metadata(), FRESH)
+    );
     assert_eq!(h.layer.handle().stats().replayed, 1);
 }
 

@@ -8,9 +8,6 @@
 //! and a plain HTTP/1.1 client still works through the same proxy. Each
 //! behaviour runs on the embedded store and on Redis (`on_every_store!`).
 
-#[path = "../../examples/grpc_orders/service.rs"]
-mod service;
-
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 
@@ -22,58 +19,22 @@ use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tonic::codegen::InterceptedService;
-use tonic::metadata::MetadataMap;
 use tonic::transport::Channel;
-use tonic::{Code, Request, Response, Status, Streaming};
+use tonic::Code;
 use tower::util::MapResponseLayer;
 
 use super::eventually;
 use super::harness::{send, Proxy};
 use super::idempotency::proxy;
 use super::upstream::dead_url;
+use crate::grpc_support::{create, entries, replayed, Client, Gated, REPLAYED, STAMP};
 use crate::orders::orders_client::OrdersClient;
-use crate::orders::orders_server::{Orders, OrdersServer};
-use crate::orders::{CreateOrderRequest, Note, Order};
+use crate::orders::orders_server::OrdersServer;
+use crate::service::{OrdersService, SetIdempotencyKey, REJECTED_FIELD, STREAMING_PATHS};
 use crate::support::common::{within, Gate};
-use service::{keyed, OrdersService, SetIdempotencyKey, REJECTED_FIELD, STREAMING_PATHS};
 
-/// A trailer the upstream stamps on each answer, numbered: a replay carries
-/// the first answer's number, a second run would not.
-const STAMP: &str = "orders-stamp";
-
-const REPLAYED: &str = "idempotent-replayed";
-
-type Client = OrdersClient<InterceptedService<Channel, SetIdempotencyKey>>;
-
-/// The example's service, each `CreateOrder` first passing `gate` when
-/// there is one (to hold a call in flight).
-struct Gated {
-    orders: OrdersService,
-    gate: Option<Gate>,
-}
-
-#[tonic::async_trait]
-impl Orders for Gated {
-    async fn create_order(
-        &self,
-        request: Request<CreateOrderRequest>,
-    ) -> Result<Response<Order>, Status> {
-        if let Some(gate) = &self.gate {
-            gate.pass().await;
-        }
-        self.orders.create_order(request).await
-    }
-
-    type ChatStream = <OrdersService as Orders>::ChatStream;
-
-    async fn chat(
-        &self,
-        request: Request<Streaming<Note>>,
-    ) -> Result<Response<Self::ChatStream>, Status> {
-        self.orders.chat(request).await
-    }
-}
+/// The proxy's `x-request-id` is made anew for each answer, replays too.
+const FRESH: &[&str] = &["x-request-id"];
 
 /// The upstream: the orders service over HTTP/2 (and HTTP/1.1), with
 /// [`STAMP`] trailers, and a plain `POST /orders` for HTTP/1.1 clients
@@ -166,55 +127,6 @@ async fn client(proxy: &Proxy) -> Client {
     OrdersClient::with_interceptor(channel, SetIdempotencyKey)
 }
 
-/// `CreateOrder` under `key` (none: no `idempotency-key`).
-async fn create(
-    client: &Client,
-    key: Option<&str>,
-    item: &str,
-    quantity: u32,
-) -> Result<Response<Order>, Status> {
-    let order = CreateOrderRequest {
-        item: item.to_owned(),
-        quantity,
-    };
-    let request = match key {
-        Some(key) => keyed(key, order),
-        None => Request::new(order),
-    };
-    within(client.clone().create_order(request)).await
-}
-
-/// The entries of `metadata` (headers and trailers) a replay must repeat,
-/// sorted: all but the replay marker, `date`, `content-length` (HTTP/2
-/// framing of a replay whose length is known) and the proxy's fresh
-/// `x-request-id`.
-fn entries(metadata: &MetadataMap) -> Vec<(String, String)> {
-    let mut entries: Vec<_> = metadata
-        .clone()
-        .into_headers()
-        .iter()
-        .filter(|(name, _)| {
-            !matches!(
-                name.as_str(),
-                REPLAYED | "date" | "content-length" | "x-request-id"
-            )
-        })
-        .map(|(name, value)| (name.to_string(), value.to_str().unwrap().to_owned()))
-        .collect();
-    entries.sort();
-    entries
-}
-
-fn replayed(metadata: &MetadataMap) -> bool {
-    match metadata.get(REPLAYED) {
-        Some(value) => {
-            assert_eq!(value, "true");
-            true
-        }
-        None => false,
-    }
-}
-
 pub(crate) async fn grpc_retried_call_runs_once_and_replays_message_status_and_trailers(
     redis: bool,
 ) {
@@ -235,8 +147,8 @@ pub(crate) async fn grpc_retried_call_runs_once_and_replays_message_status_and_t
         "1"
     );
     assert_eq!(
-        entries(first.metadata()),
-        entries(retry.metadata()),
+        entries(first.metadata(), FRESH),
+        entries(retry.metadata(), FRESH),
         "the same headers and trailers"
     );
 
@@ -267,7 +179,10 @@ pub(crate) async fn grpc_refused_call_replays_its_status_and_metadata(redis: boo
     assert_eq!(first.metadata().get(REJECTED_FIELD).unwrap(), "quantity");
     assert!(!replayed(first.metadata()));
     assert!(replayed(retry.metadata()));
-    assert_eq!(entries(first.metadata()), entries(retry.metadata()));
+    assert_eq!(
+        entries(first.metadata(), FRESH),
+        entries(retry.metadata(), FRESH)
+    );
 }
 
 pub(crate) async fn grpc_hedged_pair_under_wait_runs_once(redis: bool) {

@@ -10,6 +10,10 @@ mod support;
 #[allow(unreachable_pub, dead_code)]
 #[rustfmt::skip]
 mod orders;
+#[path = "../support/grpc.rs"]
+mod grpc_support;
+#[path = "../../examples/grpc_orders/service.rs"]
+mod service;
 
 mod admin;
 #[cfg(feature = "cluster-tests")]
