@@ -28,6 +28,7 @@ use futures_util::future::BoxFuture;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -37,6 +38,7 @@ use tower_idempotency::OutcomeUnknown;
 use crate::deadline::UpstreamClock;
 use crate::exchange::{Exchanges, UpstreamBody};
 use crate::problem::{self, is_grpc};
+use crate::upstream_link::{Dialer, LinkError, UpstreamLink};
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -68,6 +70,9 @@ pub(crate) struct Forwarder {
 
 struct Shared {
     client: Client<HttpConnector, Body>,
+    // How a client connection's own upstream connection is opened (HTTP/1
+    // upstreams; `upstream_link.rs`).
+    dialer: Option<Dialer>,
     upstream: Uri,
     // HTTP/2 with prior knowledge (`--upstream-http2`).
     http2: bool,
@@ -97,9 +102,15 @@ impl Forwarder {
             .http2_only(http2)
             .build(connector);
         let prefix = upstream.path().trim_end_matches('/').to_owned();
+        let dialer = if http2 {
+            None
+        } else {
+            Dialer::new(&upstream, connect_timeout)
+        };
         Self {
             shared: Arc::new(Shared {
                 client,
+                dialer,
                 upstream,
                 http2,
                 prefix,
@@ -137,6 +148,7 @@ impl Forwarder {
             .get::<ConnectInfo<SocketAddr>>()
             .map(|ConnectInfo(addr)| addr.ip());
         let clock = parts.extensions.remove::<UpstreamClock>();
+        let link = parts.extensions.remove::<UpstreamLink>();
 
         let te_trailers = accepts_trailers(&parts.headers);
         strip_hop_by_hop(&mut parts.headers);
@@ -171,7 +183,7 @@ impl Forwarder {
             clock.sent();
         }
         let keyed = clock.as_ref().is_none_or(UpstreamClock::keyed);
-        let exchange = this.client.request(request);
+        let exchange = this.exchange(request, link);
         // The abandon bound is for exchanges that hold a key (and so may run
         // on after their client's 504); a request without one is bounded by
         // the upstream deadline above, which drops it, and one timer per
@@ -194,8 +206,8 @@ impl Forwarder {
                 let body = UpstreamBody::new(Body::new(body), bound, running);
                 Response::from_parts(parts, Body::new(body))
             }
-            Ok(Err(e)) if e.is_connect() => {
-                let error = error_chain(&e);
+            Ok(Err(Failure::Connect(e))) => {
+                let error = error_chain(&*e);
                 tracing::warn!(upstream = %this.upstream, error, "upstream unreachable");
                 problem::answer(
                     grpc,
@@ -204,8 +216,8 @@ impl Forwarder {
                     "The upstream could not be reached; nothing was sent to it.",
                 )
             }
-            Ok(Err(e)) => {
-                let error = error_chain(&e);
+            Ok(Err(Failure::Sent(e))) => {
+                let error = error_chain(&*e);
                 tracing::warn!(upstream = %this.upstream, error, "upstream failed, request sent");
                 outcome_unknown(
                     StatusCode::BAD_GATEWAY,
@@ -230,7 +242,41 @@ impl Forwarder {
     }
 }
 
+/// Why an exchange got no answer from the upstream.
+enum Failure {
+    /// No connection could be opened: nothing was sent.
+    Connect(BoxError),
+    /// The request was (or may have been) sent.
+    Sent(BoxError),
+}
+
 impl Shared {
+    /// Sends `request` on the client connection's own upstream connection
+    /// when it has a `link` (HTTP/1 both sides), else, or when the link's
+    /// connection could not send it, on the pool.
+    async fn exchange(
+        &self,
+        request: Request<Body>,
+        link: Option<UpstreamLink>,
+    ) -> Result<Response<Incoming>, Failure> {
+        let request = match (link, &self.dialer) {
+            (Some(link), Some(dialer)) => match link.send(dialer, request).await {
+                Ok(response) => return Ok(response),
+                Err(LinkError::Connect(e)) => return Err(Failure::Connect(e)),
+                Err(LinkError::Sent(e)) => return Err(Failure::Sent(e.into())),
+                Err(LinkError::Unsent(request)) => request,
+            },
+            _ => request,
+        };
+        self.client.request(request).await.map_err(|e| {
+            if e.is_connect() {
+                Failure::Connect(e.into())
+            } else {
+                Failure::Sent(e.into())
+            }
+        })
+    }
+
     /// The upstream base joined with the request's path and query.
     fn upstream_uri(&self, request: &Uri) -> Result<Uri, http::Error> {
         let path_and_query = match (self.prefix.as_str(), request.path_and_query()) {

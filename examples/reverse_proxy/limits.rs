@@ -25,6 +25,7 @@ use crate::cli::parse_seconds;
 use crate::connection::{Clock, Guarded, Watched};
 use crate::shutdown;
 use crate::stream_stall::StreamExecutor;
+use crate::upstream_link::UpstreamLink;
 
 /// The edge limits' flags.
 #[derive(Debug, Clone, ClapArgs)]
@@ -168,11 +169,16 @@ pub(crate) async fn serve(
             tracing::debug!(%remote, %error, "TCP_NODELAY could not be set");
         }
         let clock = Clock::new(limits);
+        // HTTP/1 requests of this connection share one upstream connection.
+        let upstream = UpstreamLink::default();
         let io = TokioIo::new(Watched::new(stream, Arc::clone(&clock), Arc::clone(&stats)));
         let app = app.clone();
         let service = hyper::service::service_fn(move |mut request: http::Request<Incoming>| {
             let request_guard = clock.request_started();
             request.extensions_mut().insert(ConnectInfo(remote));
+            if request.version() < http::Version::HTTP_2 {
+                request.extensions_mut().insert(upstream.clone());
+            }
             let answer = app.clone().oneshot(request.map(Body::new));
             async move {
                 let response = answer.await?;

@@ -62,6 +62,7 @@ mod problem;
 mod runtime_config;
 mod shutdown;
 mod stream_stall;
+mod upstream_link;
 
 use access_log::{AccessLog, AccessLogLayer};
 use body_timeout::BodyTimeoutLayer;

@@ -37,6 +37,7 @@ use crate::support::stores::postgres as postgres_support;
 mod redis_only;
 mod unclear;
 mod upstream;
+mod upstream_link;
 
 use std::time::Duration;
 

@@ -1,0 +1,142 @@
+//! The requests of one HTTP/1 client connection share one upstream
+//! connection of their own, and a client connection keeps working when the
+//! upstream closes that connection after an answer.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::timeout;
+
+use super::edge::connect;
+use super::harness::{Proxy, QUICK};
+
+/// An HTTP/1 upstream that answers every request 201 and counts the
+/// connections it accepted; with `close_after_answer` it says
+/// `connection: close` and closes each connection after one answer.
+struct CountingUpstream {
+    url: String,
+    connections: Arc<AtomicU64>,
+}
+
+impl CountingUpstream {
+    async fn start(close_after_answer: bool) -> CountingUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let connections = Arc::new(AtomicU64::new(0));
+        let counted = Arc::clone(&connections);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(answer_each(stream, close_after_answer));
+            }
+        });
+        CountingUpstream { url, connections }
+    }
+
+    fn connections(&self) -> u64 {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+/// Reads requests (a head and a body of its content-length) and answers
+/// each, until the client closes or, with `close_after_answer`, after one.
+async fn answer_each(mut stream: TcpStream, close_after_answer: bool) {
+    let mut buffer = Vec::new();
+    loop {
+        let head_end = loop {
+            if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end + 4;
+            }
+            let mut chunk = [0u8; 4096];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buffer[..head_end]).to_ascii_lowercase();
+        let length: usize = head
+            .lines()
+            .find_map(|line| line.strip_prefix("content-length:"))
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or(0);
+        while buffer.len() < head_end + length {
+            let mut chunk = [0u8; 4096];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+            }
+        }
+        buffer.drain(..head_end + length);
+        let connection = if close_after_answer {
+            "close"
+        } else {
+            "keep-alive"
+        };
+        let answer = format!(
+            "HTTP/1.1 201 Created\r\nconnection: {connection}\r\ncontent-length: 2\r\n\r\n{{}}"
+        );
+        if stream.write_all(answer.as_bytes()).await.is_err() || close_after_answer {
+            return;
+        }
+    }
+}
+
+/// Sends `n` POSTs without a key, one after the other, on one HTTP/1
+/// connection to the proxy; each must be a 201.
+async fn posts_on_one_connection(proxy: &Proxy, n: usize) {
+    let tcp = connect(proxy).await;
+    let (mut sender, connection) = timeout(QUICK, http1::handshake(TokioIo::new(tcp)))
+        .await
+        .expect("handshake in time")
+        .expect("HTTP/1 handshake");
+    let connection = tokio::spawn(connection);
+    for i in 0..n {
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri("/orders")
+            .header("host", "proxy")
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap();
+        let exchange = async {
+            sender.ready().await.expect("the connection stays open");
+            let response = sender.send_request(request).await.expect("an answer");
+            let status = response.status();
+            let body = response.into_body().collect().await.expect("the body");
+            (status, body.to_bytes())
+        };
+        let (status, body) = timeout(QUICK, exchange).await.expect("the answer in time");
+        assert_eq!(status, StatusCode::CREATED, "request {i}: {body:?}");
+    }
+    drop(sender);
+    let _ = timeout(QUICK, connection).await;
+}
+
+#[tokio::test]
+async fn the_requests_of_one_client_connection_share_one_upstream_connection() {
+    let upstream = CountingUpstream::start(false).await;
+    let proxy = Proxy::start(&["--upstream", &upstream.url]).await;
+    posts_on_one_connection(&proxy, 5).await;
+    assert_eq!(upstream.connections(), 1);
+    // Another client connection has one of its own.
+    posts_on_one_connection(&proxy, 3).await;
+    assert_eq!(upstream.connections(), 2);
+}
+
+#[tokio::test]
+async fn a_client_connection_goes_on_when_the_upstream_closes_after_each_answer() {
+    let upstream = CountingUpstream::start(true).await;
+    let proxy = Proxy::start(&["--upstream", &upstream.url]).await;
+    posts_on_one_connection(&proxy, 4).await;
+    assert_eq!(
+        upstream.connections(),
+        4,
+        "a new upstream connection per answer"
+    );
+}
