@@ -57,7 +57,8 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::UPGRADE,
 ];
 
-/// Sends each request to the upstream on a pooled client. Never fails: an
+/// Sends each request to the upstream, on its client connection's own
+/// upstream connection (`upstream_link.rs`) or a pooled client. Never fails: an
 /// unreachable upstream is a 502; one that fails after the request was sent
 /// a 502, and one that outlives `abandon` a 504, both [`OutcomeUnknown`].
 /// The client-facing timeout is [`UpstreamDeadline`](crate::deadline), above
@@ -305,7 +306,8 @@ where
     type Future = BoxFuture<'static, Result<Response<Body>, Infallible>>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        // The pooled client is always ready; waiting happens per request.
+        // Both the link and the pooled client are always ready; waiting
+        // happens per request.
         Poll::Ready(Ok(()))
     }
 
