@@ -59,7 +59,12 @@ impl Dialer {
     pub(crate) fn new(upstream: &Uri, connect_timeout: Duration) -> Option<Self> {
         let authority = upstream.authority()?;
         Some(Self {
-            host: authority.host().to_owned(),
+            // An IPv6 literal without its brackets, as the resolver takes it.
+            host: authority
+                .host()
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned(),
             port: authority.port_u16().unwrap_or(80),
             host_header: HeaderValue::from_str(authority.as_str()).ok()?,
             connect_timeout,

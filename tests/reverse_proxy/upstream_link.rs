@@ -27,7 +27,12 @@ struct CountingUpstream {
 
 impl CountingUpstream {
     async fn start(close_after_answer: bool) -> CountingUpstream {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on("127.0.0.1:0", close_after_answer).await
+    }
+
+    async fn start_on(address: &str, close_after_answer: bool) -> CountingUpstream {
+        let listener = TcpListener::bind(address).await.unwrap();
+        // `SocketAddr` writes an IPv6 address in brackets, as a URL has it.
         let url = format!("http://{}", listener.local_addr().unwrap());
         let connections = Arc::new(AtomicU64::new(0));
         let counted = Arc::clone(&connections);
@@ -139,4 +144,12 @@ async fn a_client_connection_goes_on_when_the_upstream_closes_after_each_answer(
         4,
         "a new upstream connection per answer"
     );
+}
+
+#[tokio::test]
+async fn an_upstream_named_by_an_ipv6_literal_gets_its_own_connections_too() {
+    let upstream = CountingUpstream::start_on("[::1]:0", false).await;
+    let proxy = Proxy::start(&["--upstream", &upstream.url]).await;
+    posts_on_one_connection(&proxy, 3).await;
+    assert_eq!(upstream.connections(), 1);
 }
