@@ -265,7 +265,7 @@ impl Shared {
                 Ok(response) => return Ok(response),
                 Err(LinkError::Connect(e)) => return Err(Failure::Connect(e)),
                 Err(LinkError::Sent(e)) => return Err(Failure::Sent(e.into())),
-                Err(LinkError::Unsent(request)) => request,
+                Err(LinkError::Unsent(request)) => *request,
             },
             _ => request,
         };

@@ -46,8 +46,9 @@ pub(crate) struct Dialer {
 
 /// Why a request did not get its answer over a link.
 pub(crate) enum LinkError {
-    /// Nothing was sent: the request, as it was given, for the pool.
-    Unsent(Request<Body>),
+    /// Nothing was sent: the request, as it was given, for the pool (boxed:
+    /// the rare case should not widen every answer).
+    Unsent(Box<Request<Body>>),
     /// No connection could be opened; nothing was sent.
     Connect(BoxError),
     /// The connection failed after the request was (or may have been) sent.
@@ -135,7 +136,9 @@ impl UpstreamLink {
                     let (mut parts, body) = request.into_parts();
                     parts.uri = absolute;
                     parts.headers.remove(header::HOST);
-                    Err(LinkError::Unsent(Request::from_parts(parts, body)))
+                    Err(LinkError::Unsent(Box::new(Request::from_parts(
+                        parts, body,
+                    ))))
                 }
                 None => Err(LinkError::Sent(failed.into_error())),
             },
