@@ -28,7 +28,6 @@ use futures_util::future::BoxFuture;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -204,7 +203,7 @@ impl Forwarder {
                 // A keyed exchange holds its key while its body streams: it
                 // is bounded too. Other bodies stream as long as they last.
                 let bound = keyed.then_some(abandon_at);
-                let body = UpstreamBody::new(Body::new(body), bound, running);
+                let body = UpstreamBody::new(body, bound, running);
                 Response::from_parts(parts, Body::new(body))
             }
             Ok(Err(Failure::Connect(e))) => {
@@ -259,7 +258,7 @@ impl Shared {
         &self,
         request: Request<Body>,
         link: Option<UpstreamLink>,
-    ) -> Result<Response<Incoming>, Failure> {
+    ) -> Result<Response<Body>, Failure> {
         let request = match (link, &self.dialer) {
             (Some(link), Some(dialer)) => match link.send(dialer, request).await {
                 Ok(response) => return Ok(response),
@@ -269,13 +268,11 @@ impl Shared {
             },
             _ => request,
         };
-        self.client.request(request).await.map_err(|e| {
-            if e.is_connect() {
-                Failure::Connect(e.into())
-            } else {
-                Failure::Sent(e.into())
-            }
-        })
+        match self.client.request(request).await {
+            Ok(response) => Ok(response.map(Body::new)),
+            Err(e) if e.is_connect() => Err(Failure::Connect(e.into())),
+            Err(e) => Err(Failure::Sent(e.into())),
+        }
     }
 
     /// The upstream base joined with the request's path and query.

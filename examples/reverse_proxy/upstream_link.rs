@@ -14,16 +14,28 @@
 //! a 504). A request the link's connection could not send (the upstream
 //! closed it while idle) goes to the pool too: nothing of it reached the
 //! upstream.
+//!
+//! The connection runs in no task of its own: whoever waits on it drives
+//! it, the request's future until the response head, then the response
+//! body until its end, when the connection goes back to the link. A request
+//! thus crosses no channel to another task and back (hyper's dispatch
+//! channel and oneshot are still used, but polled in the same task), and
+//! the connection never waits on a task that is not its client's.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use axum::body::Body;
+use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response};
+use http_body::{Body as _, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
+use hyper::client::conn::http1::{Connection, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tower::BoxError;
@@ -32,7 +44,35 @@ use tower::BoxError;
 /// request extension); empty until the first request opens it.
 #[derive(Clone, Default)]
 pub(crate) struct UpstreamLink {
-    sender: Arc<Mutex<Option<SendRequest<Body>>>>,
+    held: Arc<Mutex<Option<Held>>>,
+}
+
+/// An upstream connection and the handle that sends on it.
+struct Held {
+    sender: SendRequest<Body>,
+    connection: Pin<Box<Connection<TokioIo<TcpStream>, Body>>>,
+}
+
+impl Held {
+    /// Drives the connection; `true` once it has ended (closed or failed),
+    /// after which it is not polled again.
+    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
+        match self.connection.as_mut().poll(cx) {
+            Poll::Ready(Ok(())) => true,
+            Poll::Ready(Err(error)) => {
+                tracing::debug!(%error, "upstream connection ended with an error");
+                true
+            }
+            Poll::Pending => false,
+        }
+    }
+
+    /// Whether the connection can take a request now: it has not ended
+    /// while idle (the upstream closing it shows as soon as it is polled:
+    /// nothing polls an idle link), and no exchange is left on it.
+    fn usable(&mut self) -> bool {
+        !self.drive(&mut Context::from_waker(Waker::noop())) && self.sender.is_ready()
+    }
 }
 
 /// How a link opens its connection: the upstream's address and the `Host`
@@ -72,7 +112,7 @@ impl Dialer {
         })
     }
 
-    async fn open(&self) -> Result<SendRequest<Body>, BoxError> {
+    async fn open(&self) -> Result<Held, BoxError> {
         let connect = TcpStream::connect((self.host.as_str(), self.port));
         let stream = tokio::time::timeout(self.connect_timeout, connect)
             .await
@@ -82,36 +122,43 @@ impl Dialer {
         stream.set_nodelay(true)?;
         let (sender, connection) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "upstream connection ended with an error");
-            }
-        });
-        Ok(sender)
+        Ok(Held {
+            sender,
+            connection: Box::pin(connection),
+        })
     }
 }
 
 impl UpstreamLink {
-    fn slot(&self) -> MutexGuard<'_, Option<SendRequest<Body>>> {
+    fn slot(&self) -> MutexGuard<'_, Option<Held>> {
         // A panic while holding this lock leaves a plain value behind.
-        self.sender
+        self.held
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Gives a connection back to the link (unless another took its place).
+    fn put_back(&self, held: Held) {
+        let mut slot = self.slot();
+        if slot.is_none() {
+            *slot = Some(held);
+        }
+    }
+
     /// Sends `request` (its URI absolute, as the pool takes it) on this
-    /// link's connection, opening one when the link has none ready.
+    /// link's connection, opening one when the link has none usable.
     pub(crate) async fn send(
         &self,
         dialer: &Dialer,
         request: Request<Body>,
-    ) -> Result<Response<Incoming>, LinkError> {
+    ) -> Result<Response<Body>, LinkError> {
         // Taken out while in use: a request arriving meanwhile finds the
-        // slot empty and goes to the pool. A connection that is busy or
-        // closed is dropped here.
-        let ready = self.slot().take().filter(SendRequest::is_ready);
-        let mut sender = match ready {
-            Some(sender) => sender,
+        // slot empty and goes to the pool. A connection that ended or is
+        // still busy is dropped here.
+        let taken = self.slot().take();
+        let usable = taken.and_then(|mut held| held.usable().then_some(held));
+        let mut held = match usable {
+            Some(held) => held,
             None => dialer.open().await.map_err(LinkError::Connect)?,
         };
         let absolute = request.uri().clone();
@@ -120,16 +167,35 @@ impl UpstreamLink {
         parts
             .headers
             .insert(header::HOST, dialer.host_header.clone());
-        match sender
-            .try_send_request(Request::from_parts(parts, body))
-            .await
-        {
+        let mut answer = std::pin::pin!(held
+            .sender
+            .try_send_request(Request::from_parts(parts, body)));
+        let mut ended = false;
+        let answer = std::future::poll_fn(|cx| {
+            // The connection writes the request and reads the head.
+            if !ended {
+                ended = held.drive(cx);
+            }
+            answer.as_mut().poll(cx)
+        })
+        .await;
+        match answer {
             Ok(response) => {
-                let mut slot = self.slot();
-                if slot.is_none() {
-                    *slot = Some(sender);
+                let (parts, body) = response.into_parts();
+                let held = (!ended).then_some(held);
+                if body.is_end_stream() {
+                    // Nothing to read: the connection is free at once.
+                    if let Some(held) = held {
+                        self.put_back(held);
+                    }
+                    return Ok(Response::from_parts(parts, Body::new(body)));
                 }
-                Ok(response)
+                let body = LinkBody {
+                    body,
+                    held,
+                    link: self.clone(),
+                };
+                Ok(Response::from_parts(parts, Body::new(body)))
             }
             Err(mut failed) => match failed.take_message() {
                 Some(request) => {
@@ -143,6 +209,58 @@ impl UpstreamLink {
                 None => Err(LinkError::Sent(failed.into_error())),
             },
         }
+    }
+}
+
+/// An upstream response body that drives its connection while it is read
+/// and gives the connection back to the link at its end. Dropped before its
+/// end, it closes the connection (the rest of the answer is still on it).
+struct LinkBody {
+    body: Incoming,
+    /// `None` once the connection ended or went back to the link.
+    held: Option<Held>,
+    link: UpstreamLink,
+}
+
+impl http_body::Body for LinkBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        if let Some(held) = &mut this.held {
+            if held.drive(cx) {
+                this.held = None;
+            }
+        }
+        let frame = Pin::new(&mut this.body).poll_frame(cx);
+        let done = match &frame {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(_))) => this.body.is_end_stream(),
+            // A failed body leaves the connection in no state to reuse.
+            Poll::Ready(Some(Err(_))) => {
+                this.held = None;
+                false
+            }
+            Poll::Pending => false,
+        };
+        if done {
+            if let Some(held) = this.held.take() {
+                this.link.put_back(held);
+            }
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 

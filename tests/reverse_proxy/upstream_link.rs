@@ -17,20 +17,29 @@ use tokio::time::timeout;
 use super::edge::connect;
 use super::harness::{Proxy, QUICK};
 
+/// What the upstream does with a connection after an answer.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum AfterAnswer {
+    KeepOpen,
+    /// Says `connection: close`, and closes.
+    Close,
+    /// Says nothing, and closes (as an upstream's idle timeout would).
+    CloseSilently,
+}
+
 /// An HTTP/1 upstream that answers every request 201 and counts the
-/// connections it accepted; with `close_after_answer` it says
-/// `connection: close` and closes each connection after one answer.
+/// connections it accepted.
 struct CountingUpstream {
     url: String,
     connections: Arc<AtomicU64>,
 }
 
 impl CountingUpstream {
-    async fn start(close_after_answer: bool) -> CountingUpstream {
-        Self::start_on("127.0.0.1:0", close_after_answer).await
+    async fn start(after: AfterAnswer) -> CountingUpstream {
+        Self::start_on("127.0.0.1:0", after).await
     }
 
-    async fn start_on(address: &str, close_after_answer: bool) -> CountingUpstream {
+    async fn start_on(address: &str, after: AfterAnswer) -> CountingUpstream {
         let listener = TcpListener::bind(address).await.unwrap();
         // `SocketAddr` writes an IPv6 address in brackets, as a URL has it.
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -39,7 +48,7 @@ impl CountingUpstream {
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 counted.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(answer_each(stream, close_after_answer));
+                tokio::spawn(answer_each(stream, after));
             }
         });
         CountingUpstream { url, connections }
@@ -51,8 +60,9 @@ impl CountingUpstream {
 }
 
 /// Reads requests (a head and a body of its content-length) and answers
-/// each, until the client closes or, with `close_after_answer`, after one.
-async fn answer_each(mut stream: TcpStream, close_after_answer: bool) {
+/// each, until the client closes or, unless `after` keeps it open, after
+/// one.
+async fn answer_each(mut stream: TcpStream, after: AfterAnswer) {
     let mut buffer = Vec::new();
     loop {
         let head_end = loop {
@@ -79,15 +89,13 @@ async fn answer_each(mut stream: TcpStream, close_after_answer: bool) {
             }
         }
         buffer.drain(..head_end + length);
-        let connection = if close_after_answer {
-            "close"
+        let connection = if after == AfterAnswer::Close {
+            "connection: close\r\n"
         } else {
-            "keep-alive"
+            ""
         };
-        let answer = format!(
-            "HTTP/1.1 201 Created\r\nconnection: {connection}\r\ncontent-length: 2\r\n\r\n{{}}"
-        );
-        if stream.write_all(answer.as_bytes()).await.is_err() || close_after_answer {
+        let answer = format!("HTTP/1.1 201 Created\r\n{connection}content-length: 2\r\n\r\n{{}}");
+        if stream.write_all(answer.as_bytes()).await.is_err() || after != AfterAnswer::KeepOpen {
             return;
         }
     }
@@ -125,7 +133,7 @@ async fn posts_on_one_connection(proxy: &Proxy, n: usize) {
 
 #[tokio::test]
 async fn the_requests_of_one_client_connection_share_one_upstream_connection() {
-    let upstream = CountingUpstream::start(false).await;
+    let upstream = CountingUpstream::start(AfterAnswer::KeepOpen).await;
     let proxy = Proxy::start(&["--upstream", &upstream.url]).await;
     posts_on_one_connection(&proxy, 5).await;
     assert_eq!(upstream.connections(), 1);
@@ -136,7 +144,7 @@ async fn the_requests_of_one_client_connection_share_one_upstream_connection() {
 
 #[tokio::test]
 async fn a_client_connection_goes_on_when_the_upstream_closes_after_each_answer() {
-    let upstream = CountingUpstream::start(true).await;
+    let upstream = CountingUpstream::start(AfterAnswer::Close).await;
     let proxy = Proxy::start(&["--upstream", &upstream.url]).await;
     posts_on_one_connection(&proxy, 4).await;
     assert_eq!(
@@ -148,8 +156,19 @@ async fn a_client_connection_goes_on_when_the_upstream_closes_after_each_answer(
 
 #[tokio::test]
 async fn an_upstream_named_by_an_ipv6_literal_gets_its_own_connections_too() {
-    let upstream = CountingUpstream::start_on("[::1]:0", false).await;
+    let upstream = CountingUpstream::start_on("[::1]:0", AfterAnswer::KeepOpen).await;
     let proxy = Proxy::start(&["--upstream", &upstream.url]).await;
     posts_on_one_connection(&proxy, 3).await;
     assert_eq!(upstream.connections(), 1);
+}
+
+/// An upstream that closes its connection after each answer without a word
+/// (as its idle timeout would): the proxy sees it closed before sending the
+/// next request on it, and opens another.
+#[tokio::test]
+async fn a_client_connection_goes_on_when_the_upstream_closes_silently() {
+    let upstream = CountingUpstream::start(AfterAnswer::CloseSilently).await;
+    let proxy = Proxy::start(&["--upstream", &upstream.url]).await;
+    posts_on_one_connection(&proxy, 4).await;
+    assert_eq!(upstream.connections(), 4);
 }
