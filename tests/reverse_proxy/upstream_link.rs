@@ -12,6 +12,7 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
 use tokio::time::timeout;
 
 use super::edge::connect;
@@ -23,7 +24,8 @@ enum AfterAnswer {
     KeepOpen,
     /// Says `connection: close`, and closes.
     Close,
-    /// Says nothing, and closes (as an upstream's idle timeout would).
+    /// Says nothing, and closes once told to ([`CountingUpstream::close`]),
+    /// as an upstream's idle timeout would: after the proxy has the answer.
     CloseSilently,
 }
 
@@ -32,6 +34,14 @@ enum AfterAnswer {
 struct CountingUpstream {
     url: String,
     connections: Arc<AtomicU64>,
+    close: Arc<Closing>,
+}
+
+/// Tells a silently closing upstream to close, and hears that it did.
+#[derive(Default)]
+struct Closing {
+    now: Notify,
+    done: Notify,
 }
 
 impl CountingUpstream {
@@ -45,24 +55,40 @@ impl CountingUpstream {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let connections = Arc::new(AtomicU64::new(0));
         let counted = Arc::clone(&connections);
+        let close = Arc::new(Closing::default());
+        let closing = Arc::clone(&close);
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 counted.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(answer_each(stream, after));
+                tokio::spawn(answer_each(stream, after, Arc::clone(&closing)));
             }
         });
-        CountingUpstream { url, connections }
+        CountingUpstream {
+            url,
+            connections,
+            close,
+        }
     }
 
     fn connections(&self) -> u64 {
         self.connections.load(Ordering::SeqCst)
+    }
+
+    /// Closes the connection that answered last (`CloseSilently`), and
+    /// waits until it is closed.
+    async fn close(&self) {
+        let done = self.close.done.notified();
+        self.close.now.notify_one();
+        timeout(QUICK, done)
+            .await
+            .expect("the upstream closes in time");
     }
 }
 
 /// Reads requests (a head and a body of its content-length) and answers
 /// each, until the client closes or, unless `after` keeps it open, after
 /// one.
-async fn answer_each(mut stream: TcpStream, after: AfterAnswer) {
+async fn answer_each(mut stream: TcpStream, after: AfterAnswer, close: Arc<Closing>) {
     let mut buffer = Vec::new();
     loop {
         let head_end = loop {
@@ -95,7 +121,13 @@ async fn answer_each(mut stream: TcpStream, after: AfterAnswer) {
             ""
         };
         let answer = format!("HTTP/1.1 201 Created\r\n{connection}content-length: 2\r\n\r\n{{}}");
-        if stream.write_all(answer.as_bytes()).await.is_err() || after != AfterAnswer::KeepOpen {
+        if stream.write_all(answer.as_bytes()).await.is_err() || after == AfterAnswer::Close {
+            return;
+        }
+        if after == AfterAnswer::CloseSilently {
+            close.now.notified().await;
+            drop(stream);
+            close.done.notify_one();
             return;
         }
     }
@@ -104,6 +136,16 @@ async fn answer_each(mut stream: TcpStream, after: AfterAnswer) {
 /// Sends `n` POSTs without a key, one after the other, on one HTTP/1
 /// connection to the proxy; each must be a 201.
 async fn posts_on_one_connection(proxy: &Proxy, n: usize) {
+    posts_on_one_connection_then(proxy, n, None).await;
+}
+
+/// [`posts_on_one_connection`], closing the upstream's connection silently
+/// after each answer when `upstream` is given.
+async fn posts_on_one_connection_then(
+    proxy: &Proxy,
+    n: usize,
+    upstream: Option<&CountingUpstream>,
+) {
     let tcp = connect(proxy).await;
     let (mut sender, connection) = timeout(QUICK, http1::handshake(TokioIo::new(tcp)))
         .await
@@ -126,6 +168,9 @@ async fn posts_on_one_connection(proxy: &Proxy, n: usize) {
         };
         let (status, body) = timeout(QUICK, exchange).await.expect("the answer in time");
         assert_eq!(status, StatusCode::CREATED, "request {i}: {body:?}");
+        if let Some(upstream) = upstream {
+            upstream.close().await;
+        }
     }
     drop(sender);
     let _ = timeout(QUICK, connection).await;
@@ -162,13 +207,14 @@ async fn an_upstream_named_by_an_ipv6_literal_gets_its_own_connections_too() {
     assert_eq!(upstream.connections(), 1);
 }
 
-/// An upstream that closes its connection after each answer without a word
-/// (as its idle timeout would): the proxy sees it closed before sending the
-/// next request on it, and opens another.
+/// An upstream that closes its connection without a word after the proxy
+/// has its answer (as its idle timeout would): the proxy sees it closed
+/// before sending the next request on it, and opens another, instead of
+/// sending into a closed connection and answering 502.
 #[tokio::test]
 async fn a_client_connection_goes_on_when_the_upstream_closes_silently() {
     let upstream = CountingUpstream::start(AfterAnswer::CloseSilently).await;
     let proxy = Proxy::start(&["--upstream", &upstream.url]).await;
-    posts_on_one_connection(&proxy, 4).await;
+    posts_on_one_connection_then(&proxy, 4, Some(&upstream)).await;
     assert_eq!(upstream.connections(), 4);
 }
