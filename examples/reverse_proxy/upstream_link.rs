@@ -50,17 +50,25 @@ pub(crate) struct UpstreamLink {
 /// An upstream connection and the handle that sends on it.
 struct Held {
     sender: SendRequest<Body>,
-    connection: Pin<Box<Connection<TokioIo<TcpStream>, Body>>>,
+    /// `None` once it has ended.
+    connection: Option<Pin<Box<Connection<TokioIo<TcpStream>, Body>>>>,
 }
 
 impl Held {
-    /// Drives the connection; `true` once it has ended (closed or failed),
-    /// after which it is not polled again.
+    /// Drives the connection; `true` once it has ended (closed or failed).
+    /// An ended connection is dropped at once: a request queued on it and
+    /// never written is then handed back (hyper answers it `canceled`, with
+    /// the request), instead of waiting for a connection nobody polls.
     fn drive(&mut self, cx: &mut Context<'_>) -> bool {
-        match self.connection.as_mut().poll(cx) {
-            Poll::Ready(Ok(())) => true,
-            Poll::Ready(Err(error)) => {
-                tracing::debug!(%error, "upstream connection ended with an error");
+        let Some(connection) = &mut self.connection else {
+            return true;
+        };
+        match connection.as_mut().poll(cx) {
+            Poll::Ready(ended) => {
+                if let Err(error) = ended {
+                    tracing::debug!(%error, "upstream connection ended with an error");
+                }
+                self.connection = None;
                 true
             }
             Poll::Pending => false,
@@ -124,7 +132,7 @@ impl Dialer {
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         Ok(Held {
             sender,
-            connection: Box::pin(connection),
+            connection: Some(Box::pin(connection)),
         })
     }
 }
@@ -170,19 +178,16 @@ impl UpstreamLink {
         let mut answer = std::pin::pin!(held
             .sender
             .try_send_request(Request::from_parts(parts, body)));
-        let mut ended = false;
         let answer = std::future::poll_fn(|cx| {
             // The connection writes the request and reads the head.
-            if !ended {
-                ended = held.drive(cx);
-            }
+            held.drive(cx);
             answer.as_mut().poll(cx)
         })
         .await;
         match answer {
             Ok(response) => {
                 let (parts, body) = response.into_parts();
-                let held = (!ended).then_some(held);
+                let held = held.connection.is_some().then_some(held);
                 if body.is_end_stream() {
                     // Nothing to read: the connection is free at once.
                     if let Some(held) = held {
