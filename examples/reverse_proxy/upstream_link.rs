@@ -47,11 +47,15 @@ pub(crate) struct UpstreamLink {
     held: Arc<Mutex<Option<Held>>>,
 }
 
+/// hyper's HTTP/1 client connection over a TCP stream: the future that
+/// does the connection's reading and writing.
+type UpstreamConnection = Pin<Box<Connection<TokioIo<TcpStream>, Body>>>;
+
 /// An upstream connection and the handle that sends on it.
 struct Held {
     sender: SendRequest<Body>,
     /// `None` once it has ended.
-    connection: Option<Pin<Box<Connection<TokioIo<TcpStream>, Body>>>>,
+    connection: Option<UpstreamConnection>,
 }
 
 impl Held {
