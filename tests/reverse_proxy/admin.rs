@@ -10,7 +10,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
-use super::harness::{send, send_with, send_within, spawn, token_file, Proxy, Reply, QUICK};
+use super::harness::{
+    send, send_with, send_within, spawn, token_file, url_encode, Proxy, Reply, QUICK,
+};
 use super::upstream::Upstream;
 use super::{eventually, redis_url};
 
@@ -40,17 +42,6 @@ async fn listed_key(proxy: &Proxy, state: &str) -> String {
         .collect();
     assert_eq!(keys.len(), 1, "{page}");
     keys[0]["key"].as_str().unwrap().to_owned()
-}
-
-fn url_encode(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 #[tokio::test]

@@ -304,3 +304,16 @@ pub(crate) async fn send_within(
         body,
     }
 }
+
+/// Percent-encodes everything but unreserved characters (RFC 3986): a key
+/// or a cursor as one segment of an admin path or query.
+pub(crate) fn url_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}

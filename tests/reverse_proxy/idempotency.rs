@@ -7,7 +7,7 @@ use http::{Method, StatusCode};
 use serde_json::Value;
 use tokio::time::timeout;
 
-use super::harness::{send, Proxy, QUICK};
+use super::harness::{send, url_encode, Proxy, QUICK};
 use super::upstream::{dead_url, Upstream};
 use super::{first_and_waiting_duplicate, store_args};
 
@@ -315,16 +315,4 @@ pub(crate) async fn admin_reports_a_known_sequence(redis: bool) {
         .await;
     assert!(!again.replayed(), "a deleted key runs again");
     assert_eq!(upstream.executions(), 4);
-}
-
-/// Percent-encodes everything but unreserved characters (RFC 3986).
-fn url_encode(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
