@@ -30,6 +30,30 @@ async fn store_on(url: String, table: &str, connections: u32) -> PostgresStore {
     .unwrap()
 }
 
+/// A fresh table, and an engine on a store whose every byte to Postgres
+/// passes through a [`Wire`] that counts it (and can cut an answer).
+struct OnWire {
+    wire: Wire,
+    store: PostgresStore,
+    engine: Idempotency<PostgresStore>,
+    _cleanup: DropTables,
+}
+
+async fn on_wire(name: &str, connections: u32) -> OnWire {
+    let table = random_table(name);
+    let cleanup = DropTables::new(&table);
+    store(&table).await;
+    let wire = Wire::start(&database_url()).await;
+    let store = store_on(wire.url(""), &table, connections).await;
+    let engine = Idempotency::builder().store(store.clone()).build().unwrap();
+    OnWire {
+        wire,
+        store,
+        engine,
+        _cleanup: cleanup,
+    }
+}
+
 /// Waits until every connection of the store's pool is back in it: sqlx
 /// pings a connection as it returns, in a task of its own, after the
 /// statement's answer reached the caller.
@@ -63,13 +87,14 @@ async fn versions(store: &PostgresStore, key: &str) -> (String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_first_request_costs_two_statements_and_a_replay_one() {
-    let table = random_table("round_trips");
-    let _cleanup = DropTables::new(&table);
-    store(&table).await;
-    let wire = Wire::start(&database_url()).await;
     // One connection, so that its statements are prepared once, below.
-    let store = store_on(wire.url(""), &table, 1).await;
-    let engine = Idempotency::builder().store(store.clone()).build().unwrap();
+    // The table is dropped last, after the store and its pool.
+    let OnWire {
+        _cleanup,
+        wire,
+        store,
+        engine,
+    } = on_wire("round_trips", 1).await;
     let run = || async { Ok::<_, std::io::Error>(7_u32) };
     within(engine.execute(&key("warm"), run)).await.unwrap();
     within(engine.execute(&key("warm"), run)).await.unwrap();
@@ -202,12 +227,13 @@ async fn dead_pooled_connections_fail_no_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_begin_whose_answer_is_lost_finds_its_own_marker() {
-    let table = random_table("lost_begin");
-    let _cleanup = DropTables::new(&table);
-    store(&table).await;
-    let wire = Wire::start(&database_url()).await;
-    let store = store_on(wire.url(""), &table, 2).await;
-    let engine = Idempotency::builder().store(store.clone()).build().unwrap();
+    // The table is dropped last, after the store and its pool.
+    let OnWire {
+        _cleanup,
+        wire,
+        store,
+        engine,
+    } = on_wire("lost_begin", 2).await;
     let runs = AtomicU32::new(0);
     let run = || async {
         runs.fetch_add(1, SeqCst);
@@ -231,12 +257,13 @@ async fn a_begin_whose_answer_is_lost_finds_its_own_marker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_complete_whose_answer_is_lost_is_reported_stored() {
-    let table = random_table("lost_complete");
-    let _cleanup = DropTables::new(&table);
-    store(&table).await;
-    let wire = Wire::start(&database_url()).await;
-    let store = store_on(wire.url(""), &table, 2).await;
-    let engine = Idempotency::builder().store(store.clone()).build().unwrap();
+    // The table is dropped last, after the store and its pool.
+    let OnWire {
+        _cleanup,
+        wire,
+        store,
+        engine,
+    } = on_wire("lost_complete", 2).await;
     let runs = AtomicU32::new(0);
     let run = || async {
         runs.fetch_add(1, SeqCst);
