@@ -81,10 +81,7 @@ struct Shared {
 
 impl Shared {
     fn pending(&self) -> MutexGuard<'_, Pending> {
-        // A panic while holding this lock leaves plain bytes behind.
-        self.pending
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::lock(&self.pending)
     }
 }
 

@@ -85,10 +85,7 @@ impl Clock {
     }
 
     fn phase(&self) -> MutexGuard<'_, Phase> {
-        // A panic while holding this lock leaves a plain value behind.
-        self.phase
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::lock(&self.phase)
     }
 
     /// A request head is complete and its answer begins; the connection's

@@ -56,10 +56,7 @@ struct Shared {
 
 impl Shared {
     fn phase(&self) -> MutexGuard<'_, Phase> {
-        // A panic while holding this lock leaves a plain value behind.
-        self.phase
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::lock(&self.phase)
     }
 
     fn set(&self, phase: Phase) {

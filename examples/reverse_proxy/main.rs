@@ -108,6 +108,15 @@ fn main() -> ExitCode {
     }
 }
 
+/// Locks `mutex` whether or not a holder panicked: every lock in the proxy
+/// guards a plain value (a phase, a timestamp, a buffer of lines, an idle
+/// connection) set whole under it, which a panic cannot leave half-made.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// The runtime for `--worker-threads`: 1 is a current-thread runtime, any
 /// other count a work-stealing runtime with that many workers (0: one per
 /// CPU the process may run on). On one CPU the current-thread runtime

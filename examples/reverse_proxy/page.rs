@@ -112,9 +112,7 @@ impl RequestHistory {
     }
 
     fn readings(&self) -> std::sync::MutexGuard<'_, VecDeque<u64>> {
-        self.readings
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::lock(&self.readings)
     }
 
     /// Requests per second over each interval, oldest first.

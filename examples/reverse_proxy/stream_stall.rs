@@ -40,18 +40,11 @@ struct Progress {
 
 impl Progress {
     fn set(&self, waiting_since: Option<Instant>) {
-        // A panic while holding this lock leaves a plain value behind.
-        *self
-            .waiting_since
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = waiting_since;
+        *crate::lock(&self.waiting_since) = waiting_since;
     }
 
     fn waiting_since(&self) -> Option<Instant> {
-        *self
-            .waiting_since
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        *crate::lock(&self.waiting_since)
     }
 }
 

@@ -143,10 +143,7 @@ impl Dialer {
 
 impl UpstreamLink {
     fn slot(&self) -> MutexGuard<'_, Option<Held>> {
-        // A panic while holding this lock leaves a plain value behind.
-        self.held
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::lock(&self.held)
     }
 
     /// Gives a connection back to the link (unless another took its place).
