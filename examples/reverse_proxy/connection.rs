@@ -226,7 +226,6 @@ pub(crate) struct Watched<IO> {
     clock: Arc<Clock>,
     stats: Arc<EdgeStats>,
     timer: Pin<Box<Sleep>>,
-    armed_for: Option<Instant>,
     protocol: Protocol,
     first_bytes: Vec<u8>,
     expired: Option<Expired>,
@@ -243,7 +242,6 @@ impl<IO> Watched<IO> {
             clock,
             stats,
             timer: Box::pin(tokio::time::sleep_until(Instant::now())),
-            armed_for: None,
             protocol: Protocol::Unknown,
             first_bytes: Vec::new(),
             expired: None,
@@ -375,9 +373,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for Watched<IO> {
         let Some((deadline, why)) = this.clock.deadline() else {
             return Poll::Pending;
         };
-        if this.armed_for != Some(deadline) {
+        if this.timer.deadline() != deadline {
             this.timer.as_mut().reset(deadline);
-            this.armed_for = Some(deadline);
         }
         match this.timer.as_mut().poll(cx) {
             Poll::Ready(()) => this.expire(why, cx),

@@ -74,7 +74,6 @@ where
             stream,
             progress: Arc::default(),
             timer: tokio::time::sleep_until(Instant::now()),
-            armed_for: None,
             write_timeout: self.write_timeout,
             stats: Arc::clone(&self.stats),
         });
@@ -90,7 +89,6 @@ pin_project! {
         progress: Arc<Progress>,
         #[pin]
         timer: Sleep,
-        armed_for: Option<Instant>,
         write_timeout: Duration,
         stats: Arc<EdgeStats>,
     }
@@ -112,9 +110,8 @@ impl<F: Future<Output = ()>> Future for Watch<F> {
             return Poll::Pending;
         };
         let deadline = since + *this.write_timeout;
-        if *this.armed_for != Some(deadline) {
+        if this.timer.deadline() != deadline {
             this.timer.as_mut().reset(deadline);
-            *this.armed_for = Some(deadline);
         }
         match this.timer.poll(cx) {
             Poll::Ready(()) => {
